@@ -1,0 +1,38 @@
+"""metanet: learning on and with neural network weights.
+
+One flow: checkpoint -> converters -> :class:`WeightSpace` -> graph / UNF / tasks.
+"""
+
+from metanet.graph import ParamGraph, node_permutation, to_graph, to_weights
+from metanet.io import CheckpointError, load, load_state_dict, save
+from metanet.space import (
+    Axis,
+    Element,
+    Factor,
+    Group,
+    NeuronSet,
+    TensorSpec,
+    WeightSpace,
+    WeightSpaceError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Axis",
+    "CheckpointError",
+    "Element",
+    "Factor",
+    "Group",
+    "NeuronSet",
+    "ParamGraph",
+    "TensorSpec",
+    "WeightSpace",
+    "WeightSpaceError",
+    "load",
+    "load_state_dict",
+    "node_permutation",
+    "save",
+    "to_graph",
+    "to_weights",
+]

@@ -1,0 +1,334 @@
+"""Parameter graphs: a network's weights as a PyTorch Geometric graph.
+
+Nodes are neurons (every neuron set of the :class:`~metanet.WeightSpace`, in order);
+edges are weights, flowing from input neuron to output neuron. The graph converts back to
+the weights exactly (:func:`to_weights`) and is built with a handful of bulk tensor
+copies into preallocated buffers: no Python loop runs per neuron or per weight.
+
+==================  ====================  =================================================
+attribute           shape                 meaning
+==================  ====================  =================================================
+``x``               ``(N, F)``            node features: ``F >= 5`` columns, 0-4 for
+                                          bias, norm weight, norm bias, running mean,
+                                          running var; later ones for other node tensors
+``node_type``       ``(N,)``              0 input, 1 hidden, 2 output, 3 residual point
+``node_layer``      ``(N,)``              depth of the neuron's set
+``node_pos``        ``(N,)``              index along the fixed factors of its set (so input
+                                          and output neurons are distinguishable), -1 if
+                                          every factor is permutable
+``edge_index``      ``(2, E)``            ``[source (input neuron), target (output neuron)]``
+``edge_attr``       ``(E, T)``            weight value, or the kernel taps zero-padded to T
+``edge_block``      ``(E,)`` int32        which block (edge tensor or identity) it belongs to
+``block_type``      ``(B,)``              0 dense weight, 1 kernel (has taps), 2 identity
+``block_taps``      ``(B,)``              number of valid taps of the block
+``tap_pos``         ``(B, T, 3)``         tap offsets from the kernel centre (up to 3-D)
+``rest``            ``(R,)``              tensors on no neuron set (e.g. BN counters)
+==================  ====================  =================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch_geometric.data import Data
+
+from metanet.space import NODE_ROLES, TensorSpec, WeightSpace, WeightSpaceError, _torch_dtype
+
+__all__ = ["ParamGraph", "to_graph", "to_weights", "node_permutation", "GraphLayout"]
+
+NODE_TYPES = {"input": 0, "hidden": 1, "output": 2, "residual": 3}
+BLOCK_DENSE, BLOCK_KERNEL, BLOCK_IDENTITY = 0, 1, 2
+
+
+class ParamGraph(Data):
+    """A :class:`torch_geometric.data.Data` holding one network's parameter graph.
+
+    Batches with :class:`torch_geometric.data.Batch` and PyG's ``DataLoader``; graphs of
+    different architectures batch together when built with the same ``node_dim`` and
+    ``edge_dim`` (see :func:`to_graph`).
+    """
+
+    def __inc__(self, key: str, value, *args, **kwargs):
+        if key == "edge_block":
+            return self.block_type.size(0)
+        return super().__inc__(key, value, *args, **kwargs)
+
+    def edge_type(self) -> Tensor:
+        """Per-edge block type (0 dense, 1 kernel, 2 identity)."""
+        return self.block_type[self.edge_block.long()]
+
+    def to_networkx(self):
+        """A ``networkx.DiGraph`` for inspection and drawing (small graphs only).
+
+        Nodes carry ``x``, ``node_type``, ``node_layer``, ``node_pos``; edges carry
+        ``weight`` (first feature), ``attr`` (all features) and ``block_type``.
+        """
+        import networkx as nx
+
+        g = nx.DiGraph()
+        x = self.x.tolist()
+        for i, (t, layer, pos) in enumerate(
+            zip(self.node_type.tolist(), self.node_layer.tolist(), self.node_pos.tolist())
+        ):
+            g.add_node(i, x=x[i], node_type=t, node_layer=layer, node_pos=pos)
+        btype = self.edge_type().tolist()
+        attr = self.edge_attr.tolist()
+        for e, (s, d) in enumerate(self.edge_index.t().tolist()):
+            g.add_edge(s, d, weight=attr[e][0], attr=attr[e], block_type=btype[e])
+        return g
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    """Where every tensor of a space lives in its graph (computed from the space alone)."""
+
+    set_offset: dict[str, int]
+    num_nodes: int
+    node_columns: dict[str, tuple[int, int]]  # node tensor -> (first column, count)
+    node_dim: int
+    edge_offset: dict[str, int]  # edge tensor -> first edge
+    identity_offset: tuple[int, ...]
+    num_edges: int
+    edge_dim: int
+    rest_offset: dict[str, int]
+    rest_size: int
+
+    @classmethod
+    def of(cls, space: WeightSpace, node_dim: int | None = None, edge_dim: int | None = None):
+        set_offset, n = {}, 0
+        for s in space.neuron_sets.values():
+            set_offset[s.name] = n
+            n += s.axis.size
+
+        # Known roles take fixed columns; every other node tensor takes the next free
+        # columns after them on its set, so different sets reuse the same extra columns.
+        node_columns: dict[str, tuple[int, int]] = {}
+        used: dict[str, set[int]] = {}
+        next_free: dict[str, int] = {}
+        width = len(NODE_ROLES)
+        for t in space.tensors.values():
+            if not t.is_node:
+                continue
+            k = math.prod(t.tap_shape)
+            taken = used.setdefault(t.out_set, set())
+            if t.role in NODE_ROLES and k == 1 and NODE_ROLES.index(t.role) not in taken:
+                col = NODE_ROLES.index(t.role)
+            else:
+                col = next_free.get(t.out_set, len(NODE_ROLES))
+                next_free[t.out_set] = col + k
+            taken.update(range(col, col + k))
+            node_columns[t.name] = (col, k)
+            width = max(width, col + k)
+
+        edge_offset, e, taps = {}, 0, 1
+        for t in space.tensors.values():
+            if t.is_edge:
+                edge_offset[t.name] = e
+                e += space.neuron_sets[t.out_set].axis.size * space.neuron_sets[t.in_set].axis.size
+                taps = max(taps, math.prod(t.tap_shape))
+        identity_offset = []
+        for a, _ in space.identities:
+            identity_offset.append(e)
+            e += space.neuron_sets[a].axis.size
+
+        rest_offset, r = {}, 0
+        for t in space.tensors.values():
+            if t.out_set is None:
+                rest_offset[t.name] = r
+                r += math.prod(t.shape)
+
+        for what, want, have in (("node_dim", node_dim, width), ("edge_dim", edge_dim, taps)):
+            if want is not None and want < have:
+                raise WeightSpaceError(f"{what}={want} is too small: this space needs {have}")
+        return cls(
+            set_offset, n, node_columns, node_dim or width, edge_offset,
+            tuple(identity_offset), e, edge_dim or taps, rest_offset, r,
+        )
+
+
+def _common_dtype(space: WeightSpace, weights: Mapping[str, Tensor]) -> torch.dtype:
+    dtype = torch.float32
+    for name in space.tensors:
+        d = weights[name].dtype
+        if d.is_floating_point and torch.finfo(d).bits > torch.finfo(dtype).bits:
+            dtype = d
+    return dtype
+
+
+def _tap_positions(t: TensorSpec, width: int) -> Tensor:
+    """Offsets of each kernel tap from the kernel centre, ``(width, 3)``."""
+    pos = torch.zeros(width, 3)
+    shape = t.tap_shape
+    if not shape or len(shape) > 3:
+        return pos
+    coords = torch.stack(torch.unravel_index(torch.arange(math.prod(shape)), shape), dim=1)
+    centre = (torch.tensor(shape) - 1) / 2
+    pos[: coords.shape[0], : len(shape)] = coords - centre
+    return pos
+
+
+def _fixed_position(space: WeightSpace, axis) -> Tensor:
+    """Per index of a neuron-set axis: its row-major index along fixed factors, else -1."""
+    parts = []
+    offset = 0
+    for seg in axis.segments:
+        sizes = tuple(f.size for f in seg)
+        n = math.prod(sizes)
+        fixed = [j for j, f in enumerate(seg) if f.group is None]
+        if not fixed:
+            parts.append(torch.full((n,), -1, dtype=torch.long))
+        else:
+            coords = torch.unravel_index(torch.arange(n), sizes)
+            pos = torch.zeros(n, dtype=torch.long)
+            for j in fixed:
+                pos = pos * sizes[j] + coords[j]
+            # segments of a concatenation are told apart by their offset
+            parts.append(pos + offset)
+        offset += n
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def to_graph(
+    space: WeightSpace,
+    weights: Mapping[str, Tensor],
+    node_dim: int | None = None,
+    edge_dim: int | None = None,
+) -> ParamGraph:
+    """The parameter graph of ``weights`` (see the module docstring for its attributes).
+
+    Args:
+        space: the weight space; every tensor in it must be in ``weights``.
+        weights: a state dict.
+        node_dim: pad node features to this width (to batch different architectures).
+        edge_dim: pad edge features to this width.
+    """
+    space.validate(weights, strict=False)
+    layout = GraphLayout.of(space, node_dim, edge_dim)
+    dtype = _common_dtype(space, weights)
+    sets = space.neuron_sets
+
+    x = torch.zeros(layout.num_nodes, layout.node_dim, dtype=dtype)
+    node_type = torch.empty(layout.num_nodes, dtype=torch.long)
+    node_layer = torch.empty(layout.num_nodes, dtype=torch.long)
+    node_pos = torch.empty(layout.num_nodes, dtype=torch.long)
+    for s in sets.values():
+        lo, hi = layout.set_offset[s.name], layout.set_offset[s.name] + s.axis.size
+        node_type[lo:hi] = NODE_TYPES.get(s.kind, NODE_TYPES["hidden"])
+        node_layer[lo:hi] = s.layer
+        node_pos[lo:hi] = _fixed_position(space, s.axis)
+
+    edge_index = torch.empty(2, layout.num_edges, dtype=torch.long)
+    edge_attr = torch.empty(layout.num_edges, layout.edge_dim, dtype=dtype)
+    edge_block = torch.empty(layout.num_edges, dtype=torch.int32)
+    n_blocks = len(layout.edge_offset) + len(layout.identity_offset)
+    block_type = torch.empty(n_blocks, dtype=torch.long)
+    block_taps = torch.empty(n_blocks, dtype=torch.long)
+    tap_pos = torch.zeros(n_blocks, layout.edge_dim, 3)
+    rest = torch.empty(layout.rest_size, dtype=dtype)
+
+    b = 0
+    for t in space.tensors.values():
+        w = weights[t.name]
+        if t.is_edge:
+            n_out, n_in = sets[t.out_set].axis.size, sets[t.in_set].axis.size
+            taps = math.prod(t.tap_shape)
+            lo = layout.edge_offset[t.name]
+            hi = lo + n_out * n_in
+            block = w.movedim((t.out_axis, t.in_axis), (0, 1)).reshape(n_out * n_in, taps)
+            edge_attr[lo:hi, :taps].copy_(block)
+            if taps < layout.edge_dim:
+                edge_attr[lo:hi, taps:].zero_()
+            out_ids = torch.arange(n_out) + layout.set_offset[t.out_set]
+            in_ids = torch.arange(n_in) + layout.set_offset[t.in_set]
+            edge_index[0, lo:hi].view(n_out, n_in).copy_(in_ids.expand(n_out, n_in))
+            edge_index[1, lo:hi].view(n_out, n_in).copy_(out_ids[:, None].expand(n_out, n_in))
+            edge_block[lo:hi] = b
+            block_type[b] = BLOCK_KERNEL if t.tap_shape else BLOCK_DENSE
+            block_taps[b] = taps
+            tap_pos[b] = _tap_positions(t, layout.edge_dim)
+            b += 1
+        elif t.is_node:
+            col, k = layout.node_columns[t.name]
+            lo = layout.set_offset[t.out_set]
+            n = sets[t.out_set].axis.size
+            x[lo : lo + n, col : col + k] = w.movedim(t.out_axis, 0).reshape(n, k)
+        else:
+            lo = layout.rest_offset[t.name]
+            rest[lo : lo + w.numel()] = w.reshape(-1)
+    for (src, dst), lo in zip(space.identities, layout.identity_offset):
+        n = sets[src].axis.size
+        edge_index[0, lo : lo + n] = torch.arange(n) + layout.set_offset[src]
+        edge_index[1, lo : lo + n] = torch.arange(n) + layout.set_offset[dst]
+        edge_attr[lo : lo + n].zero_()
+        edge_attr[lo : lo + n, 0] = 1
+        edge_block[lo : lo + n] = b
+        block_type[b], block_taps[b] = BLOCK_IDENTITY, 1
+        b += 1
+
+    return ParamGraph(
+        x=x,
+        edge_index=edge_index,
+        edge_attr=edge_attr,
+        edge_block=edge_block,
+        block_type=block_type,
+        block_taps=block_taps,
+        tap_pos=tap_pos,
+        node_type=node_type,
+        node_layer=node_layer,
+        node_pos=node_pos,
+        rest=rest,
+        num_nodes=layout.num_nodes,
+    )
+
+
+def to_weights(space: WeightSpace, graph: Data) -> dict[str, Tensor]:
+    """Read the weights back from a graph built by :func:`to_graph` (exact inverse).
+
+    Only ``x``, ``edge_attr`` and ``rest`` are read, so a graph whose features were
+    replaced by a metanetwork's equivariant output maps back the same way. Tensors are
+    returned in the dtype the space records.
+    """
+    layout = GraphLayout.of(space, graph.x.shape[1], graph.edge_attr.shape[1])
+    if graph.x.shape[0] != layout.num_nodes or graph.edge_attr.shape[0] != layout.num_edges:
+        raise WeightSpaceError(
+            f"graph has {graph.x.shape[0]} nodes and {graph.edge_attr.shape[0]} edges, the "
+            f"space needs {layout.num_nodes} and {layout.num_edges}: wrong space, or a batch "
+            "(unbatch with Batch.to_data_list() first)"
+        )
+    sets = space.neuron_sets
+    out: dict[str, Tensor] = {}
+    for t in space.tensors.values():
+        dtype = _torch_dtype(t.dtype)
+        if t.is_edge:
+            n_out, n_in = sets[t.out_set].axis.size, sets[t.in_set].axis.size
+            taps = math.prod(t.tap_shape)
+            lo = layout.edge_offset[t.name]
+            block = graph.edge_attr[lo : lo + n_out * n_in, :taps]
+            moved = [t.shape[t.out_axis], t.shape[t.in_axis]] + list(t.tap_shape)
+            w = block.reshape(moved).movedim((0, 1), (t.out_axis, t.in_axis))
+        elif t.is_node:
+            col, k = layout.node_columns[t.name]
+            lo = layout.set_offset[t.out_set]
+            n = sets[t.out_set].axis.size
+            moved = [n] + [s for i, s in enumerate(t.shape) if i != t.out_axis]
+            w = graph.x[lo : lo + n, col : col + k].reshape(moved).movedim(0, t.out_axis)
+        else:
+            lo = layout.rest_offset[t.name]
+            w = graph.rest[lo : lo + math.prod(t.shape)].reshape(t.shape)
+        out[t.name] = w.to(dtype).contiguous()
+    return out
+
+
+def node_permutation(space: WeightSpace, element: Mapping[str, Tensor]) -> Tensor:
+    """Node relabelling of a group element: node ``i`` of the graph of ``apply(w, g)`` is
+    node ``perm[i]`` of the graph of ``w``."""
+    parts = []
+    offset = 0
+    for s in space.neuron_sets.values():
+        parts.append(space.set_index(s.name, element) + offset)
+        offset += s.axis.size
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
