@@ -74,24 +74,39 @@ class _Builder:
         self.sets.append(NeuronSet(name, axis, kind, layer))
         return axis
 
-    def edge(self, name: str, w: Tensor, out_set: str, in_set: str, out_axis: int = 0, in_axis: int = 1) -> None:
+    def edge(
+        self, name: str, w: Tensor, out_set: str, in_set: str, out_axis: int = 0, in_axis: int = 1
+    ) -> None:
         axes = [Axis.fixed(n) for n in w.shape]
         axes[out_axis] = self._axis(out_set)
         axes[in_axis] = self._axis(in_set)
         self.tensors.append(
-            TensorSpec(name, tuple(w.shape), tuple(axes), "weight", "parameter",
-                       _dtype_name(w.dtype), out_set, out_axis, in_set, in_axis)
+            TensorSpec(
+                name,
+                tuple(w.shape),
+                tuple(axes),
+                "weight",
+                "parameter",
+                _dtype_name(w.dtype),
+                out_set,
+                out_axis,
+                in_set,
+                in_axis,
+            )
         )
 
     def node(self, name: str, w: Tensor, on: str, role: str, kind: str = "parameter") -> None:
         self.tensors.append(
-            TensorSpec(name, tuple(w.shape), (self._axis(on),), role, kind,
-                       _dtype_name(w.dtype), on, 0)
+            TensorSpec(
+                name, tuple(w.shape), (self._axis(on),), role, kind, _dtype_name(w.dtype), on, 0
+            )
         )
 
     def rest(self, name: str, w: Tensor, kind: str = "buffer") -> None:
         axes = tuple(Axis.fixed(n) for n in w.shape)
-        self.tensors.append(TensorSpec(name, tuple(w.shape), axes, "other", kind, _dtype_name(w.dtype)))
+        self.tensors.append(
+            TensorSpec(name, tuple(w.shape), axes, "other", kind, _dtype_name(w.dtype))
+        )
 
     def _axis(self, set_name: str) -> Axis:
         return next(s.axis for s in self.sets if s.name == set_name)
@@ -105,7 +120,9 @@ def _modules(sd: Mapping[str, Tensor]) -> list[tuple[str, dict[str, tuple[str, T
     mods: dict[str, dict[str, tuple[str, Tensor]]] = {}
     for key, value in sd.items():
         if not isinstance(value, Tensor):
-            raise WeightSpaceError(f"state dict entry {key!r} is a {type(value).__name__}, not a Tensor")
+            raise WeightSpaceError(
+                f"state dict entry {key!r} is a {type(value).__name__}, not a Tensor"
+            )
         prefix, _, leaf = key.rpartition(".")
         mods.setdefault(prefix, {})[leaf] = (key, value)
     return list(mods.items())
@@ -195,8 +212,12 @@ def _cnn(sd: Mapping[str, Tensor], action: str | None) -> WeightSpace:
                 b.node(leaves["bias"][0], leaves["bias"][1], prev, "bias")
             extra = set(leaves) - {"weight", "bias"}
         elif kind in ("batchnorm", "norm"):
-            roles = {"weight": "norm_weight", "bias": "norm_bias",
-                     "running_mean": "running_mean", "running_var": "running_var"}
+            roles = {
+                "weight": "norm_weight",
+                "bias": "norm_bias",
+                "running_mean": "running_mean",
+                "running_var": "running_var",
+            }
             for leaf, role in roles.items():
                 if leaf in leaves:
                     key, w = leaves[leaf]
@@ -205,7 +226,9 @@ def _cnn(sd: Mapping[str, Tensor], action: str | None) -> WeightSpace:
                             f"tensor {key!r} has shape {tuple(w.shape)}, expected ({prev_size},) "
                             f"to normalise the channels of {prev!r}"
                         )
-                    b.node(key, w, prev, role, "buffer" if leaf.startswith("running") else "parameter")
+                    b.node(
+                        key, w, prev, role, "buffer" if leaf.startswith("running") else "parameter"
+                    )
             if "num_batches_tracked" in leaves:
                 b.rest(*leaves["num_batches_tracked"])
             extra = set(leaves) - set(roles) - {"num_batches_tracked"}

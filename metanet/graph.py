@@ -3,7 +3,9 @@
 Nodes are neurons (every neuron set of the :class:`~metanet.WeightSpace`, in order);
 edges are weights, flowing from input neuron to output neuron. The graph converts back to
 the weights exactly (:func:`to_weights`) and is built with a handful of bulk tensor
-copies into preallocated buffers: no Python loop runs per neuron or per weight.
+copies into preallocated buffers: no Python loop runs per neuron or per weight. Per-edge block ids and types are not
+stored (they would cost more than the weights of a dense layer); ``graph.edge_block()``
+and ``graph.edge_type()`` expand them from the per-block tables when needed.
 
 ==================  ====================  =================================================
 attribute           shape                 meaning
@@ -18,8 +20,9 @@ attribute           shape                 meaning
                                           every factor is permutable
 ``edge_index``      ``(2, E)``            ``[source (input neuron), target (output neuron)]``
 ``edge_attr``       ``(E, T)``            weight value, or the kernel taps zero-padded to T
-``edge_block``      ``(E,)`` int32        which block (edge tensor or identity) it belongs to
-``block_type``      ``(B,)``              0 dense weight, 1 kernel (has taps), 2 identity
+``block_type``      ``(B,)``              0 dense weight, 1 kernel (has taps), 2 identity;
+                                          a block is one edge tensor or identity map
+``block_size``      ``(B,)``              its number of edges (blocks are consecutive)
 ``block_taps``      ``(B,)``              number of valid taps of the block
 ``tap_pos``         ``(B, T, 3)``         tap offsets from the kernel centre (up to 3-D)
 ``rest``            ``(R,)``              tensors on no neuron set (e.g. BN counters)
@@ -52,14 +55,16 @@ class ParamGraph(Data):
     ``edge_dim`` (see :func:`to_graph`).
     """
 
-    def __inc__(self, key: str, value, *args, **kwargs):
-        if key == "edge_block":
-            return self.block_type.size(0)
-        return super().__inc__(key, value, *args, **kwargs)
+    def edge_block(self) -> Tensor:
+        """Per-edge block index ``(E,)`` (into ``block_type``/``block_taps``/``tap_pos``);
+        on a batch it indexes the batched block tables."""
+        return torch.repeat_interleave(
+            torch.arange(self.block_size.numel(), device=self.block_size.device), self.block_size
+        )
 
     def edge_type(self) -> Tensor:
-        """Per-edge block type (0 dense, 1 kernel, 2 identity)."""
-        return self.block_type[self.edge_block.long()]
+        """Per-edge block type ``(E,)``: 0 dense weight, 1 kernel, 2 identity."""
+        return torch.repeat_interleave(self.block_type, self.block_size)
 
     def to_networkx(self):
         """A ``networkx.DiGraph`` for inspection and drawing (small graphs only).
@@ -145,8 +150,16 @@ class GraphLayout:
             if want is not None and want < have:
                 raise WeightSpaceError(f"{what}={want} is too small: this space needs {have}")
         return cls(
-            set_offset, n, node_columns, node_dim or width, edge_offset,
-            tuple(identity_offset), e, edge_dim or taps, rest_offset, r,
+            set_offset,
+            n,
+            node_columns,
+            node_dim or width,
+            edge_offset,
+            tuple(identity_offset),
+            e,
+            edge_dim or taps,
+            rest_offset,
+            r,
         )
 
 
@@ -223,10 +236,10 @@ def to_graph(
 
     edge_index = torch.empty(2, layout.num_edges, dtype=torch.long)
     edge_attr = torch.empty(layout.num_edges, layout.edge_dim, dtype=dtype)
-    edge_block = torch.empty(layout.num_edges, dtype=torch.int32)
     n_blocks = len(layout.edge_offset) + len(layout.identity_offset)
     block_type = torch.empty(n_blocks, dtype=torch.long)
     block_taps = torch.empty(n_blocks, dtype=torch.long)
+    block_size = torch.empty(n_blocks, dtype=torch.long)
     tap_pos = torch.zeros(n_blocks, layout.edge_dim, 3)
     rest = torch.empty(layout.rest_size, dtype=dtype)
 
@@ -246,7 +259,7 @@ def to_graph(
             in_ids = torch.arange(n_in) + layout.set_offset[t.in_set]
             edge_index[0, lo:hi].view(n_out, n_in).copy_(in_ids.expand(n_out, n_in))
             edge_index[1, lo:hi].view(n_out, n_in).copy_(out_ids[:, None].expand(n_out, n_in))
-            edge_block[lo:hi] = b
+            block_size[b] = hi - lo
             block_type[b] = BLOCK_KERNEL if t.tap_shape else BLOCK_DENSE
             block_taps[b] = taps
             tap_pos[b] = _tap_positions(t, layout.edge_dim)
@@ -265,16 +278,15 @@ def to_graph(
         edge_index[1, lo : lo + n] = torch.arange(n) + layout.set_offset[dst]
         edge_attr[lo : lo + n].zero_()
         edge_attr[lo : lo + n, 0] = 1
-        edge_block[lo : lo + n] = b
-        block_type[b], block_taps[b] = BLOCK_IDENTITY, 1
+        block_type[b], block_taps[b], block_size[b] = BLOCK_IDENTITY, 1, n
         b += 1
 
     return ParamGraph(
         x=x,
         edge_index=edge_index,
         edge_attr=edge_attr,
-        edge_block=edge_block,
         block_type=block_type,
+        block_size=block_size,
         block_taps=block_taps,
         tap_pos=tap_pos,
         node_type=node_type,

@@ -654,7 +654,9 @@ class WeightSpace:
             },
             tensors={n: TensorSpec.from_json(n, t) for n, t in d["tensors"].items()},
             neuron_sets={
-                n: NeuronSet(n, Axis.from_json(s["axis"]), s.get("kind", "hidden"), s.get("layer", 0))
+                n: NeuronSet(
+                    n, Axis.from_json(s["axis"]), s.get("kind", "hidden"), s.get("layer", 0)
+                )
                 for n, s in d.get("neuron_sets", {}).items()
             },
             identities=tuple(tuple(p) for p in d.get("identities", [])),
@@ -689,7 +691,9 @@ class WeightSpace:
             for g in self.groups.values():
                 size = f"{self.groups[g.within].size}×{g.size}" if g.within else str(g.size)
                 names = self.tensors_of(g.name)
-                shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
+                shown = ", ".join(names[:4]) + (
+                    f", … (+{len(names) - 4})" if len(names) > 4 else ""
+                )
                 lines.append(f"  {g.name:<{w}}  {size:>6}  {g.action or '-':<14}  {shown}")
         fixed = [
             f"{t.name}[{i}]"
@@ -698,7 +702,9 @@ class WeightSpace:
             if a.is_fixed and i in (t.out_axis, t.in_axis)
         ]
         if fixed:
-            lines.append(f"  fixed neuron axes: {', '.join(fixed[:8])}" + (" …" if len(fixed) > 8 else ""))
+            lines.append(
+                f"  fixed neuron axes: {', '.join(fixed[:8])}" + (" …" if len(fixed) > 8 else "")
+            )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -1,0 +1,167 @@
+"""Parameter-graph build speed and peak memory.
+
+Builds the ParamGraph of an MLP with >= 10M parameters and of a CNN with >= 5M, with
+``metanet.to_graph`` and with a naive ``repeat``/``repeat_interleave`` build (the
+baseline, same run). Each build runs in a fresh subprocess; peak memory is the process's
+high-water mark (VmHWM, reset through /proc/self/clear_refs) above its resident size
+before the build, compared to the bytes of ``edge_index + edge_attr``.
+
+    python benchmarks/graph_build.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+MODELS = {
+    "mlp-10M": ("mlp", [784, 2048, 2048, 2048, 10]),
+    "cnn-5M": ("cnn", [3, 128, 256, 256, 512, 512, 512, 10]),
+}
+
+
+def make(kind: str, sizes: list[int]) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return nn.Sequential(*[nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])])
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b)]
+    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+
+def naive_graph(space, weights):
+    """The baseline: per-tensor repeat/repeat_interleave indices and concatenation."""
+    sets = space.neuron_sets
+    offset, n = {}, 0
+    for s in sets.values():
+        offset[s.name] = n
+        n += s.axis.size
+    taps = max(
+        t.tap_shape and int(torch.tensor(t.tap_shape).prod()) or 1
+        for t in space.tensors.values()
+        if t.is_edge
+    )
+    idx, attrs = [], []
+    for t in space.tensors.values():
+        if not t.is_edge:
+            continue
+        w = weights[t.name]
+        n_out, n_in = w.shape[0], w.shape[1]
+        src = torch.arange(n_in).repeat(n_out) + offset[t.in_set]
+        dst = torch.arange(n_out).repeat_interleave(n_in) + offset[t.out_set]
+        idx.append(torch.stack([src, dst]))
+        a = w.reshape(n_out * n_in, -1)
+        attrs.append(torch.nn.functional.pad(a, (0, taps - a.shape[1])))
+    return torch.cat(idx, dim=1), torch.cat(attrs)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def worker(model: str, method: str, repeats: int) -> dict:
+    from converters import from_state_dict
+    from metanet import to_graph
+
+    kind, sizes = MODELS[model]
+    sd = make(kind, sizes).state_dict()
+    space = from_state_dict(sd, kind)
+    build = (
+        (lambda: to_graph(space, sd)) if method == "metanet" else (lambda: naive_graph(space, sd))
+    )
+    build()  # warm up allocator and kernels
+    times, peaks = [], []
+    for _ in range(repeats):
+        import gc
+
+        gc.collect()
+        base = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        t0 = time.perf_counter()
+        out = build()
+        times.append(time.perf_counter() - t0)
+        peaks.append((_rss_kib("VmHWM") - base) * 1024)
+        if method == "metanet":
+            ei, ea = out.edge_index, out.edge_attr
+        else:
+            ei, ea = out
+        del out
+    edges = ei.shape[1]
+    target = ei.numel() * ei.element_size() + ea.numel() * ea.element_size()
+    return {
+        "model": model,
+        "method": method,
+        "params": space.num_params,
+        "edges": edges,
+        "seconds": sorted(times)[len(times) // 2],
+        "peak_bytes": sorted(peaks)[len(peaks) // 2],
+        "target_bytes": target,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.repeats)))
+        return
+    rows = []
+    for model in MODELS:
+        for method in ("metanet", "naive"):
+            # glibc's adaptive mmap threshold would keep freed buffers in the heap and
+            # hide allocations from the resident-size high-water mark; pin it
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    model,
+                    method,
+                    "--repeats",
+                    str(args.repeats),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, median of {args.repeats}"
+    )
+    print(
+        "| model | params | edges | method | time (ms) | M edges/s | peak / (edge_index+edge_attr) | speedup vs naive |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for model in MODELS:
+        ours, naive = (
+            next(r for r in rows if r["model"] == model and r["method"] == m)
+            for m in ("metanet", "naive")
+        )
+        for r in (ours, naive):
+            print(
+                f"| {model} | {r['params'] / 1e6:.1f}M | {r['edges'] / 1e6:.2f}M | {r['method']} | "
+                f"{r['seconds'] * 1e3:.1f} | {r['edges'] / r['seconds'] / 1e6:.0f} | "
+                f"{r['peak_bytes'] / r['target_bytes']:.2f}× | "
+                f"{naive['seconds'] / r['seconds']:.2f}× |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""ParamGraph: exact round trip, node relabelling under the group, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch_geometric.data import Batch
+from torch_geometric.loader import DataLoader
+
+from converters import from_state_dict
+from metanet import ParamGraph, WeightSpaceError, node_permutation, to_graph, to_weights
+from tests.fixtures.zoo import family_models
+from tests.test_space import attention_space
+
+
+def cases():
+    out = []
+    for name, family, model, _ in family_models():
+        for dtype in (torch.float32, torch.float64):
+            sd = model.to(dtype).state_dict()
+            out.append((f"{name}-{str(dtype)[6:]}", from_state_dict(sd, family), sd))
+    torch.manual_seed(0)
+    space = attention_space()
+    out.append(("attention", space, {n: torch.randn(t.shape) for n, t in space.tensors.items()}))
+    return out
+
+
+CASES = cases()
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("name,space,weights", CASES, ids=IDS)
+def test_round_trip_is_exact(name, space, weights):
+    graph = to_graph(space, weights)
+    back = to_weights(space, graph)
+    assert back.keys() == weights.keys()
+    for k in weights:
+        assert back[k].dtype == weights[k].dtype, k
+        assert torch.equal(back[k], weights[k]), k
+
+
+@pytest.mark.parametrize("name,space,weights", CASES, ids=IDS)
+def test_permuted_graph_is_relabelled_graph(name, space, weights):
+    """graph(g·w) is graph(w) with node i of the new graph = node perm[i] of the old."""
+    base = to_graph(space, weights)
+    n = base.num_nodes
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        g = space.random_element(gen)
+        new = to_graph(space, space.apply(weights, g))
+        perm = node_permutation(space, g)
+        assert sorted(perm.tolist()) == list(range(n))
+        moved = perm.ne(torch.arange(n)).sum().item()
+        assert moved > 0 or not space.groups
+        for key in ("x", "node_type", "node_layer", "node_pos"):
+            assert torch.equal(new[key], base[key][perm]), key
+        # every new edge (block, src, dst, attr) is an old edge between the mapped nodes
+        key_old = (base.edge_block() * n + base.edge_index[0]) * n + base.edge_index[1]
+        src, dst = perm[new.edge_index[0]], perm[new.edge_index[1]]
+        key_new = (new.edge_block() * n + src) * n + dst
+        order = key_old.argsort()
+        pos = torch.searchsorted(key_old[order], key_new)
+        assert torch.equal(key_old[order][pos], key_new)
+        assert torch.equal(new.edge_attr, base.edge_attr[order][pos])
+        assert new.edge_index.shape == base.edge_index.shape
+
+
+def test_graph_layout_of_mlp():
+    name, family, model, _ = family_models()[0]  # MLP 16-32-24-5
+    space = from_state_dict(model.state_dict(), family)
+    graph = to_graph(space, model.state_dict())
+    assert graph.num_nodes == 16 + 32 + 24 + 5
+    assert graph.edge_index.shape == (2, 16 * 32 + 32 * 24 + 24 * 5)
+    assert graph.x.shape == (77, 5)
+    # the first weight W[o, i] is the edge input i -> hidden o, in row-major order
+    w = model.state_dict()["layers.0.weight"]
+    assert graph.edge_index[:, 1].tolist() == [1, 16]
+    assert graph.edge_attr[1, 0] == w[0, 1]
+    # bias sits in column 0 of its neurons; inputs/outputs carry their positions
+    assert torch.equal(graph.x[16:48, 0], model.state_dict()["layers.0.bias"])
+    assert graph.node_pos[:16].tolist() == list(range(16))
+    assert graph.node_pos[16:72].eq(-1).all()
+    assert graph.node_pos[72:].tolist() == list(range(5))
+    assert graph.node_type.tolist() == [0] * 16 + [1] * 56 + [2] * 5
+    assert graph.node_layer.unique().tolist() == [0, 1, 2, 3]
+
+
+def test_conv_edges_carry_taps_and_positions():
+    name, family, model, _ = next(m for m in family_models() if m[0] == "cnn_bn")
+    sd = model.state_dict()
+    space = from_state_dict(sd, family)
+    graph = to_graph(space, sd)
+    w = sd["features.0.weight"]  # (8, 3, 3, 3)
+    assert graph.edge_attr.shape[1] == 9
+    assert torch.equal(graph.edge_attr[: 8 * 3].view(8, 3, 3, 3), w)
+    assert graph.block_type.tolist()[:3] == [1, 1, 1]
+    assert graph.tap_pos[0, :, :2].tolist()[0] == [-1.0, -1.0]
+    assert graph.tap_pos[0, 4].tolist() == [0.0, 0.0, 0.0]
+    # dense blocks are zero-padded beyond their single tap
+    dense = graph.edge_type() == 0
+    assert dense.any() and graph.edge_attr[dense, 1:].eq(0).all()
+    # BatchNorm parameters in their role columns
+    assert torch.equal(graph.x[3:11, 1], sd["features.1.weight"])
+    assert torch.equal(graph.x[3:11, 4], sd["features.1.running_var"])
+    assert graph.rest.tolist() == [7.0, 7.0, 7.0]  # num_batches_tracked
+
+
+def test_identity_edges_for_residuals():
+    space = attention_space()
+    w = {n: torch.randn(t.shape) for n, t in space.tensors.items()}
+    graph = to_graph(space, w)
+    ident = graph.edge_type() == 2
+    assert ident.sum() == 12
+    assert graph.edge_attr[ident, 0].eq(1).all()
+    assert graph.node_type[graph.edge_index[0, ident]].eq(3).all()
+
+
+def test_batches_of_different_architectures():
+    graphs, spaces, weights = [], [], []
+    for _name, family, model, _ in family_models():
+        sd = model.state_dict()
+        space = from_state_dict(sd, family)
+        graphs.append(to_graph(space, sd, node_dim=6, edge_dim=9))
+        spaces.append(space)
+        weights.append(sd)
+    batch = Batch.from_data_list(graphs)
+    assert batch.num_graphs == len(graphs)
+    assert batch.x.shape[1] == 6 and batch.edge_attr.shape[1] == 9
+    # per-edge block ids index the batched block tables
+    assert batch.edge_block().max() == batch.block_type.numel() - 1
+    assert batch.edge_block().numel() == batch.edge_index.shape[1]
+    assert torch.equal(batch.edge_type(), torch.cat([g.edge_type() for g in graphs]))
+    for g, space, sd in zip(batch.to_data_list(), spaces, weights):
+        back = to_weights(space, g)
+        assert all(torch.equal(back[k], sd[k]) for k in sd)
+    loader = DataLoader(graphs, batch_size=2, shuffle=False)
+    sizes = [b.num_graphs for b in loader]
+    assert sizes == [2, 2, 1]
+
+
+def test_errors():
+    name, family, model, _ = family_models()[0]
+    sd = model.state_dict()
+    space = from_state_dict(sd, family)
+    with pytest.raises(WeightSpaceError, match="edge_dim=0 is too small"):
+        to_graph(space, sd, edge_dim=0)
+    graph = to_graph(space, sd)
+    batch = Batch.from_data_list([graph, graph])
+    with pytest.raises(WeightSpaceError, match="unbatch"):
+        to_weights(space, batch)
+
+
+def test_to_networkx():
+    name, family, model, _ = family_models()[0]
+    sd = model.state_dict()
+    space = from_state_dict(sd, family)
+    graph = to_graph(space, sd)
+    assert isinstance(graph, ParamGraph)
+    nxg = graph.to_networkx()
+    assert nxg.number_of_nodes() == graph.num_nodes
+    assert nxg.number_of_edges() == graph.edge_index.shape[1]
+    w = sd["layers.2.weight"]
+    assert nxg.edges[16 + 5, 16 + 32 + 3]["weight"] == pytest.approx(w[3, 5].item())
+    assert nxg.nodes[0]["node_type"] == 0
