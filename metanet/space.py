@@ -245,6 +245,10 @@ class TensorSpec:
         )
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -681,12 +685,12 @@ class WeightSpace:
         """A readable table: groups, sizes, tensors per group, free dimensions."""
         lines = [
             f"WeightSpace: {len(self.tensors)} tensors, {self.num_params:,} values, "
-            f"{len(self.groups)} groups, {len(self.neuron_sets)} neuron sets, "
+            f"{_plural(len(self.groups), 'group')}, {_plural(len(self.neuron_sets), 'neuron set')}, "
             f"{self.free_dims()} free permutation dims "
             f"(log10 |G| = {sum(self.group_order_log10(g) for g in self.groups):.1f})",
         ]
         if self.groups:
-            w = max(len(g) for g in self.groups)
+            w = max(5, *(len(g) for g in self.groups))
             lines.append(f"  {'group':<{w}}  {'size':>6}  {'action':<14}  tensors")
             for g in self.groups.values():
                 size = f"{self.groups[g.within].size}×{g.size}" if g.within else str(g.size)
