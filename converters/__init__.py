@@ -1,5 +1,14 @@
 """Checkpoint -> :class:`metanet.WeightSpace`."""
 
+from converters.module import ConverterWarning, from_module
+from converters.rules import register_rule
 from converters.state_dict import FAMILIES, activation_action, from_state_dict
 
-__all__ = ["FAMILIES", "activation_action", "from_state_dict"]
+__all__ = [
+    "FAMILIES",
+    "ConverterWarning",
+    "activation_action",
+    "from_module",
+    "from_state_dict",
+    "register_rule",
+]

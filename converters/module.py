@@ -1,0 +1,366 @@
+"""``from_module``: discover the WeightSpace of any ``nn.Module`` by tracing it.
+
+The model is exported to an ATen graph (``torch.export``, non-strict) and channel spaces
+are propagated through it with one rule per op (:mod:`converters.rules`): linear, conv
+and embedding create spaces, elementwise ops keep them, adds and attention contractions
+tie them, cat/split give segments, reshapes give factors, reductions and model outputs end
+them. An op no rule covers fixes every axis it touches, with one warning naming the op
+and the module.
+
+Then every state-dict tensor's axes are read off their variables: free leaves become
+permutation groups, structure becomes segments and factors, and a group that always
+travels with another (head_dim with its head) becomes indexed by it (a wreath product).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from converters.dims import Algebra, Var, find
+from converters.rules import RULES, Context, default_rule, op_name
+from metanet.space import (
+    Axis,
+    Factor,
+    Group,
+    TensorSpec,
+    WeightSpace,
+    _dtype_name,
+)
+
+__all__ = ["from_module", "ConverterWarning", "trace"]
+
+
+class ConverterWarning(UserWarning):
+    """An op or module without a rule: the axes it touches were fixed."""
+
+
+@dataclass
+class Trace:
+    """What tracing found: per state-dict tensor the variables of its axes."""
+
+    algebra: Algebra
+    weights: dict[str, list[Var | None]]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    kinds: dict[str, str]
+    values: list[list[Var | None]]
+    activations: dict[int, set[str]]
+    leaf_vars: list[Var]
+    notes: list[str] = field(default_factory=list)
+
+
+def _flatten_dims(d: Any) -> list[list[Var | None]]:
+    if d is None:
+        return []
+    if isinstance(d, list) and (not d or not isinstance(d[0], list | tuple)):
+        return [d]
+    out = []
+    for x in d:
+        out += _flatten_dims(x)
+    return out
+
+
+def _uniform_dims(t: Tensor, alg: Algebra) -> list[Var | None]:
+    """Axes along which a constant tensor varies are fixed; the others are wildcards."""
+    dims: list[Var | None] = []
+    for i, n in enumerate(t.shape):
+        if n == 1 or t.numel() == 0:
+            dims.append(None)
+            continue
+        first = t.narrow(i, 0, 1)
+        dims.append(None if torch.equal(t, first.expand_as(t)) else alg.fixed(n))
+    return dims
+
+
+def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | None = None) -> Trace:
+    """Export ``model`` and propagate channel variables through its graph."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, args, strict=False)
+    finally:
+        model.train(was_training)
+    state = model.state_dict(keep_vars=True)
+    alg = Algebra()
+    sig = ep.graph_signature
+    all_rules = dict(RULES)
+    all_rules.update(rules or {})
+
+    by_name: dict[str, Any] = {}
+    for spec in sig.input_specs:
+        by_name[spec.arg.name] = spec
+    consts = dict(ep.constants)
+    ep_state = ep.state_dict
+
+    env: dict[Any, Any] = {}
+    weights: dict[str, list[Var | None]] = {}
+    ctx = Context(alg, env, module_of=_module_of, warn=[])
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            spec = by_name.get(node.name)
+            val = node.meta.get("val")
+            if not isinstance(val, Tensor):
+                env[node] = None
+                continue
+            kind = spec.kind.name if spec is not None else "USER_INPUT"
+            target = spec.target if spec is not None else None
+            if kind == "PARAMETER" or (kind == "BUFFER" and target in state):
+                dims = [alg.leaf(n) for n in val.shape]
+                weights[target] = dims
+            elif kind in ("BUFFER", "CONSTANT_TENSOR"):
+                real = ep_state.get(target) if kind == "BUFFER" else consts.get(target)
+                dims = _uniform_dims(real, alg) if isinstance(real, Tensor) else [alg.fixed(n) for n in val.shape]
+            else:
+                dims = [alg.fixed(n) for n in val.shape]
+            env[node] = dims
+        elif node.op == "call_function":
+            name = op_name(node.target)
+            rule = all_rules.get(node.target) or all_rules.get(name)
+            if rule is None:
+                env[node] = default_rule(ctx, node, name)
+            else:
+                env[node] = rule(ctx, node)
+        elif node.op == "output":
+            for d in _flatten_dims([ctx.dims(a) for a in node.args[0]]):
+                for v in d:
+                    alg.fix(v)
+        else:  # get_attr: submodules of higher-order ops
+            env[node] = None
+
+    # tied state-dict entries (e.g. an LM head sharing the embedding) share variables
+    by_ptr: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name in weights:
+        t = state.get(name)
+        if isinstance(t, Tensor):
+            by_ptr[(t.data_ptr(), tuple(t.shape))] = name
+    notes = list(ctx.warn)
+    for name, t in state.items():
+        if name in weights or not isinstance(t, Tensor):
+            continue
+        alias = by_ptr.get((t.data_ptr(), tuple(t.shape)))
+        if alias is not None:
+            weights[name] = weights[alias]
+        else:
+            weights[name] = [alg.fixed(n) for n in t.shape]
+            notes.append(f"{name}: not used by the traced forward; its axes are fixed")
+    notes += alg.conflicts
+    values = [d for v in env.values() for d in _flatten_dims(v)] + list(weights.values())
+    return Trace(
+        algebra=alg,
+        weights={k: weights[k] for k in state if k in weights},
+        shapes={k: tuple(t.shape) for k, t in state.items()},
+        dtypes={k: t.dtype for k, t in state.items()},
+        kinds={k: "parameter" if isinstance(t, nn.Parameter) else "buffer" for k, t in state.items()},
+        values=values,
+        activations=ctx.activations,
+        leaf_vars=ctx.leaf_vars,
+        notes=notes,
+    )
+
+
+def _module_of(node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "<top>"
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return f"{path or '<top>'} ({cls_name.rsplit('.', 1)[-1]})"
+
+
+# --------------------------------------------------------------------------- space building
+
+
+def _segments(alg: Algebra, v: Var | None, size: int, notes: list[str]) -> list[list[Var | int]]:
+    """An axis variable as segments of factors: free or fixed leaf variables, or ints
+    (a fixed block of that size).
+
+    A product distributes over a concatenation only when the concatenation is its
+    leading factor (``(a ⊕ b) × c = a×c ⊕ b×c``); an inner one (``heads × (a ⊕ b)``,
+    the two rotary halves of a head) interleaves and cannot be written as segments, so
+    its leaves are fixed and it becomes one fixed block.
+    """
+    if v is None:
+        return [[size]]
+    r = find(v)
+    if r.kind == "leaf":
+        return [[r]]
+    if r.kind == "cat":
+        return [seg for c in r.children for seg in _segments(alg, c, find(c).size, notes)]
+    factors = alg._flat_prod(r)
+    segs = _segments(alg, factors[0], factors[0].size, notes)
+    for f in factors[1:]:
+        if f.kind == "cat":
+            if alg.is_free(f):
+                alg.fix(f)
+                notes.append(
+                    f"an axis interleaves a concatenation inside a product ({r!r}); its "
+                    "inner parts are fixed"
+                )
+            segs = [s + [f.size] for s in segs]
+        else:
+            segs = [s + [f] for s in segs]
+    return segs
+
+
+def build_space(tr: Trace) -> WeightSpace:
+    alg = tr.algebra
+    # every free leaf, in order of first appearance over the state dict
+    names: dict[int, str] = {}
+    sizes: dict[int, int] = {}
+    raw_axes: dict[str, list[list[list[Var | int]]]] = {}
+    notes = list(tr.notes)
+    for tname, dims in tr.weights.items():  # first pass: fix what cannot be expressed
+        for v, n in zip(dims, tr.shapes[tname]):
+            _segments(alg, v, n, notes)
+    for tname, dims in tr.weights.items():
+        shape = tr.shapes[tname]
+        axes = []
+        for i, (v, n) in enumerate(zip(dims, shape)):
+            segs = _segments(alg, v, n, [])
+            axes.append(segs)
+            leaves = [f for seg in segs for f in seg if isinstance(f, Var) and not f.fixed and f.size > 1]
+            for j, leaf in enumerate(leaves):
+                if leaf.id not in names:
+                    base = tname.removesuffix(".weight") if tname.endswith(".weight") else tname
+                    role = {0: "out", 1: "in"}.get(i, f"axis{i}") if tname.endswith(".weight") else f"axis{i}"
+                    suffix = f".{j}" if len(leaves) > 1 else ""
+                    names[leaf.id] = f"{base}.{role}{suffix}"
+                    sizes[leaf.id] = leaf.size
+        raw_axes[tname] = axes
+
+    # which free leaves occur together in every traced value (for indexed groups)
+    common: dict[int, set[int]] = {}
+    for dims in tr.values:
+        present = {leaf.id for v in dims for leaf in alg.leaves(v) if not leaf.fixed and leaf.size > 1}
+        for lid in present:
+            common[lid] = present.copy() if lid not in common else common[lid] & present
+    within: dict[int, int] = {}
+    for tname, axes in raw_axes.items():
+        for segs in axes:
+            for seg in segs:
+                ids = [f.id if isinstance(f, Var) else None for f in seg]
+                for j, lid in enumerate(ids):
+                    if lid is None or lid not in names:
+                        continue
+                    for k in range(j - 1, -1, -1):
+                        h = ids[k]
+                        if h is not None and h in names and h in common.get(lid, ()):
+                            within.setdefault(lid, h)
+                            break
+    # no nesting; every tensor holding an indexed leaf must hold its outer where the
+    # WeightSpace can use it (earlier in the segment, or on exactly one other axis)
+    for lid in list(within):
+        if within[lid] in within:
+            del within[lid]
+    for tname, axes in raw_axes.items():
+        for i, segs in enumerate(axes):
+            for seg in segs:
+                ids = [f.id if isinstance(f, Var) else None for f in seg]
+                for j, lid in enumerate(ids):
+                    if lid not in within:
+                        continue
+                    h = within[lid]
+                    if h in ids[:j]:
+                        continue
+                    others = [
+                        a for a, other in enumerate(axes)
+                        if a != i and any(isinstance(f, Var) and f.id == h for s in other for f in s)
+                    ]
+                    same_axis_elsewhere = any(isinstance(f, Var) and f.id == h for s in segs for f in s)
+                    if len(others) != 1 or same_axis_elsewhere:
+                        within.pop(lid, None)
+
+    act: dict[int, set[str]] = defaultdict(set)
+    for v in tr.leaf_vars:
+        for leaf in alg.leaves(v):
+            act[leaf.id] |= tr.activations.get(id(v), set())
+    groups = []
+    for lid, gname in names.items():
+        kinds = act.get(lid, set())
+        if "other" in kinds or ("pos" in kinds and "odd" in kinds):
+            action = None
+        elif "pos" in kinds:
+            action = "positive_scale"
+        elif "odd" in kinds:
+            action = "sign"
+        else:
+            action = "gl"
+        outer = names[within[lid]] if lid in within else None
+        groups.append(Group(gname, sizes[lid], within=outer, action=action))
+
+    tensors = []
+    for tname, axes in raw_axes.items():
+        spec_axes = []
+        for segs in axes:
+            segments = []
+            for seg in segs:
+                factors = []
+                for f in seg:
+                    if isinstance(f, int):
+                        factors.append(Factor(None, f))
+                    else:
+                        factors.append(Factor(names.get(f.id), f.size))
+                segments.append(tuple(_merge_fixed(factors)))
+            spec_axes.append(Axis(tuple(segments)))
+        tensors.append(
+            TensorSpec(
+                tname, tr.shapes[tname], tuple(spec_axes), _role(tname, tr), tr.kinds[tname],
+                _dtype_name(tr.dtypes[tname]),
+            )
+        )
+    return WeightSpace.build(groups, tensors, notes=list(dict.fromkeys(notes)))
+
+
+def _merge_fixed(factors: list[Factor]) -> list[Factor]:
+    """Adjacent fixed factors merge into one; size-1 factors vanish."""
+    out: list[Factor] = []
+    for f in factors:
+        if f.size == 1 and len(factors) > 1:
+            continue
+        if out and out[-1].group is None and f.group is None:
+            out[-1] = Factor(None, out[-1].size * f.size)
+        else:
+            out.append(f)
+    return out or [Factor(None, 1)]
+
+
+def _role(name: str, tr: Trace) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("running_mean", "running_var"):
+        return leaf
+    if leaf == "bias":
+        return "bias"
+    return "weight" if len(tr.shapes[name]) >= 2 else "other"
+
+
+def from_module(
+    model: nn.Module,
+    example_inputs: tuple | Tensor,
+    rules: Mapping | None = None,
+) -> WeightSpace:
+    """The WeightSpace of any ``nn.Module``, found by tracing it on ``example_inputs``.
+
+    Args:
+        model: the network (traced in eval mode; its mode is restored).
+        example_inputs: a tensor or tuple of positional inputs.
+        rules: extra op rules for this call (see :func:`converters.register_rule`).
+
+    Warns:
+        ConverterWarning: once per op and module without a rule, naming both; the axes it
+            touched are fixed.
+    """
+    tr = trace(model, example_inputs, rules)
+    for note in dict.fromkeys(tr.notes):
+        if note.startswith("no rule"):
+            warnings.warn(note, ConverterWarning, stacklevel=2)
+    return build_space(tr)
