@@ -28,7 +28,9 @@ class Var:
     __slots__ = ("id", "size", "parent", "fixed", "kind", "children", "retired", "select_copies")
     _ids = itertools.count()
 
-    def __init__(self, size: int, kind: str = "leaf", children: tuple[Var, ...] = (), fixed: bool = False):
+    def __init__(
+        self, size: int, kind: str = "leaf", children: tuple[Var, ...] = (), fixed: bool = False
+    ):
         self.id = next(Var._ids)
         self.size = int(size)
         self.parent: Var | None = None
@@ -286,8 +288,10 @@ class Algebra:
         for i in range(lead.size):
             mapping: dict[int, Var] = {}
             seg_factors = [self._copy(c, mapping) for c in rest]
-            seg = seg_factors[0] if len(seg_factors) == 1 else Var(
-                math.prod(s.size for s in seg_factors), "prod", tuple(seg_factors)
+            seg = (
+                seg_factors[0]
+                if len(seg_factors) == 1
+                else Var(math.prod(s.size for s in seg_factors), "prod", tuple(seg_factors))
             )
             copies_map[i] = mapping
             segs.append(seg)

@@ -94,7 +94,9 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
     alg = Algebra()
     sig = ep.graph_signature
     all_rules = dict(RULES)
-    all_rules.update(rules or {})
+    all_rules.update(
+        {k.replace("::", ".") if isinstance(k, str) else k: r for k, r in (rules or {}).items()}
+    )
 
     by_name: dict[str, Any] = {}
     for spec in sig.input_specs:
@@ -104,6 +106,7 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
 
     env: dict[Any, Any] = {}
     weights: dict[str, list[Var | None]] = {}
+    tied: dict[tuple[int, tuple[int, ...]], list[Var | None]] = {}
     ctx = Context(alg, env, module_of=_module_of, warn=[])
     for node in ep.graph.nodes:
         if node.op == "placeholder":
@@ -115,11 +118,20 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
             kind = spec.kind.name if spec is not None else "USER_INPUT"
             target = spec.target if spec is not None else None
             if kind == "PARAMETER" or (kind == "BUFFER" and target in state):
-                dims = [alg.leaf(n) for n in val.shape]
+                t = state.get(target)
+                key = (t.data_ptr(), tuple(t.shape)) if isinstance(t, Tensor) else None
+                # tied parameters may be lifted twice: both names share one set of axes
+                dims = tied.get(key) or [alg.leaf(n) for n in val.shape]
+                if key is not None:
+                    tied[key] = dims
                 weights[target] = dims
             elif kind in ("BUFFER", "CONSTANT_TENSOR"):
                 real = ep_state.get(target) if kind == "BUFFER" else consts.get(target)
-                dims = _uniform_dims(real, alg) if isinstance(real, Tensor) else [alg.fixed(n) for n in val.shape]
+                dims = (
+                    _uniform_dims(real, alg)
+                    if isinstance(real, Tensor)
+                    else [alg.fixed(n) for n in val.shape]
+                )
             else:
                 dims = [alg.fixed(n) for n in val.shape]
             env[node] = dims
@@ -160,7 +172,9 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
         weights={k: weights[k] for k in state if k in weights},
         shapes={k: tuple(t.shape) for k, t in state.items()},
         dtypes={k: t.dtype for k, t in state.items()},
-        kinds={k: "parameter" if isinstance(t, nn.Parameter) else "buffer" for k, t in state.items()},
+        kinds={
+            k: "parameter" if isinstance(t, nn.Parameter) else "buffer" for k, t in state.items()
+        },
         values=values,
         activations=ctx.activations,
         leaf_vars=ctx.leaf_vars,
@@ -228,20 +242,23 @@ def build_space(tr: Trace) -> WeightSpace:
         for i, (v, n) in enumerate(zip(dims, shape)):
             segs = _segments(alg, v, n, [])
             axes.append(segs)
-            leaves = [f for seg in segs for f in seg if isinstance(f, Var) and not f.fixed and f.size > 1]
+            leaves = [
+                f for seg in segs for f in seg if isinstance(f, Var) and not f.fixed and f.size > 1
+            ]
             for j, leaf in enumerate(leaves):
                 if leaf.id not in names:
-                    base = tname.removesuffix(".weight") if tname.endswith(".weight") else tname
-                    role = {0: "out", 1: "in"}.get(i, f"axis{i}") if tname.endswith(".weight") else f"axis{i}"
+                    base = tname.removesuffix(".weight")
                     suffix = f".{j}" if len(leaves) > 1 else ""
-                    names[leaf.id] = f"{base}.{role}{suffix}"
+                    names[leaf.id] = f"{base}:{i}{suffix}"
                     sizes[leaf.id] = leaf.size
         raw_axes[tname] = axes
 
     # which free leaves occur together in every traced value (for indexed groups)
     common: dict[int, set[int]] = {}
     for dims in tr.values:
-        present = {leaf.id for v in dims for leaf in alg.leaves(v) if not leaf.fixed and leaf.size > 1}
+        present = {
+            leaf.id for v in dims for leaf in alg.leaves(v) if not leaf.fixed and leaf.size > 1
+        }
         for lid in present:
             common[lid] = present.copy() if lid not in common else common[lid] & present
     within: dict[int, int] = {}
@@ -273,10 +290,14 @@ def build_space(tr: Trace) -> WeightSpace:
                     if h in ids[:j]:
                         continue
                     others = [
-                        a for a, other in enumerate(axes)
-                        if a != i and any(isinstance(f, Var) and f.id == h for s in other for f in s)
+                        a
+                        for a, other in enumerate(axes)
+                        if a != i
+                        and any(isinstance(f, Var) and f.id == h for s in other for f in s)
                     ]
-                    same_axis_elsewhere = any(isinstance(f, Var) and f.id == h for s in segs for f in s)
+                    same_axis_elsewhere = any(
+                        isinstance(f, Var) and f.id == h for s in segs for f in s
+                    )
                     if len(others) != 1 or same_axis_elsewhere:
                         within.pop(lid, None)
 
@@ -314,7 +335,11 @@ def build_space(tr: Trace) -> WeightSpace:
             spec_axes.append(Axis(tuple(segments)))
         tensors.append(
             TensorSpec(
-                tname, tr.shapes[tname], tuple(spec_axes), _role(tname, tr), tr.kinds[tname],
+                tname,
+                tr.shapes[tname],
+                tuple(spec_axes),
+                _role(tname, tr),
+                tr.kinds[tname],
                 _dtype_name(tr.dtypes[tname]),
             )
         )

@@ -167,28 +167,134 @@ def _norm_dim(d: int, n: int) -> int:
 # ------------------------------------------------------------------------ elementwise
 
 _ACTIVATION = {
-    "relu": "pos", "relu_": "pos", "leaky_relu": "pos", "leaky_relu_": "pos", "prelu": "pos",
-    "_prelu_kernel": "pos", "rrelu": "pos",
-    "tanh": "odd", "tanh_": "odd", "sin": "odd", "sin_": "odd", "sinh": "odd", "asinh": "odd",
-    "atan": "odd", "erf": "odd", "softsign": "odd",
+    "relu": "pos",
+    "relu_": "pos",
+    "leaky_relu": "pos",
+    "leaky_relu_": "pos",
+    "prelu": "pos",
+    "_prelu_kernel": "pos",
+    "rrelu": "pos",
+    "tanh": "odd",
+    "tanh_": "odd",
+    "sin": "odd",
+    "sin_": "odd",
+    "sinh": "odd",
+    "asinh": "odd",
+    "atan": "odd",
+    "erf": "odd",
+    "softsign": "odd",
 }
 _OTHER_UNARY = [
-    "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "hardtanh", "hardtanh_", "elu",
-    "elu_", "selu", "selu_", "celu", "softplus", "hardswish", "hardswish_", "hardsigmoid",
-    "hardsigmoid_", "mish", "exp", "exp_", "log", "log1p", "expm1", "cos", "cos_", "sqrt",
-    "rsqrt", "reciprocal", "abs", "square", "pow", "logit", "log_sigmoid_forward",
-    "special_erf", "sign", "floor", "ceil", "round", "trunc", "frac", "glu",
+    "gelu",
+    "gelu_",
+    "silu",
+    "silu_",
+    "sigmoid",
+    "sigmoid_",
+    "hardtanh",
+    "hardtanh_",
+    "elu",
+    "elu_",
+    "selu",
+    "selu_",
+    "celu",
+    "softplus",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "hardsigmoid_",
+    "mish",
+    "exp",
+    "exp_",
+    "log",
+    "log1p",
+    "expm1",
+    "cos",
+    "cos_",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "abs",
+    "square",
+    "pow",
+    "logit",
+    "log_sigmoid_forward",
+    "special_erf",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "trunc",
+    "frac",
+    "glu",
 ]
 _LINEAR_ELEMENTWISE = [
-    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "neg_",
-    "clone", "contiguous", "detach", "detach_", "alias", "lift_fresh_copy", "_to_copy", "to",
-    "type_as", "dropout", "dropout_", "native_dropout", "feature_dropout", "alpha_dropout",
-    "clamp", "clamp_", "clamp_min", "clamp_max", "where", "masked_fill", "masked_fill_",
-    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
-    "logical_xor", "__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "bitwise_not",
-    "maximum", "minimum", "fmax", "fmin", "lerp", "addcmul", "addcdiv", "isnan", "isinf",
-    "nan_to_num", "copy", "copy_", "fill", "remainder", "fmod", "floor_divide",
-    "true_divide", "_assert_tensor_metadata",
+    "add",
+    "add_",
+    "sub",
+    "sub_",
+    "rsub",
+    "mul",
+    "mul_",
+    "div",
+    "div_",
+    "neg",
+    "neg_",
+    "clone",
+    "contiguous",
+    "detach",
+    "detach_",
+    "alias",
+    "lift_fresh_copy",
+    "_to_copy",
+    "to",
+    "type_as",
+    "dropout",
+    "dropout_",
+    "native_dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clamp_max",
+    "where",
+    "masked_fill",
+    "masked_fill_",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "logical_and",
+    "logical_or",
+    "logical_not",
+    "logical_xor",
+    "__and__",
+    "__or__",
+    "__xor__",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_not",
+    "maximum",
+    "minimum",
+    "fmax",
+    "fmin",
+    "lerp",
+    "addcmul",
+    "addcdiv",
+    "isnan",
+    "isinf",
+    "nan_to_num",
+    "copy",
+    "copy_",
+    "fill",
+    "remainder",
+    "fmod",
+    "floor_divide",
+    "true_divide",
+    "_assert_tensor_metadata",
 ]
 
 
@@ -213,19 +319,46 @@ for _n in _LINEAR_ELEMENTWISE:
 RULES["aten.native_dropout"] = _elementwise_rule(None)
 
 
-@register_rule("aten.zeros_like", "aten.ones_like", "aten.full_like", "aten.empty_like",
-               "aten.zeros", "aten.ones", "aten.full", "aten.empty", "aten.new_zeros",
-               "aten.new_ones", "aten.new_full", "aten.new_empty", "aten.scalar_tensor",
-               "aten.empty_strided", "aten.empty_permuted")
+@register_rule(
+    "aten.zeros_like",
+    "aten.ones_like",
+    "aten.full_like",
+    "aten.empty_like",
+    "aten.zeros",
+    "aten.ones",
+    "aten.full",
+    "aten.empty",
+    "aten.new_zeros",
+    "aten.new_ones",
+    "aten.new_full",
+    "aten.new_empty",
+    "aten.scalar_tensor",
+    "aten.empty_strided",
+    "aten.empty_permuted",
+)
 def _uniform(ctx: Context, node: fx.Node) -> Any:
     # constant along every axis: imposes nothing
     return [None] * len(ctx.out_shape(node))
 
 
-@register_rule("aten.arange", "aten.linspace", "aten.rand", "aten.randn", "aten.randint",
-               "aten.rand_like", "aten.randn_like", "aten.bernoulli", "aten.eye",
-               "aten.triu", "aten.tril", "aten.cumsum", "aten.cumprod", "aten.diff",
-               "aten.flip", "aten.roll")
+@register_rule(
+    "aten.arange",
+    "aten.linspace",
+    "aten.rand",
+    "aten.randn",
+    "aten.randint",
+    "aten.rand_like",
+    "aten.randn_like",
+    "aten.bernoulli",
+    "aten.eye",
+    "aten.triu",
+    "aten.tril",
+    "aten.cumsum",
+    "aten.cumprod",
+    "aten.diff",
+    "aten.flip",
+    "aten.roll",
+)
 def _positional(ctx: Context, node: fx.Node) -> Any:
     """Ops whose values depend on positions along their axes: fix those axes."""
     name = op_name(node.target)
@@ -239,7 +372,11 @@ def _positional(ctx: Context, node: fx.Node) -> Any:
     elif name in ("aten.cumsum", "aten.cumprod", "aten.diff"):
         axes = [_norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1), n)]
     elif name in ("aten.flip", "aten.roll"):
-        dims = node.args[-1] if name == "aten.flip" else (node.args[2] if len(node.args) > 2 else list(range(n)))
+        dims = (
+            node.args[-1]
+            if name == "aten.flip"
+            else (node.args[2] if len(node.args) > 2 else list(range(n)))
+        )
         axes = [_norm_dim(a, n) for a in (dims if isinstance(dims, list | tuple) else [dims])]
     else:
         axes = list(range(n))
@@ -397,9 +534,14 @@ def _embedding(ctx: Context, node: fx.Node) -> Any:
 # ------------------------------------------------------------------------ normalization
 
 
-@register_rule("aten.batch_norm", "aten._native_batch_norm_legit_no_training",
-               "aten._native_batch_norm_legit", "aten.native_batch_norm",
-               "aten._native_batch_norm_legit_functional", "aten.instance_norm")
+@register_rule(
+    "aten.batch_norm",
+    "aten._native_batch_norm_legit_no_training",
+    "aten._native_batch_norm_legit",
+    "aten.native_batch_norm",
+    "aten._native_batch_norm_legit_functional",
+    "aten.instance_norm",
+)
 def _batch_norm(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     dx = list(ctx.dims(x))
@@ -412,7 +554,9 @@ def _batch_norm(ctx: Context, node: fx.Node) -> Any:
     out = dx
     val = node.meta.get("val")
     if isinstance(val, list | tuple):
-        return [out] + [[c] if isinstance(v, torch.Tensor) and v.dim() == 1 else None for v in val[1:]]
+        return [out] + [
+            [c] if isinstance(v, torch.Tensor) and v.dim() == 1 else None for v in val[1:]
+        ]
     return out
 
 
@@ -439,7 +583,11 @@ def _group_norm(ctx: Context, node: fx.Node) -> Any:
     dx = list(ctx.dims(x))
     sx = ctx.shape(x)
     if op_name(node.target) == "aten.group_norm":
-        groups, w, b = node.args[1], node.args[2] if len(node.args) > 2 else None, node.args[3] if len(node.args) > 3 else None
+        groups, w, b = (
+            node.args[1],
+            node.args[2] if len(node.args) > 2 else None,
+            node.args[3] if len(node.args) > 3 else None,
+        )
     else:
         w, b, groups = node.args[1], node.args[2], node.args[6]
     try:
@@ -456,8 +604,9 @@ def _group_norm(ctx: Context, node: fx.Node) -> Any:
     return dx
 
 
-@register_rule("aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax",
-               "aten._safe_softmax")
+@register_rule(
+    "aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax", "aten._safe_softmax"
+)
 def _softmax(ctx: Context, node: fx.Node) -> Any:
     dx = list(ctx.dims(node.args[0]))
     ctx.mark([dx[_norm_dim(node.args[1], len(dx))]], "other")
@@ -467,9 +616,23 @@ def _softmax(ctx: Context, node: fx.Node) -> Any:
 # ------------------------------------------------------------------------ reductions
 
 
-@register_rule("aten.sum", "aten.mean", "aten.amax", "aten.amin", "aten.var", "aten.std",
-               "aten.var_mean", "aten.logsumexp", "aten.prod", "aten.all", "aten.any",
-               "aten.linalg_vector_norm", "aten.norm", "aten.nansum", "aten.count_nonzero")
+@register_rule(
+    "aten.sum",
+    "aten.mean",
+    "aten.amax",
+    "aten.amin",
+    "aten.var",
+    "aten.std",
+    "aten.var_mean",
+    "aten.logsumexp",
+    "aten.prod",
+    "aten.all",
+    "aten.any",
+    "aten.linalg_vector_norm",
+    "aten.norm",
+    "aten.nansum",
+    "aten.count_nonzero",
+)
 def _reduce(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     dx = list(ctx.dims(x) or [])
@@ -484,7 +647,11 @@ def _reduce(ctx: Context, node: fx.Node) -> Any:
         keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
     else:
         dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
+        keep = (
+            node.args[2]
+            if len(node.args) > 2 and isinstance(node.args[2], bool)
+            else node.kwargs.get("keepdim", False)
+        )
         if name in ("aten.var", "aten.std", "aten.var_mean"):
             keep = node.kwargs.get("keepdim", keep)
     if isinstance(dim_arg, int):
@@ -493,7 +660,11 @@ def _reduce(ctx: Context, node: fx.Node) -> Any:
         dims = set(range(n))
     else:
         dims = {_norm_dim(d, n) for d in dim_arg}
-    out = [None if i in dims else v for i, v in enumerate(dx)] if keep else [v for i, v in enumerate(dx) if i not in dims]
+    out = (
+        [None if i in dims else v for i, v in enumerate(dx)]
+        if keep
+        else [v for i, v in enumerate(dx) if i not in dims]
+    )
     if name == "aten.var_mean":
         return [out, out]
     if len(out) != len(ctx.out_shape(node)):
@@ -501,8 +672,18 @@ def _reduce(ctx: Context, node: fx.Node) -> Any:
     return out
 
 
-@register_rule("aten.max", "aten.min", "aten.argmax", "aten.argmin", "aten.sort", "aten.topk",
-               "aten.argsort", "aten.kthvalue", "aten.median", "aten.mode")
+@register_rule(
+    "aten.max",
+    "aten.min",
+    "aten.argmax",
+    "aten.argmin",
+    "aten.sort",
+    "aten.topk",
+    "aten.argsort",
+    "aten.kthvalue",
+    "aten.median",
+    "aten.mode",
+)
 def _arg_reduce(ctx: Context, node: fx.Node) -> Any:
     """Ops returning indices along an axis: that axis becomes fixed."""
     x = node.args[0]
@@ -533,8 +714,16 @@ def _arg_reduce(ctx: Context, node: fx.Node) -> Any:
 # ------------------------------------------------------------------------ shape ops
 
 
-@register_rule("aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten",
-               "aten.unflatten", "aten.view_as", "aten.reshape_as", "aten._reshape_alias")
+@register_rule(
+    "aten.view",
+    "aten.reshape",
+    "aten._unsafe_view",
+    "aten.flatten",
+    "aten.unflatten",
+    "aten.view_as",
+    "aten.reshape_as",
+    "aten._reshape_alias",
+)
 def _reshape(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     dx, sx = list(ctx.dims(x)), ctx.shape(x)
@@ -725,7 +914,9 @@ def _split_outputs(ctx: Context, node: fx.Node, dim: int, sizes: list[int]) -> A
     return outs
 
 
-@register_rule("aten.split", "aten.split_with_sizes", "aten.split_copy", "aten.split_with_sizes_copy")
+@register_rule(
+    "aten.split", "aten.split_with_sizes", "aten.split_copy", "aten.split_with_sizes_copy"
+)
 def _split(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     sx = ctx.shape(x)
@@ -871,8 +1062,13 @@ def _index_select(ctx: Context, node: fx.Node) -> Any:
     return dx
 
 
-@register_rule("aten.constant_pad_nd", "aten.pad", "aten.reflection_pad1d",
-               "aten.reflection_pad2d", "aten.replication_pad2d")
+@register_rule(
+    "aten.constant_pad_nd",
+    "aten.pad",
+    "aten.reflection_pad1d",
+    "aten.reflection_pad2d",
+    "aten.replication_pad2d",
+)
 def _pad(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     dx = list(ctx.dims(x))
@@ -886,12 +1082,27 @@ def _pad(ctx: Context, node: fx.Node) -> Any:
     return dx
 
 
-@register_rule("aten.adaptive_avg_pool1d", "aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool3d",
-               "aten.avg_pool1d", "aten.avg_pool2d", "aten.avg_pool3d", "aten.max_pool1d",
-               "aten.max_pool2d", "aten.max_pool3d", "aten.max_pool2d_with_indices",
-               "aten.adaptive_max_pool2d", "aten.upsample_nearest2d", "aten.upsample_bilinear2d",
-               "aten.upsample_nearest1d", "aten.upsample_linear1d", "aten.upsample_bicubic2d",
-               "aten.pixel_shuffle", "aten.pixel_unshuffle", "aten._adaptive_avg_pool2d")
+@register_rule(
+    "aten.adaptive_avg_pool1d",
+    "aten.adaptive_avg_pool2d",
+    "aten.adaptive_avg_pool3d",
+    "aten.avg_pool1d",
+    "aten.avg_pool2d",
+    "aten.avg_pool3d",
+    "aten.max_pool1d",
+    "aten.max_pool2d",
+    "aten.max_pool3d",
+    "aten.max_pool2d_with_indices",
+    "aten.adaptive_max_pool2d",
+    "aten.upsample_nearest2d",
+    "aten.upsample_bilinear2d",
+    "aten.upsample_nearest1d",
+    "aten.upsample_linear1d",
+    "aten.upsample_bicubic2d",
+    "aten.pixel_shuffle",
+    "aten.pixel_unshuffle",
+    "aten._adaptive_avg_pool2d",
+)
 def _spatial(ctx: Context, node: fx.Node) -> Any:
     """Pooling/resampling over the trailing spatial axes; batch and channels pass through."""
     x = node.args[0]
@@ -899,7 +1110,9 @@ def _spatial(ctx: Context, node: fx.Node) -> Any:
     name = op_name(node.target)
     val = node.meta.get("val")
     shp = tuple(val[0].shape) if isinstance(val, list | tuple) else ctx.out_shape(node)
-    spatial = {"1": 1, "2": 2, "3": 3}.get(re.sub(r"\D", "", name)[-1:] if re.search(r"\d", name) else "", 2)
+    spatial = {"1": 1, "2": 2, "3": 3}.get(
+        re.sub(r"\D", "", name)[-1:] if re.search(r"\d", name) else "", 2
+    )
     if name in ("aten.pixel_shuffle", "aten.pixel_unshuffle"):
         ctx.fix_inputs(node)
         return ctx.fixed_like(node)
@@ -912,7 +1125,9 @@ def _spatial(ctx: Context, node: fx.Node) -> Any:
     return out
 
 
-@register_rule("aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu")
+@register_rule(
+    "aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu"
+)
 def _sdpa(ctx: Context, node: fx.Node) -> Any:
     q, k, v = node.args[:3]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
@@ -985,7 +1200,11 @@ def _recurrent(gates: int) -> Rule:
                     alg.unify(ctx.dims(h0)[-1], hidden[0][0], where)
                 else:
                     src = ctx.env.get(("stacked", h0))
-                    if src is not None and len(src) == num_layers * dirs and len(ctx.dims(h0)) in (2, 3):
+                    if (
+                        src is not None
+                        and len(src) == num_layers * dirs
+                        and len(ctx.dims(h0)) in (2, 3)
+                    ):
                         for a, b in zip(src, [h for hs in hidden for h in hs]):
                             alg.unify(a, b, where)
                     else:
@@ -994,7 +1213,7 @@ def _recurrent(gates: int) -> Rule:
                                 alg.fix(h)
         seq_out = dx[:-1] + [in_var]
         layers = [h for hs in hidden for h in hs]
-        batch = ([dx[0] if batch_first else dx[1]] if len(dx) == 3 else [])
+        batch = [dx[0] if batch_first else dx[1]] if len(dx) == 3 else []
         finals = []
         for i in range(len(node.meta["val"]) - 1):
             # (layers, batch, hidden): one hidden variable per layer along axis 0
@@ -1025,7 +1244,8 @@ def _getitem(ctx: Context, node: fx.Node) -> Any:
             (
                 op_name(u.target) in ("aten.lstm", "aten.gru", "aten.rnn_tanh", "aten.rnn_relu")
                 and u.args[0] is not node
-                and node in (list(u.args[1]) if isinstance(u.args[1], list | tuple) else [u.args[1]])
+                and node
+                in (list(u.args[1]) if isinstance(u.args[1], list | tuple) else [u.args[1]])
             )
             or (op_name(u.target) == "aten.select" and u.args[1] == 0)
             for u in node.users
@@ -1040,8 +1260,15 @@ def _getitem(ctx: Context, node: fx.Node) -> Any:
     return None
 
 
-@register_rule("aten.sym_size", "aten.sym_numel", "aten.sym_stride", "aten._assert_async",
-               "aten._assert_scalar", "aten.sym_constrain_range_for_size",
-               "aten._local_scalar_dense", "aten.item")
+@register_rule(
+    "aten.sym_size",
+    "aten.sym_numel",
+    "aten.sym_stride",
+    "aten._assert_async",
+    "aten._assert_scalar",
+    "aten.sym_constrain_range_for_size",
+    "aten._local_scalar_dense",
+    "aten.item",
+)
 def _no_tensor(ctx: Context, node: fx.Node) -> Any:
     return None

@@ -53,6 +53,8 @@ def test_ci_runs_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- install -->" in ci and "<!-- test -->" in ci
     for marker in ("install", "test"):
-        block = re.search(rf"<!-- {marker} -->\n```bash\n(.*?)\n```\n<!-- /{marker} -->", README, flags=re.S)
+        block = re.search(
+            rf"<!-- {marker} -->\n```bash\n(.*?)\n```\n<!-- /{marker} -->", README, flags=re.S
+        )
         assert block, f"README lacks the {marker} command"
         assert len(block.group(1).strip().splitlines()) == 1
