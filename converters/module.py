@@ -262,7 +262,7 @@ def build_space(tr: Trace) -> WeightSpace:
         for lid in present:
             common[lid] = present.copy() if lid not in common else common[lid] & present
     within: dict[int, int] = {}
-    for tname, axes in raw_axes.items():
+    for axes in raw_axes.values():
         for segs in axes:
             for seg in segs:
                 ids = [f.id if isinstance(f, Var) else None for f in seg]
@@ -279,7 +279,7 @@ def build_space(tr: Trace) -> WeightSpace:
     for lid in list(within):
         if within[lid] in within:
             del within[lid]
-    for tname, axes in raw_axes.items():
+    for axes in raw_axes.values():
         for i, segs in enumerate(axes):
             for seg in segs:
                 ids = [f.id if isinstance(f, Var) else None for f in seg]
