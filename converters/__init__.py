@@ -1,6 +1,7 @@
 """Checkpoint -> :class:`metanet.WeightSpace`."""
 
 from converters.module import ConverterWarning, from_module
+from converters.pretrained import from_pretrained, hf_model, load_pretrained
 from converters.rules import register_rule
 from converters.state_dict import FAMILIES, activation_action, from_state_dict
 
@@ -9,6 +10,9 @@ __all__ = [
     "ConverterWarning",
     "activation_action",
     "from_module",
+    "from_pretrained",
+    "hf_model",
+    "load_pretrained",
     "from_state_dict",
     "register_rule",
 ]

@@ -22,14 +22,15 @@ from metanet.space import WeightSpaceError
 __all__ = ["main"]
 
 
-def _space_and_weights(path: str, family: str | None, activation: str | None):
-    """``(weights, space)`` of a metanet checkpoint, or of a plain one with ``--family``."""
+def _space_and_weights(path: str, family: str | None, activation: str | None, input_shape=None):
+    """``(weights, space)`` of a checkpoint, an HF folder, or a ``module:factory``."""
     p = Path(path)
+    if not p.exists() and ":" in path and family is None:
+        return _from_factory(path, input_shape)
     if p.is_dir():
-        raise CheckpointError(
-            f"{p}: is a folder; Hugging Face folders are read by converters.from_pretrained, "
-            "which is not available yet"
-        )
+        from converters import load_pretrained
+
+        return load_pretrained(p)
     if family is None:
         if p.suffix == ".safetensors":
             from safetensors import safe_open
@@ -50,8 +51,32 @@ def _space_and_weights(path: str, family: str | None, activation: str | None):
     return sd, from_state_dict(sd, family, activation=activation)
 
 
+def _from_factory(spec: str, input_shape: str | None):
+    """``package.module:factory``: a callable returning a model, or (model, inputs)."""
+    import importlib
+
+    from converters import from_module
+
+    mod_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"{spec}: cannot import the factory ({e})") from None
+    made = factory()
+    model, inputs = made if isinstance(made, tuple) else (made, None)
+    if inputs is None:
+        if not input_shape:
+            raise CheckpointError(
+                f"{spec}: the factory returned only a model; pass --input-shape (e.g. 1,3,32,32) "
+                "or return (model, example_inputs)"
+            )
+        inputs = (torch.randn(*[int(n) for n in input_shape.split(",")]),)
+    space = from_module(model, inputs)
+    return {k: v.detach() for k, v in model.state_dict().items()}, space
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    weights, space = _space_and_weights(args.path, args.family, args.activation)
+    weights, space = _space_and_weights(args.path, args.family, args.activation, args.input_shape)
     if args.json:
         print(space.to_json(indent=2))
         return 0
@@ -65,7 +90,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    weights, space = _space_and_weights(args.path, args.family, args.activation)
+    weights, space = _space_and_weights(args.path, args.family, args.activation, args.input_shape)
     start = time.perf_counter()
     graph = to_graph(space, weights)
     elapsed = time.perf_counter() - start
@@ -116,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--family", choices=["mlp", "siren", "cnn"], help="describe a plain state dict"
         )
         p.add_argument("--activation", help="hidden activation of --family (default relu / sin)")
+        p.add_argument("--input-shape", help="example input shape for a module:factory (randn)")
 
     p = sub.add_parser("inspect", help="print the WeightSpace summary of a checkpoint")
     source(p)
