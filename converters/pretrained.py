@@ -32,8 +32,7 @@ def hf_model(folder: str | os.PathLike) -> tuple[nn.Module, tuple]:
         import transformers
     except ImportError:
         raise CheckpointError(
-            f"{folder}: reading Hugging Face folders needs transformers "
-            "(pip install 'metanet[hf]')"
+            f"{folder}: reading Hugging Face folders needs transformers (pip install 'metanet[hf]')"
         ) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -44,7 +43,10 @@ def hf_model(folder: str | os.PathLike) -> tuple[nn.Module, tuple]:
     if cls is None:
         cls = transformers.AutoModel
     model = cls.from_pretrained(
-        str(folder), config=config, local_files_only=True, use_safetensors=True,
+        str(folder),
+        config=config,
+        local_files_only=True,
+        use_safetensors=True,
         attn_implementation="eager",
     )
     model.eval()

@@ -34,12 +34,8 @@ def converted(entry):
 def test_five_elements_preserve_outputs(entry):
     model, inputs, space = converted(entry)
     assert space.groups
-    if entry.atol > 1e-8:
-        # HF Llama computes RMSNorm and softmax in float32 even in a float64 model
-        err = assert_function_preserved(model, space, inputs, n=5, atol=entry.atol, dtype=None)
-    else:
-        err = assert_function_preserved(model, space, inputs, n=5, rtol=1e-9, dtype=None)
-    assert err < max(1e-9, entry.atol)
+    err = assert_function_preserved(model, space, inputs, n=5, rtol=1e-9, dtype=None)
+    assert err < 1e-9
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=IDS)
