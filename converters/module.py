@@ -29,6 +29,7 @@ from metanet.space import (
     Axis,
     Factor,
     Group,
+    NeuronSet,
     TensorSpec,
     WeightSpace,
     _dtype_name,
@@ -54,6 +55,8 @@ class Trace:
     activations: dict[int, set[str]]
     leaf_vars: list[Var]
     notes: list[str] = field(default_factory=list)
+    events: list[tuple] = field(default_factory=list)
+    param_of: dict = field(default_factory=dict)
 
 
 def _flatten_dims(d: Any) -> list[list[Var | None]]:
@@ -107,6 +110,7 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
     env: dict[Any, Any] = {}
     weights: dict[str, list[Var | None]] = {}
     tied: dict[tuple[int, tuple[int, ...]], list[Var | None]] = {}
+    param_of: dict[Any, str] = {}
     ctx = Context(alg, env, module_of=_module_of, warn=[])
     for node in ep.graph.nodes:
         if node.op == "placeholder":
@@ -125,6 +129,8 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
                 if key is not None:
                     tied[key] = dims
                 weights[target] = dims
+                param_of[node] = target
+                ctx.params.add(node)
             elif kind in ("BUFFER", "CONSTANT_TENSOR"):
                 real = ep_state.get(target) if kind == "BUFFER" else consts.get(target)
                 dims = (
@@ -179,6 +185,8 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
         activations=ctx.activations,
         leaf_vars=ctx.leaf_vars,
         notes=notes,
+        events=ctx.events,
+        param_of=param_of,
     )
 
 
@@ -224,6 +232,121 @@ def _segments(alg: Algebra, v: Var | None, size: int, notes: list[str]) -> list[
         else:
             segs = [s + [f] for s in segs]
     return segs
+
+
+@dataclass
+class _Set:
+    var: Var
+    node: Any
+    kind: str
+    layer: int
+    name: str
+
+
+def _neuron_sets(tr: Trace):
+    """Neuron sets (activation points) and which tensor connects or sits on which.
+
+    Every weight used as a linear map creates the set of its outputs; its input set is
+    the nearest set upstream with the same channel variable (found by walking the graph
+    back from its input); adds of two activations from different sets create a residual
+    set joined to both by identities; norm parameters and biases sit on their set.
+    """
+    sets: list[_Set] = []
+    at_node: dict[Any, list[int]] = defaultdict(list)
+    loose: dict[int, int] = {}  # var root -> set made for a channel with no producer
+    edges: dict[str, tuple[int, int, int, int | None]] = {}
+    on: dict[str, int] = {}
+    identities: list[tuple[int, int]] = []
+
+    def new_set(var, node, kind, layer, name) -> int:
+        sets.append(_Set(var, node, kind, layer, name))
+        if node is not None:
+            at_node[node].append(len(sets) - 1)
+        return len(sets) - 1
+
+    def upstream(start: Any, var: Var, limit: int = 400) -> int | None:
+        root = find(var)
+        queue, seen = ([start] if start is not None else []), set()
+        while queue and len(seen) < limit:
+            n = queue.pop(0)
+            if n in seen:
+                continue
+            seen.add(n)
+            for sid in reversed(at_node.get(n, [])):
+                if find(sets[sid].var) is root:
+                    return sid
+            queue += list(getattr(n, "all_input_nodes", []))
+        return None
+
+    def own(node: Any, var: Var) -> int | None:
+        root = find(var)
+        return next((i for i in reversed(at_node.get(node, [])) if find(sets[i].var) is root), None)
+
+    def source(x: Any, node: Any, var: Var | None) -> int | None:
+        if var is None:  # a single input channel: its own one-neuron set
+            key = -id(x)
+            if key not in loose:
+                loose[key] = new_set(Var(1, fixed=True), None, "input", 0, "input")
+            return loose[key]
+        sid = own(node, var) if x is node else upstream(x, var)
+        if sid is None:
+            root = find(var)
+            if root.id not in loose:
+                fixed = not tr.algebra.is_free(var)
+                loose[root.id] = new_set(var, None, "input" if fixed else "hidden", 0, "input")
+            sid = loose[root.id]
+        return sid
+
+    for ev in tr.events:
+        kind, node = ev[0], ev[1]
+        if kind == "set":
+            if ev[2] is not None:
+                new_set(ev[2], node, "hidden", 1, node.name)
+        elif kind == "edge":
+            _, _, x, w, out_axis, in_axis, in_var, out_var = ev
+            name = tr.param_of.get(w)
+            if name is None:
+                continue
+            if out_var is None:  # a single output unit
+                out_var = Var(1, fixed=True)
+            src = source(x, node, in_var) if in_axis is not None else None
+            dst = own(node, out_var)
+            if dst is None:
+                layer = sets[src].layer + 1 if src is not None else 1
+                free = tr.algebra.is_free(out_var)
+                dst = new_set(
+                    out_var,
+                    node,
+                    "hidden" if free else "output",
+                    layer,
+                    name.removesuffix(".weight"),
+                )
+            if name not in edges:
+                edges[name] = (dst, out_axis, src if src is not None else -1, in_axis)
+        elif kind == "node":
+            _, _, x, t, var, role = ev
+            name = tr.param_of.get(t)
+            if name is None or (var is None and x is not None):
+                continue
+            if var is None:  # the bias of a single output unit
+                sid = at_node[node][-1] if at_node.get(node) else None
+            else:
+                sid = own(node, var) if x is None else upstream(x, var)
+            if sid is not None and name not in on:
+                on[name] = (sid, role)
+        elif kind == "merge":
+            _, _, ins, out = ev
+            for var in reversed(out):
+                if var is None:
+                    continue
+                found = [upstream(i, var) for i in ins]
+                if any(f is None for f in found) or found[0] == found[1]:
+                    continue
+                layer = max(sets[f].layer for f in found)
+                dst = new_set(var, node, "residual", layer, node.name)
+                identities += [(f, dst) for f in found]
+                break
+    return sets, edges, on, identities
 
 
 def build_space(tr: Trace) -> WeightSpace:
@@ -319,31 +442,69 @@ def build_space(tr: Trace) -> WeightSpace:
         outer = names[within[lid]] if lid in within else None
         groups.append(Group(gname, sizes[lid], within=outer, action=action))
 
+    def to_axis(segs: list[list[Var | int]]) -> Axis:
+        segments = []
+        for seg in segs:
+            factors = [
+                Factor(None, f) if isinstance(f, int) else Factor(names.get(f.id), f.size)
+                for f in seg
+            ]
+            segments.append(tuple(_merge_fixed(factors)))
+        return Axis(tuple(segments))
+
+    sets, edges, on, identities = _neuron_sets(tr)
+    set_axes = [to_axis(_segments(alg, st.var, st.var.size, [])) for st in sets]
+    set_names: list[str] = []
+    taken: dict[str, int] = {}
+    for st in sets:
+        base = st.name
+        taken[base] = taken.get(base, 0) + 1
+        set_names.append(base if taken[base] == 1 else f"{base}#{taken[base] - 1}")
+    used: set[int] = set()
+    roles: dict[str, str] = {}
+
     tensors = []
     for tname, axes in raw_axes.items():
-        spec_axes = []
-        for segs in axes:
-            segments = []
-            for seg in segs:
-                factors = []
-                for f in seg:
-                    if isinstance(f, int):
-                        factors.append(Factor(None, f))
-                    else:
-                        factors.append(Factor(names.get(f.id), f.size))
-                segments.append(tuple(_merge_fixed(factors)))
-            spec_axes.append(Axis(tuple(segments)))
+        spec_axes = tuple(to_axis(segs) for segs in axes)
+        links: dict[str, Any] = {}
+        if tname in edges:
+            dst, out_axis, src, in_axis = edges[tname]
+            if spec_axes[out_axis] == set_axes[dst]:
+                links.update(out_set=set_names[dst], out_axis=out_axis)
+                used.add(dst)
+                if src >= 0 and in_axis is not None and spec_axes[in_axis] == set_axes[src]:
+                    links.update(in_set=set_names[src], in_axis=in_axis)
+                    used.add(src)
+        elif tname in on:
+            sid, role = on[tname]
+            match = [i for i, a in enumerate(spec_axes) if a == set_axes[sid]]
+            if len(match) == 1:
+                links.update(out_set=set_names[sid], out_axis=match[0])
+                roles[tname] = role
+                used.add(sid)
         tensors.append(
             TensorSpec(
                 tname,
                 tr.shapes[tname],
-                tuple(spec_axes),
-                _role(tname, tr),
+                spec_axes,
+                roles.get(tname) or _role(tname, tr),
                 tr.kinds[tname],
                 _dtype_name(tr.dtypes[tname]),
+                **links,
             )
         )
-    return WeightSpace.build(groups, tensors, notes=list(dict.fromkeys(notes)))
+    ident = [(a, b) for a, b in identities if set_axes[a] == set_axes[b]]
+    used |= {i for pair in ident for i in pair}
+    neuron_sets = [
+        NeuronSet(set_names[i], set_axes[i], sets[i].kind, sets[i].layer) for i in sorted(used)
+    ]
+    return WeightSpace.build(
+        groups,
+        tensors,
+        neuron_sets,
+        identities=[(set_names[a], set_names[b]) for a, b in ident],
+        notes=list(dict.fromkeys(notes)),
+    )
 
 
 def _merge_fixed(factors: list[Factor]) -> list[Factor]:

@@ -60,6 +60,22 @@ class Context:
     activations: dict[int, set[str]] = field(default_factory=dict)
     leaf_vars: list[Var] = field(default_factory=list)
     stacked: dict = field(default_factory=dict)
+    # graph events for neuron sets: ("edge", node, x, w, out_axis, in_axis, in_var,
+    # out_var), ("node", node, x, tensor, var), ("bias", node, tensor, var),
+    # ("merge", node, var)
+    events: list[tuple] = field(default_factory=list)
+    params: set = field(default_factory=set)  # placeholder nodes of state-dict tensors
+
+    def edge(self, node, x, w, out_axis, in_axis, in_var, out_var) -> None:
+        """Record that weight ``w`` maps the neurons of ``x`` (``in_var``) to the
+        neurons of ``node``'s output (``out_var``)."""
+        self.events.append(("edge", node, x, w, out_axis, in_axis, in_var, out_var))
+
+    def on_set(self, node, x, tensor, var, role: str) -> None:
+        """Record that ``tensor`` (a ``role``: bias, norm_weight, ...) sits on the neurons
+        of ``x`` (``None``: of ``node``'s own output) with variable ``var``."""
+        if isinstance(tensor, fx.Node):
+            self.events.append(("node", node, x, tensor, var, role))
 
     # ---------------------------------------------------------------- helpers
     def dims(self, arg: Any) -> Any:
@@ -302,10 +318,31 @@ def _elementwise_rule(kind: str | None) -> Rule:
     def rule(ctx: Context, node: fx.Node) -> Any:
         if ctx.shape(node) is None:
             return None
-        if op_name(node.target) in ("aten.native_dropout",):
+        name = op_name(node.target)
+        if name == "aten.native_dropout":
             out = ctx.elementwise(node)
             return [out, out]
-        return ctx.elementwise(node, kind)
+        out = ctx.elementwise(node, kind)
+        if name in ("aten.add", "aten.add_", "aten.sub", "aten.sub_", "aten.mul", "aten.mul_"):
+            ins = [a for a in node.args[:2] if isinstance(a, fx.Node) and ctx.shape(a)]
+            params = [a for a in ins if a in ctx.params]
+            if len(ins) == 2 and len(params) == 1:
+                # a learned vector/table added to or scaling an activation sits on its set
+                other = ins[0] if ins[1] is params[0] else ins[1]
+                role = "norm_weight" if name.startswith("aten.mul") else "bias"
+                for v in reversed(ctx.dims(params[0]) or []):
+                    if v is not None:
+                        ctx.on_set(
+                            node,
+                            other,
+                            params[0],
+                            v,
+                            role if len(ctx.shape(params[0])) == 1 else "other",
+                        )
+                        break
+            elif len(ins) == 2 and not params and out and not name.startswith("aten.mul"):
+                ctx.events.append(("merge", node, ins, out))
+        return out
 
     return rule
 
@@ -402,8 +439,10 @@ def _linear(ctx: Context, node: fx.Node) -> Any:
         ctx.alg.unify(dx[-1], dw[0], where)
         return list(dx[:-1])
     ctx.alg.unify(dx[-1], dw[1], where)
+    ctx.edge(node, x, w, 0, 1, dw[1], dw[0])
     if isinstance(b, fx.Node):
         ctx.alg.unify(ctx.dims(b)[0], dw[0], where)
+        ctx.on_set(node, None, b, dw[0], "bias")
     return list(dx[:-1]) + [dw[0]]
 
 
@@ -414,6 +453,10 @@ def _addmm(ctx: Context, node: fx.Node) -> Any:
     db = ctx.dims(bias)
     if db:
         ctx.alg.unify(db[-1], out[-1])
+    if len(ctx.dims(b)) == 2:  # x @ W + bias with W stored (in, out), e.g. HF Conv1D
+        ctx.edge(node, a, b, 1, 0, ctx.dims(b)[0], ctx.dims(b)[1])
+        if len(db) == 1:
+            ctx.on_set(node, None, bias, out[-1], "bias")
     return out
 
 
@@ -500,8 +543,13 @@ def _conv(ctx: Context, node: fx.Node, transposed: bool, groups: int) -> Any:
             ctx.alg.fix(dw[1])
             ctx.alg.conflicts.append(f"grouped convolution {where}: channel structure conflict")
             out_c = dw[out_w]
+    if groups == 1:
+        ctx.edge(node, x, w, out_w, in_w, dw[in_w], out_c)
+    else:  # block-diagonal: the kernel's input axis holds one group's channels only
+        ctx.edge(node, x, w, out_w, None, None, out_c)
     if isinstance(b, fx.Node):
         ctx.alg.unify(ctx.dims(b)[0], out_c, where)
+        ctx.on_set(node, None, b, out_c, "bias")
     spatial = [ctx.alg.fixed(n) for n in out_shape[cin_axis + 1 :]]
     return ([dx[0]] if batched else []) + [out_c] + spatial
 
@@ -528,6 +576,7 @@ def _embedding(ctx: Context, node: fx.Node) -> Any:
     w, idx = node.args[0], node.args[1]
     dw = ctx.dims(w)
     ctx.alg.fix(dw[0])  # rows are addressed by token id
+    ctx.edge(node, None, w, 1, 0, dw[0], dw[1])
     return list(ctx.dims(idx)) + [dw[1]]
 
 
@@ -546,9 +595,11 @@ def _batch_norm(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     dx = list(ctx.dims(x))
     c = dx[1] if len(dx) > 1 else dx[0]
-    for a in node.args[1:5]:
+    roles = ("norm_weight", "norm_bias", "running_mean", "running_var")
+    for a, role in zip(node.args[1:5], roles):
         if isinstance(a, fx.Node):
             c = ctx.alg.unify(c, ctx.dims(a)[0], f"in {ctx.module_of(node)}")
+            ctx.on_set(node, x, a, c, role)
     if op_name(node.target) == "aten.instance_norm":
         ctx.mark([c], "other")
     out = dx
@@ -565,10 +616,12 @@ def _layer_norm(ctx: Context, node: fx.Node) -> Any:
     x, normalized = node.args[0], node.args[1]
     dx = list(ctx.dims(x))
     k = len(normalized)
-    for a in node.args[2:4]:
+    for a, role in zip(node.args[2:4], ("norm_weight", "norm_bias")):
         if isinstance(a, fx.Node):
             for v, u in zip(dx[-k:], ctx.dims(a)):
                 ctx.alg.unify(v, u, f"in {ctx.module_of(node)}")
+            if k == 1:
+                ctx.on_set(node, x, a, dx[-1], role)
     ctx.mark(dx[-k:], "other")
     val = node.meta.get("val")
     if isinstance(val, list | tuple):
@@ -594,9 +647,10 @@ def _group_norm(ctx: Context, node: fx.Node) -> Any:
         ctx.alg.factorize(dx[1], [groups, sx[1] // groups])
     except StructureConflict:
         ctx.alg.fix(dx[1])
-    for a in (w, b):
+    for a, role in ((w, "norm_weight"), (b, "norm_bias")):
         if isinstance(a, fx.Node):
             ctx.alg.unify(dx[1], ctx.dims(a)[0], f"in {ctx.module_of(node)}")
+            ctx.on_set(node, x, a, dx[1], role)
     ctx.mark([dx[1]], "other")
     val = node.meta.get("val")
     if isinstance(val, list | tuple):
@@ -1187,8 +1241,12 @@ def _recurrent(gates: int) -> Rule:
                 alg.unify(w_hh[0], gate, where)
                 alg.unify(w_hh[1], h, where)
                 alg.unify(w_ih[1], in_var, where)
+                ctx.events.append(("set", node, h))
+                ctx.edge(node, x if layer == 0 else node, p[0], 0, 1, in_var, gate)
+                ctx.edge(node, node, p[1], 0, 1, h, gate)
                 for b in p[2:]:
                     alg.unify(ctx.dims(b)[0], gate, where)
+                    ctx.on_set(node, node, b, gate, "bias")
                 ctx.mark([h], "other")
                 outs.append(h)
             in_var = outs[0] if dirs == 1 else alg.concat(outs, [ctx.shape(params[1])[1]] * 2)
