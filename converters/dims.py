@@ -25,7 +25,17 @@ class StructureConflict(Exception):
 
 
 class Var:
-    __slots__ = ("id", "size", "parent", "fixed", "kind", "children", "retired", "select_copies")
+    __slots__ = (
+        "id",
+        "size",
+        "parent",
+        "fixed",
+        "kind",
+        "children",
+        "retired",
+        "select_copies",
+        "owner",
+    )
     _ids = itertools.count()
 
     def __init__(
@@ -41,6 +51,7 @@ class Var:
         # per-index copies; the old factors are retired
         self.retired = False
         self.select_copies: dict[int, dict[int, Var]] | None = None
+        self.owner: Var | None = None  # for a retired factor: the product it left
 
     def __repr__(self) -> str:
         if self.kind == "leaf":
@@ -107,6 +118,10 @@ class Algebra:
     def fix(self, v: Var | None) -> None:
         for leaf in self.leaves(v):
             leaf.fixed = True
+            if leaf.retired and leaf.owner is not None:
+                # a stale view of a split fused axis is pinned: pin what replaced it too
+                owner, leaf.owner = leaf.owner, None
+                self.fix(owner)
 
     def unify(self, a: Var | None, b: Var | None, where: str = "") -> Var | None:
         """Make ``a`` and ``b`` the same variable; returns the merged root."""
@@ -301,6 +316,7 @@ class Algebra:
         for c in rest:
             for leaf in self.leaves(c):
                 leaf.retired = True
+                leaf.owner = r
         return segs
 
     def _copy(self, v: Var, mapping: dict[int, Var]) -> Var:

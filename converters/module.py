@@ -35,11 +35,15 @@ from metanet.space import (
     _dtype_name,
 )
 
-__all__ = ["from_module", "ConverterWarning", "trace"]
+__all__ = ["from_module", "ConverterWarning", "ConverterError", "trace"]
 
 
 class ConverterWarning(UserWarning):
     """An op or module without a rule: the axes it touches were fixed."""
+
+
+class ConverterError(ValueError):
+    """The model could not be traced."""
 
 
 @dataclass
@@ -91,6 +95,13 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, args, strict=False)
+    except Exception as e:  # noqa: BLE001 - export raises many kinds
+        raise ConverterError(
+            f"torch.export could not trace {type(model).__name__} on the example inputs "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); data-dependent "
+            "control flow is the usual cause: trace a wrapper without it, or describe the "
+            "weights with converters.from_state_dict"
+        ) from e
     finally:
         model.train(was_training)
     state = model.state_dict(keep_vars=True)

@@ -1227,6 +1227,8 @@ def _recurrent(gates: int) -> Rule:
         hx = hx if isinstance(hx, list | tuple) else [hx]
         per = 4 if has_biases else 2
         dirs = 2 if bidirectional else 1
+        if len(params) != num_layers * dirs * per:  # e.g. LSTM with proj_size
+            return default_rule(ctx, node, op_name(node.target) + " (projections)")
         dx = list(ctx.dims(x))
         in_var = dx[-1]
         hidden = []

@@ -143,3 +143,61 @@ def test_training_mode_is_restored_and_state_dict_order_kept():
     assert model.training
     assert list(space.tensors) == list(model.state_dict())
     assert space["features.1.num_batches_tracked"].kind == "buffer"
+
+
+@pytest.mark.parametrize(
+    "name,action",
+    [("mlp", "positive_scale"), ("siren", "sign"), ("transformer_lm", None)],
+)
+def test_scaling_annotations_follow_the_activation(name, action):
+    entry = next(e for e in ZOO if e.name == name)
+    _, _, space = converted(entry)
+    plain = [g for g in space.groups.values() if g.within is None and g.size > 8]
+    if name == "transformer_lm":  # GELU MLP units and a LayerNorm'd stream: no scaling
+        assert {g.action for g in plain} == {None}
+    else:
+        assert {g.action for g in plain} == {action}
+
+
+class FusedQKVReused(nn.Module):
+    """Selects q, k, v from a fused projection and then reads the stale fused tensor
+    again (channel 0 of every head): the per-segment symmetry must give way."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(d, 3 * d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return self.out(att.transpose(1, 2).reshape(b, t, d)) + qkv[..., 0].sum(
+            dim=(0, 2)
+        ).unsqueeze(-1)
+
+
+def test_stale_fused_axis_pins_its_segments():
+    torch.manual_seed(0)
+    model = FusedQKVReused().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    space = from_module(model, x)
+    assert_function_preserved(model, space, x, n=10, rtol=1e-9)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_untraceable_model_gives_a_clear_error():
+    with pytest.raises(
+        converters.ConverterError, match="torch.export could not trace DataDependent"
+    ):
+        from_module(DataDependent(), torch.randn(2, 4))
