@@ -1,0 +1,18 @@
+"""Metanetworks that read and write weights: UNF layers, graph metanetworks, baselines."""
+
+from metanet.nn.baselines import FlatMLP, StatNN
+from metanet.nn.gmn import GMN, FourierEncoding, GMNLayer
+from metanet.nn.unf import UNFLinear, UNFPointwise, UNFPool, basis_terms, pieces_of
+
+__all__ = [
+    "GMN",
+    "FlatMLP",
+    "FourierEncoding",
+    "GMNLayer",
+    "StatNN",
+    "UNFLinear",
+    "UNFPointwise",
+    "UNFPool",
+    "basis_terms",
+    "pieces_of",
+]

@@ -1,0 +1,64 @@
+"""Baselines a metanetwork paper compares against: a flat MLP and StatNN.
+
+* :class:`FlatMLP` reads every weight as one long vector: no symmetry at all.
+* :class:`StatNN` (Unterthiner et al., "Predicting Neural Network Accuracy from Weights",
+  2020) reads per-tensor statistics (mean, variance and quantiles): invariant to every
+  permutation, and blind to how weights connect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from metanet.space import WeightSpace
+
+__all__ = ["FlatMLP", "StatNN"]
+
+
+def _head(i: int, hidden: int, o: int, layers: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Linear(i, hidden), nn.ReLU()]
+        i = hidden
+    return nn.Sequential(*mods, nn.Linear(i, o))
+
+
+class FlatMLP(nn.Module):
+    """MLP on the concatenation of all flattened tensors (``{name: (B, *shape)}`` or
+    ``(B, 1, *shape)``) -> ``(B, out_features)``."""
+
+    def __init__(
+        self, space: WeightSpace, out_features: int = 1, hidden: int = 256, layers: int = 2
+    ):
+        super().__init__()
+        self.names = list(space.tensors)
+        self.net = _head(space.num_params, hidden, out_features, layers)
+
+    def forward(self, weights: Mapping[str, Tensor]) -> Tensor:
+        b = next(iter(weights.values())).shape[0]
+        return self.net(torch.cat([weights[n].reshape(b, -1) for n in self.names], dim=1))
+
+
+class StatNN(nn.Module):
+    """MLP on per-tensor statistics: mean, variance, and the 0/25/50/75/100% quantiles."""
+
+    QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(
+        self, space: WeightSpace, out_features: int = 1, hidden: int = 256, layers: int = 2
+    ):
+        super().__init__()
+        self.names = list(space.tensors)
+        self.net = _head(len(self.names) * (2 + len(self.QUANTILES)), hidden, out_features, layers)
+
+    def forward(self, weights: Mapping[str, Tensor]) -> Tensor:
+        b = next(iter(weights.values())).shape[0]
+        stats = []
+        for n in self.names:
+            w = weights[n].reshape(b, -1).float()
+            q = torch.quantile(w, torch.tensor(self.QUANTILES, dtype=w.dtype), dim=1).T
+            stats += [w.mean(1, keepdim=True), w.var(1, keepdim=True, unbiased=False), q]
+        return self.net(torch.cat(stats, dim=1).to(next(self.parameters()).dtype))
