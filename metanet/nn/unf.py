@@ -89,7 +89,7 @@ def pieces_of(space: WeightSpace) -> list[Piece]:
             groups = [g for g, _ in flat if g is not None]
             sizes = [n for g, n in flat if g is not None]
             outer = []
-            for j, g in enumerate(groups):
+            for g in groups:
                 o = space.groups[g].within
                 pos = [k for k, h in enumerate(groups) if h == o]
                 if o is not None and len(pos) != 1:
