@@ -35,6 +35,7 @@ class Var:
         "retired",
         "select_copies",
         "owner",
+        "touched",
     )
     _ids = itertools.count()
 
@@ -52,6 +53,7 @@ class Var:
         self.retired = False
         self.select_copies: dict[int, dict[int, Var]] | None = None
         self.owner: Var | None = None  # for a retired factor: the product it left
+        self.touched = False  # unified with anything since it was created
 
     def __repr__(self) -> str:
         if self.kind == "leaf":
@@ -132,6 +134,7 @@ class Algebra:
         ra, rb = find(a), find(b)
         if ra is rb:
             return ra
+        ra.touched = rb.touched = True
         if ra.size != rb.size:
             self._conflict(ra, rb, f"sizes {ra.size} and {rb.size} {where}")
             return ra
@@ -270,7 +273,7 @@ class Algebra:
         if r.kind == "prod":
             lead = find(r.children[0])
             rest = r.size // lead.size
-            if lead.kind == "leaf" and all(n % rest == 0 for n in sizes):
+            if self.can_select_leading(r) and all(n % rest == 0 for n in sizes):
                 # (n × rest) read in chunks of whole rest-blocks: per-block copies
                 copies = self.select_leading(r)
                 out, i = [], 0
@@ -284,6 +287,20 @@ class Algebra:
         segs = [Var(n, fixed=r.fixed) for n in sizes]
         self.unify(r, Var(r.size, "cat", tuple(segs)))
         return [s if s.size > 1 else None for s in segs]
+
+    def can_select_leading(self, p: Var) -> bool:
+        """Whether product ``p`` may become per-index copies: its leading factor is a free
+        leaf and none of its factors has been tied to anything since the reshape made
+        them (a tie made before the split would not reach the copies)."""
+        r = find(p)
+        if r.kind != "prod":
+            return False
+        lead = find(r.children[0])
+        if lead.kind != "leaf" or lead.fixed or lead.touched:
+            return False
+        return not any(
+            leaf.touched or leaf.retired for c in r.children[1:] for leaf in self.leaves(c)
+        )
 
     def select_leading(self, p: Var) -> list[Var]:
         """Turn product ``F × R`` (F a leaf of size n) into ``R_0 ⊕ ... ⊕ R_{n-1}``, fresh

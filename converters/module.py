@@ -94,7 +94,9 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model, args, strict=False)
+            # functional form: in-place writes through views become *_scatter ops
+            # instead of mutations that later reads would not see
+            ep = torch.export.export(model, args, strict=False).run_decompositions({})
     except Exception as e:  # noqa: BLE001 - export raises many kinds
         raise ConverterError(
             f"torch.export could not trace {type(model).__name__} on the example inputs "

@@ -126,6 +126,13 @@ class Context:
         for v in node.kwargs.values():
             if isinstance(v, fx.Node) and self.shape(v) is not None:
                 tensors.append(v)
+        out_shape = self.out_shape(node)
+        for a in tensors:
+            shp = self.shape(a)
+            off = len(out_shape) - len(shp)
+            if off < 0 or any(n not in (1, out_shape[off + i]) for i, n in enumerate(shp)):
+                # not a broadcast: this op is not elementwise after all
+                return default_rule(self, node, op_name(node.target))
         out = self.broadcast(node, tensors)
         if activation:
             self.mark(out, activation)
@@ -187,8 +194,6 @@ _ACTIVATION = {
     "relu_": "pos",
     "leaky_relu": "pos",
     "leaky_relu_": "pos",
-    "prelu": "pos",
-    "_prelu_kernel": "pos",
     "rrelu": "pos",
     "tanh": "odd",
     "tanh_": "odd",
@@ -242,7 +247,6 @@ _OTHER_UNARY = [
     "round",
     "trunc",
     "frac",
-    "glu",
 ]
 _LINEAR_ELEMENTWISE = [
     "add",
@@ -270,6 +274,13 @@ _LINEAR_ELEMENTWISE = [
     "native_dropout",
     "feature_dropout",
     "alpha_dropout",
+    "copy",
+    "copy_",
+    "true_divide",
+    "_assert_tensor_metadata",
+]
+# pointwise but not scaling-transparent: the axes they touch lose any scaling annotation
+_OTHER_ELEMENTWISE = [
     "clamp",
     "clamp_",
     "clamp_min",
@@ -303,14 +314,12 @@ _LINEAR_ELEMENTWISE = [
     "isnan",
     "isinf",
     "nan_to_num",
-    "copy",
-    "copy_",
     "fill",
     "remainder",
     "fmod",
     "floor_divide",
-    "true_divide",
-    "_assert_tensor_metadata",
+    "relu6",
+    "hardtanh",
 ]
 
 
@@ -342,6 +351,8 @@ def _elementwise_rule(kind: str | None) -> Rule:
                         break
             elif len(ins) == 2 and not params and out and not name.startswith("aten.mul"):
                 ctx.events.append(("merge", node, ins, out))
+            elif len(ins) == 2 and not params and name.startswith("aten.mul"):
+                ctx.mark(out, "other")  # a product of two activations is not linear
         return out
 
     return rule
@@ -353,6 +364,8 @@ for _n in _OTHER_UNARY:
     RULES[f"aten.{_n}"] = _elementwise_rule("other")
 for _n in _LINEAR_ELEMENTWISE:
     RULES[f"aten.{_n}"] = _elementwise_rule(None)
+for _n in _OTHER_ELEMENTWISE:
+    RULES[f"aten.{_n}"] = _elementwise_rule("other")
 RULES["aten.native_dropout"] = _elementwise_rule(None)
 
 
@@ -417,12 +430,14 @@ def _positional(ctx: Context, node: fx.Node) -> Any:
         axes = [_norm_dim(a, n) for a in (dims if isinstance(dims, list | tuple) else [dims])]
     else:
         axes = list(range(n))
+    if len(ctx.out_shape(node)) != n:
+        ctx.fix_inputs(node)
+        return ctx.fixed_like(node)
+    out_shape = ctx.out_shape(node)
     for a in axes:
         ctx.alg.fix(d[a])
-    if len(ctx.out_shape(node)) != n:
-        return ctx.fixed_like(node)
-    if name == "aten.diff":
-        d[axes[0]] = ctx.alg.fixed(ctx.out_shape(node)[axes[0]])
+        # the result varies along these axes even when the input was constant there
+        d[a] = ctx.alg.fixed(out_shape[a])
     return d
 
 
@@ -714,6 +729,8 @@ def _reduce(ctx: Context, node: fx.Node) -> Any:
         dims = set(range(n))
     else:
         dims = {_norm_dim(d, n) for d in dim_arg}
+    if name not in ("aten.sum", "aten.mean", "aten.nansum"):
+        ctx.mark([dx[i] for i in dims], "other")
     out = (
         [None if i in dims else v for i, v in enumerate(dx)]
         if keep
@@ -746,12 +763,13 @@ def _arg_reduce(ctx: Context, node: fx.Node) -> Any:
     if len(node.args) == 1 and name in ("aten.max", "aten.min"):
         return []  # global max: a scalar, invariant
     d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-    if name == "aten.topk":
+    if name in ("aten.topk", "aten.kthvalue"):  # (self, k, dim)
         d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     if not isinstance(d, int):
         return default_rule(ctx, node, name)
     d = _norm_dim(d, len(dx))
     ctx.alg.fix(dx[d])
+    ctx.mark(dx, "other")
     val = node.meta.get("val")
     shp = ctx.out_shape(node) if not isinstance(val, list | tuple) else tuple(val[0].shape)
     out = [v if i != d else ctx.alg.fixed(1) for i, v in enumerate(dx)]
@@ -1008,15 +1026,22 @@ def _select_dims(ctx: Context, x: fx.Node, d: int, index: int) -> list[Var | Non
         return rest
     f = find(v)
     whole = alg.lead_of.get(f.id)
-    if whole is not None and f.kind == "leaf" and not f.fixed:
-        p = find(whole)
-        if p.kind == "prod" and find(p.children[0]) is f:
-            alg.select_leading(p)
+    others = {leaf.id for u in rest for leaf in alg.leaves(u)}
     if whole is not None:
         p = find(whole)
+        # the product must be the one this tensor was reshaped from: its other factors
+        # are among the tensor's other axes
+        if (
+            p.kind == "prod"
+            and find(p.children[0]) is f
+            and all(leaf.id in others for c in p.children[1:] for leaf in alg.leaves(c))
+            and alg.can_select_leading(p)
+        ):
+            alg.select_leading(p)
         if p.kind == "cat" and p.select_copies is not None:
             mapping = p.select_copies[index]
-            return [_remap(alg, u, mapping) for u in rest]
+            if others & set(mapping) or {find(u).id for u in rest if u is not None} & set(mapping):
+                return [_remap(alg, u, mapping) for u in rest]
     alg.fix(v)
     return rest
 
@@ -1271,6 +1296,10 @@ def _recurrent(gates: int) -> Rule:
                         for hs in hidden:
                             for h in hs:
                                 alg.fix(h)
+                if ctx.env.get(("stacked", h0)) is None:
+                    # a learned or given initial state: its own axes are pinned too
+                    for v in ctx.dims(h0) or []:
+                        alg.fix(v)
         seq_out = dx[:-1] + [in_var]
         layers = [h for hs in hidden for h in hs]
         batch = [dx[0] if batch_first else dx[1]] if len(dx) == 3 else []
@@ -1278,7 +1307,8 @@ def _recurrent(gates: int) -> Rule:
         for i in range(len(node.meta["val"]) - 1):
             # (layers, batch, hidden): one hidden variable per layer along axis 0
             last = layers[0] if len(layers) == 1 else alg.leaf(ctx.shape(params[1])[1])
-            finals.append([None] + batch + [last])
+            # the leading axis holds one entry per layer and direction: positions, fixed
+            finals.append([alg.fixed(num_layers * dirs)] + batch + [last])
             ctx.stacked[(node, i + 1)] = (layers, last)
         return [seq_out] + finals
 
@@ -1332,3 +1362,47 @@ def _getitem(ctx: Context, node: fx.Node) -> Any:
 )
 def _no_tensor(ctx: Context, node: fx.Node) -> Any:
     return None
+
+
+@register_rule("aten.prelu", "aten._prelu_kernel")
+def _prelu(ctx: Context, node: fx.Node) -> Any:
+    """PReLU: its weight has one slope per channel (axis 1, or 0 for 1-D input)."""
+    x, w = node.args[0], node.args[1]
+    dx = list(ctx.dims(x))
+    if ctx.shape(w) and ctx.shape(w)[0] > 1:
+        c = 1 if len(dx) > 1 else 0
+        dx[c] = ctx.alg.unify(dx[c], ctx.dims(w)[0], f"in {ctx.module_of(node)}")
+        ctx.on_set(node, x, w, dx[c], "other")
+    ctx.mark(dx, "pos")
+    return dx
+
+
+@register_rule("aten.glu")
+def _glu(ctx: Context, node: fx.Node) -> Any:
+    """GLU: ``a * sigmoid(b)`` for the two halves of an axis, which are thereby tied."""
+    x = node.args[0]
+    dx = list(ctx.dims(x))
+    d = _norm_dim(node.args[1] if len(node.args) > 1 else -1, len(dx))
+    half = ctx.shape(x)[d] // 2
+    try:
+        a, b = ctx.alg.split(dx[d], [half, half])
+    except StructureConflict:
+        return default_rule(ctx, node, "aten.glu")
+    dx[d] = ctx.alg.unify(a, b, f"in {ctx.module_of(node)}")
+    ctx.mark([dx[d]], "other")
+    return dx
+
+
+@register_rule("aten.baddbmm", "aten.addbmm")
+def _baddbmm(ctx: Context, node: fx.Node) -> Any:
+    """``beta * input + alpha * (batch1 @ batch2)``."""
+    bias, a, b = node.args[:3]
+    out = _matmul_dims(ctx, node, a, b)
+    if op_name(node.target) == "aten.addbmm":
+        out = out[1:]
+    db, sb = ctx.dims(bias), ctx.shape(bias)
+    off = len(out) - len(db)
+    for i, (v, n) in enumerate(zip(db, sb)):
+        if n != 1 and off + i >= 0:
+            out[off + i] = ctx.alg.unify(out[off + i], v, f"in {ctx.module_of(node)}")
+    return out
