@@ -94,9 +94,11 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # functional form: in-place writes through views become *_scatter ops
-            # instead of mutations that later reads would not see
-            ep = torch.export.export(model, args, strict=False).run_decompositions({})
+            ep = torch.export.export(model, args, strict=False)
+            if _mutates(ep.graph):
+                # functional form: in-place writes through views become *_scatter ops
+                # instead of mutations that later reads would not see
+                ep = ep.run_decompositions({})
     except Exception as e:  # noqa: BLE001 - export raises many kinds
         raise ConverterError(
             f"torch.export could not trace {type(model).__name__} on the example inputs "
@@ -201,6 +203,15 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
         events=ctx.events,
         param_of=param_of,
     )
+
+
+def _mutates(graph) -> bool:
+    """Whether any op in the exported graph writes to one of its inputs."""
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+    return False
 
 
 def _module_of(node) -> str:
