@@ -208,6 +208,12 @@ def _assemble(
     return out
 
 
+def _canonical(sub: str) -> str:
+    """Letters renamed by first appearance: the same diagonal pattern, the same key."""
+    names: dict[str, str] = {}
+    return "".join(names.setdefault(ch, string.ascii_letters[len(names)]) for ch in sub)
+
+
 class _Term:
     """One basis term: an einsum that reduces the input and a strided write-out."""
 
@@ -233,7 +239,15 @@ class _Term:
         y = torch.einsum(f"oc,zc{self.in_sub}->zo{self.kept_sub}", weight, x)
         if self.scale != 1.0:
             y = y * self.scale
-        # broadcast over output-only blocks, then write on the block diagonals
+        self.write(y, out)
+
+    def reduce(self, x: Tensor) -> Tensor:
+        """The input side of a global term: ``(B, Cin)`` means over its blocks."""
+        y = torch.einsum(f"zc{self.in_sub}->zc", x)
+        return y * self.scale if self.scale != 1.0 else y
+
+    def write(self, y: Tensor, out: Tensor) -> None:
+        """Broadcast ``y`` over output-only blocks and add it on the block diagonals."""
         y = y.reshape(*y.shape, *[1] * (len(self.out_blocks) - self.n_kept))
         strides = out.stride()
         size = [out.shape[0], out.shape[1], *self.block_sizes]
@@ -277,18 +291,44 @@ class UNFLinear(nn.Module):
             basis,
         )
         self.pieces = pieces_of(space)
-        self._terms: list[tuple[int, int, _Term]] = []
-        shapes = []
+        # Local terms tie an output index to an input index (the pieces share a group):
+        # one einsum each. Global terms (no shared block) factor into a reduction of
+        # the input and a broadcast into the output, and every reduction pairs with every
+        # broadcast, so they run as one matmul per output broadcast over the concatenated
+        # reductions: O(pieces) work instead of O(pieces^2).
+        self._local: list[tuple[int, int, _Term]] = []
+        in_keys: dict[tuple[int, str], _Term] = {}
+        out_keys: dict[tuple[int, tuple[tuple[int, ...], ...]], _Term] = {}
+        n_terms = 0
         for oi, po in enumerate(self.pieces):
             for ii, pi in enumerate(self.pieces):
                 for part in basis_terms(po, pi, basis):
-                    self._terms.append((oi, ii, _Term(part, po, pi)))
-                    shapes.append((out_channels * po.fold, in_channels * pi.fold))
-        # one flat parameter; each term reads its (out, in) block as a view
+                    term = _Term(part, po, pi)
+                    n_terms += 1
+                    if term.n_kept:
+                        self._local.append((oi, ii, term))
+                    else:
+                        in_keys.setdefault((ii, _canonical(term.in_sub)), term)
+                        out_keys.setdefault((oi, tuple(map(tuple, term.out_blocks))), term)
+        self._num_terms = n_terms
+        self._reductions = list(in_keys.items())
+        self._broadcasts = list(out_keys.items())
+        widths = [in_channels * self.pieces[ii].fold for (ii, _), _ in self._reductions]
+        self._global_width = sum(widths)
+        shapes = [
+            (out_channels * po.fold, in_channels * pi.fold)
+            for oi, ii, _ in self._local
+            for po, pi in [(self.pieces[oi], self.pieces[ii])]
+        ]
+        shapes += [
+            (out_channels * self.pieces[oi].fold, self._global_width)
+            for (oi, _), _ in self._broadcasts
+        ]
+        # one flat parameter; each block is read as a view
         self._shapes = shapes
         self._offsets = [0]
-        for a, b in shapes:
-            self._offsets.append(self._offsets[-1] + a * b)
+        for a, c in shapes:
+            self._offsets.append(self._offsets[-1] + a * c)
         self.weight = nn.Parameter(torch.empty(self._offsets[-1]))
         bias_sizes = [out_channels * p.fold for p in self.pieces]
         self._bias_offsets = [0]
@@ -297,21 +337,26 @@ class UNFLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self._bias_offsets[-1])) if bias else None
         self.reset_parameters()
 
-    def _term_weight(self, k: int) -> Tensor:
+    def _block(self, k: int) -> Tensor:
         return self.weight[self._offsets[k] : self._offsets[k + 1]].view(self._shapes[k])
 
     @property
     def num_terms(self) -> int:
-        return len(self._terms)
+        """Basis terms (valid partitions) over all piece pairs."""
+        return self._num_terms
+
+    def _out_of_block(self) -> list[int]:
+        outs = [oi for oi, _, _ in self._local]
+        return outs + [oi for (oi, _), _ in self._broadcasts]
 
     def reset_parameters(self) -> None:
         fan_in = [0] * len(self.pieces)
-        for (oi, _, _), (_, n_in) in zip(self._terms, self._shapes):
+        for oi, (_, n_in) in zip(self._out_of_block(), self._shapes):
             fan_in[oi] += n_in
         with torch.no_grad():
-            for k, (oi, _, _) in enumerate(self._terms):
+            for k, oi in enumerate(self._out_of_block()):
                 bound = 1 / math.sqrt(fan_in[oi])
-                self._term_weight(k).uniform_(-bound, bound)
+                self._block(k).uniform_(-bound, bound)
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -320,8 +365,12 @@ class UNFLinear(nn.Module):
         ref = xs[0] if xs else next(iter(features.values()))
         b = ref.shape[0]
         ys = [ref.new_zeros(b, self.out_channels * p.fold, *p.index_sizes) for p in self.pieces]
-        for k, (oi, ii, term) in enumerate(self._terms):
-            term.apply(xs[ii], self._term_weight(k), ys[oi])
+        for k, (oi, ii, term) in enumerate(self._local):
+            term.apply(xs[ii], self._block(k), ys[oi])
+        if self._broadcasts:
+            pooled = torch.cat([term.reduce(xs[ii]) for (ii, _), term in self._reductions], dim=1)
+            for k, ((oi, _), term) in enumerate(self._broadcasts, start=len(self._local)):
+                term.write(pooled @ self._block(k).T, ys[oi])
         if self.bias is not None:
             for i, y in enumerate(ys):
                 bias = self.bias[self._bias_offsets[i] : self._bias_offsets[i + 1]]
