@@ -211,7 +211,10 @@ def _assemble(
 def _canonical(sub: str) -> str:
     """Letters renamed by first appearance: the same diagonal pattern, the same key."""
     names: dict[str, str] = {}
-    return "".join(names.setdefault(ch, string.ascii_letters[len(names)]) for ch in sub)
+    return "".join(
+        ch if not ch.isalpha() else names.setdefault(ch, string.ascii_letters[len(names)])
+        for ch in sub
+    )
 
 
 class _Term:
@@ -233,29 +236,33 @@ class _Term:
         self.block_sizes = [out.index_sizes[b[0]] for b in self.out_blocks]
         self.n_kept = len(kept)
         self.scale = 1.0 / math.prod(self.summed_sizes) if self.summed_sizes else 1.0
-
-    def apply(self, x: Tensor, weight: Tensor, out: Tensor) -> None:
-        """``out += term(x)``; ``x``: (B, Cin, *in idx), ``weight``: (Cout, Cin)."""
-        y = torch.einsum(f"oc,zc{self.in_sub}->zo{self.kept_sub}", weight, x)
-        if self.scale != 1.0:
-            y = y * self.scale
-        self.write(y, out)
+        self.reduction_key = _canonical(f"{self.in_sub}>{self.kept_sub}")
 
     def reduce(self, x: Tensor) -> Tensor:
-        """The input side of a global term: ``(B, Cin)`` means over its blocks."""
-        y = torch.einsum(f"zc{self.in_sub}->zc", x)
+        """The input side: ``(B, Cin, *shared blocks)``, the mean over input-only blocks
+        of the input's block diagonals."""
+        if self.in_sub == self.kept_sub:
+            return x
+        y = torch.einsum(f"zc{self.in_sub}->zc{self.kept_sub}", x)
         return y * self.scale if self.scale != 1.0 else y
 
-    def write(self, y: Tensor, out: Tensor) -> None:
-        """Broadcast ``y`` over output-only blocks and add it on the block diagonals."""
+    def expand(self, y: Tensor, out_shape: tuple[int, ...]) -> Tensor:
+        """``y`` (B, Cout, *shared blocks) placed into the output's shape: broadcast over
+        output-only blocks, and onto the diagonal of blocks holding several output
+        indices."""
         y = y.reshape(*y.shape, *[1] * (len(self.out_blocks) - self.n_kept))
+        size = [out_shape[0], out_shape[1], *self.block_sizes]
+        if all(len(b) == 1 for b in self.out_blocks):
+            order = [b[0] for b in self.out_blocks]
+            perm = [0, 1] + [2 + order.index(k) for k in range(len(order))]
+            return y.expand(size).permute(perm)
+        out = y.new_zeros(out_shape)
         strides = out.stride()
-        size = [out.shape[0], out.shape[1], *self.block_sizes]
         stride = [strides[0], strides[1]] + [
             sum(strides[2 + k] for k in b) for b in self.out_blocks
         ]
-        view = out.as_strided(size, stride, out.storage_offset())
-        view.add_(y.expand(size))
+        out.as_strided(size, stride).copy_(y.expand(size))
+        return out
 
 
 class UNFLinear(nn.Module):
@@ -291,40 +298,27 @@ class UNFLinear(nn.Module):
             basis,
         )
         self.pieces = pieces_of(space)
-        # Local terms tie an output index to an input index (the pieces share a group):
-        # one einsum each. Global terms (no shared block) factor into a reduction of
-        # the input and a broadcast into the output, and every reduction pairs with every
-        # broadcast, so they run as one matmul per output broadcast over the concatenated
-        # reductions: O(pieces) work instead of O(pieces^2).
-        self._local: list[tuple[int, int, _Term]] = []
-        in_keys: dict[tuple[int, str], _Term] = {}
-        out_keys: dict[tuple[int, tuple[tuple[int, ...], ...]], _Term] = {}
+        # Terms that write the same pattern into the same output piece (same output
+        # blocks, same blocks shared with the input) differ only in what they read: each
+        # reads a reduction of some input piece (means over its input-only blocks, its
+        # diagonals) shaped like the shared blocks. So they run as one matmul over the
+        # concatenated reductions, and each reduction is computed once per forward.
+        groups: dict[tuple, list[tuple[int, _Term]]] = {}
         n_terms = 0
         for oi, po in enumerate(self.pieces):
             for ii, pi in enumerate(self.pieces):
                 for part in basis_terms(po, pi, basis):
                     term = _Term(part, po, pi)
                     n_terms += 1
-                    if term.n_kept:
-                        self._local.append((oi, ii, term))
-                    else:
-                        in_keys.setdefault((ii, _canonical(term.in_sub)), term)
-                        out_keys.setdefault((oi, tuple(map(tuple, term.out_blocks))), term)
+                    key = (oi, tuple(map(tuple, term.out_blocks)), term.n_kept)
+                    groups.setdefault(key, []).append((ii, term))
         self._num_terms = n_terms
-        self._reductions = list(in_keys.items())
-        self._broadcasts = list(out_keys.items())
-        widths = [in_channels * self.pieces[ii].fold for (ii, _), _ in self._reductions]
-        self._global_width = sum(widths)
-        shapes = [
-            (out_channels * po.fold, in_channels * pi.fold)
-            for oi, ii, _ in self._local
-            for po, pi in [(self.pieces[oi], self.pieces[ii])]
-        ]
-        shapes += [
-            (out_channels * self.pieces[oi].fold, self._global_width)
-            for (oi, _), _ in self._broadcasts
-        ]
-        # one flat parameter; each block is read as a view
+        self._groups = [(key[0], contribs) for key, contribs in groups.items()]
+        shapes = []
+        for oi, contribs in self._groups:
+            width = sum(in_channels * self.pieces[ii].fold for ii, _ in contribs)
+            shapes.append((out_channels * self.pieces[oi].fold, width))
+        # one flat parameter; each group's (out, in) block is read as a view
         self._shapes = shapes
         self._offsets = [0]
         for a, c in shapes:
@@ -345,16 +339,12 @@ class UNFLinear(nn.Module):
         """Basis terms (valid partitions) over all piece pairs."""
         return self._num_terms
 
-    def _out_of_block(self) -> list[int]:
-        outs = [oi for oi, _, _ in self._local]
-        return outs + [oi for (oi, _), _ in self._broadcasts]
-
     def reset_parameters(self) -> None:
         fan_in = [0] * len(self.pieces)
-        for oi, (_, n_in) in zip(self._out_of_block(), self._shapes):
-            fan_in[oi] += n_in
+        for (oi, _), (_, width) in zip(self._groups, self._shapes):
+            fan_in[oi] += width
         with torch.no_grad():
-            for k, oi in enumerate(self._out_of_block()):
+            for k, (oi, _) in enumerate(self._groups):
                 bound = 1 / math.sqrt(fan_in[oi])
                 self._block(k).uniform_(-bound, bound)
             if self.bias is not None:
@@ -364,17 +354,25 @@ class UNFLinear(nn.Module):
         xs = [_split_piece(features[p.tensor], p) for p in self.pieces]
         ref = xs[0] if xs else next(iter(features.values()))
         b = ref.shape[0]
-        ys = [ref.new_zeros(b, self.out_channels * p.fold, *p.index_sizes) for p in self.pieces]
-        for k, (oi, ii, term) in enumerate(self._local):
-            term.apply(xs[ii], self._block(k), ys[oi])
-        if self._broadcasts:
-            pooled = torch.cat([term.reduce(xs[ii]) for (ii, _), term in self._reductions], dim=1)
-            for k, ((oi, _), term) in enumerate(self._broadcasts, start=len(self._local)):
-                term.write(pooled @ self._block(k).T, ys[oi])
+        shapes = [(b, self.out_channels * p.fold, *p.index_sizes) for p in self.pieces]
+        ys: list[Tensor | None] = [None] * len(self.pieces)
+        cache: dict[tuple[int, str], Tensor] = {}
+        for k, (oi, contribs) in enumerate(self._groups):
+            parts = []
+            for ii, term in contribs:
+                key = (ii, term.reduction_key)
+                if key not in cache:
+                    cache[key] = term.reduce(xs[ii])
+                parts.append(cache[key])
+            reduced = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            y = torch.einsum("oc,zc...->zo...", self._block(k), reduced)
+            y = contribs[0][1].expand(y, shapes[oi])
+            ys[oi] = y if ys[oi] is None else ys[oi] + y
+        ys = [y if y is not None else ref.new_zeros(shape) for y, shape in zip(ys, shapes)]
         if self.bias is not None:
             for i, y in enumerate(ys):
                 bias = self.bias[self._bias_offsets[i] : self._bias_offsets[i + 1]]
-                y.add_(bias.view(1, -1, *[1] * (y.dim() - 2)))
+                ys[i] = y + bias.view(1, -1, *[1] * (y.dim() - 2))
         return _assemble(self.space, self.pieces, ys, b, self.out_channels)
 
     def extra_repr(self) -> str:
