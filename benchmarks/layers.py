@@ -165,7 +165,7 @@ def main() -> None:
         "| weights (batch, channels) | layer | networks/s | peak MiB | speed vs nfn | memory vs nfn |"
     )
     print("|---|---|---:|---:|---:|---:|")
-    for config, (sizes, batch, channels) in CONFIGS.items():
+    for config, (_sizes, batch, channels) in CONFIGS.items():
         for base, ours in METHODS:
             for method in (base, ours):
                 if (config, method) not in rows:
