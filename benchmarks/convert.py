@@ -21,6 +21,7 @@ import time
 import warnings
 
 import torch
+from _memory import reset_peak, rss_bytes
 from torch import nn
 
 
@@ -77,16 +78,6 @@ def build(name: str):
     return ResNet50().eval(), (torch.randn(1, 3, 64, 64),)
 
 
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-
-
 def worker(name: str, method: str, repeats: int) -> dict:
     from converters import from_module
 
@@ -94,9 +85,8 @@ def worker(name: str, method: str, repeats: int) -> dict:
     params = sum(p.numel() for p in model.parameters())
     times, peaks, free = [], [], None
     for _ in range(repeats):
-        base = _rss_kib()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        base = rss_bytes("VmRSS")
+        reset_peak()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
@@ -106,7 +96,7 @@ def worker(name: str, method: str, repeats: int) -> dict:
             else:
                 torch.export.export(model, inputs, strict=False)
             times.append(time.perf_counter() - t0)
-        peaks.append((_hwm_kib() - base) * 1024)
+        peaks.append(rss_bytes("VmHWM") - base)
     return {
         "model": name,
         "method": method,

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from _memory import reset_peak, rss_bytes
 from torch import nn
 
 MODELS = {
@@ -64,14 +65,6 @@ def naive_graph(space, weights):
     return torch.cat(idx, dim=1), torch.cat(attrs)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def worker(model: str, method: str, repeats: int) -> dict:
     from converters import from_state_dict
     from metanet import to_graph
@@ -88,13 +81,12 @@ def worker(model: str, method: str, repeats: int) -> dict:
         import gc
 
         gc.collect()
-        base = _rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        base = rss_bytes("VmRSS")
+        reset_peak()
         t0 = time.perf_counter()
         out = build()
         times.append(time.perf_counter() - t0)
-        peaks.append((_rss_kib("VmHWM") - base) * 1024)
+        peaks.append(rss_bytes("VmHWM") - base)
         if method == "metanet":
             ei, ea = out.edge_index, out.edge_attr
         else:

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from _memory import reset_peak, rss_bytes
 
 CONFIGS = {
     "inr 2-32-32-1": ([2, 32, 32, 1], 128, 16),
@@ -44,11 +45,6 @@ def _np_space(sizes):
         )
         tensors.append(TensorSpec(f"{i}.bias", (b,), (Axis.of(f"n{i + 1}", b),)))
     return WeightSpace.build(groups, tensors)
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
 
 
 def worker(config: str, method: str, steps: int) -> dict:
@@ -109,16 +105,15 @@ def worker(config: str, method: str, steps: int) -> dict:
             return layer(gbatch).square().sum()
 
     step().backward()  # warm-up
-    base = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    base = rss_bytes("VmRSS")
+    reset_peak()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         layer.zero_grad(set_to_none=True)
         step().backward()
         times.append(time.perf_counter() - t0)
-    peak = _rss("VmHWM") - base
+    peak = rss_bytes("VmHWM") - base
     sec = sorted(times)[len(times) // 2]
     return {"config": config, "method": method, "seconds": sec, "per_s": batch / sec, "peak": peak}
 

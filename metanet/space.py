@@ -506,19 +506,15 @@ class WeightSpace:
             offset += n
         width = max(p.dim() for p in pieces)
         if width > 1:
-            pieces = [p if p.dim() == 2 else p.expand(self._outer_rows(axis), -1) for p in pieces]
+            pieces = [
+                p if p.dim() == 2 else p.expand(self.groups[self._cross_axis_outer(axis)].size, -1)
+                for p in pieces
+            ]
         return torch.cat(pieces, dim=-1)
 
-    def _outer_rows(self, axis: Axis) -> int:
-        for seg in axis.segments:
-            for j, f in enumerate(seg):
-                g = self.groups.get(f.group) if f.group else None
-                if g is not None and g.within and all(h.group != g.within for h in seg[:j]):
-                    return self.groups[g.within].size
-        raise AssertionError("unreachable")
-
-    def _cross_axis_outer(self, t: TensorSpec, axis: Axis) -> str | None:
-        """The outer group indexing a group on ``axis`` from another axis of ``t``."""
+    def _cross_axis_outer(self, axis: Axis) -> str | None:
+        """The outer group of an indexed group on ``axis`` whose outer factor is not
+        earlier in the same segment (it lives on another axis of the tensor)."""
         for seg in axis.segments:
             for j, f in enumerate(seg):
                 g = self.groups.get(f.group) if f.group else None
@@ -548,7 +544,7 @@ class WeightSpace:
                 )
             deferred: list[tuple[int, Axis, str]] = []
             for i, axis in enumerate(t.axes):
-                outer = self._cross_axis_outer(t, axis)
+                outer = self._cross_axis_outer(axis)
                 if outer is not None:
                     deferred.append((i, axis, outer))
                     continue
