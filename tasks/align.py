@@ -44,6 +44,7 @@ __all__ = [
     "ste_matching",
     "check_same_architecture",
     "matchable",
+    "verify_aligned",
 ]
 
 
@@ -558,3 +559,46 @@ def ste_matching(
     g = weight_matching(space, current, weights_b, init=g, seed=seed, tensors=names)
     log.seconds = time.perf_counter() - start
     return g
+
+
+# --------------------------------------------------------------------------- safety
+@torch.no_grad()
+def verify_aligned(
+    model: nn.Module,
+    original: Mapping[str, Tensor],
+    aligned: Mapping[str, Tensor],
+    inputs: Tensor | tuple,
+    rtol: float = 1e-6,
+) -> float:
+    """Check that ``aligned`` computes the same function as ``original`` on ``inputs``.
+
+    Both run in float64 (copies; the model is untouched), so a correct permutation agrees
+    to rounding (~1e-15) and a wrong one is far off. Returns the worst relative error;
+    raises :class:`AlignmentError` naming the output at fault if it exceeds ``rtol``.
+    """
+    from torch.func import functional_call
+
+    module = copy.deepcopy(model).double().eval()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+    def run(weights):
+        w = {k: v.double() if v.is_floating_point() else v for k, v in weights.items()}
+        out = functional_call(module, w, inputs)
+        leaves = out if isinstance(out, (tuple, list)) else [out]
+        if hasattr(out, "to_tuple"):  # Hugging Face ModelOutput
+            leaves = list(out.to_tuple())
+        return [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point()]
+
+    ref, got = run(original), run(aligned)
+    worst = 0.0
+    for i, (r, o) in enumerate(zip(ref, got)):
+        scale = float(r.abs().max()) or 1.0
+        err = float((r - o).abs().max()) / scale
+        worst = max(worst, err)
+        if not err <= rtol:
+            raise AlignmentError(
+                f"aligned weights change output {i} of {type(model).__name__} "
+                f"(relative error {err:.2e} > {rtol:.0e}); refusing to use them"
+            )
+    return worst

@@ -158,20 +158,28 @@ def plot_barriers(curves: Mapping[str, Barrier], path, title: str = "", ylabel: 
 
     from metanet.io import atomic_write
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    # labels "panel: curve" share a panel per prefix
+    panels: dict[str, dict[str, Barrier]] = {}
     for label, c in curves.items():
-        ax.plot(c.alphas, c.losses, marker="o", ms=3, label=f"{label} (barrier {c.barrier:.3f})")
-    ax.set_xlabel("alpha  (0 = model a, 1 = model b)")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        panel, _, name = label.rpartition(": ")
+        panels.setdefault(panel, {})[name or label] = c
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.8 * len(panels), 3.6), dpi=120, squeeze=False
+    )
+    for ax, (panel, group) in zip(axes[0], panels.items()):
+        for name, c in group.items():
+            ax.plot(c.alphas, c.losses, marker="o", ms=3, label=f"{name} (barrier {c.barrier:.3f})")
+        ax.set_xlabel("alpha  (0 = model a, 1 = model b)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(" · ".join(p for p in (title, panel) if p), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     suffix = str(path).rsplit(".", 1)[-1] if "." in str(path) else "png"
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format=suffix)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix))
+    finally:
+        plt.close(fig)
 
 
 def evaluator(
