@@ -2,7 +2,8 @@
 
 Subcommands: ``inspect`` (summary of a checkpoint's WeightSpace), ``create`` (write a
 randomly initialised network of a state-dict family with its WeightSpace), ``graph``
-(parameter-graph statistics).
+(parameter-graph statistics), ``align`` / ``merge`` / ``barrier`` (Git Re-Basin on saved
+checkpoints or Hugging Face folders).
 """
 
 from __future__ import annotations
@@ -129,6 +130,227 @@ def _cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- align & merge
+class _Checkpoint:
+    """One input of align/merge/barrier: weights, space, and the model when one is at hand."""
+
+    def __init__(self, path: str, args: argparse.Namespace):
+        self.path = Path(path)
+        self.model = self.inputs = None
+        self.hf = self.path.is_dir()
+        if self.hf:
+            from converters import from_module
+            from converters.pretrained import hf_model
+
+            self.model, self.inputs = hf_model(self.path)
+            self.space = from_module(self.model, self.inputs)
+            self.weights = {k: v.detach() for k, v in self.model.state_dict().items()}
+        else:
+            self.weights, self.space = _space_and_weights(path, args.family, args.activation)
+        if getattr(args, "model", None) and self.model is None:
+            self.model, self.inputs = _factory_model(args.model, args.input_shape)
+
+
+def _factory_model(spec: str, input_shape: str | None):
+    import importlib
+
+    mod_name, _, attr = spec.partition(":")
+    try:
+        made = getattr(importlib.import_module(mod_name), attr)()
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"--model {spec}: cannot import the factory ({e})") from None
+    model, inputs = made if isinstance(made, tuple) else (made, None)
+    if inputs is None and input_shape:
+        inputs = (torch.randn(*[int(n) for n in input_shape.split(",")]),)
+    return model.eval(), inputs
+
+
+def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoint]:
+    from tasks.align import AlignmentError, check_same_architecture
+
+    cks = [_Checkpoint(p, args) for p in paths]
+    first = cks[0]
+    for ck in cks[1:]:
+        try:
+            check_same_architecture(first.space, first.weights, ck.weights)
+        except AlignmentError as e:
+            raise AlignmentError(f"{first.path} and {ck.path} differ: {e}") from None
+        if ck.space != first.space:
+            raise AlignmentError(
+                f"{first.path} and {ck.path} have the same tensors but different symmetry "
+                "(WeightSpaces differ); were they converted with different settings?"
+            )
+    return cks
+
+
+def _check_output(out: Path, inputs: Sequence[_Checkpoint], force: bool) -> None:
+    for ck in inputs:
+        if out.resolve() == ck.path.resolve():
+            raise CheckpointError(f"{out}: is an input; write the result somewhere else")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out}: exists; pass --force to overwrite")
+
+
+def _write(out: Path, weights: dict, ref: _Checkpoint) -> None:
+    """A metanet checkpoint, or (for Hugging Face inputs) a Hugging Face folder.
+
+    Both are written beside the target and renamed into place, so a failure leaves no
+    partial output.
+    """
+    import shutil
+    import tempfile
+
+    from metanet.io import save
+
+    if not ref.hf:
+        save(out, weights, ref.space)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ref.model.load_state_dict(weights)
+        ref.model.save_pretrained(str(tmp), safe_serialization=True)
+        for f in ref.path.iterdir():  # tokenizer and friends
+            if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors":
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
+    """Weight-match ``other`` to ``ref``; the result is checked before it is returned."""
+    from tasks.align import AlignmentError, MatchLog, verify_aligned, weight_matching
+
+    log = MatchLog()
+    g = weight_matching(
+        ref.space,
+        ref.weights,
+        other.weights,
+        seed=args.seed,
+        max_sweeps=args.max_sweeps,
+        progress=not args.quiet,
+        log=log,
+    )
+    aligned = ref.space.apply(other.weights, g)
+    back = ref.space.apply(aligned, ref.space.invert(g))
+    bad = next((k for k in other.weights if not torch.equal(back[k], other.weights[k])), None)
+    if bad is not None:
+        raise AlignmentError(f"aligned tensor {bad!r} is not a relabelling of {other.path}")
+    checked = ""
+    model = other.model or ref.model
+    if model is not None and (other.inputs or ref.inputs) is not None:
+        err = verify_aligned(model, other.weights, aligned, other.inputs or ref.inputs)
+        checked = f"; same function as {other.path.name} (max rel. error {err:.1e})"
+    moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+    if not args.quiet:
+        print(
+            f"aligned {other.path} to {ref.path}: {moved}/{len(g)} groups permuted, "
+            f"{log.sweeps} sweeps, {log.seconds:.2f} s, objective {log.objective[0]:.4g} -> "
+            f"{log.objective[-1]:.4g}{checked}",
+            file=sys.stderr,
+        )
+    return aligned, g
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    a, b = _load_all([args.a, args.b], args)
+    _check_output(out, [a, b], args.force)
+    aligned, _ = _aligned(a, b, args)
+    _write(out, aligned, b)
+    print(f"wrote {out}: {b.path} aligned to {a.path}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from tasks import merge
+
+    out = Path(args.output)
+    cks = _load_all(args.paths, args)
+    _check_output(out, cks, args.force)
+    ref = cks[0]
+    method = args.method or ("align" if len(cks) == 2 else "mergemany")
+    if method == "naive":
+        coef = [1 - args.alpha, args.alpha] if len(cks) == 2 else None
+        merged = merge.average([c.weights for c in cks], coef)
+    elif method == "align":
+        if len(cks) != 2:
+            raise CheckpointError("--method align merges two checkpoints; use mergemany")
+        aligned, _ = _aligned(ref, cks[1], args)
+        merged = merge.interpolate(ref.weights, aligned, args.alpha)
+    elif method == "mergemany":
+        merged, _ = merge.merge_many(
+            [c.weights for c in cks], ref.space, seed=args.seed, progress=not args.quiet
+        )
+    else:  # task arithmetic / TIES: the first checkpoint is the base
+        if len(cks) < 2:
+            raise CheckpointError(f"--method {method} needs a base and fine-tuned checkpoints")
+        tuned = (
+            [_aligned(ref, c, args)[0] for c in cks[1:]]
+            if args.align
+            else [c.weights for c in cks[1:]]
+        )
+        if method == "ties":
+            merged = merge.ties_merge(ref.weights, tuned, density=args.density, scale=args.scale)
+        else:
+            merged = merge.task_arithmetic(ref.weights, tuned, scale=args.scale)
+    _write(out, merged, ref)
+    print(f"wrote {out}: {method} merge of {len(cks)} checkpoints")
+    return 0
+
+
+def _data(spec: str | None, model_path: Path):
+    if spec is None:
+        raise CheckpointError(
+            f"barrier of {model_path}: pass --data (digits, digits-flat, or module:function "
+            "returning a list of (inputs, targets) batches)"
+        )
+    if spec in ("digits", "digits-flat"):
+        from tasks import digits
+
+        d = digits.load()
+        d = d.flat() if spec == "digits-flat" else d
+        return digits.batches(d.x_test, d.y_test)
+    import importlib
+
+    mod_name, _, attr = spec.partition(":")
+    try:
+        return list(getattr(importlib.import_module(mod_name), attr)())
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"--data {spec}: cannot import ({e})") from None
+
+
+def _cmd_barrier(args: argparse.Namespace) -> int:
+    from tasks.merge import evaluator, loss_barrier, plot_barriers
+
+    a, b = _load_all([args.a, args.b], args)
+    if a.model is None:
+        raise CheckpointError(
+            f"{a.path}: no model to evaluate; pass --model package.module:factory"
+        )
+    evaluate = evaluator(a.model, _data(args.data, a.path), accuracy=True)
+    curves = {"naive": loss_barrier(evaluate, a.weights, b.weights, alphas=args.alphas)}
+    if not args.no_align:
+        aligned, _ = _aligned(a, b, args)
+        curves["aligned"] = loss_barrier(evaluate, a.weights, aligned, alphas=args.alphas)
+    print("| alpha | " + " | ".join(f"{k} loss | {k} acc." for k in curves) + " |")
+    print("|---:|" + "---:|---:|" * len(curves))
+    first = next(iter(curves.values()))
+    for i, alpha in enumerate(first.alphas):
+        cells = [f"{c.losses[i]:.4f} | {c.extra['metric1'][i]:.4f}" for c in curves.values()]
+        print(f"| {alpha:.2f} | " + " | ".join(cells) + " |")
+    for k, c in curves.items():
+        print(f"{k}: barrier {c.barrier:.4f} (midpoint {c.midpoint:.4f})")
+    if args.plot:
+        plot_barriers(curves, args.plot, title=f"{a.path.name} → {b.path.name}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metanet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +382,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(run=_cmd_create)
+
+    def pair(p: argparse.ArgumentParser, many: bool = False) -> None:
+        if many:
+            p.add_argument(
+                "paths",
+                nargs="+",
+                metavar="CHECKPOINT",
+                help="metanet checkpoints or Hugging Face folders (first = reference)",
+            )
+        else:
+            p.add_argument("a", help="reference checkpoint (metanet .safetensors or HF folder)")
+            p.add_argument("b", help="checkpoint to align to a")
+        p.add_argument("--family", choices=["mlp", "siren", "cnn"], help="plain state dicts")
+        p.add_argument("--activation", help="hidden activation of --family")
+        p.add_argument(
+            "--model",
+            help="package.module:factory building the architecture "
+            "(verifies the aligned function; needed by barrier for non-HF inputs)",
+        )
+        p.add_argument("--input-shape", help="example input shape for --model (randn)")
+        p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
+        p.add_argument("--max-sweeps", type=int, default=100)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("align", help="permute B to match A (Git Re-Basin weight matching)")
+    pair(p)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(run=_cmd_align)
+
+    p = sub.add_parser("merge", help="merge checkpoints (aligned interpolation, MergeMany, TIES)")
+    pair(p, many=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--method",
+        choices=["align", "naive", "mergemany", "ties", "task"],
+        help="default: align for two checkpoints, mergemany for more",
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the second checkpoint")
+    p.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept")
+    p.add_argument("--scale", type=float, default=1.0, help="TIES / task: task-vector scale")
+    p.add_argument("--align", action="store_true", help="TIES / task: align to the base first")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(run=_cmd_merge)
+
+    p = sub.add_parser("barrier", help="loss along the line from A to B, naive and aligned")
+    pair(p)
+    p.add_argument("--data", help="digits, digits-flat, or package.module:function -> batches")
+    p.add_argument("--alphas", type=int, default=11)
+    p.add_argument("--no-align", action="store_true", help="only the naive interpolation")
+    p.add_argument("--plot", help="save the curves to this image")
+    p.set_defaults(run=_cmd_barrier)
     return parser
 
 
@@ -167,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, WeightSpaceError) as e:
+    except (CheckpointError, WeightSpaceError, OSError) as e:
         print(f"metanet {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -550,7 +550,7 @@ def ste_matching(
             for n in names:
                 straight = proxy[n] + (projected[n] - proxy[n]).detach()
                 mid[n] = 0.5 * (weights_a[n] + straight)
-            loss = loss_fn(functional_call(module, mid, (x,)), y)
+            loss = loss_fn(functional_call(module, mid, (x,), tie_weights=False), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -584,7 +584,7 @@ def verify_aligned(
 
     def run(weights):
         w = {k: v.double() if v.is_floating_point() else v for k, v in weights.items()}
-        out = functional_call(module, w, inputs)
+        out = functional_call(module, w, inputs, tie_weights=False, strict=False)
         leaves = out if isinstance(out, (tuple, list)) else [out]
         if hasattr(out, "to_tuple"):  # Hugging Face ModelOutput
             leaves = list(out.to_tuple())

@@ -201,7 +201,7 @@ def evaluator(
     def evaluate(weights: Weights):
         total, correct, n = 0.0, 0, 0
         for x, y in batches:
-            out = functional_call(module, dict(weights), (x,))
+            out = functional_call(module, dict(weights), (x,), tie_weights=False)
             total += float(loss_fn(out, y)) * len(y)
             if accuracy:
                 correct += int((out.argmax(-1) == y).sum())
