@@ -1,0 +1,10 @@
+"""Factories the CLI tests pass as ``--model tests.cli_models:NAME``."""
+
+import torch
+
+from tasks import digits
+
+
+def digits_mlp():
+    """The architecture of the checkpoints in tests/test_cli_align.py, with an example input."""
+    return digits.mlp(64, 2), (torch.randn(4, 64),)

@@ -1,0 +1,131 @@
+"""``metanet align / merge / barrier`` on saved checkpoints: round trips and clean failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metanet
+from converters import from_module
+from metanet.cli import main
+from tasks import digits
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two small digit MLPs trained from different seeds, saved with their WeightSpace."""
+    root = tmp_path_factory.mktemp("ckpt")
+    d = digits.load().flat()
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = digits.train(digits.mlp(64, 2), d, epochs=10, lr=3e-3, batch_size=128, seed=seed)
+        space = from_module(model, d.x_train[:2])
+        paths.append(root / f"m{seed}.safetensors")
+        metanet.save(paths[-1], model.state_dict(), space)
+    return paths
+
+
+def test_align_round_trip(pair, tmp_path, capsys):
+    a, b = pair
+    out = tmp_path / "b_aligned.safetensors"
+    args = ["align", str(a), str(b), "-o", str(out), "--model", "tests.cli_models:digits_mlp"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and "same function" in captured.err
+    wa, space = metanet.load(a)
+    wb, _ = metanet.load(b)
+    aligned, space2 = metanet.load(out)
+    assert space2 == space
+    # a relabelling of b (same multiset of rows) that is closer to a
+    rows = torch.cdist(
+        aligned["0.weight"], wb["0.weight"], compute_mode="donot_use_mm_for_euclid_dist"
+    ).min(1)
+    assert rows.values.max() == 0 and len(set(rows.indices.tolist())) == 64
+    assert not torch.equal(rows.indices, torch.arange(64))  # something moved
+
+    def dist(w):
+        return sum(float((w[k] - wa[k]).pow(2).sum()) for k in wa)
+
+    assert dist(aligned) < 0.8 * dist(wb)
+    model = digits.mlp(64, 2).eval()
+    x = torch.randn(16, 64)
+    model.load_state_dict(wb)
+    yb = model(x)
+    model.load_state_dict(aligned)
+    torch.testing.assert_close(model(x), yb, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_barrier(pair, tmp_path, capsys):
+    a, b = pair
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(a), str(b), "-o", str(out), "-q"]) == 0
+    merged, _ = metanet.load(out)
+    wa, _ = metanet.load(a)
+    assert set(merged) == set(wa) and not torch.equal(merged["0.weight"], wa["0.weight"])
+    naive = tmp_path / "naive.safetensors"
+    assert main(["merge", str(a), str(b), "-o", str(naive), "--method", "naive", "-q"]) == 0
+    wb, _ = metanet.load(b)
+    torch.testing.assert_close(
+        metanet.load(naive)[0]["0.weight"], (wa["0.weight"] + wb["0.weight"]) / 2
+    )
+    three = tmp_path / "three.safetensors"
+    assert main(["merge", str(a), str(b), str(a), "-o", str(three), "-q"]) == 0  # MergeMany
+    capsys.readouterr()
+    plot = tmp_path / "barrier.png"
+    argv = [
+        "barrier",
+        str(a),
+        str(b),
+        "--model",
+        "tests.cli_models:digits_mlp",
+        "--data",
+        "digits-flat",
+        "--alphas",
+        "5",
+        "--plot",
+        str(plot),
+        "-q",
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    naive_b = float(text.split("naive: barrier ")[1].split()[0])
+    aligned_b = float(text.split("aligned: barrier ")[1].split()[0])
+    assert aligned_b < naive_b and plot.exists()
+
+
+def test_mismatched_pair_and_corrupt_file_leave_no_output(pair, tmp_path, capsys):
+    a, _ = pair
+    torch.manual_seed(0)
+    other = digits.mlp(32, 2)
+    odd = tmp_path / "odd.safetensors"
+    metanet.save(odd, other.state_dict(), from_module(other, torch.randn(2, 64)))
+    out = tmp_path / "out.safetensors"
+    assert main(["align", str(a), str(odd), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "0.weight" in err and "(32, 64)" in err and not out.exists()
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(a.read_bytes()[:-100])
+    assert main(["align", str(a), str(corrupt), "-o", str(out), "-q"]) == 2
+    assert "corrupt.safetensors" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", str(a), str(corrupt), "-o", str(out), "-q"]) == 2
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == sorted([odd, corrupt]) or set(tmp_path.iterdir()) == {
+        odd,
+        corrupt,
+    }
+
+
+def test_align_never_overwrites_an_input(pair, capsys):
+    a, b = pair
+    before = b.read_bytes()
+    assert main(["align", str(a), str(b), "-o", str(b), "-q"]) == 2
+    assert "is an input" in capsys.readouterr().err
+    assert b.read_bytes() == before
+
+
+def test_barrier_without_a_model_says_what_to_pass(pair, capsys):
+    a, b = pair
+    assert main(["barrier", str(a), str(b), "--data", "digits-flat", "-q"]) == 2
+    assert "--model" in capsys.readouterr().err
