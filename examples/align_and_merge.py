@@ -3,7 +3,8 @@
 Trains two ReLU MLPs (3 × 512) and two small CNNs with different seeds, then for each
 pair: the loss barrier of naive interpolation, and after Git Re-Basin weight matching,
 activation matching and (MLPs) the straight-through estimator. Prints the table, saves
-the barrier plot and the aligned checkpoint (verified function-identical first).
+the barrier plot, both checkpoints of each pair and b aligned by weight matching (verified
+function-identical first).
 
     python examples/align_and_merge.py --out align_out        # about a minute on 2 cores
 """
@@ -27,6 +28,8 @@ def compare(kind, model_a, model_b, d, out: Path, ste_epochs: int, alphas: int) 
     """Naive vs aligned interpolation of one pair: rows of (method, curve, seconds)."""
     a, b = model_a.state_dict(), model_b.state_dict()
     space = from_module(model_a, d.x_train[:2])
+    metanet.save(out / f"{kind}_a.safetensors", a, space)  # for the CLI: metanet align ...
+    metanet.save(out / f"{kind}_b.safetensors", b, space)
     test = evaluator(model_a, digits.batches(d.x_test, d.y_test), accuracy=True)
     train = digits.batches(d.x_train, d.y_train, 128)
     methods = {

@@ -1,5 +1,10 @@
-"""What users do with weights: align, merge, teleport, learned optimizers, datasets.
+"""What users do with weights.
 
-Each task lands with its issue; this package only fixes the import direction
-(``tasks`` -> ``metanet``, ``converters``).
+* :mod:`tasks.align` — Git Re-Basin: weight matching, activation matching, STE, for any
+  WeightSpace; :func:`tasks.align.verify_aligned` before anything is saved.
+* :mod:`tasks.merge` — interpolation, MergeMany, loss barriers and plots, BatchNorm and
+  REPAIR statistics repair, task arithmetic, TIES.
+* :mod:`tasks.digits` — scikit-learn's digits and small models on it.
+
+Imports point one way: ``tasks`` -> ``metanet``, ``converters``.
 """

@@ -58,3 +58,33 @@ def test_ci_runs_readme_commands():
         )
         assert block, f"README lacks the {marker} command"
         assert len(block.group(1).strip().splitlines()) == 1
+
+
+def test_align_cli_snippets_run(tmp_path, monkeypatch, capsys):
+    """The align/merge/barrier tour, on checkpoints shaped like the main job's."""
+    import torch
+
+    import metanet
+    from converters import from_module
+    from tasks import digits
+
+    monkeypatch.chdir(tmp_path)
+    d = digits.load().flat()
+    for name, seed in (("mlp_a", 0), ("mlp_b", 1)):
+        torch.manual_seed(seed)
+        model = digits.train(digits.mlp(), d, epochs=1, batch_size=128, seed=seed)
+        metanet.save(
+            f"align_out/{name}.safetensors", model.state_dict(), from_module(model, d.x_train[:2])
+        )
+    tour = next(b for b in _blocks("bash") if "metanet align" in b)
+    for line in tour.strip().splitlines():
+        words = shlex.split(line.split("#")[0])
+        assert words[0] == "metanet"
+        assert main(words[1:]) == 0, line
+    assert Path("b_aligned.safetensors").exists() and Path("barrier.png").exists()
+    assert "aligned: barrier" in capsys.readouterr().out
+
+
+def test_main_job_is_the_alignment_example():
+    block = re.search(r"<!-- install -->\n```bash\n(.*?)\n```", README, flags=re.S).group(1)
+    assert "examples/align_and_merge.py" in block
