@@ -144,7 +144,8 @@ class _Checkpoint:
 
             self.model, self.inputs = hf_model(self.path)
             self.space = from_module(self.model, self.inputs)
-            self.weights = {k: v.detach() for k, v in self.model.state_dict().items()}
+            # a copy: writing an output loads into this model, which must not alter inputs
+            self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
             self.weights, self.space = _space_and_weights(path, args.family, args.activation)
         if getattr(args, "model", None) and self.model is None:

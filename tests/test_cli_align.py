@@ -129,3 +129,32 @@ def test_barrier_without_a_model_says_what_to_pass(pair, capsys):
     a, b = pair
     assert main(["barrier", str(a), str(b), "--data", "digits-flat", "-q"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_align_hugging_face_folders(tmp_path, capsys):
+    """A relabelled copy of the real MiniLM checkpoint aligns back onto it, exactly."""
+    pytest.importorskip("transformers", reason="needs the hf extra")
+    import shutil
+    import warnings
+
+    from converters.pretrained import hf_model
+    from tests.fixtures.architectures import minilm_dir
+
+    src = minilm_dir()
+    model, inputs = hf_model(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = from_module(model, inputs)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(
+        space.apply(original, space.random_element(torch.Generator().manual_seed(0)))
+    )
+    model.save_pretrained(tmp_path / "shuffled")
+    shutil.copy2(src / "vocab.txt", tmp_path / "shuffled" / "vocab.txt")
+    out = tmp_path / "aligned"
+    assert main(["align", str(src), str(tmp_path / "shuffled"), "-o", str(out)]) == 0
+    assert "same function" in capsys.readouterr().err
+    assert (out / "config.json").exists() and (out / "vocab.txt").exists()
+    back, _ = hf_model(out)
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, original[k]), k
