@@ -419,7 +419,7 @@ def teleport(
     kept = {k: v.detach().clone() for k, v in params.items()}
     for _ in range(steps):
         _, obj = evaluate()
-        if max_ratio is not None and float(obj) > max_ratio * obj0:
+        if max_ratio is not None and float(obj.detach()) > max_ratio * obj0:
             break  # the last parameters within the bound are kept
         kept = {k: v.detach().clone() for k, v in params.items()}
         opt.zero_grad()
