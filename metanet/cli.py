@@ -352,6 +352,34 @@ def _cmd_barrier(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- datasets
+def _cmd_inr(args: argparse.Namespace) -> int:
+    from tasks import inr
+
+    if args.action == "info":
+        ds = inr.WeightDataset(args.out)
+        psnr = ds.psnr
+        splits = {s: sum(r["split"] == s for r in ds.rows) for s in ("train", "val", "test")}
+        print(
+            f"{args.out}: {len(ds):,} INRs ({', '.join(f'{k} {v:,}' for k, v in splits.items())}), "
+            f"PSNR mean {psnr.mean():.2f} dB (min {psnr.min():.2f}, median {psnr.median():.2f})"
+        )
+        return 0
+    shard = None
+    if args.shard:
+        i, _, n = args.shard.partition("/")
+        shard = (int(i), int(n))
+    cfg = inr.INRConfig(hidden=args.width, depth=args.depth, steps=args.steps, lr=args.lr,
+                        variant=args.variant)
+    num_shards = shard[1] if shard else args.num_shards
+    paths = inr.make_dataset(
+        args.out, per_image=args.per_image, cfg=cfg, resolution=args.resolution, shard=shard,
+        num_shards=num_shards, seed=args.seed, progress=not args.quiet,
+    )
+    print(f"{args.out}: {len(paths)} shard(s) present")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metanet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -435,6 +463,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-align", action="store_true", help="only the naive interpolation")
     p.add_argument("--plot", help="save the curves to this image")
     p.set_defaults(run=_cmd_barrier)
+
+    p = sub.add_parser("inr", help="INR weight datasets: fit SIRENs to sklearn digits, or info")
+    p.add_argument("action", choices=["make", "info"])
+    p.add_argument("out", help="dataset folder")
+    p.add_argument("--per-image", type=int, default=10, help="INRs per image (seeds)")
+    p.add_argument("--shard", help="i/n: make only shard i of n (shards run anywhere)")
+    p.add_argument("--num-shards", type=int, default=10)
+    p.add_argument("--resolution", type=int, default=8, help="8 = native; 28 upsamples")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--variant", choices=["siren", "dws"], default="siren")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(run=_cmd_inr)
     return parser
 
 

@@ -1,0 +1,403 @@
+"""Implicit neural representation (INR) weight datasets: fit, store, load.
+
+Thousands of SIREN INRs (Sitzmann et al., 2020) are fitted at once: every INR's weights
+are one slice of a stacked tensor, the forward pass is a batched matmul, and Adam (an
+elementwise optimizer) keeps them independent, so a batch of B INRs trains exactly as B
+separate runs would. Each INR is initialized from its own seed, so any shard can be
+recomputed anywhere, bit for bit.
+
+Storage (a folder): ``space.json`` (the WeightSpace of one INR), and shards
+``shard-IIIII-of-NNNNN.safetensors`` holding every tensor stacked over the shard's INRs
+plus, in the metadata, the shard's index rows (image, label, seed, PSNR, split). Shards
+are written atomically; a rerun skips the ones that exist, so an interrupted run resumes
+where it stopped. :class:`WeightDataset` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metanet.io import CheckpointError, atomic_write
+from metanet.space import WeightSpace
+
+__all__ = [
+    "INRConfig",
+    "Siren",
+    "siren_space",
+    "fit_sirens",
+    "image_grid",
+    "make_dataset",
+    "sine_targets",
+    "WeightDataset",
+    "collate_features",
+]
+
+INDEX_KEY = "metanet.inr_index"
+
+
+@dataclass(frozen=True)
+class INRConfig:
+    """A SIREN and how it is fitted.
+
+    ``variant="siren"`` is the standard initialization; ``"dws"`` the DWSNets datasets'
+    choices (first-layer bias zero, all biases small) with the same architecture.
+    """
+
+    in_features: int = 2
+    hidden: int = 32
+    depth: int = 3  # hidden layers
+    out_features: int = 1
+    w0: float = 30.0
+    steps: int = 150  # 8×8 digits: ~60 dB mean PSNR; upsampled images want more
+    lr: float = 1e-3
+    variant: str = "siren"
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.in_features] + [self.hidden] * self.depth + [self.out_features]
+
+    def names(self) -> list[str]:
+        return [f"net.{2 * i}.{k}" for i in range(len(self.sizes) - 1) for k in ("weight", "bias")]
+
+
+class Sine(nn.Module):
+    def __init__(self, w0: float):
+        super().__init__()
+        self.w0 = w0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(self.w0 * x)
+
+
+class Siren(nn.Module):
+    """One INR as a module (``state_dict`` keys match the dataset's tensors)."""
+
+    def __init__(self, cfg: INRConfig = INRConfig()):
+        super().__init__()
+        layers: list[nn.Module] = []
+        sizes = cfg.sizes
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(Sine(cfg.w0))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, coords: Tensor) -> Tensor:
+        return self.net(coords)
+
+
+def siren_space(cfg: INRConfig = INRConfig()) -> WeightSpace:
+    """The WeightSpace of one INR (hidden units permute; sign symmetry of ``sin``)."""
+    from converters import from_state_dict
+
+    return from_state_dict(Siren(cfg).state_dict(), "siren")
+
+
+def image_grid(height: int, width: int) -> Tensor:
+    """Pixel-centre coordinates in [-1, 1]², row-major, shape ``(height * width, 2)``."""
+    ys = torch.linspace(-1, 1, height)
+    xs = torch.linspace(-1, 1, width)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+
+
+def _init(cfg: INRConfig, seeds: Sequence[int]) -> dict[str, Tensor]:
+    """Stacked initial weights, INR i drawn from ``torch.Generator().manual_seed(seeds[i])``."""
+    sizes = cfg.sizes
+    per: dict[str, list[Tensor]] = {n: [] for n in cfg.names()}
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            bound = 1 / a if i == 0 else math.sqrt(6 / a) / cfg.w0
+            w = (torch.rand(b, a, generator=gen) * 2 - 1) * bound
+            bias_bound = 1 / math.sqrt(a)
+            bias = (torch.rand(b, generator=gen) * 2 - 1) * bias_bound
+            if cfg.variant == "dws":
+                bias = bias * (0.0 if i == 0 else 1 / cfg.w0)
+            per[f"net.{2 * i}.weight"].append(w)
+            per[f"net.{2 * i}.bias"].append(bias)
+    return {n: torch.stack(v) for n, v in per.items()}
+
+
+def _forward(cfg: INRConfig, w: dict[str, Tensor], coords: Tensor) -> Tensor:
+    """Batched SIREN: ``coords (P, in)`` -> ``(B, P, out)``."""
+    n_layers = len(cfg.sizes) - 1
+    h = coords.expand(w["net.0.weight"].shape[0], *coords.shape)
+    for i in range(n_layers):
+        h = torch.baddbmm(w[f"net.{2 * i}.bias"][:, None, :], h, w[f"net.{2 * i}.weight"].mT)
+        if i < n_layers - 1:
+            h = torch.sin(cfg.w0 * h)
+    return h
+
+
+def fit_sirens(
+    targets: Tensor,
+    coords: Tensor,
+    seeds: Sequence[int],
+    cfg: INRConfig = INRConfig(),
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Fit one SIREN per target, all at once.
+
+    Args:
+        targets: ``(B, P, out_features)`` values at ``coords`` ``(P, in_features)``.
+        seeds: one initialization seed per INR.
+    Returns:
+        ``(weights, psnr)``: stacked weights ``{name: (B, ...)}`` and per-INR PSNR in dB
+        (peak 1, i.e. targets in [0, 1]).
+    """
+    if len(seeds) != targets.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {targets.shape[0]} targets")
+    w = {n: t.requires_grad_() for n, t in _init(cfg, seeds).items()}
+    opt = torch.optim.Adam(list(w.values()), lr=cfg.lr)
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"fitting {targets.shape[0]} INRs", unit="step", leave=False)
+    for _ in steps:
+        err = _forward(cfg, w, coords) - targets
+        # per-INR mean squared error, summed: each INR gets its own gradient
+        loss = err.pow(2).mean(dim=(1, 2)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        mse = (_forward(cfg, w, coords) - targets).pow(2).mean(dim=(1, 2))
+    psnr = -10 * torch.log10(mse.clamp_min(1e-12))
+    return {n: t.detach() for n, t in w.items()}, psnr
+
+
+def sine_targets(n: int, seed: int = 0, points: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+    """1-D regression INRs: ``a·sin(b x)`` on ``[-π, π]`` with ``a ∈ [0.5, 2]``,
+    ``b ∈ [1, 4]``. Returns ``(targets (n, points, 1), coords (points, 1), ab (n, 2))``;
+    targets are scaled to [0, 1] for PSNR, ``(y / a_max + 1) / 2``."""
+    gen = torch.Generator().manual_seed(seed)
+    a = 0.5 + 1.5 * torch.rand(n, generator=gen)
+    b = 1 + 3 * torch.rand(n, generator=gen)
+    x = torch.linspace(-math.pi, math.pi, points)
+    y = a[:, None] * torch.sin(b[:, None] * x[None])
+    coords = (x / math.pi)[:, None]
+    return ((y / 2 + 1) / 2)[..., None], coords, torch.stack([a, b], 1)
+
+
+# --------------------------------------------------------------------------- datasets
+@dataclass
+class _Item:
+    image: int
+    label: int
+    seed: int
+    split: str
+    psnr: float = float("nan")
+
+
+def _digits_items(per_image: int, seed: int, val: float, test: float):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.float32) / 16.0
+    labels = d.target.tolist()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test, n_val = round(test * len(labels)), round(val * len(labels))
+    split = {}
+    for k, i in enumerate(order):  # split by image: all INRs of an image share a split
+        split[i] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    items = [
+        _Item(i, int(labels[i]), seed * 1_000_003 + i * per_image + r, split[i])
+        for i in range(len(labels))
+        for r in range(per_image)
+    ]
+    return images, items
+
+
+def _shard_path(root: Path, i: int, n: int) -> Path:
+    return root / f"shard-{i:05d}-of-{n:05d}.safetensors"
+
+
+def make_dataset(
+    out: str | os.PathLike,
+    *,
+    per_image: int = 10,
+    cfg: INRConfig = INRConfig(),
+    resolution: int = 8,
+    shard: tuple[int, int] | None = None,
+    num_shards: int = 10,
+    batch: int = 2048,
+    seed: int = 0,
+    val: float = 0.1,
+    test: float = 0.2,
+    progress: bool = True,
+) -> list[Path]:
+    """Fit ``per_image`` SIRENs to every image of scikit-learn's digits and store them.
+
+    ``resolution`` 8 fits the native 8×8 images; larger values upsample them (bilinear,
+    e.g. 28 as in MNIST INR datasets). The dataset is cut into ``num_shards`` shards;
+    ``shard=(i, n)`` makes only shard ``i`` (``n`` must equal ``num_shards``), so shards can
+    run on different machines into one folder. Existing shards are skipped (resume).
+    Returns the shard paths written or found.
+    """
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    images, items = _digits_items(per_image, seed, val, test)
+    if resolution != 8:
+        images = nn.functional.interpolate(
+            images[:, None], size=(resolution, resolution), mode="bilinear", align_corners=True
+        )[:, 0]
+    coords = image_grid(resolution, resolution)
+    meta = {"config": asdict(cfg), "per_image": per_image, "resolution": resolution,
+            "seed": seed, "num_shards": num_shards, "source": "sklearn.datasets.load_digits"}
+    _write_json(root / "dataset.json", meta, check_same=True)
+    space_path = root / "space.json"
+    if not space_path.exists():
+        atomic_write(space_path, lambda tmp: Path(tmp).write_text(siren_space(cfg).to_json(2)))
+    if shard is not None and shard[1] != num_shards:
+        raise ValueError(f"--shard {shard[0]}/{shard[1]}: this dataset has {num_shards} shards")
+    wanted = [shard[0]] if shard is not None else range(num_shards)
+    per_shard = math.ceil(len(items) / num_shards)
+    paths = []
+    for i in wanted:
+        path = _shard_path(root, i, num_shards)
+        paths.append(path)
+        if path.exists():
+            continue  # finished earlier: resume
+        chunk = items[i * per_shard : (i + 1) * per_shard]
+        parts: dict[str, list[Tensor]] = {}
+        for start in range(0, len(chunk), batch):
+            sub = chunk[start : start + batch]
+            targets = images[[it.image for it in sub]].reshape(len(sub), -1, 1)
+            w, psnr = fit_sirens(targets, coords, [it.seed for it in sub], cfg, progress)
+            for it, p in zip(sub, psnr.tolist()):
+                it.psnr = round(p, 4)
+            for n, t in w.items():
+                parts.setdefault(n, []).append(t)
+        tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
+        rows = [asdict(it) for it in chunk]
+        _save_shard(path, tensors, rows)
+        if progress:
+            mean = sum(r["psnr"] for r in rows) / max(1, len(rows))
+            print(f"wrote {path.name}: {len(rows)} INRs, mean PSNR {mean:.2f} dB")
+    return paths
+
+
+def _save_shard(path: Path, tensors: dict[str, Tensor], rows: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={INDEX_KEY: json.dumps(rows)}))
+
+
+def _write_json(path: Path, data: dict, check_same: bool = False) -> None:
+    if path.exists() and check_same:
+        old = json.loads(path.read_text())
+        if old != data:
+            raise CheckpointError(
+                f"{path}: the folder holds a dataset made with other settings ({old}); "
+                "use a new folder"
+            )
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+
+
+class WeightDataset(torch.utils.data.Dataset):
+    """A folder of weight shards (INRs, or any stacked checkpoints with an index).
+
+    Items are ``(sample, label)``; ``format`` picks the sample:
+
+    * ``"weights"``: ``{name: Tensor(*shape)}``;
+    * ``"features"``: ``{name: Tensor(1, *shape)}`` (one channel, for ``UNFLinear``);
+    * ``"graph"``: a :class:`metanet.ParamGraph` with ``y`` set (PyG ``DataLoader`` ready);
+    * ``"flat"``: one vector (for flat baselines).
+
+    ``augment=True`` applies a fresh random group element of the space to every sample
+    drawn (permutations: a different but equivalent network each epoch).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | None = None,
+        format: str = "weights",
+        augment: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        from safetensors import safe_open
+
+        if format not in ("weights", "features", "graph", "flat"):
+            raise ValueError(f"format must be weights, features, graph or flat, got {format!r}")
+        self.root = Path(root)
+        meta_path = self.root / "dataset.json"
+        if not meta_path.exists():
+            raise CheckpointError(f"{self.root}: no dataset.json; not a weight dataset folder")
+        self.meta = json.loads(meta_path.read_text())
+        self.space = WeightSpace.from_json((self.root / "space.json").read_text())
+        n = self.meta["num_shards"]
+        missing = [i for i in range(n) if not _shard_path(self.root, i, n).exists()]
+        if missing:
+            raise CheckpointError(
+                f"{self.root}: shards {missing[:5]}{'…' if len(missing) > 5 else ''} of {n} "
+                "are missing; finish them first (make_dataset resumes)"
+            )
+        parts: dict[str, list[Tensor]] = {}
+        rows: list[dict] = []
+        for i in range(n):
+            path = _shard_path(self.root, i, n)
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    rows += json.loads(f.metadata()[INDEX_KEY])
+                    for name in self.space.tensors:
+                        parts.setdefault(name, []).append(f.get_tensor(name))
+            except Exception as e:  # noqa: BLE001 - name the file at fault
+                raise CheckpointError(f"{path}: unreadable shard ({e})") from None
+        keep = [k for k, r in enumerate(rows) if split is None or r["split"] == split]
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.tensors = {n: torch.cat(v)[idx].to(dtype) for n, v in parts.items()}
+        self.rows = [rows[k] for k in keep]
+        self.labels = torch.tensor([r["label"] for r in self.rows])
+        self.format, self.augment = format, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def psnr(self) -> Tensor:
+        return torch.tensor([r["psnr"] for r in self.rows])
+
+    def weights(self, i: int) -> dict[str, Tensor]:
+        return {n: t[i] for n, t in self.tensors.items()}
+
+    def __getitem__(self, i: int):
+        w = self.weights(i)
+        if self.augment:
+            w = self.space.apply(w, self.space.random_element(self.generator))
+        label = self.labels[i]
+        if self.format == "weights":
+            return w, label
+        if self.format == "features":
+            return {n: t[None] for n, t in w.items()}, label
+        if self.format == "flat":
+            return torch.cat([w[n].reshape(-1) for n in self.space.tensors]), label
+        from metanet.graph import to_graph
+
+        g = to_graph(self.space, w)
+        g.y = label.reshape(1)
+        return g
+
+    def __iter__(self) -> Iterator:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def collate_features(batch: list) -> tuple[dict[str, Tensor], Tensor]:
+    """Stack ``("features", label)`` items into ``({name: (B, 1, *shape)}, labels)``."""
+    feats = {n: torch.stack([b[0][n] for b in batch]) for n in batch[0][0]}
+    return feats, torch.stack([b[1] for b in batch])
+
+
