@@ -172,6 +172,9 @@ def _permute_view(
 
 
 # --------------------------------------------------------------------------- solving
+_CHUNK = 1 << 20  # elements per float64 chunk of the objective
+
+
 def _lap(cost: np.ndarray) -> tuple[np.ndarray, float]:
     rows, cols = linear_sum_assignment(cost, maximize=True)
     return cols, float(cost[rows, cols].sum())
@@ -260,7 +263,7 @@ class _Matcher:
     def _solve(outer, inners, k_outer, k_inner, g) -> float:
         n = k_outer.shape[0]
         old = float(k_outer[torch.arange(n), g[outer]].sum())
-        pair = k_outer.numpy().copy()
+        pair = k_outer.numpy()  # a fresh local: the head-pair values are added in place
         best: dict[str, np.ndarray] = {}
         for name in inners:
             k = k_inner[name]
@@ -282,12 +285,42 @@ class _Matcher:
             g[name] = torch.as_tensor(best[name][np.arange(n), cols], dtype=torch.long)
         return new - old
 
+    def readers(self, todo: Iterable[str]) -> dict[str, list[str]]:
+        """For each group of ``todo``, the groups of ``todo`` whose step reads its permutation.
+
+        A step holds every other group in the views it reads at its current permutation,
+        and its own where it occurs twice in a view (or carries more than one per-head
+        dimension per occurrence): only then does its assignment problem change.
+        """
+        space = self.space
+        todo = list(todo)
+
+        def top(lab):
+            return space.groups[lab].within or lab
+
+        reads: dict[str, set[str]] = {}
+        for x in todo:
+            r, itself = set(), False
+            for v in self.touching[x]:
+                labels = [lab for lab in v.labels if lab is not None]
+                r.update(top(lab) for lab in labels)
+                occ = sum(lab == x for lab in labels)
+                inner = sum(lab != x and top(lab) == x for lab in labels)
+                itself = itself or occ > 1 or inner > occ
+            reads[x] = r if itself else r - {x}
+        return {y: [x for x in todo if y in reads[x]] for y in todo}
+
     def objective(self, g: Mapping[str, Tensor]) -> float:
         total = 0.0
         for views in self.views.values():
             for v in views:
-                bw = _permute_view(self.space, v, v.take(self.b[v.tensor]), g)
-                total += float((v.take(self.a[v.tensor]).double() * bw.double()).sum())
+                bw = _permute_view(self.space, v, v.take(self.b[v.tensor]), g).reshape(-1)
+                aw = v.take(self.a[v.tensor]).reshape(-1)
+                # in float64 a chunk at a time: a whole embedding in float64 was the peak
+                for i in range(0, aw.numel(), _CHUNK):
+                    total += float(
+                        torch.dot(aw[i : i + _CHUNK].double(), bw[i : i + _CHUNK].double())
+                    )
         return total
 
 
@@ -369,12 +402,42 @@ def weight_matching(
     base = matcher.objective(g) if todo else 0.0
     log.objective.append(base)
     bar = _progress(range(max_sweeps), progress, desc="weight matching", unit="sweep")
+    # a group is re-solved only when a permutation its problem reads has changed since
+    # its last solve; otherwise the same problem has the same answer (it would gain 0)
+    readers = matcher.readers(todo)
+    stale = set(todo)
+    coupled = any(
+        sum(lab is not None and (space.groups[lab].within or lab) == name for lab in v.labels) > 1
+        for name in todo
+        for v in matcher.touching[name]
+    )
+    best = {k: v.clone() for k, v in g.items()}
     for _ in bar:
         gain = 0.0
         for name in rng.permutation(todo):
-            gain += matcher.step(str(name), g)
+            name = str(name)
+            if name not in stale:
+                continue
+            stale.discard(name)
+            step_gain = matcher.step(name, g)
+            if step_gain > 0:
+                stale.update(readers[name])
+            gain += step_gain
         log.sweeps += 1
-        log.objective.append(log.objective[-1] + gain)
+        if coupled:
+            # a group on two axes of one tensor (a recurrent matrix) is solved with its
+            # other occurrence held: the step gains are then not the objective's change,
+            # so the sweep is judged on the true objective and undone if it lost
+            value = matcher.objective(g)
+            gain = value - log.objective[-1]
+            if gain <= 0:
+                g = best
+                log.objective.append(log.objective[-1])
+                break
+            best = {k: v.clone() for k, v in g.items()}
+            log.objective.append(value)
+        else:
+            log.objective.append(log.objective[-1] + gain)
         if progress:
             bar.set_postfix(objective=f"{log.objective[-1]:.4g}")
         if gain <= 1e-9 * max(1.0, abs(log.objective[-1])):

@@ -382,7 +382,9 @@ def teleport(
     the objective has grown by that factor (an unbounded gradient norm makes a fixed
     learning rate unstable). The result is accepted only if
     the loss on the batch is unchanged within ``loss_rtol`` (relative) and the objective
-    increased; otherwise the original weights come back with the reason.
+    increased; otherwise the original weights come back with the reason. The loss check
+    is ``|Δloss| <= loss_rtol * max(1, |loss|)``: relative for losses above 1, absolute
+    below.
     """
     module = (
         copy.deepcopy(model).eval()
@@ -417,16 +419,20 @@ def teleport(
         return TeleportResult(dict(base), loss0, loss0, obj0, obj0, False, "no symmetry found")
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     kept = {k: v.detach().clone() for k, v in params.items()}
-    for _ in range(steps):
+    for i in range(steps + 1):
+        last = i == steps
+        if last and max_ratio is None:
+            kept = {k: v.detach().clone() for k, v in params.items()}
+            break
         _, obj = evaluate()
         if max_ratio is not None and float(obj.detach()) > max_ratio * obj0:
             break  # the last parameters within the bound are kept
         kept = {k: v.detach().clone() for k, v in params.items()}
+        if last:
+            break
         opt.zero_grad()
         (-obj).backward()
         opt.step()
-    else:
-        kept = {k: v.detach().clone() for k, v in params.items()}
     with torch.no_grad():
         for k, v in params.items():
             v.copy_(kept[k])

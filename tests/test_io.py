@@ -122,3 +122,16 @@ def test_pt_files_load_weights_only(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="weights_only=True"):
         metanet.load_state_dict(tmp_path / "evil.pt")
+
+
+def test_saved_files_honour_the_umask(tmp_path):
+    import os
+
+    from metanet.io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "x", lambda p: open(p, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x").stat().st_mode & 0o777 == 0o644

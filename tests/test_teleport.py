@@ -211,3 +211,11 @@ def test_scale_canonical_form(digits_mlp):
     x = d.x_test.double()
     out = [functional_call(net, ww, (x,)) for ww in (w, c1)]
     torch.testing.assert_close(out[0], out[1], rtol=1e-9, atol=1e-9)
+
+
+def test_max_ratio_bounds_the_objective(digits_mlp):
+    d, model, space = digits_mlp
+    batch = (d.x_train[:64], d.y_train[:64])
+    for steps in (1, 3):
+        r = teleport(model, space, batch, steps=steps, lr=0.05, max_ratio=1.1)
+        assert r.objective_after <= 1.1 * r.objective_before * (1 + 1e-6)

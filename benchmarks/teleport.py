@@ -1,0 +1,515 @@
+"""Symmetry teleportation (``tasks.teleport.Teleport``): optimizer steps to a target loss.
+
+Two tasks, small ReLU MLPs (``tasks.digits.mlp(32, 3)``: three hidden layers of 32):
+
+* ``digits`` — scikit-learn's 8×8 digits (1,347 train / 450 test), cross-entropy,
+  target full-training-set loss 0.05, test accuracy reported.
+* ``teacher`` — regression like the papers': 8-d Gaussian inputs, 4-d targets from a
+  random two-hidden-layer tanh teacher (standardized, + N(0, 0.1²) noise), generated
+  here with a fixed seed (1,024 train / 2,048 test), MSE, target training MSE 0.1,
+  test MSE reported.
+
+Protocol (per task and optimizer, plain SGD and Adam, minibatches of 64):
+
+1. Learning-rate grid without teleportation, ``--seeds`` seeds each: the tuned lr is the
+   one with the smallest median steps to target (a run that does not reach it counts as
+   the cap). The same grid is run with teleportation too and reported beside it.
+2. At the tuned lr, baseline and teleport runs go on to a fixed budget (4× the tuned
+   baseline's median steps to target): loss curves, test metric at the step the target
+   was reached and at the budget.
+
+Seed ``s`` fixes the initialization and the minibatch order (its own generator), so a
+baseline and its teleport run see the same batches; the teleport run differs only by
+``Teleport(opt, model, space, every=25, steps=10, lr=0.1, max_ratio=1.5)`` (grad-norm
+ascent on the positive-scaling group of every hidden layer, found from the WeightSpace),
+teleporting on the current minibatch during the first 250 optimizer steps, then
+``step(None)``. One config for every task, optimizer and seed; ``--sensitivity`` adds a
+small table of other configs on both tasks with SGD. Steps to target = first optimizer
+step, checked every 10, at which the full-training-set loss is ≤ the target; capped at
+3,000 ("not reached" is said so). Teleport ascent steps are not optimizer steps: their
+cost is reported separately, as the share of training wall time spent teleporting.
+
+Writes ``benchmarks/results/teleport.md`` and ``teleport_curves.png``.
+
+    python benchmarks/teleport.py                 # about 7 minutes on 2 busy cores
+    python benchmarks/teleport.py --quick         # 3 seeds, lrs fixed at the tuned ones, ~1.5 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from converters import from_module  # noqa: E402
+from tasks import digits  # noqa: E402
+from tasks.teleport import Teleport  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GRID = {"sgd": (0.03, 0.1, 0.3, 1.0), "adam": (1e-3, 3e-3, 1e-2, 3e-2)}
+CAP, CHECK, BATCH = 3000, 10, 64
+_T0 = time.perf_counter()
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- tasks
+@dataclass
+class Task:
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    loss_fn: object
+    target: float
+    metric: str  # "test acc" or "test MSE"
+    inputs: int
+    outputs: int
+
+    def model(self, seed: int) -> nn.Sequential:
+        torch.manual_seed(seed)
+        return digits.mlp(32, 3, inputs=self.inputs, classes=self.outputs)
+
+    @torch.no_grad()
+    def train_loss(self, model) -> float:
+        return float(self.loss_fn(model(self.x_train), self.y_train))
+
+    @torch.no_grad()
+    def test_metric(self, model) -> float:
+        out = model(self.x_test)
+        if self.metric == "test acc":
+            return float((out.argmax(1) == self.y_test).float().mean())
+        return float(self.loss_fn(out, self.y_test))
+
+
+def digits_task() -> Task:
+    d = digits.load().flat()
+    return Task(
+        "digits", d.x_train, d.y_train, d.x_test, d.y_test,
+        nn.functional.cross_entropy, 0.05, "test acc", 64, 10,
+    )  # fmt: skip
+
+
+def teacher_task(n_train: int = 1024, n_test: int = 2048, seed: int = 12345) -> Task:
+    """Random tanh teacher 8 → 32 → 32 → 4, standardized outputs, noise std 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = 1.5 * torch.randn(32, 8, generator=g) / 8**0.5
+    w2 = 1.5 * torch.randn(32, 32, generator=g) / 32**0.5
+    w3 = torch.randn(4, 32, generator=g) / 32**0.5
+    x = torch.randn(n_train + n_test, 8, generator=g)
+    y = torch.tanh(torch.tanh(x @ w1.T) @ w2.T) @ w3.T
+    y = (y - y.mean(0)) / y.std(0)
+    y = y + 0.1 * torch.randn(y.shape, generator=g)
+    return Task(
+        "teacher", x[:n_train], y[:n_train], x[n_train:], y[n_train:],
+        nn.functional.mse_loss, 0.1, "test MSE", 8, 4,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class Config:
+    every: int = 25
+    steps: int = 10
+    lr: float = 0.1
+    max_ratio: float | None = 1.5
+    until: int = 250
+
+    def __str__(self) -> str:
+        return (
+            f"every={self.every}, steps={self.steps}, lr={self.lr}, "
+            f"max_ratio={self.max_ratio}, first {self.until} steps"
+        )
+
+
+@dataclass
+class Run:
+    hit: int | None  # optimizer steps to target, None: not reached within the cap
+    metric_at_hit: float | None
+    metric_end: float
+    steps_run: int
+    curve: list[float] = field(default_factory=list)  # train loss every CHECK steps
+    train_s: float = 0.0  # wall time in forward/backward/step (evaluation excluded)
+    teleport_s: float = 0.0  # of which inside teleports
+    teleports: int = 0
+    accepted: int = 0
+    ratios: list[float] = field(default_factory=list)  # objective after / before
+    drift: float = 0.0  # max |batch loss after - before| over accepted teleports
+    diverged: bool = False
+
+
+def _space(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return from_module(model, x[:2])
+
+
+def run(task: Task, opt_name: str, lr: float, seed: int, cfg: Config | None, budget=None) -> Run:
+    """Train until the target is reached (or ``CAP``), or to ``budget`` steps if given
+    (then also past the target, and on to the target if the budget ends before it)."""
+    model = task.model(seed)
+    params = model.parameters()
+    opt = torch.optim.SGD(params, lr=lr) if opt_name == "sgd" else torch.optim.Adam(params, lr=lr)
+    tp = None
+    if cfg is not None:
+        tp = Teleport(
+            opt, model, _space(model, task.x_train), every=cfg.every, steps=cfg.steps,
+            lr=cfg.lr, max_ratio=cfg.max_ratio, loss_fn=task.loss_fn,
+        )  # fmt: skip
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    n = len(task.y_train)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    r = Run(None, None, float("nan"), 0)
+    step = 0
+    while step < CAP:
+        if pos + BATCH > n:  # drop the last partial batch of each epoch
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + BATCH]
+        pos += BATCH
+        x, y = task.x_train[idx], task.y_train[idx]
+        t0 = time.perf_counter()
+        loss = task.loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if tp is None:
+            opt.step()
+        else:
+            before = len(tp.log)
+            t1 = time.perf_counter()
+            tp.step((x, y) if step < cfg.until else None)
+            if len(tp.log) > before:
+                r.teleport_s += time.perf_counter() - t1
+        r.train_s += time.perf_counter() - t0
+        step += 1
+        if step % CHECK:
+            continue
+        full = task.train_loss(model)
+        r.curve.append(full)
+        if not math.isfinite(full) or full > 1e4:
+            r.diverged = True
+            break
+        if r.hit is None and full <= task.target:
+            r.hit, r.metric_at_hit = step, task.test_metric(model)
+        if r.hit is not None and (budget is None or step >= budget):
+            break
+    r.steps_run = step
+    r.metric_end = task.test_metric(model)
+    if tp is not None:
+        r.teleports = len(tp.log)
+        r.accepted = sum(e["accepted"] for e in tp.log)
+        r.ratios = [e["objective_after"] / e["objective_before"] for e in tp.log if e["accepted"]]
+        drifts = [abs(e["loss_after"] - e["loss_before"]) for e in tp.log if e["accepted"]]
+        r.drift = max(drifts, default=0.0)
+    return r
+
+
+# --------------------------------------------------------------------------- stats
+def _steps(r: Run) -> int:
+    return r.hit if r.hit is not None else CAP
+
+
+def _q(xs, p):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _steps_cell(runs: list[Run]) -> str:
+    reached = sum(r.hit is not None for r in runs)
+    s = [_steps(r) for r in runs]
+    med = statistics.median(s)
+    cell = f"{med:.0f} [{min(s)}–{max(s)}]"
+    if reached < len(runs):
+        div = sum(r.diverged for r in runs)
+        cell += f" ({len(runs) - reached} not reached" + (f", {div} diverged" if div else "") + ")"
+        if med >= CAP:
+            cell = f"> {CAP} " + cell[cell.index("[") :]
+    return cell
+
+
+def _speedups(base: list[Run], tele: list[Run]) -> list[float]:
+    """Per seed (paired): baseline steps / teleport steps; a miss counts as the cap."""
+    return [_steps(b) / _steps(t) for b, t in zip(base, tele) if b.hit or t.hit]
+
+
+def _speed_cell(sp: list[float], iqr: bool = True) -> str:
+    if not sp:
+        return "– (target missed with and without)"
+    med = statistics.median(sp)
+    spread = f"IQR {_q(sp, 0.25):.2f}–{_q(sp, 0.75):.2f}; " if iqr else ""
+    return f"{med:.2f}× ({spread}min–max {min(sp):.2f}–{max(sp):.2f})"
+
+
+def _metric_cell(task: Task, vals: list[float | None]) -> str:
+    got = [v for v in vals if v is not None]
+    if not got:
+        return "–"
+    med = statistics.median(got)
+    miss = f" (n={len(got)})" if len(got) < len(vals) else ""
+    if task.metric == "test acc":
+        return f"{100 * med:.1f}% [{100 * min(got):.1f}–{100 * max(got):.1f}]{miss}"
+    return f"{med:.4f} [{min(got):.4f}–{max(got):.4f}]{miss}"
+
+
+def _equal(task: Task, base: list[Run], tele: list[Run]) -> tuple[bool, str]:
+    """Median test metric at the target step: within 1 point of accuracy / 5% of MSE."""
+    b = [r.metric_at_hit for r in base if r.metric_at_hit is not None]
+    t = [r.metric_at_hit for r in tele if r.metric_at_hit is not None]
+    if not b or not t:
+        return False, "not comparable (target missed)"
+    mb, mt = statistics.median(b), statistics.median(t)
+    if task.metric == "test acc":
+        d = 100 * (mt - mb)
+        return abs(d) <= 1.0, f"{100 * mb:.1f}% → {100 * mt:.1f}% ({d:+.1f} points, equal ≤ 1)"
+    d = (mt - mb) / mb
+    return abs(d) <= 0.05, f"{mb:.4f} → {mt:.4f} ({100 * d:+.1f}%, equal ≤ 5%)"
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="3 seeds, tuned lrs only")
+    ap.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--tp-steps", type=int, default=10)
+    ap.add_argument("--tp-lr", type=float, default=0.1)
+    ap.add_argument("--max-ratio", type=float, default=1.5)
+    ap.add_argument("--until", type=int, default=250)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    seeds = range(3 if args.quick else args.seeds)
+    cfg = Config(args.every, args.tp_steps, args.tp_lr, args.max_ratio, args.until)
+    tasks = [digits_task(), teacher_task()]
+    # --quick: the lrs the full grid picks (benchmarks/results/teleport.md)
+    tuned = {"sgd": {"digits": 0.3, "teacher": 0.3}, "adam": {"digits": 1e-2, "teacher": 3e-2}}
+    wall0 = time.perf_counter()
+
+    # 1. lr grid, with and without teleport
+    grid: dict[tuple, list[Run]] = {}
+    best: dict[tuple, float] = {}
+    for task in tasks:
+        for opt_name, lrs in GRID.items():
+            lrs = (tuned[opt_name][task.name],) if args.quick else lrs
+            for lr in lrs:
+                for tele in (None, cfg):
+                    grid[task.name, opt_name, lr, tele is not None] = [
+                        run(task, opt_name, lr, s, tele) for s in seeds
+                    ]
+                _progress(f"grid {task.name} {opt_name} lr={lr:g}")
+            best[task.name, opt_name] = min(
+                lrs,
+                key=lambda lr: statistics.median(map(_steps, grid[task.name, opt_name, lr, False])),
+            )
+
+    # 2. tuned lr: on to a fixed budget, curves
+    main_runs: dict[tuple, tuple[int, list[Run], list[Run]]] = {}
+    for task in tasks:
+        for opt_name in GRID:
+            lr = best[task.name, opt_name]
+            med = statistics.median(map(_steps, grid[task.name, opt_name, lr, False]))
+            budget = min(CAP, int(math.ceil(4 * med / CHECK)) * CHECK)
+            base = [run(task, opt_name, lr, s, None, budget) for s in seeds]
+            tele = [run(task, opt_name, lr, s, cfg, budget) for s in seeds]
+            for b, g in zip(base, grid[task.name, opt_name, lr, False]):
+                assert b.hit == g.hit, "runs are not deterministic"
+            main_runs[task.name, opt_name] = (budget, base, tele)
+            _progress(f"budget runs {task.name} {opt_name} lr={lr:g} budget={budget}")
+
+    # 3. sensitivity (SGD, tuned lr)
+    sens: list[tuple[Config, dict[str, list[float]]]] = []
+    if args.sensitivity and not args.quick:
+        others = [
+            Config(25, 10, 0.1, 1.2, 250),
+            Config(25, 10, 0.1, 2.0, 250),
+            Config(50, 10, 0.1, 1.5, 250),
+            Config(10, 10, 0.1, 1.5, 100),
+            Config(25, 10, 0.1, None, 250),
+        ]
+        for c in [cfg, *others]:
+            row = {}
+            for task in tasks:
+                lr = best[task.name, "sgd"]
+                base = grid[task.name, "sgd", lr, False]
+                tele = (
+                    grid[task.name, "sgd", lr, True]
+                    if c == cfg
+                    else [run(task, "sgd", lr, s, c) for s in seeds]
+                )
+                row[task.name] = (_speedups(base, tele), tele)
+            sens.append((c, row))
+            _progress(f"sensitivity {c}")
+    wall = time.perf_counter() - wall0
+
+    # --------------------------------------------------------------------- tables
+    lines = [
+        f"torch {torch.__version__}, 1 thread; {len(seeds)} seeds; minibatch {BATCH}; "
+        f"MLP in-32-32-32-out ReLU; full-train loss checked every {CHECK} steps, cap {CAP}; "
+        f"teleport: {cfg}; total run time {wall / 60:.1f} min.",
+        "",
+        "**Learning-rate grid** — optimizer steps to target, median [min–max] over seeds "
+        "(a miss counts as the cap, so a speedup involving one is a bound); speedup = "
+        "per-seed baseline/teleport steps, median (min–max). **bold**: the tuned lr (fewest median steps without teleport), used below.",
+        "",
+        "| task (target) | optimizer | lr | steps, no teleport | steps, teleport | speedup |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for task in tasks:
+        for opt_name, lrs in GRID.items():
+            for lr in lrs:
+                key = (task.name, opt_name, lr)
+                if (*key, False) not in grid:
+                    continue
+                b, t = grid[(*key, False)], grid[(*key, True)]
+                mark = "**" if lr == best[task.name, opt_name] else ""
+                lines.append(
+                    f"| {task.name} ({task.target}) | {opt_name} | {mark}{lr:g}{mark} | "
+                    f"{_steps_cell(b)} | {_steps_cell(t)} | "
+                    f"{_speed_cell(_speedups(b, t), iqr=False)} |"
+                )
+    own = [
+        "",
+        "**Each tuned on its own grid** (the teleport runs' lr chosen by their own median "
+        "steps; same seeds, per-seed ratio):",
+        "",
+        "| task | optimizer | best lr, no teleport | steps | best lr, teleport | steps | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [] if args.quick else own
+    for task in tasks:
+        for opt_name, lrs in GRID.items():
+            lrs = [lr for lr in lrs if (task.name, opt_name, lr, True) in grid]
+            if len(lrs) < 2:
+                continue
+            bl = best[task.name, opt_name]
+            tl = min(
+                lrs,
+                key=lambda lr: statistics.median(map(_steps, grid[task.name, opt_name, lr, True])),
+            )
+            b, t = grid[task.name, opt_name, bl, False], grid[task.name, opt_name, tl, True]
+            lines.append(
+                f"| {task.name} | {opt_name} | {bl:g} | {_steps_cell(b)} | {tl:g} | "
+                f"{_steps_cell(t)} | {_speed_cell(_speedups(b, t), iqr=False)} |"
+            )
+    lines += [
+        "",
+        "**Tuned lr** — steps to target, speedup median (IQR; min–max), the test metric of "
+        "the same run at the step the target was reached and at the fixed budget "
+        "(4× the baseline's median steps), teleports accepted, median objective "
+        "(squared grad norm) growth per teleport, and the share of training wall time "
+        "spent in teleport ascent (extra cost, not counted as steps).",
+        "",
+        "| task | optimizer | lr | steps, no teleport | steps, teleport | speedup | "
+        "test at target, no teleport | test at target, teleport | budget | "
+        "test at budget, no teleport | test at budget, teleport | teleports accepted | "
+        "grad-norm² growth | teleport time share |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    verdict = []
+    for task in tasks:
+        for opt_name in GRID:
+            budget, b, t = main_runs[task.name, opt_name]
+            sp = _speedups(b, t)
+            ratios = [x for r in t for x in r.ratios]
+            share = sum(r.teleport_s for r in t) / sum(r.train_s for r in t)
+            lines.append(
+                f"| {task.name} | {opt_name} | {best[task.name, opt_name]:g} | {_steps_cell(b)} | "
+                f"{_steps_cell(t)} | {_speed_cell(sp)} | "
+                f"{_metric_cell(task, [r.metric_at_hit for r in b])} | "
+                f"{_metric_cell(task, [r.metric_at_hit for r in t])} | {budget} | "
+                f"{_metric_cell(task, [r.metric_end for r in b])} | "
+                f"{_metric_cell(task, [r.metric_end for r in t])} | "
+                f"{sum(r.accepted for r in t)}/{sum(r.teleports for r in t)} | "
+                f"{statistics.median(ratios) if ratios else float('nan'):.2f}× | "
+                f"{100 * share:.0f}% |"
+            )
+            if opt_name == "sgd":
+                verdict.append((task, statistics.median(sp), _equal(task, b, t)))
+    lines += ["", "Issue target (≥ 1.3× fewer SGD steps at equal test metric, tuned lr):"]
+    for task, med, (equal, why) in verdict:
+        ok = med >= 1.3 and equal
+        lines.append(
+            f"- {task.name}: median speedup {med:.2f}×, test metric at target {why} → "
+            + ("met" if ok else "**not met**")
+        )
+    if sens:
+        lines += [
+            "",
+            "**Sensitivity** (SGD at the tuned lr, same seeds; per-seed speedup median "
+            "(min–max), misses of the target in brackets).",
+            "",
+            "| teleport config | " + " | ".join(t.name for t in tasks) + " |",
+            "|---|" + "---:|" * len(tasks),
+        ]
+        for c, row in sens:
+            cells = []
+            for task in tasks:
+                sp, tele = row[task.name]
+                miss = sum(r.hit is None for r in tele)
+                cells.append(_speed_cell(sp, iqr=False) + (f" ({miss} missed)" if miss else ""))
+            label = f"{c}" + (" (default)" if c == cfg else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "teleport_quick" if args.quick else "teleport"
+    (args.out / f"{name}.md").write_text(text + "\n")
+    _plot(tasks, main_runs, best, args.out / f"{name}_curves.png")
+
+
+def _plot(tasks, main_runs, best, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 4 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, opt_name in enumerate(GRID):
+            ax = axes[i][j]
+            budget, base, tele = main_runs[task.name, opt_name]
+            for runs, label, color in ((base, "no teleport", "C0"), (tele, "teleport", "C3")):
+                n = budget // CHECK
+                curves = [
+                    [v if math.isfinite(v) else 1e4 for v in r.curve[:n]]
+                    + [r.curve[-1] if math.isfinite(r.curve[-1]) else 1e4] * (n - len(r.curve[:n]))
+                    for r in runs
+                ]
+                cols = list(zip(*curves))
+                xs = [CHECK * (k + 1) for k in range(n)]
+                ax.plot(xs, [statistics.median(c) for c in cols], color=color, label=label)
+                ax.fill_between(
+                    xs, [_q(c, 0.25) for c in cols], [_q(c, 0.75) for c in cols],
+                    color=color, alpha=0.25, linewidth=0,
+                )  # fmt: skip
+            ax.axhline(task.target, color="k", ls="--", lw=0.8, label="target")
+            ax.set_yscale("log")
+            ax.set_title(f"{task.name}, {opt_name} lr={best[task.name, opt_name]:g}")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("full training loss")
+            ax.legend()
+    fig.suptitle("median and interquartile band over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
