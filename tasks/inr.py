@@ -316,6 +316,8 @@ class WeightDataset(torch.utils.data.Dataset):
 
     ``augment=True`` applies a fresh random group element of the space to every sample
     drawn (permutations: a different but equivalent network each epoch).
+    ``standardize=True`` shifts and scales each tensor by one mean/std measured on the
+    training split (a per-tensor scalar: every symmetry is kept).
     """
 
     def __init__(
@@ -326,6 +328,7 @@ class WeightDataset(torch.utils.data.Dataset):
         augment: bool = False,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        standardize: bool = False,
     ):
         from safetensors import safe_open
 
@@ -357,7 +360,17 @@ class WeightDataset(torch.utils.data.Dataset):
                 raise CheckpointError(f"{path}: unreadable shard ({e})") from None
         keep = [k for k, r in enumerate(rows) if split is None or r["split"] == split]
         idx = torch.tensor(keep, dtype=torch.long)
-        self.tensors = {n: torch.cat(v)[idx].to(dtype) for n, v in parts.items()}
+        full = {n: torch.cat(v) for n, v in parts.items()}
+        self.stats: dict[str, tuple[float, float]] = {}
+        if standardize:
+            # one scale per tensor (a scalar commutes with every permutation), from the
+            # training split only: SIREN layers differ in scale by ~w0
+            train = torch.tensor([k for k, r in enumerate(rows) if r["split"] == "train"])
+            for n, t in full.items():
+                ref = t[train].double()
+                self.stats[n] = (float(ref.mean()), float(ref.std()) or 1.0)
+                full[n] = (t - self.stats[n][0]) / self.stats[n][1]
+        self.tensors = {n: t[idx].to(dtype) for n, t in full.items()}
         self.rows = [rows[k] for k in keep]
         self.labels = torch.tensor([r["label"] for r in self.rows])
         self.format, self.augment = format, augment

@@ -1,0 +1,257 @@
+"""Train a metanetwork on a weight dataset: one loop for every model, 1 or N processes.
+
+``train(kind, root, ...)`` fits an invariant classifier (INR classification: which digit
+does this INR draw?) with any of metanet's models on a :class:`tasks.inr.WeightDataset`:
+
+* ``unf`` — ``UNFLinear`` stack (full basis) → ``UNFPool`` → MLP head;
+* ``nfn`` — the same with ``basis="nfn"`` (NFN's cheaper term subset);
+* ``gmn`` — graph metanetwork on ``ParamGraph`` batches;
+* ``statnn`` / ``flat`` — the baselines.
+
+Metrics go to ``out/metrics.jsonl`` (one line per epoch), curves to ``out/curves.png``,
+the final model to ``out/model.safetensors`` (atomic). Under ``torchrun`` the loop runs
+data-parallel (DDP, gloo on CPU): each of the ``W`` processes takes ``batch_size / W`` of
+every global batch, in the order a single process would see them, so 1 and N processes
+compute the same updates up to floating-point reduction order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metanet.io import atomic_write
+from metanet.space import WeightSpace
+
+__all__ = ["KINDS", "build_model", "train", "TrainResult"]
+
+KINDS = ("unf", "nfn", "gmn", "statnn", "flat")
+
+
+class UNFClassifier(nn.Module):
+    """Invariant UNF network: ``layers`` equivariant layers, pooling, an MLP head."""
+
+    def __init__(
+        self, space: WeightSpace, out: int, channels: int = 16, layers: int = 2, basis: str = "full"
+    ):
+        super().__init__()
+        from metanet.nn import UNFLinear, UNFPointwise, UNFPool
+
+        widths = [1] + [channels] * layers
+        self.layers = nn.ModuleList(
+            UNFLinear(space, a, b, basis=basis) for a, b in zip(widths[:-1], widths[1:])
+        )
+        self.act = UNFPointwise()
+        self.pool = UNFPool(space, channels)
+        self.head = nn.Sequential(
+            nn.Linear(self.pool.out_features, 128), nn.ReLU(), nn.Linear(128, out)
+        )
+
+    def forward(self, weights: dict[str, Tensor]) -> Tensor:
+        x = {k: v.unsqueeze(1) for k, v in weights.items()}
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return self.head(self.pool(x))
+
+
+def build_model(
+    kind: str, space: WeightSpace, out: int, hidden: int = 16, example_graph=None
+) -> nn.Module:
+    """One of :data:`KINDS` for ``space`` with ``out`` outputs."""
+    from metanet.nn import GMN, FlatMLP, StatNN
+
+    if kind == "unf":
+        return UNFClassifier(space, out, hidden)
+    if kind == "nfn":
+        return UNFClassifier(space, out, hidden, basis="nfn")
+    if kind == "gmn":
+        if example_graph is None:
+            raise ValueError("gmn needs an example graph for its feature sizes")
+        return GMN(
+            example_graph.x.shape[1],
+            example_graph.edge_attr.shape[1],
+            hidden=hidden,
+            layers=3,
+            out_features=out,
+        )
+    if kind == "statnn":
+        return StatNN(space, out)
+    if kind == "flat":
+        return FlatMLP(space, out)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+@dataclass
+class TrainResult:
+    kind: str
+    epochs: int
+    test_accuracy: float
+    val_accuracy: float
+    seconds: float
+    world_size: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batches(ds, kind: str, indices: list[int]):
+    from torch_geometric.data import Batch
+
+    items = [ds[i] for i in indices]
+    if kind == "gmn":
+        return Batch.from_data_list(items), torch.cat([g.y for g in items])
+    w = {n: torch.stack([it[0][n] for it in items]) for n in items[0][0]}
+    return w, torch.stack([it[1] for it in items])
+
+
+@torch.no_grad()
+def _accuracy(model, ds, kind: str, batch: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(ds), batch):
+        x, y = _batches(ds, kind, list(range(start, min(len(ds), start + batch))))
+        correct += int((model(x).argmax(-1) == y).sum())
+    model.train()
+    return correct / max(1, len(ds))
+
+
+def train(
+    kind: str,
+    root: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    hidden: int = 16,
+    seed: int = 0,
+    augment: bool = True,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
+
+    ``limit`` caps the number of training INRs (quick runs). Run under ``torchrun
+    --nproc_per_node N`` for data parallelism.
+    """
+    from tasks.inr import WeightDataset
+
+    rank, world = _distributed()
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+    fmt = "graph" if kind == "gmn" else "weights"
+    # every rank draws its own augmentations; the batches themselves are shared
+    train_ds = WeightDataset(
+        root, "train", fmt, augment=augment, seed=seed * 1000 + rank, standardize=True
+    )
+    val_ds, test_ds = (WeightDataset(root, s, fmt, standardize=True) for s in ("val", "test"))
+    n_train = min(len(train_ds), limit) if limit else len(train_ds)
+    torch.manual_seed(seed)
+    model = build_model(
+        kind, train_ds.space, 10, hidden, example_graph=train_ds[0] if kind == "gmn" else None
+    )
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    per_rank = batch_size // world
+    history: list[dict] = []
+    start = time.perf_counter()
+    epochs_iter = range(epochs)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        epochs_iter = tqdm(epochs_iter, desc=f"train {kind}", unit="epoch")
+    for epoch in epochs_iter:
+        order = torch.randperm(n_train, generator=gen).tolist()  # same on every rank
+        total, count = 0.0, 0
+        for b in range(0, n_train - batch_size + 1, batch_size):
+            mine = order[b + rank * per_rank : b + (rank + 1) * per_rank]
+            x, y = _batches(train_ds, kind, mine)
+            loss = nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(mine)
+            count += len(mine)
+        if world > 1:  # the loss of the global batches, not of this rank's half
+            import torch.distributed as dist
+
+            sums = torch.tensor([total, float(count)], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(1, count),
+            "seconds": time.perf_counter() - start,
+        }
+        if rank == 0:
+            row["val_accuracy"] = _accuracy(model, val_ds, kind)
+        history.append(row)
+        if out is not None and rank == 0:
+            _log(Path(out), history)
+    test_acc = _accuracy(model, test_ds, kind) if rank == 0 else float("nan")
+    result = TrainResult(
+        kind,
+        epochs,
+        test_acc,
+        history[-1].get("val_accuracy", float("nan")),
+        time.perf_counter() - start,
+        world,
+        history,
+    )
+    if out is not None and rank == 0:
+        _finish(Path(out), model, result)
+    return result
+
+
+def _log(out: Path, history: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+
+
+def _finish(out: Path, model: nn.Module, result: TrainResult) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write(
+        out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(result), indent=2))
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    ep = [r["epoch"] for r in result.history]
+    ax.plot(ep, [r["train_loss"] for r in result.history], label="train loss")
+    ax2 = ax.twinx()
+    ax2.plot(
+        ep,
+        [r.get("val_accuracy", float("nan")) for r in result.history],
+        color="C1",
+        label="val accuracy",
+    )
+    ax.set_xlabel("epoch")
+    ax.set_title(f"{result.kind}: test accuracy {result.test_accuracy:.3f}", fontsize=9)
+    fig.legend(fontsize=7, loc="upper center")
+    fig.tight_layout()
+    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""The metanetwork training loop: outputs, and 2-process DDP (torchrun) = 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.inr import INRConfig, make_dataset
+from tasks.train import KINDS, train
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = """
+import json, os, sys, torch
+torch.set_num_threads(1)
+from tasks.train import train
+r = train(sys.argv[1], sys.argv[2], epochs=2, batch_size=32, limit=256, augment=False,
+          progress=False)
+if int(os.environ.get("RANK", "0")) == 0:
+    print("RESULT " + json.dumps({"loss": [h["train_loss"] for h in r.history],
+                                  "test": r.test_accuracy, "world": r.world_size}))
+"""
+
+
+@pytest.fixture(scope="module")
+def inrs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inrs")
+    make_dataset(
+        root, per_image=1, cfg=INRConfig(hidden=8, depth=1, steps=20), num_shards=2, progress=False
+    )
+    return root
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_model_trains_and_writes_its_outputs(inrs, tmp_path, kind):
+    r = train(kind, inrs, out=tmp_path, epochs=1, batch_size=32, limit=128, progress=False)
+    assert 0 <= r.test_accuracy <= 1 and r.history[0]["train_loss"] > 0
+    for name in ("metrics.jsonl", "result.json", "model.safetensors", "curves.png"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+def test_two_processes_match_one(inrs, tmp_path):
+    args = ["flat", str(inrs)]
+    single = _run_args([sys.executable], args, tmp_path)
+    double = _run_args(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], args, tmp_path
+    )
+    assert (single["world"], double["world"]) == (1, 2)
+    for a, b in zip(single["loss"], double["loss"]):
+        assert abs(a - b) <= 1e-4 * abs(a)
+    assert abs(single["test"] - double["test"]) <= 0.01
+
+
+def _run_args(cmd, args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    out = subprocess.run(
+        [*cmd, str(script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
