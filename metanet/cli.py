@@ -52,26 +52,37 @@ def _space_and_weights(path: str, family: str | None, activation: str | None, in
     return sd, from_state_dict(sd, family, activation=activation)
 
 
-def _from_factory(spec: str, input_shape: str | None):
-    """``package.module:factory``: a callable returning a model, or (model, inputs)."""
+def _imported(spec: str, what: str):
+    """The object named by ``package.module:attr``, or a CheckpointError saying why not."""
     import importlib
-
-    from converters import from_module
 
     mod_name, _, attr = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(mod_name), attr)
+        return getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"{spec}: cannot import the factory ({e})") from None
-    made = factory()
+        raise CheckpointError(f"{what} {spec}: cannot import ({e})") from None
+
+
+def _factory_model(spec: str, input_shape: str | None):
+    """``package.module:factory`` -> ``(model, example inputs or None)``; the factory
+    returns a model or ``(model, example_inputs)``; ``input_shape`` makes randn inputs."""
+    made = _imported(spec, "factory")()
     model, inputs = made if isinstance(made, tuple) else (made, None)
-    if inputs is None:
-        if not input_shape:
-            raise CheckpointError(
-                f"{spec}: the factory returned only a model; pass --input-shape (e.g. 1,3,32,32) "
-                "or return (model, example_inputs)"
-            )
+    if inputs is None and input_shape:
         inputs = (torch.randn(*[int(n) for n in input_shape.split(",")]),)
+    return model.eval(), inputs
+
+
+def _from_factory(spec: str, input_shape: str | None):
+    """``(weights, space)`` of the model a ``package.module:factory`` builds."""
+    from converters import from_module
+
+    model, inputs = _factory_model(spec, input_shape)
+    if inputs is None:
+        raise CheckpointError(
+            f"{spec}: the factory returned only a model; pass --input-shape (e.g. 1,3,32,32) "
+            "or return (model, example_inputs)"
+        )
     space = from_module(model, inputs)
     return {k: v.detach() for k, v in model.state_dict().items()}, space
 
@@ -150,20 +161,6 @@ class _Checkpoint:
             self.weights, self.space = _space_and_weights(path, args.family, args.activation)
         if getattr(args, "model", None) and self.model is None:
             self.model, self.inputs = _factory_model(args.model, args.input_shape)
-
-
-def _factory_model(spec: str, input_shape: str | None):
-    import importlib
-
-    mod_name, _, attr = spec.partition(":")
-    try:
-        made = getattr(importlib.import_module(mod_name), attr)()
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"--model {spec}: cannot import the factory ({e})") from None
-    model, inputs = made if isinstance(made, tuple) else (made, None)
-    if inputs is None and input_shape:
-        inputs = (torch.randn(*[int(n) for n in input_shape.split(",")]),)
-    return model.eval(), inputs
 
 
 def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoint]:
@@ -316,13 +313,7 @@ def _data(spec: str | None, model_path: Path):
         d = digits.load()
         d = d.flat() if spec == "digits-flat" else d
         return digits.batches(d.x_test, d.y_test)
-    import importlib
-
-    mod_name, _, attr = spec.partition(":")
-    try:
-        return list(getattr(importlib.import_module(mod_name), attr)())
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"--data {spec}: cannot import ({e})") from None
+    return list(_imported(spec, "--data")())
 
 
 def _cmd_barrier(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from metanet.space import Element, WeightSpace, WeightSpaceError
+from metanet.space import Axis, Element, TensorSpec, WeightSpace, WeightSpaceError
 
 __all__ = [
     "AlignmentError",
@@ -537,8 +537,6 @@ def activation_matching(
     data = list(data)
     fa = _activations(model_a, points, data, max_samples, seed)
     fb = _activations(model_b, points, data, max_samples, seed)
-    from metanet.space import Axis, TensorSpec
-
     specs, feats_a, feats_b = [], {}, {}
     for m, f in fa.items():
         pname, _ = points[m]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from metanet.space import Element, WeightSpace
-from tasks.align import MatchLog, check_same_architecture, weight_matching
+from tasks.align import check_same_architecture, weight_matching
 
 __all__ = [
     "interpolate",
@@ -408,15 +407,3 @@ def ties_merge(
         out[n] = base[n] + scale * merged[offset : offset + size].reshape(base[n].shape)
         offset += size
     return out
-
-
-def align_and_interpolate(
-    space: WeightSpace, weights_a: Weights, weights_b: Weights, alpha: float = 0.5, **kw
-) -> tuple[dict[str, Tensor], Element, MatchLog]:
-    """Weight-match b to a, then interpolate: ``(merged, element, log)``."""
-    start = time.perf_counter()
-    log = MatchLog()
-    g = weight_matching(space, weights_a, weights_b, log=log, **kw)
-    merged = interpolate(weights_a, space.apply(weights_b, g), alpha)
-    log.seconds = time.perf_counter() - start
-    return merged, g, log
