@@ -8,10 +8,17 @@ Same MLP weight batches, same channels, same batch size, forward + backward:
   fixed, HNP);
 * GMN per-graph throughput on the same networks' parameter graphs.
 
-Each row runs in fresh processes: time is the median of repeated steps in a default
-process; peak memory the resident-set high-water mark above the process's size before
-the first step, measured with glibc's mmap threshold pinned (so freed buffers leave the
+Time is the median of repeated steps, our layer and nfn's alternating step by step in
+one fresh default process (so that load on a shared machine hits both alike); peak
+memory is the resident-set high-water mark above the size before the first step, one
+fresh process per layer with glibc's mmap threshold pinned (so freed buffers leave the
 resident set and every allocation shows).
+
+Ours runs ``basis="nfn"``. On NP weights it spans exactly ``NPLinear``'s maps; on HNP
+weights it spans ``HNPLinear``'s plus one term that ``HNPLinear`` leaves out for three or
+more layers (the penultimate bias read along the last layer's inputs). It has fewer
+parameters all the same: nfn's layers hold several biases per output (they add up to
+one) and, for HNP, means that are combinations of other inputs.
 
     pip install nfn && python benchmarks/layers.py
 """
@@ -47,17 +54,12 @@ def _np_space(sizes):
     return WeightSpace.build(groups, tensors)
 
 
-def worker(config: str, method: str, steps: int) -> dict:
+def _layer_step(method: str, sizes: list[int], channels: int, feats: dict):
+    """The layer for ``method`` and a forward+backward loss closure on ``feats``."""
     from converters import from_state_dict
 
-    sizes, batch, channels = CONFIGS[config]
-    torch.manual_seed(0)
-    names = [f"{i}.{k}" for i in range(len(sizes) - 1) for k in ("weight", "bias")]
-    shapes = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        shapes[f"{i}.weight"], shapes[f"{i}.bias"] = (b, a), (b,)
-    feats = {n: torch.randn(batch, channels, *shapes[n], requires_grad=True) for n in names}
-
+    names = list(feats)
+    batch = next(iter(feats.values())).shape[0]
     if method.startswith("nfn"):
         from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
         from nfn.layers import HNPLinear, NPLinear
@@ -81,7 +83,7 @@ def worker(config: str, method: str, steps: int) -> dict:
         if "NP)" in method and "HNP" not in method:
             space = _np_space(sizes)
         else:
-            space = from_state_dict({n: torch.zeros(shapes[n]) for n in names}, "mlp")
+            space = from_state_dict({n: torch.zeros(feats[n].shape[2:]) for n in names}, "mlp")
         layer = UNFLinear(space, channels, channels, basis="nfn")
 
         def step():
@@ -94,7 +96,7 @@ def worker(config: str, method: str, steps: int) -> dict:
         from metanet import to_graph
         from metanet.nn import GMN
 
-        space = from_state_dict({n: torch.zeros(shapes[n]) for n in names}, "mlp")
+        space = from_state_dict({n: torch.zeros(feats[n].shape[2:]) for n in names}, "mlp")
         graphs = [
             to_graph(space, {n: feats[n][b, 0].detach() for n in names}) for b in range(batch)
         ]
@@ -104,18 +106,45 @@ def worker(config: str, method: str, steps: int) -> dict:
         def step():
             return layer(gbatch).square().sum()
 
-    step().backward()  # warm-up
+    return layer, step
+
+
+def worker(config: str, methods: list[str], steps: int, seconds: float) -> list[dict]:
+    """Time ``methods`` on the same weight batch, alternating step by step; the peak is
+    the process's (meaningful with one method)."""
+    sizes, batch, channels = CONFIGS[config]
+    torch.manual_seed(0)
+    feats = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        feats[f"{i}.weight"] = torch.randn(batch, channels, b, a, requires_grad=True)
+        feats[f"{i}.bias"] = torch.randn(batch, channels, b, requires_grad=True)
+    runs = [_layer_step(m, sizes, channels, feats) for m in methods]
+    for _, step in runs:
+        step().backward()  # warm-up
     base = rss_bytes("VmRSS")
     reset_peak()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        layer.zero_grad(set_to_none=True)
-        step().backward()
-        times.append(time.perf_counter() - t0)
+    times: list[list[float]] = [[] for _ in runs]
+    while len(times[0]) < steps and (len(times[0]) < 3 or sum(map(sum, times)) < seconds):
+        for (layer, step), ts in zip(runs, times):
+            t0 = time.perf_counter()
+            layer.zero_grad(set_to_none=True)
+            step().backward()
+            ts.append(time.perf_counter() - t0)
     peak = rss_bytes("VmHWM") - base
-    sec = sorted(times)[len(times) // 2]
-    return {"config": config, "method": method, "seconds": sec, "per_s": batch / sec, "peak": peak}
+    rows = []
+    for method, ts in zip(methods, times):
+        sec = sorted(ts)[len(ts) // 2]
+        rows.append(
+            {
+                "config": config,
+                "method": method,
+                "seconds": sec,
+                "per_s": batch / sec,
+                "peak": peak,
+                "steps": len(ts),
+            }
+        )
+    return rows
 
 
 # GMN holds a hidden state per weight: the 784-input MLP's 118k edges per network
@@ -131,37 +160,40 @@ METHODS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per layer, at most")
+    ap.add_argument(
+        "--seconds", type=float, default=60.0, help="stop timing after this (3+ steps each)"
+    )
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps)))
+        config, *methods = args.worker
+        print(json.dumps(worker(config, methods, args.steps, args.seconds)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+
+    def run(config: str, methods: list[str], steps: int, environ: dict | None = None) -> list:
+        cmd = [sys.executable, __file__, "--worker", config, *methods]
+        cmd += ["--steps", str(steps), "--seconds", str(args.seconds)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=environ)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     rows = {}
     for config in CONFIGS:
         for pair in METHODS:
-            for method in pair:
-                if method is None or (method == "metanet GMN" and config != GMN_CONFIG):
-                    continue
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    config,
-                    method,
-                    "--steps",
-                    str(args.steps),
-                ]
-                # time: a process as a user runs it; peak: with glibc's adaptive mmap
-                # threshold pinned so that freed buffers leave the resident set
-                timed = subprocess.run(cmd, check=True, capture_output=True, text=True)
-                pinned = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-                row = json.loads(timed.stdout.strip().splitlines()[-1])
-                row["peak"] = json.loads(pinned.stdout.strip().splitlines()[-1])["peak"]
-                rows[(config, method)] = row
+            methods = [m for m in pair if m is not None]
+            if config != GMN_CONFIG and "metanet GMN" in methods:
+                continue
+            # time: one default process, the layer and its baseline alternating
+            for row in run(config, methods, args.steps):
+                rows[(config, row["method"])] = row
+            # peak: one process per layer, glibc's adaptive mmap threshold pinned so
+            # that freed buffers leave the resident set
+            for method in methods:
+                rows[(config, method)]["peak"] = run(config, [method], 3, env)[0]["peak"]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward+backward, median of {args.steps} steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward+backward, "
+        f"median of up to {args.steps} steps per layer, alternating with its baseline"
     )
     print(
         "| weights (batch, channels) | layer | networks/s | peak MiB | speed vs nfn | memory vs nfn |"
@@ -178,8 +210,9 @@ def main() -> None:
                     b = rows[(config, base)]
                     ratio_t = f"{r['per_s'] / b['per_s']:.2f}×"
                     ratio_m = f"{r['peak'] / max(b['peak'], 1):.2f}×"
+                rate = f"{r['per_s']:,.0f}" if r["per_s"] >= 100 else f"{r['per_s']:.1f}"
                 print(
-                    f"| {config} ({batch}, {channels}) | {method} | {r['per_s']:,.0f} | "
+                    f"| {config} ({batch}, {channels}) | {method} | {rate} | "
                     f"{r['peak'] / 2**20:.1f} | {ratio_t} | {ratio_m} |"
                 )
 

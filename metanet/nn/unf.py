@@ -24,17 +24,26 @@ block. ``basis="nfn"`` keeps the cheaper NFN subset: at most one input and one o
 per block (no diagonals within a tensor).
 
 Inputs and outputs are weight-feature dicts ``{name: Tensor(batch, channels, *shape)}``.
+
+:class:`UNFLinear` batches the terms twice: terms that write the same pattern into the
+same output piece form a group, one block of weights over the concatenation of what they
+read; groups that read the same concatenation share one matmul, their blocks stacked.
+Each input piece's reads (the piece and its means) are one autograd op whose backward
+writes the piece's gradient once, and each output piece's terms are added with one
+full-size write.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from metanet.space import WeightSpace, WeightSpaceError
 
@@ -162,16 +171,22 @@ def basis_terms(out: Piece, inp: Piece, basis: str = "full") -> list[list[list[i
 
 
 def _split_piece(x: Tensor, piece: Piece) -> Tensor:
-    """``(B, C, *tensor shape)`` -> ``(B, C * fold, *index sizes)``."""
+    """``(B, C, *tensor shape)`` -> ``(B, C * fold, *index sizes)``: a view of ``x`` unless
+    fixed factors have to move into the channels."""
     b, c = x.shape[:2]
     for ax, (lo, hi) in enumerate(piece.slices):
-        x = x.narrow(2 + ax, lo, hi - lo)
+        if hi - lo != x.shape[2 + ax]:
+            x = x.narrow(2 + ax, lo, hi - lo)
     flat = [f for fs in piece.factors for f in fs]
-    x = x.reshape(b, c, *[n for _, n in flat])
+    if len(flat) != len(piece.factors):
+        x = x.reshape(b, c, *[n for _, n in flat])
     fixed = [2 + k for k, (g, _) in enumerate(flat) if g is None]
     perm = [2 + k for k, (g, _) in enumerate(flat) if g is not None]
-    x = x.permute(0, 1, *fixed, *perm)
-    return x.reshape(b, c * piece.fold, *piece.index_sizes)
+    order = [0, 1, *fixed, *perm]
+    if order != sorted(order):
+        x = x.permute(order)
+    shape = (b, c * piece.fold, *piece.index_sizes)
+    return x if x.shape == shape else x.reshape(shape)
 
 
 def _unsplit(y: Tensor, piece: Piece, b: int, c: int) -> Tensor:
@@ -180,32 +195,36 @@ def _unsplit(y: Tensor, piece: Piece, b: int, c: int) -> Tensor:
     order = [k for k, (g, _) in enumerate(flat) if g is None] + [
         k for k, (g, _) in enumerate(flat) if g is not None
     ]
-    y = y.reshape(b, c, *[flat[k][1] for k in order])
-    inv = sorted(range(len(order)), key=lambda pos: order[pos])
-    y = y.permute(0, 1, *[2 + pos for pos in inv])
-    return y.reshape(b, c, *[hi - lo for lo, hi in piece.slices])
+    split = (b, c, *[flat[k][1] for k in order])
+    if y.shape != split:
+        y = y.reshape(split)
+    if order != sorted(order):
+        inv = sorted(range(len(order)), key=lambda pos: order[pos])
+        y = y.permute(0, 1, *[2 + pos for pos in inv])
+    shape = (b, c, *[hi - lo for lo, hi in piece.slices])
+    return y if y.shape == shape else y.reshape(shape)
 
 
 def _assemble(
     space: WeightSpace, pieces: list[Piece], ys: list[Tensor], b: int, c: int
 ) -> dict[str, Tensor]:
     """Put every tensor back together from its pieces."""
-    by_tensor: dict[str, list[tuple[Piece, Tensor]]] = {}
+    by_tensor: dict[str, list[tuple[tuple[tuple[int, int], ...], Tensor]]] = {}
     for p, y in zip(pieces, ys):
-        by_tensor.setdefault(p.tensor, []).append((p, _unsplit(y, p, b, c)))
-    out = {}
-    for name, parts in by_tensor.items():
-        if len(parts) == 1:
-            out[name] = parts[0][1]
-            continue
-        full = parts[0][1].new_zeros(b, c, *space.tensors[name].shape)
-        for piece, y in parts:
-            view = full
-            for ax, (lo, hi) in enumerate(piece.slices):
-                view = view.narrow(2 + ax, lo, hi - lo)
-            view.copy_(y)
-        out[name] = full
-    return out
+        by_tensor.setdefault(p.tensor, []).append((p.slices, _unsplit(y, p, b, c)))
+    return {name: _concat_grid(parts, 0) for name, parts in by_tensor.items()}
+
+
+def _concat_grid(parts: list[tuple[tuple[tuple[int, int], ...], Tensor]], axis: int) -> Tensor:
+    """Pieces tiling a tensor (their slices form a grid) concatenated, axis by axis."""
+    if len(parts) == 1:
+        return parts[0][1]
+    rows: dict[tuple[int, int], list] = {}
+    for slices, y in sorted(parts, key=lambda part: part[0][axis]):
+        rows.setdefault(slices[axis], []).append((slices, y))
+    if len(rows) == 1:
+        return _concat_grid(parts, axis + 1)
+    return torch.cat([_concat_grid(row, axis + 1) for row in rows.values()], dim=2 + axis)
 
 
 def _canonical(sub: str) -> str:
@@ -218,7 +237,8 @@ def _canonical(sub: str) -> str:
 
 
 class _Term:
-    """One basis term: an einsum that reduces the input and a strided write-out."""
+    """One basis term: what it reads (a reduction of an input piece) and where it writes
+    (a pattern over the output piece)."""
 
     def __init__(self, partition: list[list[int]], out: Piece, inp: Piece):
         m = out.num_indices
@@ -230,32 +250,50 @@ class _Term:
             bi for bi, b in enumerate(partition) if any(k < m for k in b) and any(k >= m for k in b)
         ]
         self.kept_sub = "".join(block_letter[bi] for bi in kept)
-        self.summed_sizes = [inp.index_sizes[b[0] - m] for b in partition if all(k >= m for k in b)]
+        summed = [inp.index_sizes[b[0] - m] for b in partition if all(k >= m for k in b)]
+        self.scale = 1.0 / math.prod(summed)
+        # no input diagonal: the reduction is a plain mean over the input-only indices,
+        # and ``kept_in`` lists the input index of each shared block
+        self.diagonal = len(set(self.in_sub)) < len(self.in_sub)
+        self.kept_in = [next(k - m for k in partition[bi] if k >= m) for bi in kept]
         out_blocks = kept + [bi for bi, b in enumerate(partition) if all(k < m for k in b)]
         self.out_blocks = [[k for k in partition[bi] if k < m] for bi in out_blocks]
         self.block_sizes = [out.index_sizes[b[0]] for b in self.out_blocks]
         self.n_kept = len(kept)
-        self.scale = 1.0 / math.prod(self.summed_sizes) if self.summed_sizes else 1.0
+        # terms with the same key read the same reduction of the same input piece
         self.reduction_key = _canonical(f"{self.in_sub}>{self.kept_sub}")
 
-    def reduce(self, x: Tensor) -> Tensor:
-        """The input side: ``(B, Cin, *shared blocks)``, the mean over input-only blocks
-        of the input's block diagonals."""
-        if self.in_sub == self.kept_sub:
-            return x
-        y = torch.einsum(f"zc{self.in_sub}->zc{self.kept_sub}", x)
-        return y * self.scale if self.scale != 1.0 else y
+    def source(self, piece: int) -> tuple:
+        """The key of the reduction this term reads in :meth:`UNFLinear.forward`."""
+        if self.diagonal:
+            return (piece, self.reduction_key)
+        return (piece, tuple(sorted(self.kept_in)))
 
-    def expand(self, y: Tensor, out_shape: tuple[int, ...]) -> Tensor:
+    def read(self, reduced: Tensor) -> Tensor:
+        """The input reduction ``(B, Cin, *shared blocks)`` in this term's block order: a
+        mean keeps its indices in input order."""
+        if self.diagonal or self.kept_in == sorted(self.kept_in):
+            return reduced
+        pos = sorted(self.kept_in)
+        return reduced.permute(0, 1, *[2 + pos.index(k) for k in self.kept_in])
+
+    @property
+    def is_broadcast(self) -> bool:
+        """Writes its values broadcast over the output, no diagonal."""
+        return all(len(b) == 1 for b in self.out_blocks)
+
+    def place(self, y: Tensor, out_shape: tuple[int, ...]) -> Tensor:
         """``y`` (B, Cout, *shared blocks) placed into the output's shape: broadcast over
-        output-only blocks, and onto the diagonal of blocks holding several output
-        indices."""
-        y = y.reshape(*y.shape, *[1] * (len(self.out_blocks) - self.n_kept))
-        size = [out_shape[0], out_shape[1], *self.block_sizes]
-        if all(len(b) == 1 for b in self.out_blocks):
+        output-only blocks (a view with size-1 axes), and onto the diagonal of blocks
+        holding several output indices (written out)."""
+        if len(self.out_blocks) > self.n_kept:
+            y = y.reshape(*y.shape, *[1] * (len(self.out_blocks) - self.n_kept))
+        if self.is_broadcast:
             order = [b[0] for b in self.out_blocks]
-            perm = [0, 1] + [2 + order.index(k) for k in range(len(order))]
-            return y.expand(size).permute(perm)
+            if order == sorted(order):
+                return y
+            return y.permute(0, 1, *[2 + order.index(k) for k in range(len(order))])
+        size = [out_shape[0], out_shape[1], *self.block_sizes]
         out = y.new_zeros(out_shape)
         strides = out.stride()
         stride = [strides[0], strides[1]] + [
@@ -263,6 +301,151 @@ class _Term:
         ]
         out.as_strided(size, stride).copy_(y.expand(size))
         return out
+
+
+class _BroadcastSum(torch.autograd.Function):
+    """The sum of broadcastable terms with one full-size write. Small terms (a row, a
+    column, a constant) add up at their own size first; the result is allocated once and
+    the remaining terms are added into it in place. The backward sums the gradient down
+    to each term's shape: the adjoint of :class:`_PieceReads`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*terms: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(*(t.shape for t in terms))
+        out = partial = None
+        for t in sorted(terms, key=Tensor.numel):
+            if partial is None:
+                partial = t
+            elif torch.broadcast_shapes(partial.shape, t.shape) != shape:
+                partial = partial + t
+            elif out is None:
+                out, partial = partial + t, None
+            else:
+                out, partial = out.add_(partial).add_(t), None
+        return out if partial is None else out.add_(partial)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.shapes = [t.shape for t in inputs]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        return tuple(grad.sum_to_size(shape) for shape in ctx.shapes)
+
+    @staticmethod
+    def jvp(ctx, *tangents: Tensor) -> Tensor:
+        return _BroadcastSum.forward(*tangents)  # linear
+
+
+def _broadcast_sum(terms: list[Tensor]) -> Tensor:
+    """The sum of broadcastable terms (see :class:`_BroadcastSum`)."""
+    return terms[0] if len(terms) == 1 else _BroadcastSum.apply(*terms)
+
+
+class _PieceReads(torch.autograd.Function):
+    """A piece ``x`` (B, C, *idx) as the terms read it: itself, and its means over several
+    sets of its indices (as size-1 axes). ``plan``: per mean, the earlier mean it
+    averages further (-1: ``x``) and the axes.
+
+    Autograd would write a full-size gradient of ``x`` per read and add them up; here the
+    incoming gradients are summed broadcast (:class:`_BroadcastSum`), with one full-size
+    write."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, plan: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[Tensor, ...]:
+        means: list[Tensor] = []
+        for src, dims in plan:
+            means.append((x if src < 0 else means[src]).mean(dims, keepdim=True))
+        return (x, *means)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.shape, ctx.plan = inputs[0].shape, inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *grads: Tensor) -> tuple[Tensor, None]:
+        n = math.prod(ctx.shape[2:])
+        return _broadcast_sum([grad, *(g * (math.prod(g.shape[2:]) / n) for g in grads)]), None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _) -> tuple[Tensor, ...]:
+        _, *means = _PieceReads.forward(tangent, ctx.plan)  # linear
+        return (tangent.view_as(tangent), *means)  # the piece is returned as-is: a view
+
+
+def _plan_means(
+    sizes: tuple[int, ...], kept: list[tuple[int, ...]]
+) -> tuple[list[tuple[int, ...]], tuple[tuple[int, tuple[int, ...]], ...]]:
+    """The means keeping each of ``kept`` (sorted index tuples), reordered, and their
+    :class:`_PieceReads` plan: each from the smallest earlier mean that keeps a superset (e.g.
+    a matrix's full mean from its row means), else from the piece."""
+    order = sorted(kept, key=len, reverse=True)
+    plan = []
+    for i, k in enumerate(order):
+        src, src_kept = -1, tuple(range(len(sizes)))
+        for j, other in enumerate(order[:i]):
+            smaller = math.prod(sizes[a] for a in other) < math.prod(sizes[a] for a in src_kept)
+            if set(k) < set(other) and smaller:
+                src, src_kept = j, other
+        plan.append((src, tuple(2 + a for a in src_kept if a not in k)))
+    return order, tuple(plan)
+
+
+def _channel_map(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``(B, C, *idx)`` -> ``(B, O, *idx)``: one ``(O, C)`` matrix applied at every index."""
+    if x.dim() == 2:
+        return F.linear(x, weight, bias)
+    b, c, *idx = x.shape
+    o = weight.shape[0]
+    flat = x.reshape(b, c, -1)
+    if o <= flat.shape[2]:
+        # a GEMM per sample against the shared weight: x is read in place, and the weight's
+        # gradient passes through a (B, O, C) buffer no larger than x
+        w = weight.expand(b, o, c)
+        y = torch.bmm(w, flat) if bias is None else torch.baddbmm(bias[:, None], w, flat)
+    else:
+        # a wide weight: a 1x1 convolution (oneDNN's GEMM over all (sample, index)
+        # columns), with no per-sample weight-gradient buffer
+        y = F.conv1d(flat, weight[:, :, None], bias)
+    return y.reshape(b, o, *idx)
+
+
+@dataclass
+class _Group:
+    """Terms that write the same pattern into output piece ``out``, reading ``reads``
+    (input piece, term): one ``(out rows, concatenated reductions)`` block of weights."""
+
+    out: int
+    pattern: _Term
+    reads: list[tuple[int, _Term]] = field(default_factory=list)
+
+    @property
+    def input_key(self) -> tuple:
+        """Groups with the same key read the same concatenation."""
+        return tuple((ii, term.reduction_key) for ii, term in self.reads)
+
+    @property
+    def constant(self) -> bool:
+        """Its terms write a constant over the piece (all indices in singleton blocks).
+        Every piece has this group, and its map adds the bias."""
+        return self.pattern.n_kept == 0 and self.pattern.is_broadcast
+
+
+@dataclass
+class _Map:
+    """Groups that read the same concatenation: one channel map, whose weight stacks the
+    groups' blocks by rows (``rows``: each group's range)."""
+
+    groups: list[_Group]
+    rows: list[tuple[int, int]]
+
+    @property
+    def reads(self) -> list[tuple[int, _Term]]:
+        return self.groups[0].reads
 
 
 class UNFLinear(nn.Module):
@@ -278,6 +461,9 @@ class UNFLinear(nn.Module):
     Shapes:
         input ``{name: (B, in_channels, *shape)}`` -> output
         ``{name: (B, out_channels, *shape)}``.
+
+    Parameters: ``weights``, one matrix per set of groups reading the same input (their
+    blocks stacked by rows); ``bias``, ``out_channels * fold`` per piece, concatenated.
     """
 
     def __init__(
@@ -303,7 +489,7 @@ class UNFLinear(nn.Module):
         # reads a reduction of some input piece (means over its input-only blocks, its
         # diagonals) shaped like the shared blocks. So they run as one matmul over the
         # concatenated reductions, and each reduction is computed once per forward.
-        groups: dict[tuple, list[tuple[int, _Term]]] = {}
+        groups: dict[tuple, _Group] = {}
         n_terms = 0
         for oi, po in enumerate(self.pieces):
             for ii, pi in enumerate(self.pieces):
@@ -311,28 +497,48 @@ class UNFLinear(nn.Module):
                     term = _Term(part, po, pi)
                     n_terms += 1
                     key = (oi, tuple(map(tuple, term.out_blocks)), term.n_kept)
-                    groups.setdefault(key, []).append((ii, term))
+                    groups.setdefault(key, _Group(oi, term)).reads.append((ii, term))
         self._num_terms = n_terms
-        self._groups = [(key[0], contribs) for key, contribs in groups.items()]
-        shapes = []
-        for oi, contribs in self._groups:
-            width = sum(in_channels * self.pieces[ii].fold for ii, _ in contribs)
-            shapes.append((out_channels * self.pieces[oi].fold, width))
-        # one flat parameter; each group's (out, in) block is read as a view
-        self._shapes = shapes
-        self._offsets = [0]
-        for a, c in shapes:
-            self._offsets.append(self._offsets[-1] + a * c)
-        self.weight = nn.Parameter(torch.empty(self._offsets[-1]))
-        bias_sizes = [out_channels * p.fold for p in self.pieces]
-        self._bias_offsets = [0]
-        for n in bias_sizes:
-            self._bias_offsets.append(self._bias_offsets[-1] + n)
-        self.bias = nn.Parameter(torch.zeros(self._bias_offsets[-1])) if bias else None
+        # the reductions the groups read: each input piece itself and its means (one
+        # _PieceReads per piece), and einsums for those along an input diagonal
+        means: dict[int, dict[tuple[int, ...], None]] = {}
+        self._diagonals: dict[tuple, tuple[str, float]] = {}
+        for g in groups.values():
+            for ii, term in g.reads:
+                if term.diagonal:
+                    einsum = f"zc{term.in_sub}->zc{term.kept_sub}"
+                    self._diagonals[(ii, term.reduction_key)] = (einsum, term.scale)
+                elif len(term.kept_in) < self.pieces[ii].num_indices:
+                    means.setdefault(ii, {})[tuple(sorted(term.kept_in))] = None
+        self._piece_reads = [
+            (ii, *_plan_means(self.pieces[ii].index_sizes, list(kept)))
+            for ii, kept in means.items()
+        ]
+        # Groups that read the same reductions (e.g. an MLP's weights into and out of a
+        # hidden layer and its bias, which all read what is indexed by its neurons) share
+        # one matmul. The constant groups of all pieces read the same (every input piece
+        # averaged over all its indices, or along its input-only diagonals): one map,
+        # piece by piece, whose bias is the layer's.
+        by_input: dict[tuple, list[_Group]] = {}
+        for g in groups.values():
+            g.reads.sort(key=lambda read: (read[0], read[1].reduction_key))
+            by_input.setdefault((g.input_key, g.constant), []).append(g)
+        self._maps = []
+        for own in by_input.values():
+            heights = [out_channels * self.pieces[g.out].fold for g in own]
+            ends = list(itertools.accumulate(heights))
+            self._maps.append(_Map(own, [(e - h, e) for e, h in zip(ends, heights)]))
+        self.weights = nn.ParameterList(
+            nn.Parameter(
+                torch.empty(
+                    m.rows[-1][1], sum(in_channels * self.pieces[ii].fold for ii, _ in m.reads)
+                )
+            )
+            for m in self._maps
+        )
+        height = sum(out_channels * p.fold for p in self.pieces)
+        self.bias = nn.Parameter(torch.zeros(height)) if bias else None
         self.reset_parameters()
-
-    def _block(self, k: int) -> Tensor:
-        return self.weight[self._offsets[k] : self._offsets[k + 1]].view(self._shapes[k])
 
     @property
     def num_terms(self) -> int:
@@ -341,38 +547,45 @@ class UNFLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         fan_in = [0] * len(self.pieces)
-        for (oi, _), (_, width) in zip(self._groups, self._shapes):
-            fan_in[oi] += width
+        for m, w in zip(self._maps, self.weights):
+            for g in m.groups:
+                fan_in[g.out] += w.shape[1]
         with torch.no_grad():
-            for k, (oi, _) in enumerate(self._groups):
-                bound = 1 / math.sqrt(fan_in[oi])
-                self._block(k).uniform_(-bound, bound)
+            for m, w in zip(self._maps, self.weights):
+                for g, (lo, hi) in zip(m.groups, m.rows):
+                    bound = 1 / math.sqrt(fan_in[g.out])
+                    w[lo:hi].uniform_(-bound, bound)
             if self.bias is not None:
                 self.bias.zero_()
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         xs = [_split_piece(features[p.tensor], p) for p in self.pieces]
-        ref = xs[0] if xs else next(iter(features.values()))
-        b = ref.shape[0]
+        b = next(iter(features.values())).shape[0]
+        # every input piece reduced to the shared blocks the terms keep, keyed by
+        # (piece, kept indices in input order) for means (all of them: the piece itself),
+        # (piece, reduction key) for diagonals
+        reduced: dict[tuple, Tensor] = {}
+        for ii, x in enumerate(xs):
+            reduced[(ii, tuple(range(x.dim() - 2)))] = x
+        for ii, kepts, plan in self._piece_reads:
+            x, *means = _PieceReads.apply(xs[ii], plan)
+            reduced[(ii, tuple(range(x.dim() - 2)))] = x
+            for kept, mean in zip(kepts, means):
+                reduced[(ii, kept)] = mean.view(*x.shape[:2], *[x.shape[2 + k] for k in kept])
+        for (ii, key), (einsum, scale) in self._diagonals.items():
+            reduced[(ii, key)] = torch.einsum(einsum, xs[ii]) * scale
         shapes = [(b, self.out_channels * p.fold, *p.index_sizes) for p in self.pieces]
-        ys: list[Tensor | None] = [None] * len(self.pieces)
-        cache: dict[tuple[int, str], Tensor] = {}
-        for k, (oi, contribs) in enumerate(self._groups):
-            parts = []
-            for ii, term in contribs:
-                key = (ii, term.reduction_key)
-                if key not in cache:
-                    cache[key] = term.reduce(xs[ii])
-                parts.append(cache[key])
-            reduced = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            y = torch.einsum("oc,zc...->zo...", self._block(k), reduced)
-            y = contribs[0][1].expand(y, shapes[oi])
-            ys[oi] = y if ys[oi] is None else ys[oi] + y
-        ys = [y if y is not None else ref.new_zeros(shape) for y, shape in zip(ys, shapes)]
-        if self.bias is not None:
-            for i, y in enumerate(ys):
-                bias = self.bias[self._bias_offsets[i] : self._bias_offsets[i + 1]]
-                ys[i] = y + bias.view(1, -1, *[1] * (y.dim() - 2))
+        terms: list[list[Tensor]] = [[] for _ in self.pieces]
+        for m, weight in zip(self._maps, self.weights):
+            parts = [term.read(reduced[term.source(ii)]) for ii, term in m.reads]
+            x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            y = _channel_map(x, weight, self.bias if m.groups[0].constant else None)
+            for g, (lo, hi) in zip(m.groups, m.rows):
+                block = y if len(m.groups) == 1 else y.narrow(1, lo, hi - lo)
+                terms[g.out].append(g.pattern.place(block, shapes[g.out]))
+        # full-size: every piece has the identity term (each output index paired with
+        # the same input index)
+        ys = [_broadcast_sum(ts) for ts in terms]
         return _assemble(self.space, self.pieces, ys, b, self.out_channels)
 
     def extra_repr(self) -> str:
