@@ -100,19 +100,29 @@ def main(argv=None) -> dict:
                 f"width {width:3d}{seen:9s} {label:14s} final train loss "
                 f"{statistics.mean(finals):.4f} ± {statistics.pstdev(finals):.4f}"
             )
-    _plot(curves, out / "learned_optimizer.png")
+    _plot(curves, [r["meta_loss"] for r in res.history], out / "learned_optimizer.png")
     print(f"wrote {out / 'learned_optimizer.png'}")
     return results
 
 
-def _plot(curves, path: Path) -> None:
+def _plot(curves, meta_losses, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(k[0] for k in curves))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * len(panels) + 4, 3.2), squeeze=False)
+    meta_ax = axes[0][-1]
+    meta_ax.plot(meta_losses, lw=0.8, alpha=0.5, label="per meta-step")
+    smooth = [sum(meta_losses[max(0, i - 19) : i + 1]) / len(meta_losses[max(0, i - 19) : i + 1])
+              for i in range(len(meta_losses))]  # fmt: skip
+    meta_ax.plot(smooth, label="mean of last 20")
+    meta_ax.set_yscale("log")
+    meta_ax.set_title("meta-training loss")
+    meta_ax.set_xlabel("meta-step")
+    meta_ax.grid(alpha=0.3)
+    meta_ax.legend()
     for ax, panel in zip(axes[0], panels):
         for (p, label), ys in curves.items():
             if p == panel:

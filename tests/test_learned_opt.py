@@ -207,11 +207,16 @@ def test_meta_training_resumes_bit_identically(tmp_path, method):
     whole = fresh()
     meta_train(whole, fam, steps=6, **kw)
     ckpt = tmp_path / "lo.safetensors"
-    first = fresh()
-    meta_train(first, fam, steps=3, checkpoint=ckpt, every=1, **kw)  # "interrupted" after 3
+
+    def interrupt(row):
+        if row["step"] == 5:
+            raise KeyboardInterrupt  # killed between checkpoints (written every 2 steps)
+
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(fresh(), fam, steps=6, checkpoint=ckpt, every=2, log=interrupt, **kw)
     resumed = fresh()  # a new process: nothing but the checkpoint
-    res = meta_train(resumed, fam, steps=6, checkpoint=ckpt, every=1, **kw)
-    assert res.resumed_from == 3 and len(res.history) == 6
+    res = meta_train(resumed, fam, steps=6, checkpoint=ckpt, every=2, **kw)
+    assert res.resumed_from == 4 and len(res.history) == 6
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     with pytest.raises(CheckpointError, match="other settings"):
