@@ -47,18 +47,36 @@ INDEX_KEY = "metanet.inr_index"
 class INRConfig:
     """A SIREN and how it is fitted.
 
-    ``variant="siren"`` is the standard initialization; ``"dws"`` the DWSNets datasets'
-    choices (first-layer bias zero, all biases small) with the same architecture.
+    ``variant="siren"`` is the standard initialization (Sitzmann et al.: first layer
+    ``U(±1/in)``, the others ``U(±√(6/in)/w0)``, biases ``U(±1/√in)``). ``"dws"`` is the
+    INR of the DWSNets MNIST/Fashion-MNIST datasets (Navon et al. 2023, their ``nn/inr.py``):
+    every sine layer, the first included, ``U(±√(6/in)/w0)`` with zero biases, a plain
+    ``nn.Linear`` output layer (``U(±1/√in)``), and ``+0.5`` added to the output. Its first
+    layer starts at low frequencies and has to move to draw the image, so the image is in
+    the weights rather than in which random features the initialization happened to offer.
+
+    ``target_psnr`` stops each INR once it reaches that PSNR (DWSNets: 40 dB); the INR's
+    weights are frozen from that step on, the others keep training.
     """
 
     in_features: int = 2
     hidden: int = 32
-    depth: int = 3  # hidden layers
+    depth: int = 2  # hidden layers: 2-32-32-1, the DWSNets/NFN MNIST INR
     out_features: int = 1
     w0: float = 30.0
-    steps: int = 150  # 8×8 digits: ~60 dB mean PSNR; upsampled images want more
-    lr: float = 1e-3
-    variant: str = "siren"
+    steps: int = 1000  # at most (DWSNets: 1,000 with early stopping at 40 dB)
+    lr: float = 5e-4
+    variant: str = "dws"
+    target_psnr: float | None = 40.0
+
+    def __post_init__(self):
+        if self.variant not in ("siren", "dws"):
+            raise ValueError(f"variant must be 'siren' or 'dws', got {self.variant!r}")
+
+    @property
+    def offset(self) -> float:
+        """Constant added to the network's output (0.5 for ``"dws"``)."""
+        return 0.5 if self.variant == "dws" else 0.0
 
     @property
     def sizes(self) -> list[int]:
@@ -82,6 +100,7 @@ class Siren(nn.Module):
 
     def __init__(self, cfg: INRConfig = INRConfig()):
         super().__init__()
+        self.offset = cfg.offset
         layers: list[nn.Module] = []
         sizes = cfg.sizes
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -91,7 +110,7 @@ class Siren(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, coords: Tensor) -> Tensor:
-        return self.net(coords)
+        return self.net(coords) + self.offset
 
 
 def siren_space(cfg: INRConfig = INRConfig()) -> WeightSpace:
@@ -111,16 +130,19 @@ def image_grid(height: int, width: int) -> Tensor:
 def _init(cfg: INRConfig, seeds: Sequence[int]) -> dict[str, Tensor]:
     """Stacked initial weights, INR i drawn from ``torch.Generator().manual_seed(seeds[i])``."""
     sizes = cfg.sizes
+    last = len(sizes) - 2
     per: dict[str, list[Tensor]] = {n: [] for n in cfg.names()}
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            bound = 1 / a if i == 0 else math.sqrt(6 / a) / cfg.w0
-            w = (torch.rand(b, a, generator=gen) * 2 - 1) * bound
-            bias_bound = 1 / math.sqrt(a)
-            bias = (torch.rand(b, generator=gen) * 2 - 1) * bias_bound
             if cfg.variant == "dws":
-                bias = bias * (0.0 if i == 0 else 1 / cfg.w0)
+                bound = 1 / math.sqrt(a) if i == last else math.sqrt(6 / a) / cfg.w0
+                bias_bound = 1 / math.sqrt(a) if i == last else 0.0
+            else:
+                bound = 1 / a if i == 0 else math.sqrt(6 / a) / cfg.w0
+                bias_bound = 1 / math.sqrt(a)
+            w = (torch.rand(b, a, generator=gen) * 2 - 1) * bound
+            bias = (torch.rand(b, generator=gen) * 2 - 1) * bias_bound
             per[f"net.{2 * i}.weight"].append(w)
             per[f"net.{2 * i}.bias"].append(bias)
     return {n: torch.stack(v) for n, v in per.items()}
@@ -134,7 +156,7 @@ def _forward(cfg: INRConfig, w: dict[str, Tensor], coords: Tensor) -> Tensor:
         h = torch.baddbmm(w[f"net.{2 * i}.bias"][:, None, :], h, w[f"net.{2 * i}.weight"].mT)
         if i < n_layers - 1:
             h = torch.sin(cfg.w0 * h)
-    return h
+    return h + cfg.offset if cfg.offset else h
 
 
 def fit_sirens(
@@ -162,17 +184,39 @@ def fit_sirens(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"fitting {targets.shape[0]} INRs", unit="step", leave=False)
+    target_mse = None if cfg.target_psnr is None else 10 ** (-cfg.target_psnr / 10)
+    frozen: dict[str, Tensor] = {}
+    done = torch.zeros(targets.shape[0], dtype=torch.bool)
     for _ in steps:
         err = _forward(cfg, w, coords) - targets
+        mse = err.pow(2).mean(dim=(1, 2))
+        if target_mse is not None:
+            # early stopping per INR: once at the target, its weights stay as they are
+            newly = (mse.detach() <= target_mse) & ~done
+            if newly.any():
+                for n, t in w.items():
+                    keep = frozen.get(n, torch.zeros_like(t))
+                    frozen[n] = torch.where(_bcast(newly, t), t.detach(), keep)
+                done |= newly
+                if bool(done.all()):
+                    break
         # per-INR mean squared error, summed: each INR gets its own gradient
-        loss = err.pow(2).mean(dim=(1, 2)).sum()
+        loss = mse.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if done.any():
+            with torch.no_grad():
+                for n, t in w.items():
+                    t.copy_(torch.where(_bcast(done, t), frozen[n], t))
     with torch.no_grad():
         mse = (_forward(cfg, w, coords) - targets).pow(2).mean(dim=(1, 2))
     psnr = -10 * torch.log10(mse.clamp_min(1e-12))
     return {n: t.detach() for n, t in w.items()}, psnr
+
+
+def _bcast(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape(-1, *[1] * (like.dim() - 1))
 
 
 def sine_targets(n: int, seed: int = 0, points: int = 64) -> tuple[Tensor, Tensor, Tensor]:
@@ -251,8 +295,14 @@ def make_dataset(
             images[:, None], size=(resolution, resolution), mode="bilinear", align_corners=True
         )[:, 0]
     coords = image_grid(resolution, resolution)
-    meta = {"config": asdict(cfg), "per_image": per_image, "resolution": resolution,
-            "seed": seed, "num_shards": num_shards, "source": "sklearn.datasets.load_digits"}
+    meta = {
+        "config": asdict(cfg),
+        "per_image": per_image,
+        "resolution": resolution,
+        "seed": seed,
+        "num_shards": num_shards,
+        "source": "sklearn.datasets.load_digits",
+    }
     _write_json(root / "dataset.json", meta, check_same=True)
     space_path = root / "space.json"
     if not space_path.exists():
@@ -412,5 +462,3 @@ def collate_features(batch: list) -> tuple[dict[str, Tensor], Tensor]:
     """Stack ``("features", label)`` items into ``({name: (B, 1, *shape)}, labels)``."""
     feats = {n: torch.stack([b[0][n] for b in batch]) for n in batch[0][0]}
     return feats, torch.stack([b[1] for b in batch])
-
-

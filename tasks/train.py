@@ -18,6 +18,7 @@ compute the same updates up to floating-point reduction order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,21 +30,52 @@ from torch import Tensor, nn
 from metanet.io import atomic_write
 from metanet.space import WeightSpace
 
-__all__ = ["KINDS", "build_model", "train", "TrainResult"]
+__all__ = ["KINDS", "EXTERNAL_KINDS", "build_model", "train", "TrainResult"]
 
 KINDS = ("unf", "nfn", "gmn", "statnn", "flat")
+# the ``nfn`` package's own invariant networks (Zhou et al. 2023), for comparison; they
+# need ``pip install nfn`` and an MLP-shaped space (``net.K.weight``/``net.K.bias`` pairs)
+EXTERNAL_KINDS = ("nfn-np", "nfn-hnp")
+# models whose output no group element changes: augmentation is a no-op for them
+INVARIANT_KINDS = ("unf", "nfn", "gmn", "statnn", "nfn-np", "nfn-hnp")
+
+
+class _Encode(nn.Module):
+    """Each weight value to channels ``[v, sin(2^k π v), cos(2^k π v)]`` (k < frequencies):
+    ``(B, *shape) -> (B, 1 + 2 * frequencies, *shape)``. Elementwise, so it commutes with
+    every permutation; it gives a linear layer the resolution a single read of the value
+    lacks (GMN's ``FourierEncoding``; nfn's INR classifiers use Gaussian Fourier features)."""
+
+    def __init__(self, frequencies: int = 0):
+        super().__init__()
+        from metanet.nn import FourierEncoding
+
+        self.fourier = FourierEncoding(frequencies) if frequencies else None
+        self.channels = 1 + 2 * frequencies
+
+    def forward(self, v: Tensor) -> Tensor:
+        if self.fourier is None:
+            return v.unsqueeze(1)
+        return self.fourier(v.unsqueeze(-1)).movedim(-1, 1)
 
 
 class UNFClassifier(nn.Module):
     """Invariant UNF network: ``layers`` equivariant layers, pooling, an MLP head."""
 
     def __init__(
-        self, space: WeightSpace, out: int, channels: int = 16, layers: int = 2, basis: str = "full"
+        self,
+        space: WeightSpace,
+        out: int,
+        channels: int = 16,
+        layers: int = 2,
+        basis: str = "full",
+        frequencies: int = 0,
     ):
         super().__init__()
         from metanet.nn import UNFLinear, UNFPointwise, UNFPool
 
-        widths = [1] + [channels] * layers
+        self.encode = _Encode(frequencies)
+        widths = [self.encode.channels] + [channels] * layers
         self.layers = nn.ModuleList(
             UNFLinear(space, a, b, basis=basis) for a, b in zip(widths[:-1], widths[1:])
         )
@@ -54,22 +86,91 @@ class UNFClassifier(nn.Module):
         )
 
     def forward(self, weights: dict[str, Tensor]) -> Tensor:
-        x = {k: v.unsqueeze(1) for k, v in weights.items()}
+        x = {k: self.encode(v) for k, v in weights.items()}
         for layer in self.layers:
             x = self.act(layer(x))
         return self.head(self.pool(x))
 
 
+class NFNClassifier(nn.Module):
+    """The ``nfn`` package's invariant network, as its INR-classification examples build it:
+    ``NPLinear``/``HNPLinear`` layers with ReLU, ``NPPool``/``HNPPool``, an MLP head.
+
+    ``mode="np"`` treats the input and output neurons as permutable too (NFN-NP);
+    ``"hnp"`` permutes hidden neurons only (NFN-HNP). Reads ``{name: (B, *shape)}``.
+    """
+
+    def __init__(
+        self,
+        space: WeightSpace,
+        out: int,
+        channels: int = 16,
+        layers: int = 2,
+        mode: str = "hnp",
+        frequencies: int = 0,
+    ):
+        super().__init__()
+        from nfn.common import ArraySpec, NetworkSpec
+        from nfn.layers import HNPLinear, HNPPool, NPLinear, NPPool
+
+        names = list(space.tensors)
+        if len(names) % 2 or any(
+            len(space.tensors[w].shape) != 2 or len(space.tensors[b].shape) != 1
+            for w, b in zip(names[::2], names[1::2])
+        ):
+            raise ValueError("nfn classifiers need an MLP space: (weight, bias) pairs in order")
+        self.weight_names, self.bias_names = names[::2], names[1::2]
+        shapes = [space.tensors[w].shape for w in self.weight_names]
+        # -1: a permuted axis (nfn's convention); inputs and outputs keep their sizes
+        last = len(shapes) - 1
+        wspec = [
+            ArraySpec((shapes[i][0] if i == last else -1, shapes[i][1] if i == 0 else -1))
+            for i in range(len(shapes))
+        ]
+        bspec = [ArraySpec((shapes[i][0] if i == last else -1,)) for i in range(len(shapes))]
+        spec = NetworkSpec(wspec, bspec)
+        linear, pool = (HNPLinear, HNPPool) if mode == "hnp" else (NPLinear, NPPool)
+        self.encode = _Encode(frequencies)
+        widths = [self.encode.channels] + [channels] * layers
+        self.layers = nn.ModuleList(linear(spec, a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.pool = pool(spec)
+        self.head = nn.Sequential(
+            nn.Linear(channels * pool.get_num_outs(spec), 128), nn.ReLU(), nn.Linear(128, out)
+        )
+
+    def forward(self, weights: dict[str, Tensor]) -> Tensor:
+        from nfn.common import WeightSpaceFeatures
+
+        x = WeightSpaceFeatures(
+            [self.encode(weights[n]) for n in self.weight_names],
+            [self.encode(weights[n]) for n in self.bias_names],
+        )
+        for layer in self.layers:
+            x = layer(x)
+            x = WeightSpaceFeatures(
+                [torch.relu(w) for w in x.weights], [torch.relu(b) for b in x.biases]
+            )
+        return self.head(self.pool(x).flatten(1))
+
+
 def build_model(
-    kind: str, space: WeightSpace, out: int, hidden: int = 16, example_graph=None
+    kind: str,
+    space: WeightSpace,
+    out: int,
+    hidden: int = 16,
+    example_graph=None,
+    frequencies: int = 0,
 ) -> nn.Module:
-    """One of :data:`KINDS` for ``space`` with ``out`` outputs."""
+    """One of :data:`KINDS` (or :data:`EXTERNAL_KINDS`) for ``space`` with ``out`` outputs.
+
+    ``frequencies`` > 0 Fourier-encodes each weight value before the first equivariant
+    layer (unf, nfn and the nfn package's models; GMN always encodes its inputs)."""
     from metanet.nn import GMN, FlatMLP, StatNN
 
     if kind == "unf":
-        return UNFClassifier(space, out, hidden)
+        return UNFClassifier(space, out, hidden, frequencies=frequencies)
     if kind == "nfn":
-        return UNFClassifier(space, out, hidden, basis="nfn")
+        return UNFClassifier(space, out, hidden, basis="nfn", frequencies=frequencies)
     if kind == "gmn":
         if example_graph is None:
             raise ValueError("gmn needs an example graph for its feature sizes")
@@ -80,11 +181,14 @@ def build_model(
             layers=3,
             out_features=out,
         )
+    if kind in EXTERNAL_KINDS:
+        mode = kind.removeprefix("nfn-")
+        return NFNClassifier(space, out, hidden, mode=mode, frequencies=frequencies)
     if kind == "statnn":
         return StatNN(space, out)
     if kind == "flat":
         return FlatMLP(space, out)
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    raise ValueError(f"kind must be one of {KINDS + EXTERNAL_KINDS}, got {kind!r}")
 
 
 @dataclass
@@ -108,22 +212,29 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _batches(ds, kind: str, indices: list[int]):
+def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
     from torch_geometric.data import Batch
 
-    items = [ds[i] for i in indices]
     if kind == "gmn":
+        if cache is None:
+            items = [ds[i] for i in indices]
+        else:  # no augmentation: each graph is built once
+            items = [cache[i] if i in cache else cache.setdefault(i, ds[i]) for i in indices]
         return Batch.from_data_list(items), torch.cat([g.y for g in items])
+    if not ds.augment:  # one gather per tensor, no per-item work
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {n: t[idx] for n, t in ds.tensors.items()}, ds.labels[idx]
+    items = [ds[i] for i in indices]
     w = {n: torch.stack([it[0][n] for it in items]) for n in items[0][0]}
     return w, torch.stack([it[1] for it in items])
 
 
 @torch.no_grad()
-def _accuracy(model, ds, kind: str, batch: int = 512) -> float:
+def _accuracy(model, ds, kind: str, batch: int = 512, cache: dict | None = None) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(ds), batch):
-        x, y = _batches(ds, kind, list(range(start, min(len(ds), start + batch))))
+        x, y = _batches(ds, kind, list(range(start, min(len(ds), start + batch))), cache)
         correct += int((model(x).argmax(-1) == y).sum())
     model.train()
     return correct / max(1, len(ds))
@@ -142,11 +253,18 @@ def train(
     augment: bool = True,
     limit: int | None = None,
     progress: bool = True,
+    frequencies: int = 0,
+    track_test: bool = False,
+    schedule: str = "constant",
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
-    ``limit`` caps the number of training INRs (quick runs). Run under ``torchrun
-    --nproc_per_node N`` for data parallelism.
+    ``limit`` caps the number of training INRs (quick runs): a fixed random subset of the
+    training split, the same for every model and seed. ``frequencies`` Fourier-encodes the
+    weights for the equivariant models (see :func:`build_model`); ``track_test`` also
+    records test accuracy after every epoch (for curves); ``schedule="cosine"`` anneals
+    the learning rate to 0 over the run. Run under ``torchrun --nproc_per_node N`` for
+    data parallelism.
     """
     from tasks.inr import WeightDataset
 
@@ -154,20 +272,45 @@ def train(
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
     fmt = "graph" if kind == "gmn" else "weights"
+    # Augmenting by random group elements only matters to a model that is not invariant by
+    # construction (flat): the others give the same output on every element, so it is
+    # skipped for them (and their batches are gathered, GMN's graphs built once).
+    augment = augment and kind not in INVARIANT_KINDS
     # every rank draws its own augmentations; the batches themselves are shared
     train_ds = WeightDataset(
         root, "train", fmt, augment=augment, seed=seed * 1000 + rank, standardize=True
     )
+    caches: dict[str, dict | None] = {
+        s: ({} if kind == "gmn" and not (s == "train" and augment) else None)
+        for s in ("train", "val", "test")
+    }
     val_ds, test_ds = (WeightDataset(root, s, fmt, standardize=True) for s in ("val", "test"))
-    n_train = min(len(train_ds), limit) if limit else len(train_ds)
+    pool = list(range(len(train_ds)))
+    if limit and limit < len(train_ds):
+        subset = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))
+        pool = sorted(subset[:limit].tolist())
+    n_train = len(pool)
     torch.manual_seed(seed)
     model = build_model(
-        kind, train_ds.space, 10, hidden, example_graph=train_ds[0] if kind == "gmn" else None
+        kind,
+        train_ds.space,
+        10,
+        hidden,
+        example_graph=train_ds[0] if kind == "gmn" else None,
+        frequencies=frequencies,
     )
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    steps_total = epochs * (n_train // batch_size)
+    sched = None
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps_total) / max(1, steps_total)))
+        )
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     per_rank = batch_size // world
     history: list[dict] = []
@@ -181,12 +324,14 @@ def train(
         order = torch.randperm(n_train, generator=gen).tolist()  # same on every rank
         total, count = 0.0, 0
         for b in range(0, n_train - batch_size + 1, batch_size):
-            mine = order[b + rank * per_rank : b + (rank + 1) * per_rank]
-            x, y = _batches(train_ds, kind, mine)
+            mine = [pool[k] for k in order[b + rank * per_rank : b + (rank + 1) * per_rank]]
+            x, y = _batches(train_ds, kind, mine, caches["train"])
             loss = nn.functional.cross_entropy(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += float(loss.detach()) * len(mine)
             count += len(mine)
         if world > 1:  # the loss of the global batches, not of this rank's half
@@ -201,11 +346,19 @@ def train(
             "seconds": time.perf_counter() - start,
         }
         if rank == 0:
-            row["val_accuracy"] = _accuracy(model, val_ds, kind)
+            row["val_accuracy"] = _accuracy(model, val_ds, kind, cache=caches["val"])
+            if track_test:
+                row["test_accuracy"] = _accuracy(model, test_ds, kind, cache=caches["test"])
         history.append(row)
         if out is not None and rank == 0:
             _log(Path(out), history)
-    test_acc = _accuracy(model, test_ds, kind) if rank == 0 else float("nan")
+    test_acc = float("nan")
+    if rank == 0:
+        test_acc = (
+            history[-1]["test_accuracy"]
+            if track_test
+            else _accuracy(model, test_ds, kind, cache=caches["test"])
+        )
     result = TrainResult(
         kind,
         epochs,

@@ -42,7 +42,7 @@ def test_fitting_reaches_a_real_psnr_on_digits():
 
     images = torch.tensor(load_digits().images[:64], dtype=torch.float32) / 16
     _, psnr = fit_sirens(images.reshape(64, -1, 1), image_grid(8, 8), range(64), INRConfig())
-    assert psnr.mean() > 40  # 8×8 digits are easy for a 32-wide SIREN
+    assert psnr.mean() >= 39.9 and psnr.min() > 30  # the default stops each INR at 40 dB
 
 
 def test_sine_wave_inrs():

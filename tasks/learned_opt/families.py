@@ -41,11 +41,12 @@ class Task:
 
     def init(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """The initial weights (PyTorch's default init, seeded by the task)."""
-        torch.manual_seed(self.seed)
-        for m in self.model.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        return {k: v.detach().clone().to(dtype) for k, v in self.model.named_parameters()}
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream is left alone
+            torch.manual_seed(self.seed)
+            for m in self.model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            return {k: v.detach().clone().to(dtype) for k, v in self.model.named_parameters()}
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The minibatch of ``step`` (a fixed function of the task seed and the step)."""

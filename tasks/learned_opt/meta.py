@@ -102,6 +102,14 @@ class _Slot:
         return self.task
 
 
+def _clone(s: _Slot) -> _Slot:
+    """A copy of the slot's inner state (the task itself is shared)."""
+    return _Slot(
+        s.seed, s.width, s.step, {k: v.clone() for k, v in s.weights.items()},
+        {k: v.clone() for k, v in s.state.items()}, s.task,
+    )  # fmt: skip
+
+
 def _new_slot(fam: Family, rng: random.Random) -> _Slot:
     task = fam.sample(rng)
     w = task.init()
@@ -163,7 +171,7 @@ def meta_train(
     if not slots:
         for _ in range(n_slots):
             s = _new_slot(fam, rng)
-            slots.append([s] if method != "pes" else [s, copy.deepcopy(s)])
+            slots.append([s] if method != "pes" else [s, _clone(s)])
         xi = (
             [torch.zeros_like(_flat_params(rule)) for _ in range(n_slots)]
             if method == "pes"
@@ -266,14 +274,22 @@ def _es_step(rule, opt, slots, xi, fam, rng, noise, k, horizon, sigma, clip, met
             direction = eps
             slot.weights, slot.state = ends[0]
         diff = losses[0] - losses[1]
-        if math.isfinite(diff):
-            grad += direction * (diff / (2 * sigma * len(slots)))
+        if not math.isfinite(diff):
+            # a particle diverged: no estimate from this pair, and a fresh task for it
+            _advance_slot(pair[0], fam, rng, horizon, horizon)
+            for j in range(1, len(pair)):
+                pair[j].__dict__.update(_clone(pair[0]).__dict__)
+            if method == "pes":
+                xi[i].zero_()
+            total = float("inf")
+            continue
+        grad += direction * (diff / (2 * sigma * len(slots)))
         total += (losses[0] + losses[1]) / (2 * len(slots))
         if method == "pes":
             pair[1].step = pair[0].step
             reset = _advance_slot(pair[0], fam, rng, k_here, horizon)
             if reset:
-                pair[1].__dict__.update(copy.deepcopy(pair[0]).__dict__)
+                pair[1].__dict__.update(_clone(pair[0]).__dict__)
                 xi[i].zero_()
             else:
                 pair[1].step = pair[0].step

@@ -463,6 +463,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         else:
             names = [n for n, t in space.tensors.items() if t.kind == "parameter"]
             tensors = items
+            if len(names) != len(tensors):
+                raise ValueError(
+                    f"{len(tensors)} parameters given, the WeightSpace has {len(names)}: pass "
+                    "model.named_parameters() to match them by name"
+                )
         missing = [n for n in names if n not in space.tensors]
         if missing:
             raise ValueError(f"parameter {missing[0]!r} is not a tensor of the WeightSpace")
