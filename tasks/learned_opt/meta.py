@@ -2,8 +2,8 @@
 
 :func:`meta_train` trains an :class:`~tasks.learned_opt.UpdateRule` on a task family with
 truncated unrolls: ``tasks`` inner networks (slots) are trained side by side, each for
-``horizon`` steps (then replaced by a fresh task), and every meta-step advances each slot
-by ``unroll`` steps. The meta-loss is the mean training loss over the unroll. Its
+``horizon`` steps (then replaced by a fresh task; the first runs are staggered), and
+every meta-step advances each slot by ``unroll`` steps. The meta-loss is the mean training loss over the unroll. Its
 gradient comes from
 
 * ``"tbptt"`` — truncated backpropagation through the unroll (gradients fed to the rule
@@ -95,6 +95,7 @@ class _Slot:
     weights: dict[str, Tensor]
     state: dict[str, Tensor]
     task: Task | None = None
+    end: int | None = None  # this episode's last step (None: the horizon)
 
     def get_task(self, fam: Family) -> Task:
         if self.task is None:
@@ -106,7 +107,7 @@ def _clone(s: _Slot) -> _Slot:
     """A copy of the slot's inner state (the task itself is shared)."""
     return _Slot(
         s.seed, s.width, s.step, {k: v.clone() for k, v in s.weights.items()},
-        {k: v.clone() for k, v in s.state.items()}, s.task,
+        {k: v.clone() for k, v in s.state.items()}, s.task, s.end,
     )  # fmt: skip
 
 
@@ -169,8 +170,11 @@ def meta_train(
     if checkpoint is not None and Path(checkpoint).exists():
         slots, xi = _load(checkpoint, rule, opt, rng, noise, config, result, fam)
     if not slots:
-        for _ in range(n_slots):
+        for i in range(n_slots):
             s = _new_slot(fam, rng)
+            # staggered: slot i's first episode is shorter, so the slots sit at different
+            # points of their runs and every meta-step sees early and late training alike
+            s.end = max(unroll_steps, horizon - i * horizon // n_slots)
             slots.append([s] if method != "pes" else [s, _clone(s)])
         xi = (
             [torch.zeros_like(_flat_params(rule)) for _ in range(n_slots)]
@@ -209,7 +213,7 @@ def meta_train(
 def _advance_slot(slot: _Slot, fam: Family, rng: random.Random, k: int, horizon: int) -> bool:
     """Move the slot's step on by ``k``; at the horizon, a fresh task (returns True)."""
     slot.step += k
-    if slot.step >= horizon:
+    if slot.step >= (slot.end or horizon):
         fresh = _new_slot(fam, rng)
         slot.__dict__.update(fresh.__dict__)
         return True
@@ -226,7 +230,7 @@ def _tbptt_step(rule, opt, slots, fam, rng, k, horizon, clip) -> float:
     total = 0.0
     for (slot,) in slots:
         task = slot.get_task(fam)
-        k_here = min(k, horizon - slot.step)
+        k_here = min(k, (slot.end or horizon) - slot.step)
         loss, w, st = unroll(rule, task, slot.weights, slot.state, slot.step, k_here, True)
         if not torch.isfinite(loss):
             # the inner run diverged: no meta-gradient from it, and a fresh task
@@ -253,7 +257,7 @@ def _es_step(rule, opt, slots, xi, fam, rng, noise, k, horizon, sigma, clip, met
         eps = torch.randn(theta.shape, generator=noise, dtype=theta.dtype)
         slot = pair[0]
         task = slot.get_task(fam)
-        k_here = min(k, horizon - slot.step)
+        k_here = min(k, (slot.end or horizon) - slot.step)
         losses, ends = [], []
         for j, sign in enumerate((1.0, -1.0)):
             src = pair[j] if method == "pes" else slot
@@ -349,7 +353,7 @@ def _save(path, rule, opt, rng, noise, config, result, slots, xi) -> None:
                 tensors[f"slot/{i}/{j}/w/{n}"] = v
             for n, v in s.state.items():
                 tensors[f"slot/{i}/{j}/s/{n}"] = v
-            rows.append({"seed": s.seed, "width": s.width, "step": s.step})
+            rows.append({"seed": s.seed, "width": s.width, "step": s.step, "end": s.end})
         slot_meta.append(rows)
     for i, x in enumerate(xi):
         tensors[f"xi/{i}"] = x
@@ -417,7 +421,7 @@ def _load(path, rule, opt, rng, noise, config, result, fam):
             }
             task = fam.task(r["seed"], r["width"])
             w = {n: w[n] for n in task.space.tensors if n in w}
-            pair.append(_Slot(r["seed"], r["width"], r["step"], w, s, task))
+            pair.append(_Slot(r["seed"], r["width"], r["step"], w, s, task, r.get("end")))
         slots.append(pair)
     xi = [tensors[f"xi/{i}"] for i in range(len(slots)) if f"xi/{i}" in tensors]
     result.history = meta["history"]
