@@ -1,0 +1,228 @@
+"""INR classification: which digit does a SIREN draw? Metanetworks read only its weights.
+
+Models (``tasks.train.build_model``), all trained by ``tasks.train.train`` on the same
+dataset, split and training subset, with the same optimizer settings:
+
+* ``gmn`` — metanet's graph metanetwork on ``ParamGraph`` batches;
+* ``unf`` — metanet's UNF classifier (full equivariant basis, Fourier-encoded inputs);
+* ``nfn-hnp`` / ``nfn-np`` — the ``nfn`` package's ``HNPLinear``/``NPLinear`` layers with
+  ReLU, ``HNPPool``/``NPPool`` and an MLP head, as nfn's INR-classification models are
+  built (the same input encoding, channels and head width as ``unf``);
+* ``statnn`` — per-tensor statistics + MLP (Unterthiner et al. 2020);
+* ``flat`` — an MLP on the flattened weights, trained with random-permutation
+  augmentation.
+
+The dataset is ``tasks.inr.make_dataset``'s default: 10 SIRENs per image of scikit-learn's
+8×8 digits (17,970 INRs, split by image 70/10/20), the DWSNets recipe (2-32-32-1, w0 30,
+Adam 5e-4, up to 1,000 steps, each INR stopped at 40 dB). ``--data`` points at a folder
+made by ``metanet inr make`` or ``make_dataset``; a missing one is made first (about
+10 CPU-minutes at one thread). Test accuracy is that of the model after the last epoch
+(no early stopping on test); mean ± std over ``--seeds`` seeds (seed = model
+initialization and minibatch order). Writes ``benchmarks/results/inr_classification.md``
+and ``inr_classification.png`` (test accuracy after each epoch, mean over seeds).
+
+    python benchmarks/inr_classification.py                  # ~40 min at 1 thread
+    python benchmarks/inr_classification.py --limit 2000 --epochs 3 --seeds 1   # a look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from metanet.io import atomic_write  # noqa: E402
+from tasks.inr import INRConfig, WeightDataset, make_dataset  # noqa: E402
+from tasks.train import build_model, train  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_DATA = ROOT / "out" / "inr-digits"
+MODELS = ("gmn", "unf", "nfn-hnp", "nfn-np", "statnn", "flat")
+LABELS = {
+    "gmn": "GMN (metanet)",
+    "unf": "UNF (metanet, full basis)",
+    "nfn": "UNF (metanet, NFN basis)",
+    "nfn-hnp": "NFN-HNP (`nfn` package)",
+    "nfn-np": "NFN-NP (`nfn` package)",
+    "statnn": "StatNN",
+    "flat": "flat MLP (+ permutation augmentation)",
+}
+
+
+def _have_nfn() -> bool:
+    try:
+        import nfn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _params(kind: str, data: Path, hidden: int, frequencies: int) -> int:
+    ds = WeightDataset(data, "test", "graph" if kind == "gmn" else "weights")
+    model = build_model(
+        kind,
+        ds.space,
+        10,
+        hidden,
+        example_graph=ds[0] if kind == "gmn" else None,
+        frequencies=frequencies,
+    )
+    return sum(p.numel() for p in model.parameters())
+
+
+def _mean_std(xs: list[float]) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="INR dataset folder")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--limit", type=int, default=None, help="training INRs (a fixed subset)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--hidden", type=int, default=16, help="channels / hidden width")
+    ap.add_argument("--frequencies", type=int, default=4, help="Fourier input encoding")
+    ap.add_argument("--schedule", default="cosine", choices=["constant", "cosine"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS / "inr_classification.md")
+    ap.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    models = [m for m in args.models.split(",") if m]
+    if any(m.startswith("nfn-") for m in models) and not _have_nfn():
+        print("the nfn package is not installed: skipping its models", file=sys.stderr)
+        models = [m for m in models if not m.startswith("nfn-")]
+    if not (args.data / "dataset.json").exists() or _incomplete(args.data):
+        t = time.perf_counter()
+        make_dataset(args.data, per_image=10, cfg=INRConfig(), progress=True)
+        print(f"made {args.data} in {(time.perf_counter() - t) / 60:.1f} min", file=sys.stderr)
+    meta = json.loads((args.data / "dataset.json").read_text())
+    full = WeightDataset(args.data)
+    n_split = {s: sum(r["split"] == s for r in full.rows) for s in ("train", "val", "test")}
+    psnr = full.psnr
+    n_train = min(args.limit, n_split["train"]) if args.limit else n_split["train"]
+
+    results: dict[str, list] = {}
+    wall0 = time.perf_counter()
+    for kind in models:
+        runs = []
+        for seed in range(args.seeds):
+            r = train(
+                kind,
+                args.data,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                hidden=args.hidden,
+                seed=seed,
+                limit=args.limit,
+                progress=False,
+                frequencies=args.frequencies,
+                track_test=True,
+                schedule=args.schedule,
+            )
+            runs.append(r)
+            print(
+                f"{kind} seed {seed}: test {r.test_accuracy:.3f} val {r.val_accuracy:.3f} "
+                f"({r.seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        results[kind] = runs
+    wall = time.perf_counter() - wall0
+
+    cfg = meta["config"]
+    caption = (
+        f"torch {torch.__version__}, {args.threads} thread(s). Data: {len(full):,} SIREN INRs "
+        f"({meta['per_image']} per image of scikit-learn's digits at {meta['resolution']}×"
+        f"{meta['resolution']}; {cfg['in_features']}-"
+        + "-".join([str(cfg["hidden"])] * cfg["depth"])
+        + f"-{cfg['out_features']}, variant {cfg['variant']}, w0 {cfg['w0']:g}, "
+        f"Adam lr {cfg['lr']:g}, ≤{cfg['steps']} steps"
+        + (f", stopped at {cfg['target_psnr']:g} dB" if cfg.get("target_psnr") else "")
+        + f"; PSNR mean {psnr.mean():.1f} dB, min {psnr.min():.1f}); split by image "
+        f"{n_split['train']:,}/{n_split['val']:,}/{n_split['test']:,}. "
+        + (
+            f"**Training on a fixed random subset of {n_train:,} of the {n_split['train']:,} "
+            "training INRs** (the same for every model and seed); "
+            if n_train < n_split["train"]
+            else "Training on the full training split; "
+        )
+        + f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g} "
+        f"({args.schedule}), width/channels {args.hidden}, Fourier input encoding with "
+        f"{args.frequencies} frequencies for the equivariant models; test accuracy after "
+        f"the last epoch, mean ± std over {args.seeds} seed(s). Wall time: per run, mean; "
+        f"whole benchmark {wall / 60:.1f} min."
+    )
+    lines = [
+        caption,
+        "",
+        "| model | test accuracy % | val accuracy % | parameters | wall time / run |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind, runs in sorted(
+        results.items(), key=lambda kv: -statistics.mean(r.test_accuracy for r in kv[1])
+    ):
+        lines.append(
+            f"| {LABELS.get(kind, kind)} | {_mean_std([r.test_accuracy for r in runs])} | "
+            f"{_mean_std([r.val_accuracy for r in runs])} | "
+            f"{_params(kind, args.data, args.hidden, args.frequencies):,} | "
+            f"{statistics.mean(r.seconds for r in runs):.0f} s |"
+        )
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    plot = args.plot or args.out.with_suffix(".png")
+    _plot(results, plot)
+    print(f"wrote {args.out} and {plot}", file=sys.stderr)
+    return 0
+
+
+def _incomplete(root: Path) -> bool:
+    n = json.loads((root / "dataset.json").read_text())["num_shards"]
+    return len(list(root.glob(f"shard-*-of-{n:05d}.safetensors"))) < n
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for kind, runs in results.items():
+        epochs = [h["epoch"] for h in runs[0].history]
+        curves = torch.tensor([[h["test_accuracy"] for h in r.history] for r in runs])
+        mean = curves.mean(0)
+        ax.plot(epochs, 100 * mean, marker="o", ms=3, label=LABELS.get(kind, kind))
+        if len(runs) > 1:
+            lo, hi = curves.min(0).values, curves.max(0).values
+            ax.fill_between(epochs, 100 * lo, 100 * hi, alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("INR classification (digits SIRENs), mean and range over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""benchmarks/inr_classification.py runs end to end at toy sizes (so it does not rot)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from tasks.inr import INRConfig, make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "inr_classification", ROOT / "benchmarks" / "inr_classification.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_writes_its_table_and_plot(tmp_path):
+    data = tmp_path / "inrs"
+    make_dataset(
+        data, per_image=1, cfg=INRConfig(hidden=8, depth=1, steps=5), num_shards=2, progress=False
+    )
+    out = tmp_path / "res" / "inr.md"
+    bench = _bench()
+    argv = ["--data", str(data), "--epochs", "1", "--limit", "64", "--seeds", "2"]
+    assert bench.main([*argv, "--batch-size", "32", "--hidden", "4", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "%" not in line]
+    kinds = [k for k in bench.MODELS if not k.startswith("nfn-") or bench._have_nfn()]
+    assert len(rows) == len(kinds)
+    for kind in kinds:
+        assert bench.LABELS[kind] in text
+    assert "fixed random subset of 64" in text and "2 seed(s)" in text
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert not list(out.parent.glob("*.tmp*"))  # atomic writes leave nothing behind
