@@ -18,6 +18,12 @@ wreath product of attention, matched exactly, not head_dim after heads.
 ``activation_matching`` does the same on standardized activations (correlation), and
 ``ste_matching`` is the paper's straight-through estimator, which learns the weights the
 permutation is matched to so that the merged midpoint has low loss.
+
+Which to use: on MLPs and CNNs weight matching is fast, data-free and close to the best.
+On transformers the weights of independently trained models are too weakly correlated for
+it (different visiting orders land on unrelated permutations, and the objective barely
+predicts the barrier); there ``ste_matching(..., init="activation", lr=1e-2, epochs=10)``
+is the one that removes most of the barrier.
 """
 
 from __future__ import annotations
@@ -580,6 +586,7 @@ def ste_matching(
     epochs: int = 1,
     lr: float = 1e-3,
     seed: int = 0,
+    init: Mapping[str, Tensor] | str | None = None,
     progress: bool = False,
     log: MatchLog | None = None,
 ) -> Element:
@@ -590,6 +597,14 @@ def ste_matching(
     gradient passed straight through to ``w~``. Returns the permutation of the last
     projection. ``model`` is any module of the architecture (its own weights unused);
     ``data`` yields ``(inputs, targets)``.
+
+    Args:
+        init: where the first projection's weight matching starts: ``None`` (identity,
+            the paper's choice), an element, or ``"activation"``: the element of
+            :func:`activation_matching` on ``data`` (``model`` loaded with a and with b).
+            On transformers, whose weights alone say little about which units match,
+            ``init="activation"`` with ``lr=1e-2`` and ~10 epochs is what brings the
+            barrier down (``benchmarks/results/align.md``, ViT-tiny).
     """
     from torch.func import functional_call
 
@@ -599,8 +614,18 @@ def ste_matching(
     proxy = {n: weights_a[n].detach().clone().requires_grad_() for n in names}
     opt = torch.optim.Adam(list(proxy.values()), lr=lr)
     module = copy.deepcopy(model).train()
-    g = weight_matching(space, weights_a, weights_b, seed=seed)
     batches = list(data)
+    if isinstance(init, str):
+        if init != "activation":
+            raise ValueError(f"init={init!r}: expected None, an element or 'activation'")
+        pair = []
+        for w in (weights_a, weights_b):
+            m = copy.deepcopy(model)
+            m.load_state_dict(dict(w), strict=False)
+            pair.append(m)
+        init = activation_matching(*pair, space, batches, seed=seed)
+        log.notes.append("started from activation matching")
+    g = weight_matching(space, weights_a, weights_b, seed=seed, init=init)
     for _ in _progress(range(epochs), progress, desc="STE", unit="epoch"):
         for x, y in batches:
             current = {n: p.detach() for n, p in proxy.items()}

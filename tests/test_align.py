@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -253,3 +254,33 @@ def test_recurrent_matching_stops_and_logs_the_true_objective():
     assert gained > 0
     assert abs(gained - (log.objective[-1] - log.objective[0])) <= 1e-6 * abs(gained)
     assert log.objective == sorted(log.objective)
+
+
+def test_ste_starts_where_init_says():
+    """``init`` sets where the STE's first projection starts: with no epochs the result is
+    weight matching from that start (an element, or activation matching's element)."""
+    e = entry("vit_tiny")
+    model = e.build().eval()
+    space = from_module(model, e.inputs())
+    a = {k: v.float() for k, v in _perturbed(model, seed=0).items()}
+    gen = torch.Generator().manual_seed(4)
+    b = {k: torch.randn(v.shape, generator=gen) for k, v in a.items()}
+    data = [(e.inputs()[0], torch.zeros(len(e.inputs()[0]), dtype=torch.long))]
+    start = space.random_element(torch.Generator().manual_seed(9))
+    got = ste_matching(model, space, a, b, data, epochs=0, init=start)
+    want = weight_matching(space, a, b, init=start)
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    plain = ste_matching(model, space, a, b, data, epochs=0)
+    assert any(not torch.equal(got[n], plain[n]) for n in got)  # the start mattered
+    model_a, model_b = copy.deepcopy(model), copy.deepcopy(model)
+    model_a.load_state_dict(a)
+    model_b.load_state_dict(b)
+    am = activation_matching(model_a, model_b, space, data)
+    log = MatchLog()
+    got = ste_matching(model, space, a, b, data, epochs=0, init="activation", log=log)
+    want = weight_matching(space, a, b, init=am)
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    assert any(not torch.equal(got[n], plain[n]) for n in got)
+    assert log.notes == ["started from activation matching"]
+    with pytest.raises(ValueError, match="init"):
+        ste_matching(model, space, a, b, data, epochs=0, init="weights")
