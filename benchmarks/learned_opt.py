@@ -129,7 +129,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results/learned_opt.md")
     ap.add_argument("--plot", default="benchmarks/results/learned_opt_curves.png")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     lines = [

@@ -232,3 +232,31 @@ def test_es_meta_training_runs_and_moves_the_rule():
     )
     assert len(res.history) == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, rule.parameters()))
+
+
+def test_meta_gradient_matches_finite_differences():
+    """TBPTT's meta-gradient (second order: through the gradients the rule reads) equals
+    central finite differences of the unrolled meta-loss, float64."""
+    from tasks.learned_opt.meta import unroll
+
+    task = _float64_task("mlp", 8)
+    rule = _randomized(UpdateRule(PerParameterMLP(hidden=8)).double())
+    w = task.init(torch.float64)
+
+    def meta_loss():
+        return unroll(rule, task, w, init_state(w), 0, 6, True, "log", True)[0]
+
+    meta_loss().backward()
+    probes = [(rule.log_alpha, ()), (rule.log_beta, ()), (rule.net.mlp[0].weight, (0, 1))]
+    for p, idx in probes:
+        eps = 1e-6
+        with torch.no_grad():
+            p[idx] += eps
+        up = float(meta_loss())
+        with torch.no_grad():
+            p[idx] -= 2 * eps
+        down = float(meta_loss())
+        with torch.no_grad():
+            p[idx] += eps
+        fd = (up - down) / (2 * eps)
+        assert abs(float(p.grad[idx]) - fd) <= 1e-6 * max(1.0, abs(fd)) + 1e-9, (fd, p.grad[idx])

@@ -3,11 +3,13 @@
 :func:`meta_train` trains an :class:`~tasks.learned_opt.UpdateRule` on a task family with
 truncated unrolls: ``tasks`` inner networks (slots) are trained side by side, each for
 ``horizon`` steps (then replaced by a fresh task; the first runs are staggered), and
-every meta-step advances each slot by ``unroll`` steps. The meta-loss is the mean training loss over the unroll. Its
+every meta-step advances each slot by ``unroll`` steps. The meta-loss is the mean log training loss over the unroll
+(``objective="log"``; so late, low-loss phases of training count as much as the first
+steps) or the mean training loss (``"mean"``). Its
 gradient comes from
 
-* ``"tbptt"`` — truncated backpropagation through the unroll (gradients fed to the rule
-  are treated as inputs: first order);
+* ``"tbptt"`` — truncated backpropagation through the unroll, through the gradients the
+  rule reads too (``second_order=False``: they count as inputs, cheaper, biased);
 * ``"es"`` — antithetic evolution strategies: ``pairs`` perturbations ``±sigma·eps`` of
   the rule's parameters, each run from the slot's state;
 * ``"pes"`` — persistent evolution strategies (Vicol et al., 2021): every particle keeps its
@@ -59,12 +61,18 @@ def unroll(
     start: int,
     steps: int,
     differentiable: bool = False,
+    objective: str = "mean",
+    second_order: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Train ``task`` for ``steps`` steps with ``rule`` from step ``start``:
-    ``(mean training loss over the steps after each update, weights, state)``.
+    ``(meta-loss, weights, state)``, the meta-loss being the mean training loss over the
+    steps after each update (``objective="log"``: the mean of its logarithm).
 
-    With ``differentiable=True`` the result keeps the graph back to the rule's parameters.
+    With ``differentiable=True`` the result keeps the graph back to the rule's parameters;
+    ``second_order=True`` also differentiates through the gradients the rule reads (how a
+    change of the weights changes the next gradient), else they count as inputs.
     """
+    second_order = second_order and differentiable
     losses = []
     for k in range(steps):
         w = (
@@ -74,17 +82,22 @@ def unroll(
         )
         with torch.enable_grad():
             loss = task.loss(w, task.batch(start + k))
-            grads = torch.autograd.grad(loss, list(w.values()), retain_graph=differentiable)
+            grads = torch.autograd.grad(
+                loss, list(w.values()), retain_graph=differentiable, create_graph=second_order
+            )
         if k:
             losses.append(loss)
-        g = {n: gi.detach() for n, gi in zip(w, grads)}
+        g = {n: gi if second_order else gi.detach() for n, gi in zip(w, grads)}
         if differentiable:
             weights, state = rule(task.space, w, g, state)
         else:
             with torch.no_grad():
                 weights, state = rule(task.space, {n: v.detach() for n, v in w.items()}, g, state)
     losses.append(task.loss(weights, task.batch(start + steps)))
-    return torch.stack(losses).mean(), weights, state
+    stacked = torch.stack(losses)
+    if objective == "log":
+        stacked = stacked.clamp_min(1e-12).log()
+    return stacked.mean(), weights, state
 
 
 @dataclass
@@ -142,6 +155,8 @@ def meta_train(
     sigma: float = 0.01,
     pairs: int = 4,
     clip: float = 1.0,
+    objective: str = "log",
+    second_order: bool = True,
     seed: int = 0,
     checkpoint: str | Path | None = None,
     every: int = 10,
@@ -158,7 +173,8 @@ def meta_train(
     fam = get_family(fam) if isinstance(fam, str) else fam
     config = dict(
         family=fam.name, method=method, unroll=unroll_steps, horizon=horizon, tasks=tasks,
-        lr=lr, sigma=sigma, pairs=pairs, clip=clip, seed=seed,
+        lr=lr, sigma=sigma, pairs=pairs, clip=clip, seed=seed, objective=objective,
+        second_order=second_order,
     )  # fmt: skip
     opt = torch.optim.Adam(rule.parameters(), lr=lr)
     rng = random.Random(seed)
@@ -191,10 +207,24 @@ def meta_train(
         )
     for it in range(result.resumed_from, steps):
         if method == "tbptt":
-            meta_loss = _tbptt_step(rule, opt, slots, fam, rng, unroll_steps, horizon, clip)
+            meta_loss = _tbptt_step(
+                rule, opt, slots, fam, rng, unroll_steps, horizon, clip, objective, second_order
+            )
         else:
             meta_loss = _es_step(
-                rule, opt, slots, xi, fam, rng, noise, unroll_steps, horizon, sigma, clip, method
+                rule,
+                opt,
+                slots,
+                xi,
+                fam,
+                rng,
+                noise,
+                unroll_steps,
+                horizon,
+                sigma,
+                clip,
+                method,
+                objective,
             )
         row = {"step": it + 1, "meta_loss": meta_loss, "alpha": rule.alpha, "beta": rule.beta}
         result.history.append(row)
@@ -225,13 +255,15 @@ def _clip_(params, clip: float) -> None:
         torch.nn.utils.clip_grad_norm_(list(params), clip)
 
 
-def _tbptt_step(rule, opt, slots, fam, rng, k, horizon, clip) -> float:
+def _tbptt_step(rule, opt, slots, fam, rng, k, horizon, clip, objective, second_order) -> float:
     opt.zero_grad()
     total = 0.0
     for (slot,) in slots:
         task = slot.get_task(fam)
         k_here = min(k, (slot.end or horizon) - slot.step)
-        loss, w, st = unroll(rule, task, slot.weights, slot.state, slot.step, k_here, True)
+        loss, w, st = unroll(
+            rule, task, slot.weights, slot.state, slot.step, k_here, True, objective, second_order
+        )
         if not torch.isfinite(loss):
             # the inner run diverged: no meta-gradient from it, and a fresh task
             _advance_slot(slot, fam, rng, horizon, horizon)
@@ -249,7 +281,9 @@ def _tbptt_step(rule, opt, slots, fam, rng, k, horizon, clip) -> float:
 
 
 @torch.no_grad()
-def _es_step(rule, opt, slots, xi, fam, rng, noise, k, horizon, sigma, clip, method) -> float:
+def _es_step(
+    rule, opt, slots, xi, fam, rng, noise, k, horizon, sigma, clip, method, objective
+) -> float:
     theta = _flat_params(rule)
     grad = torch.zeros_like(theta)
     total = 0.0
@@ -265,7 +299,9 @@ def _es_step(rule, opt, slots, xi, fam, rng, noise, k, horizon, sigma, clip, met
                 f"rule.{n}": v for n, v in _as_params(rule, theta + sign * sigma * eps).items()
             }
             loss, w, st = torch.func.functional_call(
-                _Unroller(rule), params, (task, src.weights, src.state, src.step, k_here)
+                _Unroller(rule),
+                params,
+                (task, src.weights, src.state, src.step, k_here, False, objective),
             )
             losses.append(float(loss))
             ends.append((w, st))
@@ -314,8 +350,8 @@ class _Unroller(torch.nn.Module):
         super().__init__()
         self.rule = rule
 
-    def forward(self, task, weights, state, start, steps):
-        return unroll(self.rule, task, weights, state, start, steps)
+    def forward(self, task, weights, state, start, steps, differentiable, objective):
+        return unroll(self.rule, task, weights, state, start, steps, differentiable, objective)
 
 
 # --- checkpoints -------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def features(
     for name, w in weights.items():
         g = grads[name]
         ms = [state[f"m{b}/{name}"] for b in MOMENTA]
-        denom = (state[f"v/{name}"] / v_corr).sqrt() + _EPS
+        denom = (state[f"v/{name}"] / v_corr + _EPS**2).sqrt() + _EPS  # finite slope at 0
         chans = [w / _rms(w), g / _rms(g)] + [m / _rms(m) for m in ms]
         chans += [
             (g / denom).clamp(-CLIP, CLIP),
