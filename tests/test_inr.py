@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch_geometric.loader import DataLoader
@@ -35,6 +37,38 @@ def test_batched_fitting_is_independent_and_matches_the_module():
     mse = (model(coords) - targets[3]).pow(2).mean()
     torch.testing.assert_close(-10 * torch.log10(mse), psnr[3], rtol=1e-4, atol=1e-4)
     assert set(together) == set(siren_space(TINY).tensors)
+
+
+def test_early_stopping_is_per_inr():
+    from sklearn.datasets import load_digits
+
+    images = torch.tensor(load_digits().images[:6], dtype=torch.float32) / 16
+    targets = images.reshape(6, -1, 1)
+    cfg = INRConfig(hidden=16, steps=400, target_psnr=25.0)
+    together, psnr = fit_sirens(targets, image_grid(8, 8), range(6), cfg)
+    stopped = psnr >= 25
+    assert stopped.sum() >= 4 and (psnr[stopped] < 26).all()  # stopped once at the target
+    k = int(stopped.nonzero()[0])
+    alone, _ = fit_sirens(targets[k : k + 1], image_grid(8, 8), [k], cfg)
+    for n in together:  # stopping one INR leaves the others' training alone
+        torch.testing.assert_close(together[n][k], alone[n][0], rtol=0, atol=1e-5)
+    # without the target they keep going
+    _, longer = fit_sirens(targets, image_grid(8, 8), range(6), replace(cfg, target_psnr=None))
+    assert (longer[stopped] > psnr[stopped] + 1).all()
+
+
+def test_dws_variant_matches_the_module():
+    cfg = INRConfig(hidden=16, steps=20)
+    assert cfg.variant == "dws" and cfg.offset == 0.5
+    coords = image_grid(8, 8)
+    targets = torch.rand(2, 64, 1, generator=torch.Generator().manual_seed(0))
+    w, psnr = fit_sirens(targets, coords, [0, 1], cfg)
+    model = Siren(cfg)
+    model.load_state_dict({k: v[1] for k, v in w.items()})
+    mse = (model(coords) - targets[1]).pow(2).mean()
+    torch.testing.assert_close(-10 * torch.log10(mse), psnr[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="variant"):
+        INRConfig(variant="nope")
 
 
 def test_fitting_reaches_a_real_psnr_on_digits():
