@@ -19,8 +19,12 @@ Barriers are test-loss barriers over 11 alphas: at alpha = 0.5 and the maximum o
    running statistics unpermuted) and with REPAIR (``tasks.merge.repair``).
 3. ViT-tiny from the fixtures on 8×8×1 digits (patch 2, d 64, 4 heads): which groups our
    matching moves (heads, per-head dims, MLP units, the residual stream), function
-   identity (``verify_aligned``), barriers; rebasin on the same pair. Two known answers
-   beside: b relabelled by a random group element, and a noisy relabelled copy of a.
+   identity (``verify_aligned``), barriers; rebasin on the same pair. Beside weight
+   matching: the best objective of ``--vit-restarts`` starts, weight matching started
+   from activation matching, and the STE (``--vit-ste-epochs``, ``--vit-ste-lr``) started
+   from weight matching and from activation matching, over the matching seeds too; and
+   how much two weight-matching answers agree (why it fails on the transformer). Two
+   known answers beside: b relabelled by a random group element, and a noisy relabelled copy of a.
 4. GPT-2 small (124M, ``GPT2LMHeadModel(GPT2Config())``, random init, seeds 0 and 1),
    weight-matched in a fresh process with glibc's mmap threshold pinned (so freed buffers
    leave the resident set): time, sweeps, and the resident-set high-water mark above the
@@ -33,6 +37,7 @@ rebasin's output is checked the same way and reported, not refused.
     python benchmarks/align.py            # about 10 minutes on 2 (busy) cores
     python benchmarks/align.py --quick    # about 2 minutes: 1 MLP pair, short training, no GPT-2
                                           # (writes align_quick.md / align_barriers_quick.png)
+    python benchmarks/align.py --sections vit   # one section (writes align_vit.md, ...)
 """
 
 from __future__ import annotations
@@ -616,7 +621,49 @@ def section_vit(rep: Report, d, args):
     rep()
     rows = []
     train = digits.batches(d.x_train, d.y_train, 128)
-    am_w = space.apply(b, activation_matching(ma, mb, space, train))
+    t0 = time.perf_counter()
+    g_am = activation_matching(ma, mb, space, train)
+    t_am = time.perf_counter() - t0
+    am_w = space.apply(b, g_am)
+
+    # weight matching's restarts: keep the highest objective of N visiting orders / starts
+    t0 = time.perf_counter()
+    restarts = []
+    for s in range(args.vit_restarts):
+        log = MatchLog()
+        init = None if s == 0 else space.random_element(torch.Generator().manual_seed(100 + s))
+        el = weight_matching(space, a, b, seed=s, init=init, log=log)
+        restarts.append((log.objective[-1], s, el))
+    t_rs = time.perf_counter() - t0
+    rs_obj, _, g_rs = max(restarts, key=lambda r: r[0])
+    rs_w = space.apply(b, g_rs)
+    rs_barriers = [
+        (o, loss_barrier(test, a, space.apply(b, el), alphas=args.alphas).barrier)
+        for o, _, el in restarts
+    ]
+    t0 = time.perf_counter()
+    log_wa = MatchLog()
+    wa_w = space.apply(b, weight_matching(space, a, b, init=g_am, log=log_wa))
+    t_wa = time.perf_counter() - t0 + t_am
+
+    def ste(seed, init):
+        t0 = time.perf_counter()
+        el = ste_matching(
+            ma,
+            space,
+            a,
+            b,
+            train,
+            epochs=args.vit_ste_epochs,
+            lr=args.vit_ste_lr,
+            seed=seed,
+            init=init,
+        )
+        return space.apply(b, el), time.perf_counter() - t0
+
+    ste_wm_w, t_ste_wm = ste(0, None)
+    ste_am_w, t_ste_am = ste(0, "activation")
+    ste_label = f"STE, {args.vit_ste_epochs} epochs, lr {args.vit_ste_lr:g}"
     curves = {
         "naive": (b, None, None, (True, 0.0), 0),
         "weight matching (ours)": (
@@ -629,10 +676,38 @@ def section_vit(rep: Report, d, args):
         "rebasin": (rb_w, best["rebasin"], rb_sweeps, _preserved(mb, b, rb_w, x), len(moved_rb)),
         "activation matching (ours)": (
             am_w,
-            None,
+            {"match": t_am},
             None,
             _preserved(mb, b, am_w, x),
             _changed(b, am_w),
+        ),
+        f"weight matching, best objective of {args.vit_restarts} starts (ours)": (
+            rs_w,
+            {"match": t_rs},
+            None,
+            _preserved(mb, b, rs_w, x),
+            _changed(b, rs_w),
+        ),
+        "weight matching from activation matching (ours)": (
+            wa_w,
+            {"match": t_wa},
+            log_wa.sweeps,
+            _preserved(mb, b, wa_w, x),
+            _changed(b, wa_w),
+        ),
+        f"{ste_label}, from weight matching (ours)": (
+            ste_wm_w,
+            {"match": t_ste_wm},
+            None,
+            _preserved(mb, b, ste_wm_w, x),
+            _changed(b, ste_wm_w),
+        ),
+        f"{ste_label}, from activation matching (ours)": (
+            ste_am_w,
+            {"match": t_ste_am},
+            None,
+            _preserved(mb, b, ste_am_w, x),
+            _changed(b, ste_am_w),
         ),
     }
     out = {}
@@ -645,6 +720,40 @@ def section_vit(rep: Report, d, args):
     rep(BARRIER_RULE)
     for r in rows:
         rep(r)
+    rep()
+    rep(
+        "Times without a trace / apply part are the matching call alone (activation matching "
+        "and the STE read the training set: 1,437 images). STE: "
+        '`ste_matching(..., epochs, lr, init=None | "activation")`, batch 128.'
+    )
+    rep()
+
+    # why weight matching alone does not get there: its answer is not determined by the
+    # weights (visiting orders disagree), and its objective barely predicts the barrier
+    wm = [weight_matching(space, a, b, seed=s) for s in range(max(2, args.match_seeds))]
+    rep(
+        "Why weight matching alone fails here: fraction of points on which two answers agree, "
+        "per group (chance is 1/size):"
+    )
+    rep()
+    rep("| group | size | WM seed 0 vs WM seed 1 | WM seed 0 vs activation matching |")
+    rep("|---|---:|---:|---:|")
+    for name, grp in space.groups.items():
+        if grp.within is not None:
+            continue
+        ww = float((wm[0][name] == wm[1][name]).float().mean())
+        wa = float((wm[0][name] == g_am[name]).float().mean())
+        rep(f"| `{name}` | {grp.size} | {ww:.2f} | {wa:.2f} |")
+    rep()
+    objs = np.array([o for o, _ in rs_barriers])
+    bars = np.array([v for _, v in rs_barriers])
+    rep(
+        f"Over the {len(rs_barriers)} weight-matching starts (identity + random elements), the "
+        f"objective spans {objs.min():.1f}–{objs.max():.1f} and the max barrier "
+        f"{bars.min():.3f}–{bars.max():.3f}; their correlation is "
+        f"{np.corrcoef(objs, bars)[0, 1]:+.2f} (the highest objective's barrier: "
+        f"{bars[objs.argmax()]:.3f})."
+    )
     rep()
 
     # the matching's own randomness: visiting order (ours: seed; rebasin: torch RNG)
@@ -659,6 +768,11 @@ def section_vit(rep: Report, d, args):
     for s in seeds:
         w = _rebasin(ma, mb, (d.x_train[:2],), seed=s)[0]
         rb_b.append(loss_barrier(test, a, w, alphas=args.alphas).barrier)
+    ste_b = {"weight matching": [], "activation matching": []}
+    for s in seeds:
+        for key, init in (("weight matching", None), ("activation matching", "activation")):
+            w = ste(s, init)[0]
+            ste_b[key].append(loss_barrier(test, a, w, alphas=args.alphas).barrier)
 
     # known answers: b relabelled by a random group element (same function), and a
     # relabelled with 5% noise: a complete matcher gets the same barrier / recovers a
@@ -694,15 +808,22 @@ def section_vit(rep: Report, d, args):
         "(max barrier to a):"
     )
     rep()
-    rep("| b | naive | weight matching (ours) | rebasin |")
-    rep("|---|---:|---:|---:|")
+
+    def spread(v):
+        return f"{np.mean(v):.4f} [{min(v):.4f}, {max(v):.4f}]"
+
+    rep(
+        "| b | naive | weight matching (ours) | rebasin | "
+        f"{ste_label}, from WM (ours) | {ste_label}, from activation matching (ours) |"
+    )
+    rep("|---|---:|---:|---:|---:|---:|")
     rep(
         f"| seed-1 model, matching seeds {seeds.start}–{seeds.stop - 1}: mean [min, max] | "
-        f"{out['naive'][0].barrier:.4f} | {np.mean(ours_b):.4f} [{min(ours_b):.4f}, {max(ours_b):.4f}] | "
-        f"{np.mean(rb_b):.4f} [{min(rb_b):.4f}, {max(rb_b):.4f}] |"
+        f"{out['naive'][0].barrier:.4f} | {spread(ours_b)} | {spread(rb_b)} | "
+        f"{spread(ste_b['weight matching'])} | {spread(ste_b['activation matching'])} |"
     )
     for label, naive_k, ours_k, rb_k in known:
-        rep(f"| {label} | {naive_k:.4f} | {ours_k:.4f} | {rb_k:.4f} |")
+        rep(f"| {label} | {naive_k:.4f} | {ours_k:.4f} | {rb_k:.4f} | | |")
     rep()
     co, cn = out["weight matching (ours)"][0], out["naive"][0]
     rep.target(
@@ -710,11 +831,16 @@ def section_vit(rep: Report, d, args):
         out["weight matching (ours)"][1][0],
         f"max rel. error {out['weight matching (ours)'][1][1]:.1e}",
     )
+    best_b = ste_b["activation matching"]
     rep.target(
-        "ViT (independent seeds): barrier clearly below rebasin's (mean over matching seeds, < 0.8×)",
-        np.mean(ours_b) < 0.8 * np.mean(rb_b),
-        f"ours {np.mean(ours_b):.4f} (seed 0: {co.barrier:.4f}), rebasin {np.mean(rb_b):.4f}, "
-        f"naive {cn.barrier:.4f} (rebasin function-preserving: {'yes' if out['rebasin'][1][0] else 'no'})",
+        "ViT (independent seeds): barrier clearly below rebasin's (mean over matching seeds, "
+        "< 0.8×; ours: STE from activation matching)",
+        np.mean(best_b) < 0.8 * np.mean(rb_b) and max(best_b) < min(rb_b),
+        f"ours {np.mean(best_b):.4f} [{min(best_b):.4f}, {max(best_b):.4f}] = "
+        f"{np.mean(best_b) / np.mean(rb_b):.0%} of rebasin's {np.mean(rb_b):.4f}; naive "
+        f"{cn.barrier:.4f}; weight matching alone {np.mean(ours_b):.4f} (seed 0: "
+        f"{co.barrier:.4f}) (rebasin function-preserving: "
+        f"{'yes' if out['rebasin'][1][0] else 'no'})",
     )
     rep.target(
         "ViT (known answer: permuted noisy copy of a): barrier clearly below rebasin's",
@@ -851,6 +977,9 @@ def main() -> None:
     ap.add_argument("--skip-repair", action="store_true", help="no REPAIR curves (slow at ×4)")
     ap.add_argument("--vit-epochs", type=int, default=30)
     ap.add_argument("--vit-depth", type=int, default=2)
+    ap.add_argument("--vit-restarts", type=int, default=16, help="weight-matching starts")
+    ap.add_argument("--vit-ste-epochs", type=int, default=10)
+    ap.add_argument("--vit-ste-lr", type=float, default=1e-2)
     ap.add_argument(
         "--match-seeds", type=int, default=4, help="visiting orders per tool for barrier spread"
     )
@@ -905,7 +1034,10 @@ def main() -> None:
     rep()
     total = time.perf_counter() - start
     rep(f"Whole run: {total / 60:.1f} minutes.")
-    suffix = "_quick" if args.quick else ""  # a quick run leaves the full results alone
+    # a quick or partial run leaves the full results alone
+    suffix = "_quick" if args.quick else ""
+    if set(sections) != {"pairs", "resnet", "vit", "gpt2"}:
+        suffix += "_" + "_".join(sections)
     plot = out / f"align_barriers{suffix}.png"
     if rep.curves:
         plot_barriers(rep.curves, plot, title="digits", ylabel="test loss")

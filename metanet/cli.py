@@ -219,20 +219,68 @@ def _write(out: Path, weights: dict, ref: _Checkpoint) -> None:
             shutil.rmtree(tmp)
 
 
-def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
-    """Weight-match ``other`` to ``ref``; the result is checked before it is returned."""
-    from tasks.align import AlignmentError, MatchLog, verify_aligned, weight_matching
+def _match(ref: _Checkpoint, other: _Checkpoint, args, log) -> tuple[dict, str]:
+    """The element permuting ``other`` to ``ref`` by ``args.match``, and a summary."""
+    import copy
 
-    log = MatchLog()
-    g = weight_matching(
+    from tasks.align import activation_matching, ste_matching, weight_matching
+
+    method = getattr(args, "match", "weight")
+    if method == "weight":
+        g = weight_matching(
+            ref.space,
+            ref.weights,
+            other.weights,
+            seed=args.seed,
+            max_sweeps=args.max_sweeps,
+            progress=not args.quiet,
+            log=log,
+        )
+        return (
+            g,
+            f"{log.sweeps} sweeps, objective {log.objective[0]:.4g} -> {log.objective[-1]:.4g}",
+        )
+    model = other.model or ref.model
+    if model is None:
+        raise CheckpointError(
+            f"--match {method} runs the model: pass --model package.module:factory"
+        )
+    data = _data(args.match_data, other.path, split="train", flag="--match-data")
+    if method == "activation":
+        pair = []
+        for w in (ref.weights, other.weights):
+            m = copy.deepcopy(model)
+            m.load_state_dict(w)
+            pair.append(m)
+        g = activation_matching(*pair, ref.space, data, seed=args.seed, log=log)
+        return g, f"activation matching on {len(data)} batches"
+    g = ste_matching(
+        model,
         ref.space,
         ref.weights,
         other.weights,
+        data,
+        epochs=args.ste_epochs,
+        lr=args.ste_lr,
         seed=args.seed,
-        max_sweeps=args.max_sweeps,
+        init="activation",
         progress=not args.quiet,
         log=log,
     )
+    return g, (
+        f"STE from activation matching, {args.ste_epochs} epochs on {len(data)} batches, "
+        f"midpoint loss {log.objective[0]:.4g} -> {log.objective[-1]:.4g}"
+        if log.objective
+        else f"STE from activation matching, {args.ste_epochs} epochs"
+    )
+
+
+def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
+    """Match ``other`` to ``ref`` (``--match``); the result is checked before it is returned."""
+    from tasks.align import AlignmentError, MatchLog, verify_aligned
+
+    log = MatchLog()
+    g, summary = _match(ref, other, args, log)
     aligned = ref.space.apply(other.weights, g)
     back = ref.space.apply(aligned, ref.space.invert(g))
     bad = next((k for k in other.weights if not torch.equal(back[k], other.weights[k])), None)
@@ -247,8 +295,7 @@ def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
     if not args.quiet:
         print(
             f"aligned {other.path} to {ref.path}: {moved}/{len(g)} groups permuted, "
-            f"{log.sweeps} sweeps, {log.seconds:.2f} s, objective {log.objective[0]:.4g} -> "
-            f"{log.objective[-1]:.4g}{checked}",
+            f"{summary}, {log.seconds:.2f} s{checked}",
             file=sys.stderr,
         )
     return aligned, g
@@ -301,10 +348,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data(spec: str | None, model_path: Path):
+def _data(spec: str | None, model_path: Path, split: str = "test", flag: str = "--data"):
+    """Batches of ``(inputs, targets)``: digits' test (or train) split, or a function's."""
     if spec is None:
+        what = "barrier of" if flag == "--data" else "matching"
         raise CheckpointError(
-            f"barrier of {model_path}: pass --data (digits, digits-flat, or module:function "
+            f"{what} {model_path}: pass {flag} (digits, digits-flat, or module:function "
             "returning a list of (inputs, targets) batches)"
         )
     if spec in ("digits", "digits-flat"):
@@ -312,8 +361,10 @@ def _data(spec: str | None, model_path: Path):
 
         d = digits.load()
         d = d.flat() if spec == "digits-flat" else d
+        if split == "train":
+            return digits.batches(d.x_train, d.y_train, 128)
         return digits.batches(d.x_test, d.y_test)
-    return list(_imported(spec, "--data")())
+    return list(_imported(spec, flag)())
 
 
 def _cmd_barrier(args: argparse.Namespace) -> int:
@@ -455,6 +506,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-shape", help="example input shape for --model (randn)")
         p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
         p.add_argument("--max-sweeps", type=int, default=100)
+        p.add_argument(
+            "--match",
+            choices=["weight", "activation", "ste"],
+            default="weight",
+            help="how B is permuted: weight matching (default: data-free, fast, best on "
+            "MLPs/CNNs), activation matching, or the straight-through estimator started "
+            "from activation matching (runs --model on --match-data; far lower barriers "
+            "on transformers)",
+        )
+        p.add_argument(
+            "--match-data",
+            help="--match activation/ste: digits, digits-flat (training split) or "
+            "package.module:function -> (inputs, targets) batches",
+        )
+        p.add_argument("--ste-epochs", type=int, default=10, help="--match ste: epochs")
+        p.add_argument("--ste-lr", type=float, default=1e-2, help="--match ste: Adam lr")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("align", help="permute B to match A (Git Re-Basin weight matching)")

@@ -94,6 +94,43 @@ def test_merge_and_barrier(pair, tmp_path, capsys):
     assert aligned_b < naive_b and plot.exists()
 
 
+@pytest.mark.parametrize("match", ["activation", "ste"])
+def test_align_by_activations_or_ste(pair, tmp_path, capsys, match):
+    """``--match activation/ste`` gives exactly the library's element on the training split;
+    without a model or data it says what to pass and writes nothing."""
+    from tasks.align import activation_matching, ste_matching
+
+    a, b = pair
+    out = tmp_path / f"{match}.safetensors"
+    model = ["--model", "tests.cli_models:digits_mlp"]
+    argv = ["align", str(a), str(b), "-o", str(out), "--match", match]
+    assert main([*argv, *model, "-q"]) == 2
+    assert "--match-data" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--match-data", "digits-flat", "-q"]) == 2
+    assert "--model" in capsys.readouterr().err and not out.exists()
+    argv += [*model, "--match-data", "digits-flat", "--ste-epochs", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("STE from activation matching" if match == "ste" else "activation matching") in err
+    assert "same function" in err
+    wa, space = metanet.load(a)
+    wb, _ = metanet.load(b)
+    d = digits.load().flat()
+    train = digits.batches(d.x_train, d.y_train, 128)
+    net = digits.mlp(64, 2).eval()
+    if match == "ste":
+        g = ste_matching(net, space, wa, wb, train, epochs=1, lr=1e-2, init="activation")
+    else:
+        ma, mb = digits.mlp(64, 2).eval(), digits.mlp(64, 2).eval()
+        ma.load_state_dict(wa)
+        mb.load_state_dict(wb)
+        g = activation_matching(ma, mb, space, train)
+    want = space.apply(wb, g)
+    got, _ = metanet.load(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["0.weight"], wb["0.weight"])
+
+
 def test_mismatched_pair_and_corrupt_file_leave_no_output(pair, tmp_path, capsys):
     a, _ = pair
     torch.manual_seed(0)
