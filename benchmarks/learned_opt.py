@@ -11,8 +11,9 @@ For each task family (MLP, small CNN, character LM; see ``tasks.learned_opt.fami
 3. Adam and SGD with momentum 0.9 get their learning rate tuned by a grid *on those
    held-out tasks* (the best final loss; this favours the baselines);
 4. every optimizer trains every held-out task for K = the meta-training horizon steps
-   from the same init on the same batches; the table gives the training loss after K
-   steps, mean ± std over tasks, and the plot the mean curves.
+   from the same init on the same batches; the table gives the loss on the task's whole
+   training set after K steps, mean ± std over tasks, and the plot the mean minibatch
+   loss curves.
 
     python benchmarks/learned_opt.py [--families mlp,cnn,lm] [--meta-steps 300]
 """
@@ -108,10 +109,10 @@ def run_family(name, args, work: Path):
         }
         for label, opt in methods.items():
             t0 = time.perf_counter()
-            cs = [train_curve(t, opt, K) for t in tasks]
+            cs = [train_curve(t, opt, K, full=True) for t in tasks]
             secs = (time.perf_counter() - t0) / len(tasks)
             rows[(split, label)] = ([c[-1] for c in cs], secs)
-            curves[(split, label)] = [statistics.mean(c[i] for c in cs) for i in range(K + 1)]
+            curves[(split, label)] = [statistics.mean(c[i] for c in cs) for i in range(K)]
     return rows, curves, meta_info
 
 
@@ -140,7 +141,7 @@ def main(argv=None) -> None:
         f"inner steps, {args.tasks} held-out tasks per row, {args.meta_steps} TBPTT "
         f"meta-steps per learned optimizer (unroll {args.unroll}, {args.meta_tasks} tasks)",
         "",
-        "| family | held-out tasks | optimizer | train loss after K (mean ± std) | s / task |",
+        "| family | held-out tasks | optimizer | training-set loss after K steps (mean ± std) | s / task |",
         "|---|---|---|---:|---:|",
     ]
     all_curves, all_meta = {}, {}

@@ -84,20 +84,23 @@ def main(argv=None) -> dict:
         )
         adam = [
             train_curve(
-                t, lambda named, lr=lr: torch.optim.Adam([p for _, p in named], lr=lr), args.horizon
+                t,
+                lambda named, lr=lr: torch.optim.Adam([p for _, p in named], lr=lr),
+                args.horizon,
+                full=True,
             )
             for t in tasks
         ]
-        ours = [train_curve(t, rule, args.horizon) for t in tasks]
+        ours = [train_curve(t, rule, args.horizon, full=True) for t in tasks]
         seen = "" if width in fam.widths else " (unseen)"
         for label, cs in ((f"Adam lr={lr:g}", adam), ("UNF learned", ours)):
             finals = [c[-1] for c in cs]
             results[(width, label)] = statistics.mean(finals)
             curves[(f"width {width}{seen}", label)] = [
-                statistics.mean(c[i] for c in cs) for i in range(args.horizon + 1)
+                statistics.mean(c[i] for c in cs) for i in range(args.horizon)
             ]
             print(
-                f"width {width:3d}{seen:9s} {label:14s} final train loss "
+                f"width {width:3d}{seen:9s} {label:14s} training-set loss after the run "
                 f"{statistics.mean(finals):.4f} ± {statistics.pstdev(finals):.4f}"
             )
     _plot(curves, [r["meta_loss"] for r in res.history], out / "learned_optimizer.png")

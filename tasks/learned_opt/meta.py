@@ -472,9 +472,11 @@ def train_curve(
     task: Task,
     make_optimizer: Callable[[list], torch.optim.Optimizer] | UpdateRule,
     steps: int,
+    full: bool = False,
 ) -> list[float]:
     """Train a fresh copy of ``task``'s network for ``steps`` steps; the training loss at
-    every step (on that step's batch, before the update) and after the last.
+    every step (on that step's batch, before the update) and after the last (with
+    ``full=True``: on the task's whole training set, a far less noisy final number).
 
     ``make_optimizer`` is ``lambda named_params: torch.optim.Adam(...)`` style (it gets
     ``model.named_parameters()`` as a list), or an :class:`UpdateRule` (run through a
@@ -492,8 +494,9 @@ def train_curve(
         opt = make_optimizer(named)
     losses = []
     for t in range(steps + 1):
-        x, y = task.batch(t)
-        loss = torch.nn.functional.cross_entropy(_logits(model, x), y.reshape(-1))
+        x, y = (task.x, task.y) if full and t == steps else task.batch(t)
+        with torch.set_grad_enabled(t < steps):
+            loss = torch.nn.functional.cross_entropy(_logits(model, x), y.reshape(-1))
         value = float(loss.detach())
         losses.append(value if math.isfinite(value) else float("inf"))
         if t == steps or not math.isfinite(value):
@@ -515,12 +518,16 @@ def tune_lr(
     make: Callable[[list, float], torch.optim.Optimizer],
     grid: Sequence[float],
     steps: int,
+    full: bool = True,
 ) -> tuple[float, dict[float, float]]:
     """The learning rate of ``grid`` with the lowest mean final training loss over
-    ``tasks``: ``(best lr, {lr: mean final loss})``."""
+    ``tasks`` (on the whole training set unless ``full=False``):
+    ``(best lr, {lr: mean final loss})``."""
     scores = {}
     for lr in grid:
-        finals = [train_curve(t, lambda named, lr=lr: make(named, lr), steps)[-1] for t in tasks]
+        finals = [
+            train_curve(t, lambda named, lr=lr: make(named, lr), steps, full)[-1] for t in tasks
+        ]
         scores[lr] = sum(finals) / len(finals)
     best = min(scores, key=lambda k: (not math.isfinite(scores[k]), scores[k]))
     return best, scores
