@@ -46,7 +46,7 @@ from tasks.train import build_model, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = ROOT / "out" / "inr-digits"
-MODELS = ("gmn", "unf", "nfn-hnp", "nfn-np", "statnn", "flat")
+MODELS = ("unf", "nfn-hnp", "nfn-np", "statnn", "flat", "gmn")
 LABELS = {
     "gmn": "GMN (metanet)",
     "unf": "UNF (metanet, full basis)",
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="INR dataset folder")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--limit", type=int, default=None, help="training INRs (a fixed subset)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=16, help="channels / hidden width")
     ap.add_argument("--frequencies", type=int, default=4, help="Fourier input encoding")
     ap.add_argument("--schedule", default="cosine", choices=["constant", "cosine"])

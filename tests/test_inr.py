@@ -48,6 +48,8 @@ def test_early_stopping_is_per_inr():
     together, psnr = fit_sirens(targets, image_grid(8, 8), range(6), cfg)
     stopped = psnr >= 25
     assert stopped.sum() >= 4 and (psnr[stopped] < 26).all()  # stopped once at the target
+    again, _ = fit_sirens(targets, image_grid(8, 8), range(6), cfg)
+    assert all(torch.equal(together[n], again[n]) for n in together)  # bit-identical rerun
     k = int(stopped.nonzero()[0])
     alone, _ = fit_sirens(targets[k : k + 1], image_grid(8, 8), [k], cfg)
     for n in together:  # stopping one INR leaves the others' training alone
