@@ -1,9 +1,9 @@
 """Meta-train a UNF learned optimizer on digits MLPs, then train fresh networks with it.
 
-    python examples/learned_optimizer.py --out lo_out            # ~5 min on 2 cores
-    python examples/learned_optimizer.py --out lo_out --steps 600  # longer; resumes
+    python examples/learned_optimizer.py --out lo_out            # ~9 min on 2 busy cores
+    python examples/learned_optimizer.py --out lo_out --steps 800  # longer; resumes
 
-1. Meta-training: truncated backpropagation through 10-step unrolls of 100-step runs on
+1. Meta-training: truncated backpropagation through 20-step unrolls of 100-step runs on
    MLPs of width 16 or 32 with random seeds (``tasks.learned_opt.meta_train``), checkpointed
    to ``OUT/unf_lo.safetensors``: stop it any time, and the same command resumes.
 2. Fresh networks (new seeds, and the unseen width 48) are trained for 100 steps by the
@@ -36,7 +36,7 @@ from tasks.learned_opt import (
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="lo_out")
-    ap.add_argument("--steps", type=int, default=300, help="meta-training steps")
+    ap.add_argument("--steps", type=int, default=400, help="meta-training steps")
     ap.add_argument("--horizon", type=int, default=100, help="inner steps per network")
     ap.add_argument("--tasks", type=int, default=5, help="fresh networks per width")
     ap.add_argument("--quiet", action="store_true")
