@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--families", default="mlp,cnn,lm")
     ap.add_argument("--meta-steps", type=int, default=300)
     ap.add_argument("--horizon", type=int, default=100, help="K: inner steps per task")
-    ap.add_argument("--unroll", type=int, default=10)
+    ap.add_argument("--unroll", type=int, default=20)
     ap.add_argument("--meta-tasks", type=int, default=2)
     ap.add_argument("--meta-lr", type=float, default=1e-3)
     ap.add_argument("--tasks", type=int, default=5, help="held-out tasks per split")
