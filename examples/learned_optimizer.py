@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
         loss.backward()
         opt.step()
     print(
-        f"your own width-40 MLP, {args.horizon} steps with the learned optimizer: loss {float(loss):.4f}"
+        f"your own width-40 MLP, {args.horizon} steps with the learned optimizer: loss {loss.item():.4f}"
     )
 
     results, curves = {}, {}

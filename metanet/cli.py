@@ -9,6 +9,7 @@ checkpoints or Hugging Face folders).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -411,9 +412,13 @@ def _cmd_inr(args: argparse.Namespace) -> int:
     if args.shard:
         i, _, n = args.shard.partition("/")
         shard = (int(i), int(n))
-    cfg = inr.INRConfig(
-        hidden=args.width, depth=args.depth, steps=args.steps, lr=args.lr, variant=args.variant
-    )
+    given = {
+        "hidden": args.width, "depth": args.depth, "steps": args.steps, "lr": args.lr,
+        "w0": args.w0, "variant": args.variant, "target_psnr": args.target_psnr,
+    }  # fmt: skip
+    cfg = inr.INRConfig(**{k: v for k, v in given.items() if v is not None})
+    if cfg.target_psnr == 0:
+        cfg = dataclasses.replace(cfg, target_psnr=None)
     num_shards = shard[1] if shard else args.num_shards
     paths = inr.make_dataset(
         args.out,
@@ -444,6 +449,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         limit=args.limit,
         progress=not args.quiet,
+        frequencies=args.frequencies,
+        schedule=args.schedule,
     )
     if r.world_size == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         print(
@@ -560,17 +567,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="i/n: make only shard i of n (shards run anywhere)")
     p.add_argument("--num-shards", type=int, default=10)
     p.add_argument("--resolution", type=int, default=8, help="8 = native; 28 upsamples")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--variant", choices=["siren", "dws"], default="siren")
+    # defaults: tasks.inr.INRConfig (the DWSNets recipe), read there so the two agree
+    p.add_argument("--width", type=int, help="hidden width (default 32)")
+    p.add_argument("--depth", type=int, help="hidden layers (default 2)")
+    p.add_argument("--steps", type=int, help="most fitting steps (default 1000)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 5e-4)")
+    p.add_argument("--w0", type=float, help="sine frequency factor (default 30)")
+    p.add_argument("--variant", choices=["siren", "dws"], help="init (default dws)")
+    p.add_argument(
+        "--target-psnr", type=float, help="stop each INR at this PSNR; 0: never (default 40)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=_cmd_inr)
 
     p = sub.add_parser("train", help="train a metanetwork on an INR dataset (torchrun: DDP)")
-    p.add_argument("kind", choices=["unf", "nfn", "gmn", "statnn", "flat"])
+    p.add_argument(
+        "kind",
+        choices=["unf", "nfn", "gmn", "statnn", "flat", "nfn-np", "nfn-hnp"],
+        help="nfn-np / nfn-hnp: the nfn package's classifiers (pip install nfn)",
+    )
     p.add_argument("dataset", help="folder made by metanet inr make")
     p.add_argument("--out", default="train_out")
     p.add_argument("--epochs", type=int, default=10)
@@ -580,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="at most this many training INRs")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--frequencies", type=int, default=0, help="Fourier-encode the weights")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=_cmd_train)
     return parser

@@ -153,3 +153,22 @@ def test_weight_dataset_formats_and_augmentation(tmp_path):
     assert x["net.0.weight"].shape == (3, 1, 16, 2) and y.shape == (3,)
     flat = WeightDataset(root, split="test", format="flat")
     assert flat[0][0].shape == (sum(t.numel() for t in w.values()),)
+
+
+def test_cli_inr_make_defaults_are_the_library_defaults(tmp_path):
+    """`metanet inr make` with no fitting flags records INRConfig()'s recipe (the two used
+    to disagree), and --target-psnr 0 turns early stopping off."""
+    import json
+
+    from metanet.cli import main
+    from tasks.inr import INRConfig
+
+    root = tmp_path / "d"
+    main(["inr", "make", str(root), "--per-image", "1", "--shard", "0/50", "--steps", "2", "-q"])
+    cfg = json.loads((root / "dataset.json").read_text())["config"]
+    expected = {**__import__("dataclasses").asdict(INRConfig()), "steps": 2}
+    assert cfg == expected
+    root2 = tmp_path / "e"
+    main(["inr", "make", str(root2), "--per-image", "1", "--shard", "0/50", "--steps", "2",
+          "--target-psnr", "0", "-q"])  # fmt: skip
+    assert json.loads((root2 / "dataset.json").read_text())["config"]["target_psnr"] is None
