@@ -115,16 +115,22 @@ class NFNClassifier(nn.Module):
 
         names = list(space.tensors)
         if len(names) % 2 or any(
-            len(space.tensors[w].shape) != 2 or len(space.tensors[b].shape) != 1
+            len(space.tensors[w].shape) < 2 or len(space.tensors[b].shape) != 1
             for w, b in zip(names[::2], names[1::2])
         ):
-            raise ValueError("nfn classifiers need an MLP space: (weight, bias) pairs in order")
+            raise ValueError(
+                "nfn classifiers need an MLP or CNN space: (weight, bias) pairs in order"
+            )
         self.weight_names, self.bias_names = names[::2], names[1::2]
         shapes = [space.tensors[w].shape for w in self.weight_names]
-        # -1: a permuted axis (nfn's convention); inputs and outputs keep their sizes
+        # -1: a permuted axis (nfn's convention); inputs and outputs keep their sizes;
+        # conv weights keep their filter axes (nfn's CNN support, e.g. the CNN zoo)
         last = len(shapes) - 1
         wspec = [
-            ArraySpec((shapes[i][0] if i == last else -1, shapes[i][1] if i == 0 else -1))
+            ArraySpec(
+                (shapes[i][0] if i == last else -1, shapes[i][1] if i == 0 else -1)
+                + tuple(shapes[i][2:])
+            )
             for i in range(len(shapes))
         ]
         bspec = [ArraySpec((shapes[i][0] if i == last else -1,)) for i in range(len(shapes))]
@@ -200,6 +206,11 @@ class TrainResult:
     seconds: float
     world_size: int
     history: list[dict] = field(default_factory=list)
+    # target="accuracy" (generalization prediction): Kendall τ and MSE of the predicted
+    # accuracies; test_accuracy / val_accuracy are NaN then
+    test_kendall_tau: float = float("nan")
+    val_kendall_tau: float = float("nan")
+    test_mse: float = float("nan")
 
 
 def _distributed() -> tuple[int, int]:
@@ -240,6 +251,28 @@ def _accuracy(model, ds, kind: str, batch: int = 512, cache: dict | None = None)
     return correct / max(1, len(ds))
 
 
+@torch.no_grad()
+def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = None):
+    """``(kendall_tau, mse)`` of the model's predictions against ``ds.labels``."""
+    from scipy.stats import kendalltau
+
+    model.eval()
+    preds = []
+    for start in range(0, len(ds), batch):
+        x, _ = _batches(ds, kind, list(range(start, min(len(ds), start + batch))), cache)
+        preds.append(model(x).reshape(-1))
+    model.train()
+    p = torch.cat(preds).double()
+    y = ds.labels.double()
+    tau = float(kendalltau(p.numpy(), y.numpy()).statistic) if len(y) > 1 else float("nan")
+    return tau, float((p - y).pow(2).mean())
+
+
+def _use_target(ds, target: str) -> None:
+    if target == "accuracy":
+        ds.labels = torch.tensor([float(r["accuracy"]) for r in ds.rows], dtype=torch.float32)
+
+
 def train(
     kind: str,
     root: str | os.PathLike,
@@ -256,6 +289,7 @@ def train(
     frequencies: int = 0,
     track_test: bool = False,
     schedule: str = "constant",
+    target: str = "label",
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
@@ -263,11 +297,16 @@ def train(
     training split, the same for every model and seed. ``frequencies`` Fourier-encodes the
     weights for the equivariant models (see :func:`build_model`); ``track_test`` also
     records test accuracy after every epoch (for curves); ``schedule="cosine"`` anneals
-    the learning rate to 0 over the run. Run under ``torchrun --nproc_per_node N`` for
+    the learning rate to 0 over the run. ``target="accuracy"`` regresses each network's
+    recorded test accuracy (a CNN zoo from :func:`tasks.zoo.make_zoo`: generalization
+    prediction) with an MSE loss and reports Kendall τ instead of accuracy. Run under ``torchrun --nproc_per_node N`` for
     data parallelism.
     """
     from tasks.inr import WeightDataset
 
+    if target not in ("label", "accuracy"):
+        raise ValueError(f"target must be 'label' or 'accuracy', got {target!r}")
+    regress = target == "accuracy"
     rank, world = _distributed()
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
@@ -285,6 +324,8 @@ def train(
         for s in ("train", "val", "test")
     }
     val_ds, test_ds = (WeightDataset(root, s, fmt, standardize=True) for s in ("val", "test"))
+    for ds in (train_ds, val_ds, test_ds):
+        _use_target(ds, target)
     pool = list(range(len(train_ds)))
     if limit and limit < len(train_ds):
         subset = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))
@@ -294,7 +335,7 @@ def train(
     model = build_model(
         kind,
         train_ds.space,
-        10,
+        1 if regress else 10,
         hidden,
         example_graph=train_ds[0] if kind == "gmn" else None,
         frequencies=frequencies,
@@ -326,7 +367,10 @@ def train(
         for b in range(0, n_train - batch_size + 1, batch_size):
             mine = [pool[k] for k in order[b + rank * per_rank : b + (rank + 1) * per_rank]]
             x, y = _batches(train_ds, kind, mine, caches["train"])
-            loss = nn.functional.cross_entropy(net(x), y)
+            if regress:
+                loss = nn.functional.mse_loss(net(x).reshape(-1), y)
+            else:
+                loss = nn.functional.cross_entropy(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -345,7 +389,15 @@ def train(
             "train_loss": total / max(1, count),
             "seconds": time.perf_counter() - start,
         }
-        if rank == 0:
+        if rank == 0 and regress:
+            row["val_kendall_tau"], row["val_mse"] = _regression(
+                model, val_ds, kind, cache=caches["val"]
+            )
+            if track_test:
+                row["test_kendall_tau"], row["test_mse"] = _regression(
+                    model, test_ds, kind, cache=caches["test"]
+                )
+        elif rank == 0:
             row["val_accuracy"] = _accuracy(model, val_ds, kind, cache=caches["val"])
             if track_test:
                 row["test_accuracy"] = _accuracy(model, test_ds, kind, cache=caches["test"])
@@ -353,7 +405,15 @@ def train(
         if out is not None and rank == 0:
             _log(Path(out), history)
     test_acc = float("nan")
-    if rank == 0:
+    extra: dict[str, float] = {}
+    if rank == 0 and regress:
+        tau, mse = _regression(model, test_ds, kind, cache=caches["test"])
+        extra = {
+            "test_kendall_tau": tau,
+            "val_kendall_tau": history[-1].get("val_kendall_tau", float("nan")),
+            "test_mse": mse,
+        }
+    elif rank == 0:
         test_acc = (
             history[-1]["test_accuracy"]
             if track_test
@@ -367,6 +427,7 @@ def train(
         time.perf_counter() - start,
         world,
         history,
+        **extra,
     )
     if out is not None and rank == 0:
         _finish(Path(out), model, result)
@@ -396,14 +457,17 @@ def _finish(out: Path, model: nn.Module, result: TrainResult) -> None:
     ep = [r["epoch"] for r in result.history]
     ax.plot(ep, [r["train_loss"] for r in result.history], label="train loss")
     ax2 = ax.twinx()
+    tau = math.isfinite(result.test_kendall_tau)
+    key, name = ("val_kendall_tau", "Kendall τ") if tau else ("val_accuracy", "accuracy")
     ax2.plot(
         ep,
-        [r.get("val_accuracy", float("nan")) for r in result.history],
+        [r.get(key, float("nan")) for r in result.history],
         color="C1",
-        label="val accuracy",
+        label=f"val {name}",
     )
     ax.set_xlabel("epoch")
-    ax.set_title(f"{result.kind}: test accuracy {result.test_accuracy:.3f}", fontsize=9)
+    final = result.test_kendall_tau if tau else result.test_accuracy
+    ax.set_title(f"{result.kind}: test {name} {final:.3f}", fontsize=9)
     fig.legend(fontsize=7, loc="upper center")
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png"))

@@ -1,0 +1,80 @@
+"""CNN zoo: determinism, resume, real accuracies, Kendall τ regression, benchmark smoke."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tasks import digits
+from tasks.inr import WeightDataset
+from tasks.train import train
+from tasks.zoo import make_zoo, sample_hparams, train_cnns, zoo_cnn, zoo_space
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    make_zoo(root, 24, seed=0, num_shards=2, max_steps=12, progress=False)
+    return root
+
+
+def test_rerun_is_bit_identical_and_resumes(zoo, tmp_path):
+    paths = make_zoo(tmp_path, 24, seed=0, num_shards=2, max_steps=12, progress=False)
+    for p in paths:  # same seed, another folder: the same bytes
+        assert p.read_bytes() == (zoo / p.name).read_bytes()
+    first = paths[0].stat().st_mtime_ns
+    paths[1].unlink()  # an interrupted run: shard 1 never finished
+    make_zoo(tmp_path, 24, seed=0, num_shards=2, max_steps=12, progress=False)
+    assert paths[0].stat().st_mtime_ns == first  # finished shard not redone
+    assert paths[1].read_bytes() == (zoo / paths[1].name).read_bytes()
+    with pytest.raises(Exception, match="other settings"):
+        make_zoo(tmp_path, 24, seed=1, num_shards=2, max_steps=12, progress=False)
+
+
+def test_recorded_accuracies_are_real(zoo):
+    ds = WeightDataset(zoo)
+    assert set(ds.tensors) == set(zoo_space().tensors)
+    data = digits.load(0.25, seed=0)
+    accs = [r["accuracy"] for r in ds.rows]
+    assert len(set(accs)) > 3  # recipes differ
+    for i in (0, 17):
+        model = zoo_cnn().eval()
+        model.load_state_dict(ds.weights(i))
+        with torch.no_grad():
+            acc = (model(data.x_test).argmax(-1) == data.y_test).double().mean()
+        assert float(acc) == pytest.approx(ds.rows[i]["accuracy"], abs=1e-6)
+        assert ds.rows[i]["label"] == min(9, int(ds.rows[i]["accuracy"] * 10))
+
+
+def test_batched_training_matches_one_model_alone():
+    data = digits.load(0.25, seed=0)
+    hps = [h for h in (sample_hparams(i) for i in range(40)) if h.batch_size == 32][:4]
+    hps = [type(h)(**{**h.__dict__, "steps": 5 + 3 * k}) for k, h in enumerate(hps)]
+    together = train_cnns(hps, data)
+    alone = train_cnns(hps[2:3], data)
+    for k in together:
+        torch.testing.assert_close(together[k][2], alone[k][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["statnn", "nfn-hnp", "gmn"])
+def test_kendall_tau_regression(zoo, kind):
+    r = train(kind, zoo, epochs=1, batch_size=8, target="accuracy", progress=False)
+    assert math.isfinite(r.test_kendall_tau) and -1 <= r.test_kendall_tau <= 1
+    assert math.isfinite(r.test_mse) and math.isnan(r.test_accuracy)
+    assert "val_kendall_tau" in r.history[-1]
+    with pytest.raises(ValueError, match="target"):
+        train(kind, zoo, epochs=1, target="psnr", progress=False)
+
+
+def test_benchmark_smoke(zoo, tmp_path):
+    import benchmarks.generalization as bench
+
+    out = tmp_path / "gen.md"
+    data = tmp_path / "z"  # made by the script
+    argv = ["--data", str(data), "--n", "16", "--max-steps", "8", "--seeds", "2"]
+    argv += ["--epochs", "1", "--models", "statnn,flat", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = out.read_text()
+    assert "| StatNN |" in text and "Kendall τ" in text and "16 CNNs" in text
