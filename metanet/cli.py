@@ -434,6 +434,26 @@ def _cmd_inr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from tasks import zoo
+
+    shard = None
+    if args.shard:
+        i, _, n = args.shard.partition("/")
+        shard = (int(i), int(n))
+    paths = zoo.make_zoo(
+        args.out,
+        args.n,
+        seed=args.seed,
+        shard=shard,
+        num_shards=shard[1] if shard else args.num_shards,
+        max_steps=args.max_steps,
+        progress=not args.quiet,
+    )
+    print(f"{args.out}: {len(paths)} shard(s) present")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tasks.train import train
 
@@ -580,6 +600,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=_cmd_inr)
+
+    p = sub.add_parser("zoo", help="CNN zoo: train small CNNs on sklearn digits (tasks.zoo)")
+    p.add_argument("action", choices=["make"])
+    p.add_argument("out", help="dataset folder")
+    p.add_argument("--n", type=int, default=1000, help="number of CNNs")
+    p.add_argument("--shard", help="i/n: make only shard i of n (shards run anywhere)")
+    p.add_argument("--num-shards", type=int, default=4)
+    p.add_argument("--max-steps", type=int, help="cap every CNN's training steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(run=_cmd_zoo)
 
     p = sub.add_parser("train", help="train a metanetwork on an INR dataset (torchrun: DDP)")
     p.add_argument(

@@ -223,7 +223,19 @@ def make_zoo(
     """Train ``n`` zoo CNNs (model ``i`` seeded by ``seed * 1_000_003 + i``) and store them.
 
     ``shard=(i, num_shards)`` makes only shard ``i``; existing shards are skipped (resume).
-    ``max_steps`` caps every model's step count (quick zoos for tests). Returns the shard paths written or found."""
+    ``max_steps`` caps every model's step count (quick zoos for tests). Training runs on
+    one thread (restored afterwards): CPU kernels' reduction order depends on the thread
+    count, and one thread makes every shard bit-identical on any machine; run shards in
+    parallel processes (``--shard``) to use more cores. Returns the shard paths written or found."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _make_zoo(root, n, seed, shard, num_shards, val, test, max_steps, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_zoo(root, n, seed, shard, num_shards, val, test, max_steps, progress) -> list[Path]:
     from tasks import digits
 
     root = Path(root)

@@ -78,3 +78,13 @@ def test_benchmark_smoke(zoo, tmp_path):
     assert bench.main(argv) == 0
     text = out.read_text()
     assert "| StatNN |" in text and "Kendall τ" in text and "16 CNNs" in text
+
+
+def test_cli_zoo_make(zoo, tmp_path, capsys):
+    from metanet.cli import main
+
+    argv = ["zoo", "make", str(tmp_path), "--n", "24", "--num-shards", "2"]
+    assert main([*argv, "--max-steps", "12", "-q"]) == 0
+    assert "2 shard(s) present" in capsys.readouterr().out
+    for p in sorted(tmp_path.glob("shard-*")):
+        assert p.read_bytes() == (zoo / p.name).read_bytes()

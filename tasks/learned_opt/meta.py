@@ -151,7 +151,7 @@ def meta_train(
     unroll_steps: int = 20,
     horizon: int = 100,
     tasks: int = 2,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     sigma: float = 0.01,
     pairs: int = 4,
     clip: float = 1.0,
