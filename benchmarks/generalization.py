@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    def ms(xs: list[float]) -> str:
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
+    def ms(xs: list[float]) -> str:  # NaN-tolerant (τ is NaN on a constant prediction)
+        t = torch.tensor(xs, dtype=torch.float64)
+        sd = float(t.std()) if len(xs) > 1 else 0.0
+        return f"{float(t.mean()):.3f} ± {sd:.3f}"
 
     q = torch.quantile(accs.double(), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]).double())
     lines = [
@@ -117,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         "| model | test Kendall τ | val Kendall τ | test MSE | wall time / run |",
         "|---|---:|---:|---:|---:|",
     ]
-    order = sorted(results, key=lambda k: -statistics.mean(r.test_kendall_tau for r in results[k]))
+
+    def key(k: str) -> float:
+        m = statistics.fmean(r.test_kendall_tau for r in results[k])
+        return -m if m == m else math.inf
+
+    order = sorted(results, key=key)
     for kind in order:
         rs = results[kind]
         lines.append(

@@ -16,17 +16,17 @@ from tasks.zoo import make_zoo, sample_hparams, train_cnns, zoo_cnn, zoo_space
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    make_zoo(root, 24, seed=0, num_shards=2, max_steps=12, progress=False)
+    make_zoo(root, 16, seed=0, num_shards=2, max_steps=8, progress=False)
     return root
 
 
 def test_rerun_is_bit_identical_and_resumes(zoo, tmp_path):
-    paths = make_zoo(tmp_path, 24, seed=0, num_shards=2, max_steps=12, progress=False)
+    paths = make_zoo(tmp_path, 16, seed=0, num_shards=2, max_steps=8, progress=False)
     for p in paths:  # same seed, another folder: the same bytes
         assert p.read_bytes() == (zoo / p.name).read_bytes()
     first = paths[0].stat().st_mtime_ns
     paths[1].unlink()  # an interrupted run: shard 1 never finished
-    make_zoo(tmp_path, 24, seed=0, num_shards=2, max_steps=12, progress=False)
+    make_zoo(tmp_path, 16, seed=0, num_shards=2, max_steps=8, progress=False)
     assert paths[0].stat().st_mtime_ns == first  # finished shard not redone
     assert paths[1].read_bytes() == (zoo / paths[1].name).read_bytes()
     with pytest.raises(Exception, match="other settings"):
@@ -39,7 +39,7 @@ def test_recorded_accuracies_are_real(zoo):
     data = digits.load(0.25, seed=0)
     accs = [r["accuracy"] for r in ds.rows]
     assert len(set(accs)) > 3  # recipes differ
-    for i in (0, 17):
+    for i in (0, 13):
         model = zoo_cnn().eval()
         model.load_state_dict(ds.weights(i))
         with torch.no_grad():
@@ -73,18 +73,18 @@ def test_benchmark_smoke(zoo, tmp_path):
 
     out = tmp_path / "gen.md"
     data = tmp_path / "z"  # made by the script
-    argv = ["--data", str(data), "--n", "16", "--max-steps", "8", "--seeds", "2"]
+    argv = ["--data", str(data), "--n", "12", "--max-steps", "5", "--seeds", "2"]
     argv += ["--epochs", "1", "--models", "statnn,flat", "--out", str(out)]
     assert bench.main(argv) == 0
     text = out.read_text()
-    assert "| StatNN |" in text and "Kendall τ" in text and "16 CNNs" in text
+    assert "| StatNN |" in text and "Kendall τ" in text and "12 CNNs" in text
 
 
 def test_cli_zoo_make(zoo, tmp_path, capsys):
     from metanet.cli import main
 
-    argv = ["zoo", "make", str(tmp_path), "--n", "24", "--num-shards", "2"]
-    assert main([*argv, "--max-steps", "12", "-q"]) == 0
+    argv = ["zoo", "make", str(tmp_path), "--n", "16", "--num-shards", "2"]
+    assert main([*argv, "--max-steps", "8", "-q"]) == 0
     assert "2 shard(s) present" in capsys.readouterr().out
     for p in sorted(tmp_path.glob("shard-*")):
         assert p.read_bytes() == (zoo / p.name).read_bytes()
