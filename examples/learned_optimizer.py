@@ -121,8 +121,7 @@ def _plot(curves, meta_losses, path: Path) -> None:
     smooth = [sum(meta_losses[max(0, i - 19) : i + 1]) / len(meta_losses[max(0, i - 19) : i + 1])
               for i in range(len(meta_losses))]  # fmt: skip
     meta_ax.plot(smooth, label="mean of last 20")
-    meta_ax.set_yscale("log")
-    meta_ax.set_title("meta-training loss")
+    meta_ax.set_title("meta-loss (mean log training loss)")
     meta_ax.set_xlabel("meta-step")
     meta_ax.grid(alpha=0.3)
     meta_ax.legend()
