@@ -471,11 +471,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         frequencies=args.frequencies,
         schedule=args.schedule,
+        target=args.target,
     )
     if r.world_size == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        if args.target == "accuracy":
+            score = f"test Kendall tau {r.test_kendall_tau:.4f}, val {r.val_kendall_tau:.4f}"
+        else:
+            score = f"test accuracy {r.test_accuracy:.4f}, val {r.val_accuracy:.4f}"
         print(
-            f"{args.kind}: test accuracy {r.test_accuracy:.4f}, val {r.val_accuracy:.4f}, "
-            f"{r.seconds:.1f} s on {r.world_size} process(es); outputs in {args.out}"
+            f"{args.kind}: {score}, {r.seconds:.1f} s on {r.world_size} process(es); "
+            f"outputs in {args.out}"
         )
     return 0
 
@@ -629,6 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--frequencies", type=int, default=0, help="Fourier-encode the weights")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument(
+        "--target",
+        choices=["label", "accuracy"],
+        default="label",
+        help="accuracy: regress each network's stored test accuracy (a zoo), Kendall tau",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=_cmd_train)
     return parser

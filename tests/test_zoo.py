@@ -88,3 +88,14 @@ def test_cli_zoo_make(zoo, tmp_path, capsys):
     assert "2 shard(s) present" in capsys.readouterr().out
     for p in sorted(tmp_path.glob("shard-*")):
         assert p.read_bytes() == (zoo / p.name).read_bytes()
+
+
+def test_cli_train_regresses_accuracy(zoo, tmp_path, capsys):
+    """`metanet train statnn ZOO --target accuracy` reports Kendall tau, not accuracy."""
+    from metanet.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "statnn", str(zoo), "--target", "accuracy", "--epochs", "1",
+                 "--out", str(out), "-q"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "test Kendall tau" in text and "nan" not in text.split("tau")[1].split(",")[0]
