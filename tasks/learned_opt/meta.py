@@ -190,7 +190,7 @@ def meta_train(
             s = _new_slot(fam, rng)
             # staggered: slot i's first episode is shorter, so the slots sit at different
             # points of their runs and every meta-step sees early and late training alike
-            s.end = max(unroll_steps, horizon - i * horizon // n_slots)
+            s.end = max(min(unroll_steps, horizon), horizon - i * horizon // n_slots)
             slots.append([s] if method != "pes" else [s, _clone(s)])
         xi = (
             [torch.zeros_like(_flat_params(rule)) for _ in range(n_slots)]
