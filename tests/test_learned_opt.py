@@ -260,3 +260,24 @@ def test_meta_gradient_matches_finite_differences():
             p[idx] += eps
         fd = (up - down) / (2 * eps)
         assert abs(float(p.grad[idx]) - fd) <= 1e-6 * max(1.0, abs(fd)) + 1e-9, (fd, p.grad[idx])
+
+
+@pytest.mark.parametrize("kind", ["unf", "gmn"])
+def test_learned_optimizer_on_a_batchnorm_model(kind):
+    """Running statistics are in the space but not optimized: the nets read them as zeros
+    and the optimizer steps the parameters only."""
+    from converters import from_module
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10),
+    )  # fmt: skip
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(10, (16,))
+    space = from_module(model, (x[:2],))
+    assert any(t.kind != "parameter" for t in space.tensors.values())
+    rule = _randomized(UpdateRule(NETS[kind](space)))
+    opt = LearnedOptimizer(model.named_parameters(), rule, space=space)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -112,6 +112,18 @@ def features(
     return out
 
 
+def _complete(space: WeightSpace, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Features for every tensor of the space: tensors the optimizer does not update
+    (BatchNorm statistics, frozen parameters) read as zeros, which every permutation
+    leaves alone."""
+    first = next(iter(feats.values()))
+    out = dict(feats)
+    for name, t in space.tensors.items():
+        if name not in out:
+            out[name] = first.new_zeros(*first.shape[:2], *t.shape)
+    return out
+
+
 def _mlp(sizes: list[int]) -> nn.Sequential:
     mods: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
@@ -275,7 +287,7 @@ class UNFUpdate(_PerSpace):
 
     def forward(self, space: WeightSpace, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         base = self.pointwise(space, feats)
-        unf = self._run(space, dict(feats))
+        unf = self._run(space, _complete(space, feats))
         return {k: base[k] + unf[k][:, 0] for k in base}
 
 
@@ -367,6 +379,7 @@ class GMNUpdate(nn.Module):
 
         out = self.pointwise(space, feats)
         idx = self._graph_index(space)
+        feats = _complete(space, feats)
         first = next(iter(feats.values()))
         b, c = first.shape[:2]
         flat = torch.cat(
@@ -385,7 +398,7 @@ class GMNUpdate(nn.Module):
             graph.edge_attr = edge_out.view(edge_out.shape[0], c, self.edge_dim)[:, 0]
             graph.rest = first.new_zeros(graph.rest.shape)
             rows.append(to_weights(space, graph))
-        for n in idx.on_graph:
+        for n in idx.on_graph & out.keys():
             out[n] = out[n] + torch.stack([r[n].to(out[n].dtype) for r in rows])
         return out
 
