@@ -3,7 +3,7 @@
 One flow: checkpoint -> converters -> :class:`WeightSpace` -> graph / UNF / tasks.
 """
 
-from metanet.graph import ParamGraph, node_permutation, to_graph, to_weights
+from metanet.graph import GraphGather, ParamGraph, node_permutation, to_graph, to_weights
 from metanet.io import CheckpointError, load, load_state_dict, save
 from metanet.space import (
     Axis,
@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "Element",
     "Factor",
+    "GraphGather",
     "Group",
     "NeuronSet",
     "ParamGraph",

@@ -41,7 +41,7 @@ from torch_geometric.data import Data
 
 from metanet.space import NODE_ROLES, TensorSpec, WeightSpace, WeightSpaceError, _torch_dtype
 
-__all__ = ["ParamGraph", "to_graph", "to_weights", "node_permutation", "GraphLayout"]
+__all__ = ["ParamGraph", "to_graph", "to_weights", "node_permutation", "GraphLayout", "GraphGather"]
 
 NODE_TYPES = {"input": 0, "hidden": 1, "output": 2, "residual": 3}
 BLOCK_DENSE, BLOCK_KERNEL, BLOCK_IDENTITY = 0, 1, 2
@@ -344,3 +344,80 @@ def node_permutation(space: WeightSpace, element: Mapping[str, Tensor]) -> Tenso
         parts.append(space.set_index(s.name, element) + offset)
         offset += s.axis.size
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+class GraphGather:
+    """:func:`to_graph` and :func:`to_weights` for batches of weight *features*, by indexing.
+
+    Every network of one space has the same graph structure, so a batch of ``B`` networks
+    with ``C`` feature channels per parameter is one template graph whose ``x`` and
+    ``edge_attr`` are gathered from the flat features in one op (``C`` channels side by
+    side: node features ``(C * node_dim)``, channel-major), and outputs are read back by
+    the same positions. Padding and identity (residual) edges keep the template's values
+    in every channel; tensors the graph does not hold (``rest``) read back as zeros.
+
+    Shapes: :meth:`graph` takes ``{name: (B, C, *shape)}`` and returns a PyG ``Batch`` of
+    ``B`` graphs; :meth:`weights` takes ``(B * N, node_dim)`` and ``(B * E, edge_dim)``
+    and returns ``{name: (B, *shape)}``.
+    """
+
+    def __init__(
+        self, space: WeightSpace, node_dim: int | None = None, edge_dim: int | None = None
+    ):
+        self.space, self.names = space, list(space.tensors)
+        self.sizes = [math.prod(space.tensors[n].shape) for n in self.names]
+        positions = torch.arange(1, sum(self.sizes) + 1, dtype=torch.float64)  # 0: no weight
+        index = {
+            n: p.reshape(space.tensors[n].shape)
+            for n, p in zip(self.names, positions.split(self.sizes))
+        }
+        g = to_graph(space, index, node_dim, edge_dim)
+        identity = g.edge_type() == BLOCK_IDENTITY
+        g.edge_attr[identity] = 0
+        slots = torch.cat([g.x.reshape(-1), g.edge_attr.reshape(-1)]).round().long()
+        template = to_graph(
+            space, {n: torch.zeros(s.shape) for n, s in space.tensors.items()}, node_dim, edge_dim
+        )
+        self.template = template
+        self.num_nodes, self.num_edges = template.x.shape[0], template.edge_attr.shape[0]
+        self.node_dim, self.edge_dim = template.x.shape[1], template.edge_attr.shape[1]
+        self._slots = slots
+        self._base = torch.cat([template.x.reshape(-1), template.edge_attr.reshape(-1)])
+        # weight position -> slot in [x.flatten(), edge_attr.flatten()] (-1: not on the graph)
+        back = torch.full((sum(self.sizes) + 1,), -1, dtype=torch.long)
+        held = slots > 0
+        back[slots[held]] = torch.nonzero(held).squeeze(1)
+        self._back = back[1:]
+        self._batches: dict[int, object] = {}
+
+    def graph(self, features: Mapping[str, Tensor]):
+        """The batched parameter graphs of ``{name: (B, C, *shape)}``."""
+        from torch_geometric.data import Batch
+
+        first = next(iter(features.values()))
+        b, c = first.shape[:2]
+        flat = torch.cat(
+            [first.new_zeros(b, c, 1)] + [features[n].reshape(b, c, -1) for n in self.names],
+            dim=2,
+        )
+        vals = torch.where(self._slots > 0, flat[:, :, self._slots], self._base.to(flat))
+        nx = self.num_nodes * self.node_dim
+        x = vals[:, :, :nx].reshape(b, c, self.num_nodes, self.node_dim)
+        e = vals[:, :, nx:].reshape(b, c, self.num_edges, self.edge_dim)
+        if b not in self._batches:
+            self._batches[b] = Batch.from_data_list([self.template] * b)
+        graph = self._batches[b].clone()
+        graph.x = x.permute(0, 2, 1, 3).reshape(b * self.num_nodes, c * self.node_dim)
+        graph.edge_attr = e.permute(0, 2, 1, 3).reshape(b * self.num_edges, c * self.edge_dim)
+        return graph
+
+    def weights(self, node: Tensor, edge: Tensor) -> dict[str, Tensor]:
+        """Per-node ``(B * N, node_dim)`` and per-edge ``(B * E, edge_dim)`` values back as
+        ``{name: (B, *shape)}`` (zeros for tensors not on the graph)."""
+        b = node.shape[0] // self.num_nodes
+        flat = torch.cat([node.reshape(b, -1), edge.reshape(b, -1), node.new_zeros(b, 1)], dim=1)
+        out = flat[:, self._back]  # -1 reads the zero column
+        return {
+            n: t.reshape(b, *self.space.tensors[n].shape)
+            for n, t in zip(self.names, out.split(self.sizes, dim=1))
+        }

@@ -287,77 +287,30 @@ class _UNFCore(nn.Module):
 
 
 class _GMNCore(nn.Module):
-    """``GMN(equivariant=True)`` on batched parameter graphs built by gathering: the graph
-    of every INR has the same structure, so a batch is one template with ``x`` and
-    ``edge_attr`` filled from the weights, and the outputs are read back by the same
-    positions (the map :func:`metanet.to_graph` / :func:`metanet.to_weights` use)."""
+    """``GMN(equivariant=True)`` on batched parameter graphs, built and read back with
+    :class:`metanet.GraphGather` (one gather per batch)."""
 
     def __init__(self, space: WeightSpace, hidden: int = 32, layers: int = 3):
         super().__init__()
-        from metanet.graph import to_graph, to_weights
+        from metanet.graph import GraphGather
         from metanet.nn import GMN
 
-        self.space = space
-        names = list(space.tensors)
-        sizes = [math.prod(space.tensors[n].shape) for n in names]
-        flat = torch.arange(1, sum(sizes) + 1, dtype=torch.float64)
-        index = dict(
-            zip(
-                names, (c.reshape(space.tensors[n].shape) for n, c in zip(names, flat.split(sizes)))
-            )
-        )
-        g = to_graph(space, index)
-        self.template = g
-        self.num_nodes, self.num_edges = g.x.shape[0], g.edge_attr.shape[0]
-        # graph slot -> weight position + 1 (0: not a weight, keep the template's value)
-        slots = torch.cat([g.x.reshape(-1), g.edge_attr.reshape(-1)]).round().long()
-        self.register_buffer("slots", slots, persistent=False)
-        # weight position -> graph slot
-        pos = g.clone()
-        n_slots = g.x.numel() + g.edge_attr.numel()
-        ar = torch.arange(n_slots, dtype=torch.float64)
-        pos.x = ar[: g.x.numel()].reshape(g.x.shape)
-        pos.edge_attr = ar[g.x.numel() :].reshape(g.edge_attr.shape)
-        back = to_weights(space, pos)
-        self.register_buffer(
-            "back",
-            torch.cat([back[n].reshape(-1) for n in names]).round().long(),
-            persistent=False,
-        )
-        self.names, self.sizes = names, sizes
+        self.gather = GraphGather(space)
         self.gmn = GMN(
-            g.x.shape[1], g.edge_attr.shape[1], hidden=hidden, layers=layers, equivariant=True
+            self.gather.node_dim,
+            self.gather.edge_dim,
+            hidden=hidden,
+            layers=layers,
+            equivariant=True,
         )
         with torch.no_grad():
             for head in (self.gmn.node_out, self.gmn.edge_out):
                 head[-1].weight.zero_()
                 head[-1].bias.zero_()
-        self._batches: dict[int, object] = {}
-
-    def _batch(self, b: int):
-        from torch_geometric.data import Batch
-
-        if b not in self._batches:
-            self._batches[b] = Batch.from_data_list([self.template] * b)
-        return self._batches[b]
 
     def forward(self, w: dict[str, Tensor]) -> dict[str, Tensor]:
-        b = next(iter(w.values())).shape[0]
-        flat = torch.cat([w[n].reshape(b, -1) for n in self.names], dim=1)
-        base = torch.cat([self.template.x.reshape(-1), self.template.edge_attr.reshape(-1)])
-        base = base.to(flat).expand(b, -1)
-        padded = torch.cat([flat.new_zeros(b, 1), flat], dim=1)
-        vals = torch.where(self.slots > 0, padded[:, self.slots], base)
-        nx = self.template.x.numel()
-        graph = self._batch(b).clone()
-        graph.x = vals[:, :nx].reshape(b * self.num_nodes, -1)
-        graph.edge_attr = vals[:, nx:].reshape(b * self.num_edges, -1)
-        node, edge = self.gmn(graph)
-        out = torch.cat([node.reshape(b, -1), edge.reshape(b, -1)], dim=1)[:, self.back]
-        return {
-            n: t.reshape(b, *self.space.tensors[n].shape)
-            for n, t in zip(self.names, out.split(self.sizes, dim=1))
-        }
+        node, edge = self.gmn(self.gather.graph({n: t[:, None] for n, t in w.items()}))
+        return self.gather.weights(node, edge)
 
 
 def build_editor(

@@ -61,18 +61,16 @@ def test_editors_are_equivariant(pairs, kind):
 
 def test_gmn_editor_builds_the_parameter_graph(pairs):
     ed = build_editor("gmn", pairs, hidden=8)
-    core = ed.core
+    gather = ed.core.gather
     w = {n: t[:2] for n, t in pairs.orig.items()}
-    flat = torch.cat([w[n].reshape(2, -1) for n in core.names], 1)
-    padded = torch.cat([flat.new_zeros(2, 1), flat], 1)
-    base = torch.cat([core.template.x.reshape(-1), core.template.edge_attr.reshape(-1)]).float()
-    vals = torch.where(core.slots > 0, padded[:, core.slots], base)
+    graph = gather.graph({n: t[:, None] for n, t in w.items()})
     g = to_graph(pairs.space, {n: t[1] for n, t in w.items()})
-    want = torch.cat([g.x.reshape(-1), g.edge_attr.reshape(-1)])
-    assert torch.equal(vals[1], want)
+    nodes, edges = gather.num_nodes, gather.num_edges
+    assert torch.equal(graph.x[nodes:], g.x) and torch.equal(graph.edge_attr[edges:], g.edge_attr)
     # and reads outputs back to the same places
-    out = torch.cat([want[None]] * 2)[:, core.back]
-    assert torch.equal(out[0], flat[1])
+    back = gather.weights(graph.x, graph.edge_attr)
+    for n in w:
+        assert torch.equal(back[n][1], w[n][1]), n
 
 
 def test_editors_start_as_identity_and_training_beats_it(pairs):

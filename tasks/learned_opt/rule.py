@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from metanet.graph import GraphGather
 from metanet.space import Axis, WeightSpace
 
 __all__ = [
@@ -291,36 +292,6 @@ class UNFUpdate(_PerSpace):
         return {k: base[k] + unf[k][:, 0] for k in base}
 
 
-class _GraphIndex:
-    """Where each parameter lands in the parameter graph: ``to_graph`` of the flat
-    positions (1-based, 0 = padding), so features of any channel count are gathered in one
-    indexing op, and outputs are read back with ``to_weights``."""
-
-    def __init__(self, space: WeightSpace, node_dim: int, edge_dim: int):
-        from metanet.graph import to_graph
-
-        self.space, self.names = space, list(space.tensors)
-        self.sizes = [math.prod(space.tensors[n].shape) for n in self.names]
-        pos, offset = {}, 1
-        for n, size in zip(self.names, self.sizes):
-            pos[n] = torch.arange(offset, offset + size, dtype=torch.float64).reshape(
-                space.tensors[n].shape
-            )
-            offset += size
-        g = to_graph(space, pos, node_dim, edge_dim)
-        identity = g.edge_type() == 2 if g.edge_index.shape[1] else torch.zeros(0, dtype=torch.bool)
-        self.graph = g
-        self.node_idx = g.x.round().long()
-        self.edge_idx = g.edge_attr.round().long()
-        self.edge_idx[identity] = 0
-        self.identity = identity
-        self.on_graph = set()
-        for n in self.names:
-            t = space.tensors[n]
-            if t.is_edge or t.is_node:
-                self.on_graph.add(n)
-
-
 class GMNUpdate(nn.Module):
     """``f`` = a per-parameter MLP + an equivariant :class:`~metanet.nn.GMN` over the
     parameter graph (node features: biases and norms; edge features: weights and kernel
@@ -354,14 +325,13 @@ class GMNUpdate(nn.Module):
         for head in (self.gmn.node_out, self.gmn.edge_out):
             nn.init.zeros_(head[-1].weight)
             nn.init.zeros_(head[-1].bias)
-        self._index: list[tuple[WeightSpace, _GraphIndex]] = []
+        self._gathers: list[tuple[WeightSpace, GraphGather]] = []
 
-    def _graph_index(self, space: WeightSpace) -> _GraphIndex:
-        for s, idx in self._index:
-            if s is space:
-                return idx
-        idx = next((i for s, i in self._index if s == space), None)
-        if idx is None:
+    def _gather(self, space: WeightSpace) -> GraphGather:
+        found = next((g for s, g in self._gathers if s is space), None)
+        if found is None:
+            found = next((g for s, g in self._gathers if s == space), None)
+        if found is None:
             from metanet.graph import GraphLayout
 
             layout = GraphLayout.of(space)
@@ -370,36 +340,22 @@ class GMNUpdate(nn.Module):
                     f"GMNUpdate was built for node/edge features of width {self.node_dim}/"
                     f"{self.edge_dim}; this space needs {layout.node_dim}/{layout.edge_dim}"
                 )
-            idx = _GraphIndex(space, self.node_dim, self.edge_dim)
-        self._index.append((space, idx))
-        return idx
+            found = GraphGather(space, self.node_dim, self.edge_dim)
+        self._gathers.append((space, found))
+        return found
 
     def forward(self, space: WeightSpace, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        from metanet.graph import to_weights
-
         out = self.pointwise(space, feats)
-        idx = self._graph_index(space)
-        feats = _complete(space, feats)
-        first = next(iter(feats.values()))
-        b, c = first.shape[:2]
-        flat = torch.cat(
-            [first.new_zeros(b, c, 1)] + [feats[n].reshape(b, c, -1) for n in idx.names], dim=2
+        gather = self._gather(space)
+        graph = gather.graph(_complete(space, feats))
+        c = next(iter(feats.values())).shape[1]
+        node, edge = self.gmn(graph)  # channel 0's block is the update
+        upd = gather.weights(
+            node.view(-1, c, self.node_dim)[:, 0], edge.view(-1, c, self.edge_dim)[:, 0]
         )
-        rows: list[dict[str, Tensor]] = []
-        for i in range(b):
-            x = flat[i][:, idx.node_idx].permute(1, 0, 2).reshape(idx.node_idx.shape[0], -1)
-            e = flat[i][:, idx.edge_idx].permute(1, 0, 2).reshape(idx.edge_idx.shape[0], -1)
-            if bool(idx.identity.any()):
-                e = torch.where(idx.identity[:, None], torch.ones_like(e), e)
-            graph = idx.graph.clone()
-            graph.x, graph.edge_attr = x, e
-            node_out, edge_out = self.gmn(graph)
-            graph.x = node_out.view(node_out.shape[0], c, self.node_dim)[:, 0]
-            graph.edge_attr = edge_out.view(edge_out.shape[0], c, self.edge_dim)[:, 0]
-            graph.rest = first.new_zeros(graph.rest.shape)
-            rows.append(to_weights(space, graph))
-        for n in idx.on_graph & out.keys():
-            out[n] = out[n] + torch.stack([r[n].to(out[n].dtype) for r in rows])
+        for n, t in space.tensors.items():
+            if n in out and (t.is_edge or t.is_node):
+                out[n] = out[n] + upd[n].to(out[n].dtype)
         return out
 
 
