@@ -48,7 +48,11 @@ def test_two_processes_match_one(inrs, tmp_path):
     args = ["flat", str(inrs)]
     single = _run_args([sys.executable], args, tmp_path)
     double = _run_args(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], args, tmp_path
+        # --standalone: a free local port for the rendezvous (the default, 29500, may be
+        # taken by another job on a shared machine)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        args,
+        tmp_path,
     )
     assert (single["world"], double["world"]) == (1, 2)
     for a, b in zip(single["loss"], double["loss"]):
@@ -68,6 +72,6 @@ def _run_args(cmd, args, tmp_path):
         cwd=tmp_path,
         timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-6000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
