@@ -12,6 +12,16 @@ dataset, split and training subset, with the same optimizer settings:
 * ``flat`` — an MLP on the flattened weights, trained with random-permutation
   augmentation.
 
+A ``+sign`` suffix (``unf+sign``, ``gmn+sign``) trains the model on the sign canonical
+form of the weights (``train(canonicalize=True)``, :func:`metanet.canonicalize_sign`):
+``sin`` is odd, so every hidden neuron of a SIREN can be negated (incoming row, bias and
+outgoing column) without changing the image; the WeightSpace marks these groups
+``action="sign"`` and the canonicalization picks one sign per neuron from the values only
+that neuron's flip changes. The permutation-equivariant models then no longer have to
+learn that symmetry from data (``nfn``'s models know only permutations; ScaleGMN,
+96.6% vs NFN's 92.9% on MNIST INRs, builds the sign/scale symmetries into its layers). ``nfn-hnp+sign`` is the
+ablation: ``nfn``'s HNP model fed our canonical weights.
+
 The dataset is ``tasks.inr.make_dataset``'s default: 10 SIRENs per image of scikit-learn's
 8×8 digits (17,970 INRs, split by image 70/10/20), the DWSNets recipe (2-32-32-1, w0 30,
 Adam 5e-4, up to 1,000 steps, each INR stopped at 40 dB). ``--data`` points at a folder
@@ -46,8 +56,21 @@ from tasks.train import build_model, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = ROOT / "out" / "inr-digits"
-MODELS = ("unf", "nfn-hnp", "nfn-np", "statnn", "flat", "gmn")
+MODELS = (
+    "unf+sign",
+    "gmn+sign",
+    "unf",
+    "gmn",
+    "nfn-hnp",
+    "nfn-np",
+    "nfn-hnp+sign",
+    "statnn",
+    "flat",
+)
 LABELS = {
+    "unf+sign": "UNF (metanet) + sign canonicalization",
+    "gmn+sign": "GMN (metanet) + sign canonicalization",
+    "nfn-hnp+sign": "ablation: NFN-HNP (`nfn`) + metanet's sign canonicalization",
     "gmn": "GMN (metanet)",
     "unf": "UNF (metanet, full basis)",
     "nfn": "UNF (metanet, NFN basis)",
@@ -66,7 +89,17 @@ def _have_nfn() -> bool:
     return True
 
 
+def _split(spec: str) -> tuple[str, bool]:
+    """``"unf+sign"`` -> ``("unf", True)``: the model kind, and whether it reads the
+    sign canonical form of the weights (``train(canonicalize=True)``)."""
+    kind, _, flag = spec.partition("+")
+    if flag not in ("", "sign"):
+        raise ValueError(f"model {spec!r}: the only suffix is +sign")
+    return kind, flag == "sign"
+
+
 def _params(kind: str, data: Path, hidden: int, frequencies: int) -> int:
+    kind = _split(kind)[0]
     ds = WeightDataset(data, "test", "graph" if kind == "gmn" else "weights")
     model = build_model(
         kind,
@@ -118,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, list] = {}
     wall0 = time.perf_counter()
-    for kind in models:
+    for spec in models:
+        kind, canonical = _split(spec)
         runs = []
         for seed in range(args.seeds):
             r = train(
@@ -134,15 +168,16 @@ def main(argv: list[str] | None = None) -> int:
                 frequencies=args.frequencies,
                 track_test=True,
                 schedule=args.schedule,
+                canonicalize=canonical,
             )
             runs.append(r)
             print(
-                f"{kind} seed {seed}: test {r.test_accuracy:.3f} val {r.val_accuracy:.3f} "
+                f"{spec} seed {seed}: test {r.test_accuracy:.3f} val {r.val_accuracy:.3f} "
                 f"({r.seconds:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )
-        results[kind] = runs
+        results[spec] = runs
     wall = time.perf_counter() - wall0
 
     cfg = meta["config"]

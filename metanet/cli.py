@@ -472,6 +472,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         frequencies=args.frequencies,
         schedule=args.schedule,
         target=args.target,
+        canonicalize=args.canonicalize,
     )
     if r.world_size == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         if args.target == "accuracy":
@@ -634,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--frequencies", type=int, default=0, help="Fourier-encode the weights")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument(
+        "--canonicalize",
+        action="store_true",
+        help="feed the sign canonical form of the weights (odd activations: sin, tanh)",
+    )
     p.add_argument(
         "--target",
         choices=["label", "accuracy"],

@@ -368,6 +368,9 @@ class WeightDataset(torch.utils.data.Dataset):
     drawn (permutations: a different but equivalent network each epoch).
     ``standardize=True`` shifts and scales each tensor by one mean/std measured on the
     training split (a per-tensor scalar: every symmetry is kept).
+    ``canonicalize=True`` first maps every INR to its sign canonical form
+    (:func:`metanet.canonicalize_sign`: odd activations such as ``sin`` let a hidden
+    neuron's sign flip without changing the function), so only permutations remain.
     """
 
     def __init__(
@@ -379,6 +382,7 @@ class WeightDataset(torch.utils.data.Dataset):
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         standardize: bool = False,
+        canonicalize: bool = False,
     ):
         from safetensors import safe_open
 
@@ -411,6 +415,10 @@ class WeightDataset(torch.utils.data.Dataset):
         keep = [k for k, r in enumerate(rows) if split is None or r["split"] == split]
         idx = torch.tensor(keep, dtype=torch.long)
         full = {n: torch.cat(v) for n, v in parts.items()}
+        if canonicalize:
+            from metanet.canonical import canonicalize_sign
+
+            full = canonicalize_sign(full, self.space)
         self.stats: dict[str, tuple[float, float]] = {}
         if standardize:
             # one scale per tensor (a scalar commutes with every permutation), from the

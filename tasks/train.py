@@ -290,6 +290,7 @@ def train(
     track_test: bool = False,
     schedule: str = "constant",
     target: str = "label",
+    canonicalize: bool = False,
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
@@ -299,8 +300,11 @@ def train(
     records test accuracy after every epoch (for curves); ``schedule="cosine"`` anneals
     the learning rate to 0 over the run. ``target="accuracy"`` regresses each network's
     recorded test accuracy (a CNN zoo from :func:`tasks.zoo.make_zoo`: generalization
-    prediction) with an MSE loss and reports Kendall τ instead of accuracy. Run under ``torchrun --nproc_per_node N`` for
-    data parallelism.
+    prediction) with an MSE loss and reports Kendall τ instead of accuracy.
+    ``canonicalize=True`` feeds every model the sign canonical form of the weights
+    (:func:`metanet.canonicalize_sign`; a no-op for spaces without sign groups), so a
+    permutation-equivariant model no longer has to learn the sign symmetry of odd
+    activations from data. Run under ``torchrun --nproc_per_node N`` for data parallelism.
     """
     from tasks.inr import WeightDataset
 
@@ -317,13 +321,22 @@ def train(
     augment = augment and kind not in INVARIANT_KINDS
     # every rank draws its own augmentations; the batches themselves are shared
     train_ds = WeightDataset(
-        root, "train", fmt, augment=augment, seed=seed * 1000 + rank, standardize=True
+        root,
+        "train",
+        fmt,
+        augment=augment,
+        seed=seed * 1000 + rank,
+        standardize=True,
+        canonicalize=canonicalize,
     )
     caches: dict[str, dict | None] = {
         s: ({} if kind == "gmn" and not (s == "train" and augment) else None)
         for s in ("train", "val", "test")
     }
-    val_ds, test_ds = (WeightDataset(root, s, fmt, standardize=True) for s in ("val", "test"))
+    val_ds, test_ds = (
+        WeightDataset(root, s, fmt, standardize=True, canonicalize=canonicalize)
+        for s in ("val", "test")
+    )
     for ds in (train_ds, val_ds, test_ds):
         _use_target(ds, target)
     pool = list(range(len(train_ds)))

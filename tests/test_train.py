@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tasks.inr import INRConfig, make_dataset
 from tasks.train import KINDS, train
@@ -75,3 +76,26 @@ def _run_args(cmd, args, tmp_path):
     assert out.returncode == 0, out.stderr[-6000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
+
+
+def test_canonicalize_feeds_sign_canonical_weights(inrs, tmp_path):
+    from metanet import apply_signs, canonicalize_sign, random_signs
+    from tasks.inr import WeightDataset
+
+    plain = WeightDataset(inrs, "train")
+    canon = WeightDataset(inrs, "train", canonicalize=True)
+    want = canonicalize_sign(plain.tensors, plain.space)
+    for n in want:
+        assert torch.equal(canon.tensors[n], want[n])
+    # every INR of the dataset maps to the same weights as a sign-flipped copy of it
+    flipped = apply_signs(
+        plain.tensors, plain.space, random_signs(plain.space, batch=(len(plain),))
+    )
+    again = canonicalize_sign(flipped, plain.space)
+    for n in want:
+        torch.testing.assert_close(again[n], want[n], rtol=0, atol=0)
+    from metanet.cli import main
+
+    argv = ["train", "unf", str(inrs), "--canonicalize", "--epochs", "1", "--limit", "64"]
+    assert main([*argv, "--batch-size", "32", "-q", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "result.json").read_text())["epochs"] == 1
