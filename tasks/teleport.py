@@ -333,24 +333,67 @@ def _transformed(model, actions, weights, params, x):
     return w
 
 
-def _objective(model, names, w, x, y, loss_fn, objective, seed):
+def _top_eigen(grads, ws, probe: dict, iters: int) -> Tensor:
+    """The largest Hessian eigenvalue, by Lanczos (``iters`` Hessian-vector products, full
+    reorthogonalization) started from the previous call's Ritz vector kept in ``probe``.
+    The returned Rayleigh quotient ``vᵀHv`` is differentiable in the weights with ``v``
+    held fixed, which is the eigenvalue's derivative (Hellmann–Feynman)."""
+    sizes = [g.numel() for g in grads]
+
+    def split(v: Tensor) -> list[Tensor]:
+        return [p.view_as(g) for p, g in zip(v.split(sizes), grads)]
+
+    def hvp(v: Tensor) -> Tensor:
+        hv = torch.autograd.grad(grads, ws, split(v), retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).detach()
+
+    q = probe.get("v")
+    if q is None or q.numel() != sum(sizes):
+        gen = torch.Generator().manual_seed(probe.get("seed", 0))
+        q = torch.randn(sum(sizes), generator=gen).to(grads[0].dtype)
+    basis = [q / q.norm().clamp_min(1e-30)]
+    alpha: list[Tensor] = []
+    beta: list[Tensor] = []
+    for j in range(min(iters, sum(sizes))):
+        z = hvp(basis[j])
+        alpha.append(z @ basis[j])
+        qs = torch.stack(basis)
+        z = z - qs.T @ (qs @ z)  # full reorthogonalization (twice is enough)
+        z = z - qs.T @ (qs @ z)
+        nz = z.norm()
+        if j == iters - 1 or nz <= 1e-10 * alpha[0].abs().clamp_min(1e-30):
+            break
+        beta.append(nz)
+        basis.append(z / nz)
+    k = len(alpha)
+    t = torch.diag(torch.stack(alpha))
+    if k > 1:
+        off = torch.stack(beta[: k - 1])
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    _, vecs = torch.linalg.eigh(t)
+    v = torch.stack(basis[:k]).T @ vecs[:, -1]
+    v = v / v.norm().clamp_min(1e-30)
+    probe["v"] = v
+    hv = torch.autograd.grad(grads, ws, split(v), create_graph=True)
+    return sum((h * p).sum() for h, p in zip(hv, split(v)))
+
+
+def _objective(model, names, w, x, y, loss_fn, objective, probe):
     loss = loss_fn(functional_call(model, w, _as_tuple(x), tie_weights=False), y)
-    grads = torch.autograd.grad(loss, [w[n] for n in names], create_graph=True)
+    ws = [w[n] for n in names]
+    grads = torch.autograd.grad(loss, ws, create_graph=True)
     if callable(objective):
         return loss, objective(loss, dict(zip(names, grads)))
     gnorm2 = sum((g * g).sum() for g in grads)
     if objective == "grad_norm":
         return loss, gnorm2
-    # Hutchinson estimate of the Hessian trace, or the curvature along the gradient
     if objective == "sharpness":
-        # the same Rademacher probes at every evaluation, so values compare
-        gen = torch.Generator().manual_seed(seed)
-        vs = [torch.randint(0, 2, g.shape, generator=gen).to(g.dtype) * 2 - 1 for g in grads]
-        hv = torch.autograd.grad(grads, [w[n] for n in names], vs, create_graph=True)
-        return loss, -sum((h * v).sum() for h, v in zip(hv, vs))  # maximize -> flatter
+        # the largest Hessian eigenvalue, warm-started across the ascent; maximize its
+        # negative -> flatter
+        return loss, -_top_eigen(grads, ws, probe, iters=probe.get("iters", 10))
     if objective == "curvature":
         gd = [g.detach() for g in grads]
-        hv = torch.autograd.grad(grads, [w[n] for n in names], gd, create_graph=True)
+        hv = torch.autograd.grad(grads, ws, gd, create_graph=True)
         return loss, sum((h * g).sum() for h, g in zip(hv, gd)) / gnorm2.detach().clamp_min(1e-30)
     raise ValueError(
         f"objective must be grad_norm, curvature, sharpness or a callable, got {objective!r}"
@@ -377,10 +420,14 @@ def teleport(
     Gradient ascent (Adam, ``steps`` × ``lr``) on the group parameters to increase the
     objective on ``batch = (inputs, targets)``: ``grad_norm`` (squared gradient norm,
     faster descent), ``curvature`` (gradient-direction curvature ``gᵀHg/|g|²``),
-    ``sharpness`` (minimizes the Hutchinson Hessian-trace estimate: flatter), or a
-    callable ``(loss, grads) -> scalar`` to maximize. ``max_ratio`` stops the ascent once
-    the objective has grown by that factor (an unbounded gradient norm makes a fixed
-    learning rate unstable). The result is accepted only if
+    ``sharpness`` (minimizes the largest Hessian eigenvalue, found by power iteration on
+    the batch: flatter, so a learning rate near the stability edge ``2/λ`` stays stable), or
+    a callable ``(loss, grads) -> scalar`` to maximize. ``max_ratio`` stops the ascent once
+    a positive objective has grown by that factor (an unbounded gradient norm makes a fixed
+    learning rate unstable). Adam moves every group coordinate by about ``lr`` per step,
+    whatever its gradient: near a learning rate's stability edge keep ``lr`` small (0.01),
+    since a neuron scaled down by ``s`` sees its effective learning rate grow by
+    ``1/s²``. The result is accepted only if
     the loss on the batch is unchanged within ``loss_rtol`` (relative) and the objective
     increased; otherwise the original weights come back with the reason. The loss check
     is ``|Δloss| <= loss_rtol * max(1, |loss|)``: relative for losses above 1, absolute
@@ -409,12 +456,16 @@ def teleport(
             k: (v if k not in names else v if v.requires_grad else v.requires_grad_())
             for k, v in w.items()
         }
-        return _objective(module, names, w, x, y, loss_fn, objective, seed)
+        return _objective(module, names, w, x, y, loss_fn, objective, probe)
 
+    # sharpness: the Lanczos Ritz vector, kept between calls; converged estimates for the
+    # values reported before and after, cheaper warm-started ones during the ascent
+    probe = {"seed": seed, "iters": 30}
     start = {k: (v.clone().requires_grad_() if k in names else v) for k, v in base.items()}
     loss0, obj0 = (
-        float(v.detach()) for v in _objective(module, names, start, x, y, loss_fn, objective, seed)
+        float(v.detach()) for v in _objective(module, names, start, x, y, loss_fn, objective, probe)
     )
+    probe["iters"] = 10
     if not actions:
         return TeleportResult(dict(base), loss0, loss0, obj0, obj0, False, "no symmetry found")
     opt = torch.optim.Adam(list(params.values()), lr=lr)
@@ -425,7 +476,7 @@ def teleport(
             kept = {k: v.detach().clone() for k, v in params.items()}
             break
         _, obj = evaluate()
-        if max_ratio is not None and float(obj.detach()) > max_ratio * obj0:
+        if max_ratio is not None and obj0 > 0 and float(obj.detach()) > max_ratio * obj0:
             break  # the last parameters within the bound are kept
         kept = {k: v.detach().clone() for k, v in params.items()}
         if last:
@@ -439,6 +490,7 @@ def teleport(
     with torch.no_grad():
         final = _transformed(module, actions, base, params, x)
     final = {k: v.detach() for k, v in final.items()}
+    probe["iters"] = 30  # the reported value: a converged estimate
     loss1, obj1 = (
         float(v.detach())
         for v in _objective(
@@ -449,7 +501,7 @@ def teleport(
             y,
             loss_fn,
             objective,
-            seed,
+            probe,
         )
     )
     result = TeleportResult(
