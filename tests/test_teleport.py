@@ -248,3 +248,38 @@ def test_sharpness_is_the_top_hessian_eigenvalue():
     assert abs(-r.objective_after - after) < 1e-6 * after
     assert after < (1 - 1e-3) * before  # estimates are good to 1e-6: a real decrease
     assert abs(loss1 - loss0) < 1e-12
+
+
+def test_scaling_teleports_on_trained_zoo_cnns():
+    """CNNs trained by the zoo's own recipes: exact scaling keeps every output (float64,
+    < 1e-9 relative) and a grad-norm teleport raises the gradient at an unchanged loss."""
+    import dataclasses
+
+    from tasks import zoo
+
+    d = digits.load()
+    # recipes with lr <= 0.02 (the zoo's larger ones can kill every ReLU in 60 steps, and a
+    # dead network has no gradient for a teleport to raise)
+    recipes = [zoo.sample_hparams(s) for s in range(20)]
+    hps = [dataclasses.replace(h, batch_size=64, steps=60) for h in recipes if h.lr <= 0.02][:3]
+    trained = zoo.train_cnns(hps, d)
+    x = d.x_test[:200].double()
+    for b in range(len(hps)):
+        model = zoo.zoo_cnn().double().eval()
+        model.load_state_dict({k: v[b].double() for k, v in trained.items()})
+        space = _space(zoo.zoo_cnn(), d.x_train[:2])
+        actions = group_actions(model, space, x[:8])
+        assert [a.kind for a in actions] == ["scale", "scale"]
+        w = {k: v.detach() for k, v in model.state_dict().items()}
+        ref = model(x)
+        gen = torch.Generator().manual_seed(b)
+        moved = dict(w)
+        for a, p in zip(actions, _random_params(actions, gen)):
+            moved = act(moved, a, p)
+        out = functional_call(model, moved, (x,))
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-9
+        batch = (x[:64], d.y_test[:64])
+        r = teleport(model, space, batch, objective="grad_norm", steps=5, lr=0.1, actions=actions)
+        assert r.accepted, r.reason
+        assert r.objective_after > r.objective_before
+        assert abs(r.loss_after - r.loss_before) <= 1e-9 * max(1.0, r.loss_before)
