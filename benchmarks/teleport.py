@@ -24,15 +24,19 @@ baseline and its teleport run see the same batches; the teleport run differs onl
 ascent on the positive-scaling group of every hidden layer, found from the WeightSpace),
 teleporting on the current minibatch during the first 250 optimizer steps, then
 ``step(None)``. One config for every task, optimizer and seed; ``--sensitivity`` adds a
-small table of other configs on both tasks with SGD. Steps to target = first optimizer
+small table of other configs on both tasks with SGD. ``--sharpness`` (on by default)
+runs a second method on the whole SGD grid: the *flattening* teleport, which lowers the
+top Hessian eigenvalue (``objective="sharpness"``) on 512 training samples every 10 steps
+of the first 500, with small group moves (ascent lr 0.01), and compares each method at its
+own best lr. Steps to target = first optimizer
 step, checked every 10, at which the full-training-set loss is ≤ the target; capped at
 3,000 ("not reached" is said so). Teleport ascent steps are not optimizer steps: their
 cost is reported separately, as the share of training wall time spent teleporting.
 
 Writes ``benchmarks/results/teleport.md`` and ``teleport_curves.png``.
 
-    python benchmarks/teleport.py                 # about 7 minutes on 2 busy cores
-    python benchmarks/teleport.py --quick         # 3 seeds, lrs fixed at the tuned ones, ~1.5 minutes
+    python benchmarks/teleport.py                 # about 15 minutes at one thread
+    python benchmarks/teleport.py --quick         # 3 seeds, the tuned lrs only, ~2 minutes
 """
 
 from __future__ import annotations
@@ -58,7 +62,11 @@ from tasks import digits  # noqa: E402
 from tasks.teleport import Teleport  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GRID = {"sgd": (0.03, 0.1, 0.3, 1.0), "adam": (1e-3, 3e-3, 1e-2, 3e-2)}
+GRID = {"sgd": (0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "adam": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2)}
+# the flattening teleport: minimize the top Hessian eigenvalue on 512 training samples every
+# 10 steps, small group moves (a neuron scaled down by s gets a 1/s² larger effective lr)
+SHARP = dict(objective="sharpness", every=10, steps=10, lr=0.01, max_ratio=None, until=500,
+             batch=512)  # fmt: skip
 CAP, CHECK, BATCH = 3000, 10, 64
 _T0 = time.perf_counter()
 
@@ -129,10 +137,12 @@ class Config:
     lr: float = 0.1
     max_ratio: float | None = 1.5
     until: int = 250
+    objective: str = "grad_norm"
+    batch: int | None = None  # teleport batch: None = the current minibatch, else a sample
 
     def __str__(self) -> str:
         return (
-            f"every={self.every}, steps={self.steps}, lr={self.lr}, "
+            f"objective={self.objective}, every={self.every}, steps={self.steps}, lr={self.lr}, "
             f"max_ratio={self.max_ratio}, first {self.until} steps"
         )
 
@@ -170,8 +180,10 @@ def run(task: Task, opt_name: str, lr: float, seed: int, cfg: Config | None, bud
         tp = Teleport(
             opt, model, _space(model, task.x_train), every=cfg.every, steps=cfg.steps,
             lr=cfg.lr, max_ratio=cfg.max_ratio, loss_fn=task.loss_fn,
+            objective=cfg.objective,
         )  # fmt: skip
     gen = torch.Generator().manual_seed(10_000 + seed)
+    tgen = torch.Generator().manual_seed(20_000 + seed)  # teleport batches, own stream
     n = len(task.y_train)
     perm, pos = torch.randperm(n, generator=gen), 0
     r = Run(None, None, float("nan"), 0)
@@ -191,7 +203,11 @@ def run(task: Task, opt_name: str, lr: float, seed: int, cfg: Config | None, bud
         else:
             before = len(tp.log)
             t1 = time.perf_counter()
-            tp.step((x, y) if step < cfg.until else None)
+            tb = (x, y)
+            if cfg.batch is not None and step < cfg.until and (step + 1) % cfg.every == 0:
+                sel = torch.randperm(n, generator=tgen)[: cfg.batch]
+                tb = (task.x_train[sel], task.y_train[sel])
+            tp.step(tb if step < cfg.until else None)
             if len(tp.log) > before:
                 r.teleport_s += time.perf_counter() - t1
         r.train_s += time.perf_counter() - t0
@@ -287,6 +303,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 seeds, tuned lrs only")
     ap.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--sharpness", action=argparse.BooleanOptionalAction, default=True,
+        help="also run the flattening (top-eigenvalue) teleport on the SGD grid",
+    )  # fmt: skip
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--tp-steps", type=int, default=10)
     ap.add_argument("--tp-lr", type=float, default=0.1)
@@ -299,7 +319,7 @@ def main() -> None:
     cfg = Config(args.every, args.tp_steps, args.tp_lr, args.max_ratio, args.until)
     tasks = [digits_task(), teacher_task()]
     # --quick: the lrs the full grid picks (benchmarks/results/teleport.md)
-    tuned = {"sgd": {"digits": 0.3, "teacher": 0.3}, "adam": {"digits": 1e-2, "teacher": 3e-2}}
+    tuned = {"sgd": {"digits": 0.5, "teacher": 0.7}, "adam": {"digits": 2e-2, "teacher": 3e-2}}
     wall0 = time.perf_counter()
 
     # 1. lr grid, with and without teleport
@@ -342,6 +362,7 @@ def main() -> None:
             Config(50, 10, 0.1, 1.5, 250),
             Config(10, 10, 0.1, 1.5, 100),
             Config(25, 10, 0.1, None, 250),
+            Config(25, 10, 0.01, 1.5, 250),  # small group moves (see SHARP)
         ]
         for c in [cfg, *others]:
             row = {}
@@ -356,6 +377,16 @@ def main() -> None:
                 row[task.name] = (_speedups(base, tele), tele)
             sens.append((c, row))
             _progress(f"sensitivity {c}")
+
+    # 4. the flattening teleport on the SGD grid: does it keep larger lrs stable?
+    sharp: dict[tuple, list[Run]] = {}
+    if args.sharpness:
+        sc = Config(**SHARP)
+        for task in tasks:
+            lrs = (best[task.name, "sgd"],) if args.quick else GRID["sgd"]
+            for lr in lrs:
+                sharp[task.name, lr] = [run(task, "sgd", lr, s, sc) for s in seeds]
+                _progress(f"sharpness {task.name} sgd lr={lr:g}")
     wall = time.perf_counter() - wall0
 
     # --------------------------------------------------------------------- tables
@@ -441,13 +472,53 @@ def main() -> None:
                 f"{100 * share:.0f}% |"
             )
             if opt_name == "sgd":
-                verdict.append((task, statistics.median(sp), _equal(task, b, t)))
+                verdict.append((task, statistics.median(sp), _equal(task, b, t), "grad-norm"))
+    if sharp:
+        sc = Config(**SHARP)
+        lines += [
+            "",
+            f"**Flattening teleport** (SGD; teleport: {sc}, on {SHARP['batch']} training "
+            "samples): steps to target per lr, and how many seeds reach it. Best vs best = "
+            "each method at its own best lr (per-seed ratio), test metric at target.",
+            "",
+            "| task | lr | steps, no teleport | reached | steps, flattening teleport | reached |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for task in tasks:
+            lrs = [lr for lr in GRID["sgd"] if (task.name, lr) in sharp]
+            for lr in lrs:
+                b, t = grid[task.name, "sgd", lr, False], sharp[task.name, lr]
+                lines.append(
+                    f"| {task.name} | {lr:g} | {_steps_cell(b)} | "
+                    f"{sum(r.hit is not None for r in b)}/{len(b)} | {_steps_cell(t)} | "
+                    f"{sum(r.hit is not None for r in t)}/{len(t)} |"
+                )
+        lines += [
+            "",
+            "| task | best lr, no teleport | steps | best lr, flattening | steps | speedup | "
+            "test at target: without → with | teleport time share |",
+            "|---|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for task in tasks:
+            lrs = [lr for lr in GRID["sgd"] if (task.name, lr) in sharp]
+            bl = best[task.name, "sgd"]
+            tl = min(lrs, key=lambda lr: statistics.median(map(_steps, sharp[task.name, lr])))
+            b, t = grid[task.name, "sgd", bl, False], sharp[task.name, tl]
+            sp = _speedups(b, t)
+            share = sum(r.teleport_s for r in t) / sum(r.train_s for r in t)
+            lines.append(
+                f"| {task.name} | {bl:g} | {_steps_cell(b)} | {tl:g} | {_steps_cell(t)} | "
+                f"{_speed_cell(sp, iqr=False)} | "
+                f"{_metric_cell(task, [r.metric_at_hit for r in b])} → "
+                f"{_metric_cell(task, [r.metric_at_hit for r in t])} | {100 * share:.0f}% |"
+            )
+            verdict.append((task, statistics.median(sp), _equal(task, b, t), "flattening"))
     lines += ["", "Issue target (≥ 1.3× fewer SGD steps at equal test metric, tuned lr):"]
-    for task, med, (equal, why) in verdict:
+    for task, med, (equal, why), method in verdict:
         ok = med >= 1.3 and equal
         lines.append(
-            f"- {task.name}: median speedup {med:.2f}×, test metric at target {why} → "
-            + ("met" if ok else "**not met**")
+            f"- {task.name}, {method} teleport: median speedup {med:.2f}×, "
+            f"test metric at target {why} → " + ("met" if ok else "**not met**")
         )
     if sens:
         lines += [
