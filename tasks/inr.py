@@ -33,7 +33,10 @@ __all__ = [
     "Siren",
     "siren_space",
     "fit_sirens",
+    "siren_forward",
     "image_grid",
+    "INRItem",
+    "digits_items",
     "make_dataset",
     "sine_targets",
     "WeightDataset",
@@ -148,8 +151,9 @@ def _init(cfg: INRConfig, seeds: Sequence[int]) -> dict[str, Tensor]:
     return {n: torch.stack(v) for n, v in per.items()}
 
 
-def _forward(cfg: INRConfig, w: dict[str, Tensor], coords: Tensor) -> Tensor:
-    """Batched SIREN: ``coords (P, in)`` -> ``(B, P, out)``."""
+def siren_forward(cfg: INRConfig, w: dict[str, Tensor], coords: Tensor) -> Tensor:
+    """Batched SIREN forward: stacked weights ``{name: (B, ...)}`` at ``coords (P, in)``
+    -> ``(B, P, out)`` (the offset included)."""
     n_layers = len(cfg.sizes) - 1
     h = coords.expand(w["net.0.weight"].shape[0], *coords.shape)
     for i in range(n_layers):
@@ -188,7 +192,7 @@ def fit_sirens(
     frozen: dict[str, Tensor] = {}
     done = torch.zeros(targets.shape[0], dtype=torch.bool)
     for _ in steps:
-        err = _forward(cfg, w, coords) - targets
+        err = siren_forward(cfg, w, coords) - targets
         mse = err.pow(2).mean(dim=(1, 2))
         if target_mse is not None:
             # early stopping per INR: once at the target, its weights stay as they are
@@ -210,7 +214,7 @@ def fit_sirens(
                 for n, t in w.items():
                     t.copy_(torch.where(_bcast(done, t), frozen[n], t))
     with torch.no_grad():
-        mse = (_forward(cfg, w, coords) - targets).pow(2).mean(dim=(1, 2))
+        mse = (siren_forward(cfg, w, coords) - targets).pow(2).mean(dim=(1, 2))
     psnr = -10 * torch.log10(mse.clamp_min(1e-12))
     return {n: t.detach() for n, t in w.items()}, psnr
 
@@ -234,7 +238,9 @@ def sine_targets(n: int, seed: int = 0, points: int = 64) -> tuple[Tensor, Tenso
 
 # --------------------------------------------------------------------------- datasets
 @dataclass
-class _Item:
+class INRItem:
+    """One INR of a digits dataset: its image, label, fitting seed, split and PSNR."""
+
     image: int
     label: int
     seed: int
@@ -242,7 +248,12 @@ class _Item:
     psnr: float = float("nan")
 
 
-def _digits_items(per_image: int, seed: int, val: float, test: float):
+def digits_items(
+    per_image: int, seed: int = 0, val: float = 0.1, test: float = 0.2
+) -> tuple[Tensor, list[INRItem]]:
+    """scikit-learn's digits as ``(images (1797, 8, 8) in [0, 1], items)``: ``per_image``
+    items per image, each with its own fitting seed, split by image (all INRs of an image
+    share a split; ``val``/``test`` fractions, the order drawn from ``seed``)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -254,7 +265,7 @@ def _digits_items(per_image: int, seed: int, val: float, test: float):
     for k, i in enumerate(order):  # split by image: all INRs of an image share a split
         split[i] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
     items = [
-        _Item(i, int(labels[i]), seed * 1_000_003 + i * per_image + r, split[i])
+        INRItem(i, int(labels[i]), seed * 1_000_003 + i * per_image + r, split[i])
         for i in range(len(labels))
         for r in range(per_image)
     ]
@@ -289,7 +300,7 @@ def make_dataset(
     """
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    images, items = _digits_items(per_image, seed, val, test)
+    images, items = digits_items(per_image, seed, val, test)
     if resolution != 8:
         images = nn.functional.interpolate(
             images[:, None], size=(resolution, resolution), mode="bilinear", align_corners=True

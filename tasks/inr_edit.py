@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from metanet.io import atomic_write
 from metanet.space import WeightSpace
-from tasks.inr import INRConfig, _digits_items, _forward, fit_sirens, image_grid, siren_space
+from tasks.inr import INRConfig, digits_items, fit_sirens, image_grid, siren_forward, siren_space
 
 __all__ = [
     "EDITORS",
@@ -68,7 +68,7 @@ def dilate(images: Tensor) -> Tensor:
 def render(cfg: INRConfig, weights: dict[str, Tensor], resolution: int = 8) -> Tensor:
     """The images a batch of INRs draws: ``{name: (B, ...)}`` -> ``(B, res * res)``."""
     coords = image_grid(resolution, resolution).to(next(iter(weights.values())))
-    return _forward(cfg, weights, coords)[..., 0]
+    return siren_forward(cfg, weights, coords)[..., 0]
 
 
 @dataclass
@@ -140,7 +140,7 @@ def make_edit_pairs(
             if meta["settings"] == settings:
                 t = {k: f.get_tensor(k) for k in f.keys()}
                 return _from_tensors(cfg, t, meta["seconds"])
-    images, items = _digits_items(1, seed, val, test)
+    images, items = digits_items(1, seed, val, test)
     if limit is not None:
         items = items[:limit]
     idx = torch.tensor([it.image for it in items])

@@ -71,6 +71,12 @@ def test_dws_variant_matches_the_module():
     torch.testing.assert_close(-10 * torch.log10(mse), psnr[1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="variant"):
         INRConfig(variant="nope")
+    # the public batched forward draws what each module draws
+    from tasks.inr import siren_forward
+
+    for b in range(2):
+        model.load_state_dict({k: v[b] for k, v in w.items()})
+        torch.testing.assert_close(siren_forward(cfg, w, coords)[b], model(coords))
 
 
 def test_fitting_reaches_a_real_psnr_on_digits():
