@@ -20,7 +20,9 @@ outgoing column) without changing the image; the WeightSpace marks these groups
 that neuron's flip changes. The permutation-equivariant models then no longer have to
 learn that symmetry from data (``nfn``'s models know only permutations; ScaleGMN,
 96.6% vs NFN's 92.9% on MNIST INRs, builds the sign/scale symmetries into its layers). ``nfn-hnp+sign`` is the
-ablation: ``nfn``'s HNP model fed our canonical weights.
+ablation: ``nfn``'s HNP model fed our canonical weights. A ``+flip`` suffix is the other
+way to handle the symmetry: train on random sign flips as well as permutations
+(``train(flip_signs=True)``), no canonicalization.
 
 The dataset is ``tasks.inr.make_dataset``'s default: 10 SIRENs per image of scikit-learn's
 8×8 digits (17,970 INRs, split by image 70/10/20), the DWSNets recipe (2-32-32-1, w0 30,
@@ -33,6 +35,7 @@ and ``inr_classification.png`` (test accuracy after each epoch, mean over seeds)
 
     python benchmarks/inr_classification.py                  # ~35 min at 1 thread
     python benchmarks/inr_classification.py --epochs 12 --models unf+sign,nfn-hnp+sign,unf,nfn-hnp,nfn-np --out benchmarks/results/inr_classification_12ep.md  # ~25 min
+    python benchmarks/inr_classification.py --models unf+flip,nfn-hnp+flip --out benchmarks/results/inr_classification_flip.md  # ~6 min
     python benchmarks/inr_classification.py --limit 2000 --epochs 3 --seeds 1   # a look
 """
 
@@ -72,6 +75,8 @@ LABELS = {
     "unf+sign": "UNF (metanet) + sign canonicalization",
     "gmn+sign": "GMN (metanet) + sign canonicalization",
     "nfn-hnp+sign": "ablation: NFN-HNP (`nfn`) + metanet's sign canonicalization",
+    "unf+flip": "UNF (metanet) + sign-flip augmentation",
+    "nfn-hnp+flip": "NFN-HNP (`nfn`) + sign-flip augmentation",
     "gmn": "GMN (metanet)",
     "unf": "UNF (metanet, full basis)",
     "nfn": "UNF (metanet, NFN basis)",
@@ -90,13 +95,14 @@ def _have_nfn() -> bool:
     return True
 
 
-def _split(spec: str) -> tuple[str, bool]:
-    """``"unf+sign"`` -> ``("unf", True)``: the model kind, and whether it reads the
-    sign canonical form of the weights (``train(canonicalize=True)``)."""
+def _split(spec: str) -> tuple[str, bool, bool]:
+    """``"unf+sign"`` -> ``("unf", True, False)``: the model kind, whether it reads the
+    sign canonical form of the weights (``train(canonicalize=True)``), and whether it is
+    trained on random sign flips instead (``+flip``: ``train(flip_signs=True)``)."""
     kind, _, flag = spec.partition("+")
-    if flag not in ("", "sign"):
-        raise ValueError(f"model {spec!r}: the only suffix is +sign")
-    return kind, flag == "sign"
+    if flag not in ("", "sign", "flip"):
+        raise ValueError(f"model {spec!r}: the suffixes are +sign and +flip")
+    return kind, flag == "sign", flag == "flip"
 
 
 def _params(kind: str, data: Path, hidden: int, frequencies: int) -> int:
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list] = {}
     wall0 = time.perf_counter()
     for spec in models:
-        kind, canonical = _split(spec)
+        kind, canonical, flip = _split(spec)
         runs = []
         for seed in range(args.seeds):
             r = train(
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 track_test=True,
                 schedule=args.schedule,
                 canonicalize=canonical,
+                flip_signs=flip,
             )
             runs.append(r)
             print(

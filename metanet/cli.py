@@ -473,6 +473,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         target=args.target,
         canonicalize=args.canonicalize,
+        flip_signs=args.flip_signs,
     )
     if r.world_size == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         if args.target == "accuracy":
@@ -639,6 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--canonicalize",
         action="store_true",
         help="feed the sign canonical form of the weights (odd activations: sin, tanh)",
+    )
+    p.add_argument(
+        "--flip-signs",
+        action="store_true",
+        help="augment with random sign flips of odd-activation neurons too (every model)",
     )
     p.add_argument(
         "--target",

@@ -382,6 +382,8 @@ class WeightDataset(torch.utils.data.Dataset):
     ``canonicalize=True`` first maps every INR to its sign canonical form
     (:func:`metanet.canonicalize_sign`: odd activations such as ``sin`` let a hidden
     neuron's sign flip without changing the function), so only permutations remain.
+    ``flip_signs=True`` makes the augmentation negate random neurons of the sign groups too
+    (the rest of the group; pointless with ``canonicalize``, which it then leaves alone).
     """
 
     def __init__(
@@ -394,6 +396,7 @@ class WeightDataset(torch.utils.data.Dataset):
         dtype: torch.dtype = torch.float32,
         standardize: bool = False,
         canonicalize: bool = False,
+        flip_signs: bool = False,
     ):
         from safetensors import safe_open
 
@@ -443,6 +446,7 @@ class WeightDataset(torch.utils.data.Dataset):
         self.rows = [rows[k] for k in keep]
         self.labels = torch.tensor([r["label"] for r in self.rows])
         self.format, self.augment = format, augment
+        self.flip_signs = flip_signs and augment and not canonicalize
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -459,6 +463,10 @@ class WeightDataset(torch.utils.data.Dataset):
         w = self.weights(i)
         if self.augment:
             w = self.space.apply(w, self.space.random_element(self.generator))
+        if self.flip_signs:
+            from metanet.canonical import apply_signs, random_signs
+
+            w = apply_signs(w, self.space, random_signs(self.space, self.generator))
         label = self.labels[i]
         if self.format == "weights":
             return w, label

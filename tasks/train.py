@@ -291,6 +291,7 @@ def train(
     schedule: str = "constant",
     target: str = "label",
     canonicalize: bool = False,
+    flip_signs: bool = False,
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
@@ -304,7 +305,10 @@ def train(
     ``canonicalize=True`` feeds every model the sign canonical form of the weights
     (:func:`metanet.canonicalize_sign`; a no-op for spaces without sign groups), so a
     permutation-equivariant model no longer has to learn the sign symmetry of odd
-    activations from data. Run under ``torchrun --nproc_per_node N`` for data parallelism.
+    activations from data. ``flip_signs=True`` (with ``augment``) instead trains on random
+    sign flips as well as permutations, for every model (the alternative to
+    ``canonicalize``: learn the sign symmetry from data). Run under
+    ``torchrun --nproc_per_node N`` for data parallelism.
     """
     from tasks.inr import WeightDataset
 
@@ -318,7 +322,9 @@ def train(
     # Augmenting by random group elements only matters to a model that is not invariant by
     # construction (flat): the others give the same output on every element, so it is
     # skipped for them (and their batches are gathered, GMN's graphs built once).
-    augment = augment and kind not in INVARIANT_KINDS
+    # Random sign flips (``flip_signs``) change every model's output: none of them is
+    # sign-invariant by construction.
+    augment = augment and (kind not in INVARIANT_KINDS or (flip_signs and not canonicalize))
     # every rank draws its own augmentations; the batches themselves are shared
     train_ds = WeightDataset(
         root,
@@ -328,6 +334,7 @@ def train(
         seed=seed * 1000 + rank,
         standardize=True,
         canonicalize=canonicalize,
+        flip_signs=flip_signs,
     )
     caches: dict[str, dict | None] = {
         s: ({} if kind == "gmn" and not (s == "train" and augment) else None)

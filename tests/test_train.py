@@ -99,3 +99,40 @@ def test_canonicalize_feeds_sign_canonical_weights(inrs, tmp_path):
     argv = ["train", "unf", str(inrs), "--canonicalize", "--epochs", "1", "--limit", "64"]
     assert main([*argv, "--batch-size", "32", "-q", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "result.json").read_text())["epochs"] == 1
+
+
+def test_flip_signs_augments_with_random_sign_twins(inrs, tmp_path):
+    """``flip_signs``: every sample drawn is a random sign twin (a random element of the
+    whole group) of its INR: same image, same canonical form, other weights."""
+    from torch.func import functional_call
+
+    from metanet import canonicalize_sign
+    from tasks.inr import Siren, WeightDataset, image_grid
+
+    plain = WeightDataset(inrs, "train")
+    aug = WeightDataset(inrs, "train", augment=True, flip_signs=True, seed=3)
+    assert not WeightDataset(
+        inrs, "train", augment=True, flip_signs=True, canonicalize=True
+    ).flip_signs
+    cfg = INRConfig(**json.loads((Path(inrs) / "dataset.json").read_text())["config"])
+    net, coords = Siren(cfg).double(), image_grid(8, 8).double()
+    moved = 0
+    for i in range(4):
+        w0 = {k: v.double() for k, v in plain.weights(i).items()}
+        w1 = {k: v.double() for k, v in aug[i][0].items()}
+        torch.testing.assert_close(
+            functional_call(net, w1, (coords,)), functional_call(net, w0, (coords,))
+        )
+        c0, c1 = canonicalize_sign(w0, plain.space), canonicalize_sign(w1, plain.space)
+        # canonical forms agree up to the permutation drawn: compare sorted biases
+        key = lambda c: torch.sort(c["net.0.bias"]).values  # noqa: E731
+        torch.testing.assert_close(key(c1), key(c0))
+        # a permutation alone keeps the sorted biases; a sign flip changes them
+        s0, s1 = (torch.sort(w["net.0.bias"]).values for w in (w0, w1))
+        moved += not torch.equal(s0, s1)
+    assert moved > 0
+    from metanet.cli import main
+
+    argv = ["train", "unf", str(inrs), "--flip-signs", "--epochs", "1", "--limit", "64"]
+    assert main([*argv, "--batch-size", "32", "-q", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "result.json").read_text())["epochs"] == 1
