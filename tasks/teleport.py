@@ -420,7 +420,7 @@ def teleport(
     Gradient ascent (Adam, ``steps`` × ``lr``) on the group parameters to increase the
     objective on ``batch = (inputs, targets)``: ``grad_norm`` (squared gradient norm,
     faster descent), ``curvature`` (gradient-direction curvature ``gᵀHg/|g|²``),
-    ``sharpness`` (minimizes the largest Hessian eigenvalue, found by power iteration on
+    ``sharpness`` (minimizes the largest Hessian eigenvalue, found by Lanczos on
     the batch: flatter, so a learning rate near the stability edge ``2/λ`` stays stable), or
     a callable ``(loss, grads) -> scalar`` to maximize. ``max_ratio`` stops the ascent once
     a positive objective has grown by that factor (an unbounded gradient norm makes a fixed
