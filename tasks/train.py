@@ -36,8 +36,9 @@ KINDS = ("unf", "nfn", "gmn", "statnn", "flat")
 # the ``nfn`` package's own invariant networks (Zhou et al. 2023), for comparison; they
 # need ``pip install nfn`` and an MLP-shaped space (``net.K.weight``/``net.K.bias`` pairs)
 EXTERNAL_KINDS = ("nfn-np", "nfn-hnp")
-# models whose output no group element changes: augmentation is a no-op for them
-INVARIANT_KINDS = ("unf", "nfn", "gmn", "statnn", "nfn-np", "nfn-hnp")
+# models whose output no permutation changes: permutation augmentation is a no-op for them
+# (sign flips of odd-activation neurons do change their output)
+PERMUTATION_INVARIANT_KINDS = ("unf", "nfn", "gmn", "statnn", "nfn-np", "nfn-hnp")
 
 
 class _Encode(nn.Module):
@@ -319,12 +320,12 @@ def train(
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
     fmt = "graph" if kind == "gmn" else "weights"
-    # Augmenting by random group elements only matters to a model that is not invariant by
-    # construction (flat): the others give the same output on every element, so it is
-    # skipped for them (and their batches are gathered, GMN's graphs built once).
-    # Random sign flips (``flip_signs``) change every model's output: none of them is
-    # sign-invariant by construction.
-    augment = augment and (kind not in INVARIANT_KINDS or (flip_signs and not canonicalize))
+    # Augmenting by random permutations only matters to a model that is not invariant by
+    # construction (flat): the others give the same output on every permutation, so it is
+    # skipped for them (and their batches are gathered, GMN's graphs built once). Random
+    # sign flips (``flip_signs``) change every model's output, so they are always drawn.
+    flips = flip_signs and not canonicalize
+    augment = augment and (kind not in PERMUTATION_INVARIANT_KINDS or flips)
     # every rank draws its own augmentations; the batches themselves are shared
     train_ds = WeightDataset(
         root,
