@@ -144,6 +144,7 @@ class Config:
         return (
             f"objective={self.objective}, every={self.every}, steps={self.steps}, lr={self.lr}, "
             f"max_ratio={self.max_ratio}, first {self.until} steps"
+            + (f", on {self.batch} training samples" if self.batch else "")
         )
 
 
@@ -363,6 +364,8 @@ def main() -> None:
             Config(10, 10, 0.1, 1.5, 100),
             Config(25, 10, 0.1, None, 250),
             Config(25, 10, 0.01, 1.5, 250),  # small group moves (see SHARP)
+            Config(1, 10, 0.1, 1.5, 1),  # one teleport, after the first step
+            Config(1, 100, 0.03, None, 1, "sharpness", 512),  # one flattening teleport
         ]
         for c in [cfg, *others]:
             row = {}
@@ -477,8 +480,8 @@ def main() -> None:
         sc = Config(**SHARP)
         lines += [
             "",
-            f"**Flattening teleport** (SGD; teleport: {sc}, on {SHARP['batch']} training "
-            "samples): steps to target per lr, and how many seeds reach it. Best vs best = "
+            f"**Flattening teleport** (SGD; teleport: {sc}): steps to target per lr, and "
+            "how many seeds reach it. Best vs best = "
             "each method at its own best lr (per-seed ratio), test metric at target.",
             "",
             "| task | lr | steps, no teleport | reached | steps, flattening teleport | reached |",
