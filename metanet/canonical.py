@@ -25,11 +25,12 @@ weights and biases (normalization layers) are left as they are.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from metanet.space import Axis, WeightSpace
+from metanet.space import Axis, Factor, WeightSpace
 
 __all__ = ["sign_groups", "random_signs", "apply_signs", "canonicalize_sign"]
 
@@ -39,13 +40,12 @@ _SIGN_ROLES = ("weight", "bias")
 def sign_groups(space: WeightSpace) -> list[str]:
     """The groups :func:`canonicalize_sign` resolves: ``action="sign"``, not indexed by
     another group, touching only weights and biases."""
-    out = []
-    for name, g in space.groups.items():
-        if g.action != "sign" or g.within is not None:
-            continue
-        if all(space.tensors[t].role in _SIGN_ROLES for t in space.tensors_of(name)):
-            out.append(name)
-    return out
+    other = {h for t in space.tensors.values() if t.role not in _SIGN_ROLES for h in t.groups}
+    return [
+        name
+        for name, g in space.groups.items()
+        if g.action == "sign" and g.within is None and name not in other
+    ]
 
 
 def _coords(axis: Axis, group: str) -> Tensor:
@@ -62,6 +62,33 @@ def _coords(axis: Axis, group: str) -> Tensor:
         else:
             parts.append(torch.unravel_index(torch.arange(n), tuple(sizes))[k])
     return torch.cat(parts)
+
+
+# Axis is a frozen dataclass of tuples: hashable and compared by value, so these caches
+# are keyed on the axis's whole structure, not on the object; two spaces (or tensors)
+# share an entry only when the axis is the same. The tensors returned are shared: read
+# them, never write into them.
+@lru_cache(maxsize=4096)
+def _cached_coords(axis: Axis, group: str) -> Tensor:
+    """:func:`_coords`, computed once per ``(axis, group)``."""
+    return _coords(axis, group)
+
+
+@lru_cache(maxsize=4096)
+def _sign_plan(axis: Axis) -> tuple[tuple[str, int, Tensor | None], ...]:
+    """For each group on ``axis``: ``(group, size, index)``, ``index`` picking every
+    axis position's sign from the group's signs extended by a trailing ``+1`` (for the
+    positions outside the group), or None where the axis is the group's factor alone
+    (the signs themselves)."""
+    plan = []
+    for g in axis.groups:
+        n = next(f.size for seg in axis.segments for f in seg if f.group == g)
+        if axis.segments == ((Factor(g, n),),):
+            plan.append((g, n, None))
+        else:
+            c = _coords(axis, g)
+            plan.append((g, n, torch.where(c < 0, n, c)))
+    return tuple(plan)
 
 
 def random_signs(
@@ -88,13 +115,16 @@ def apply_signs(
         w = out[name]
         lead = w.dim() - len(t.shape)
         for i, axis in enumerate(t.axes):
-            for g in axis.groups:
+            for g, n, index in _sign_plan(axis):
                 if g not in signs:
                     continue
-                s = signs[g].to(device=w.device, dtype=w.dtype)
-                c = _coords(axis, g).to(w.device)
-                ext = torch.cat([s, torch.ones_like(s[..., :1])], -1)  # index -1 -> +1
-                factor = ext[..., torch.where(c < 0, s.shape[-1], c)]
+                s = signs[g]
+                if s.shape[-1] != n:
+                    raise ValueError(f"signs[{g!r}] has {s.shape[-1]} signs, group has {n}")
+                factor = s.to(device=w.device, dtype=w.dtype)
+                if index is not None:
+                    ext = torch.cat([factor, torch.ones_like(factor[..., :1])], -1)
+                    factor = ext[..., index.to(w.device)]
                 sl = factor.dim() - 1  # the signs' leading axes: the last of the weights'
                 if sl > lead:
                     raise ValueError(
@@ -126,7 +156,7 @@ def _statistic(
         rows = w.movedim(lead + i, -1)
         rows = rows.reshape(*w.shape[:lead], -1, t.shape[i]).transpose(-1, -2)
         best = rows.gather(-1, rows.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        c = _coords(t.axes[i], group).to(w.device)
+        c = _cached_coords(t.axes[i], group).to(w.device)
         kept = torch.nonzero(c >= 0).squeeze(1)
         order = kept[torch.sort(c[kept], stable=True).indices].reshape(n, -1)
         cands.append(best[..., order])  # (*lead, n, rows per neuron)

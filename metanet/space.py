@@ -478,6 +478,11 @@ class WeightSpace:
         """
         if axis.is_fixed:
             return None
+        if len(axis.segments) == 1 and len(axis.segments[0]) == 1:
+            # the common axis, one plain group (hidden units): its permutation itself
+            g = self.groups[axis.segments[0][0].group]
+            if g.within is None:
+                return element[g.name].to(torch.long, copy=True)
         pieces: list[Tensor] = []
         offset = 0
         for seg in axis.segments:

@@ -9,7 +9,17 @@ from torch import nn
 from torch.func import functional_call
 
 from converters import from_module
-from metanet import WeightSpace, apply_signs, canonicalize_sign, random_signs, sign_groups
+from metanet import (
+    Axis,
+    Group,
+    TensorSpec,
+    WeightSpace,
+    apply_signs,
+    canonicalize_sign,
+    random_signs,
+    sign_groups,
+)
+from metanet.canonical import _coords
 from tasks.inr import INRConfig, Siren, image_grid, siren_space
 
 
@@ -137,3 +147,55 @@ def test_groups_without_sign_are_left_alone():
 def test_space_roundtrip_keeps_sign_groups():
     _, space, _ = _tanh_mlp()
     assert sign_groups(WeightSpace.from_json(space.to_json())) == sign_groups(space)
+
+
+def _signs_by_definition(weights, space, signs):
+    """``apply_signs`` from its definition, with the uncached coordinates."""
+    out = {}
+    for name, t in space.tensors.items():
+        w = weights[name]
+        for i, axis in enumerate(t.axes):
+            for g in axis.groups:
+                c = _coords(axis, g)
+                factor = torch.where(c >= 0, signs[g][c.clamp(min=0)], 1.0)
+                shape = [1] * w.dim()
+                shape[i] = -1
+                w = w * factor.reshape(shape)
+        out[name] = w
+    return out
+
+
+def test_apply_signs_caches_per_axis_structure():
+    """The index tensors ``apply_signs`` caches belong to an axis's whole structure:
+    spaces with the same tensor names, shapes and group name but other axes (one group
+    size shared too) never reuse each other's, whatever the order of the calls."""
+
+    def space(w_axis, b_axis, size):
+        return WeightSpace.build(
+            [Group("h", size, action="sign")],
+            [
+                TensorSpec("w", (4, 3), (w_axis, Axis.fixed(3))),
+                TensorSpec("b", (4,), (b_axis,), role="bias"),
+            ],
+        )
+
+    spaces = [
+        space(Axis.of("h", 4), Axis.of("h", 4), 4),
+        space(Axis.product((None, 2), ("h", 2)), Axis.concat(Axis.of("h", 2), Axis.fixed(2)), 2),
+        space(Axis.product(("h", 2), (None, 2)), Axis.concat(Axis.fixed(2), Axis.of("h", 2)), 2),
+    ]
+    gen = torch.Generator().manual_seed(5)
+    w = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(4, generator=gen)}
+    seen = []
+    for sp in spaces + spaces[::-1]:  # each space before and after the others
+        signs = {"h": -torch.ones(sp.groups["h"].size)}
+        signs["h"][0] = 1.0
+        out = apply_signs(w, sp, signs)
+        ref = _signs_by_definition(w, sp, signs)
+        for k in w:
+            torch.testing.assert_close(out[k], ref[k], rtol=0, atol=0)
+        seen.append(out["w"])
+    # the three spaces flip different entries of the same weights
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    with pytest.raises(ValueError, match="signs"):
+        apply_signs(w, spaces[1], {"h": torch.ones(4)})
