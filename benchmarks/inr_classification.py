@@ -35,7 +35,7 @@ and ``inr_classification.png`` (test accuracy after each epoch, mean over seeds)
 
     python benchmarks/inr_classification.py                  # ~35 min at 1 thread
     python benchmarks/inr_classification.py --epochs 12 --models unf+sign,nfn-hnp+sign,unf,nfn-hnp,nfn-np --out benchmarks/results/inr_classification_12ep.md  # ~25 min
-    python benchmarks/inr_classification.py --models unf+flip,nfn-hnp+flip --out benchmarks/results/inr_classification_flip.md  # ~6 min
+    python benchmarks/inr_classification.py --models unf+flip,nfn-hnp+flip --out benchmarks/results/inr_classification_flip.md  # ~4 min
     python benchmarks/inr_classification.py --limit 2000 --epochs 3 --seeds 1   # a look
 """
 
