@@ -38,6 +38,7 @@ Writes ``benchmarks/results/teleport.md`` and ``teleport_curves.png``.
     python benchmarks/teleport.py                 # about 30 minutes at one thread
     python benchmarks/teleport.py --quick         # 3 seeds, the tuned lrs only, ~2 minutes
     python benchmarks/teleport.py --ceiling       # the best start point of the orbit, ~6 minutes
+    python benchmarks/teleport.py --gl            # LeakyReLU MLPs, data-dependent GL teleports
 """
 
 from __future__ import annotations
@@ -90,9 +91,16 @@ class Task:
     inputs: int
     outputs: int
 
-    def model(self, seed: int) -> nn.Sequential:
+    def model(self, seed: int, leaky: bool = False) -> nn.Sequential:
         torch.manual_seed(seed)
-        return digits.mlp(32, 3, inputs=self.inputs, classes=self.outputs)
+        if not leaky:
+            return digits.mlp(32, 3, inputs=self.inputs, classes=self.outputs)
+        layers: list[nn.Module] = []
+        prev = self.inputs
+        for _ in range(3):
+            layers += [nn.Linear(prev, 32), nn.LeakyReLU(0.1)]
+            prev = 32
+        return nn.Sequential(*layers, nn.Linear(prev, self.outputs))
 
     @torch.no_grad()
     def train_loss(self, model) -> float:
@@ -140,12 +148,14 @@ class Config:
     until: int = 250
     objective: str = "grad_norm"
     batch: int | None = None  # teleport batch: None = the current minibatch, else a sample
+    kinds: tuple[str, ...] = ("scale", "gl")  # group actions (``group_actions(kinds=)``)
 
     def __str__(self) -> str:
         return (
             f"objective={self.objective}, every={self.every}, steps={self.steps}, lr={self.lr}, "
             f"max_ratio={self.max_ratio}, first {self.until} steps"
             + (f", on {self.batch} training samples" if self.batch else "")
+            + (f", actions {'+'.join(self.kinds)}" if self.kinds != ("scale", "gl") else "")
         )
 
 
@@ -188,20 +198,24 @@ def _rescale(model: nn.Module, x: Tensor, scales: tuple[float, ...]) -> None:
 
 def run(
     task: Task, opt_name: str, lr: float, seed: int, cfg: Config | None, budget=None,
-    scales: tuple[float, ...] | None = None, cap: int = CAP,
+    scales: tuple[float, ...] | None = None, cap: int = CAP, leaky: bool = False,
 ) -> Run:  # fmt: skip
     """Train until the target is reached (or ``cap``), or to ``budget`` steps if given
     (then also past the target, and on to the target if the budget ends before it).
-    ``scales``: start from a layer-wise rescaled point of the same orbit (``_rescale``)."""
-    model = task.model(seed)
+    ``scales``: start from a layer-wise rescaled point of the same orbit (``_rescale``).
+    ``leaky``: the same MLP with LeakyReLU(0.1), whose layers also have the papers'
+    data-dependent GL action."""
+    model = task.model(seed, leaky)
     if scales is not None:
         _rescale(model, task.x_train, scales)
     params = model.parameters()
     opt = torch.optim.SGD(params, lr=lr) if opt_name == "sgd" else torch.optim.Adam(params, lr=lr)
     tp = None
     if cfg is not None:
+        space = _space(model, task.x_train)
         tp = Teleport(
-            opt, model, _space(model, task.x_train), every=cfg.every, steps=cfg.steps,
+            opt, model, space, every=cfg.every, steps=cfg.steps,
+            actions=group_actions(model, space, task.x_train[:8], kinds=cfg.kinds),
             lr=cfg.lr, max_ratio=cfg.max_ratio, loss_fn=task.loss_fn,
             objective=cfg.objective,
         )  # fmt: skip
@@ -394,6 +408,50 @@ def ceiling(out: Path) -> None:
     (out / "teleport_ceiling.md").write_text(text + "\n")
 
 
+# --------------------------------------------------------------------------- GL
+GL = dict(every=25, steps=10, lr=3e-4, max_ratio=1.5, until=250, batch=32, kinds=("data",))
+
+
+def gl_grid(out: Path, seeds: range) -> None:
+    """The papers' GL teleport: the MLPs with LeakyReLU(0.1), the data-dependent GL(32)
+    action on every hidden layer (exact on a teleport batch of 32 = the width), grad-norm
+    ascent; SGD on its lr grid with and without. Writes ``teleport_gl.md``."""
+    cfg = Config(**GL)
+    lrs = (0.1, 0.2, 0.3, 0.5, 0.7)
+    wall0 = time.perf_counter()
+    lines = [
+        f"torch {torch.__version__}, 1 thread; {len(seeds)} seeds; SGD, minibatch {BATCH}; "
+        f"MLP in-32-32-32-out LeakyReLU(0.1); teleport: {cfg}. **bold**: the tuned lr "
+        "without teleport.",
+        "",
+        "| task (target) | lr | steps, no teleport | steps, GL teleport | speedup | "
+        "test at target: without → with | teleports accepted |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for task in (digits_task(), teacher_task()):
+        rows = {}
+        for lr in lrs:
+            b = [run(task, "sgd", lr, s, None, leaky=True) for s in seeds]
+            t = [run(task, "sgd", lr, s, cfg, leaky=True) for s in seeds]
+            rows[lr] = (b, t)
+            _progress(f"gl {task.name} lr={lr:g}")
+        best = min(lrs, key=lambda lr: statistics.median(map(_steps, rows[lr][0])))
+        for lr, (b, t) in rows.items():
+            mark = "**" if lr == best else ""
+            lines.append(
+                f"| {task.name} ({task.target}) | {mark}{lr:g}{mark} | {_steps_cell(b)} | "
+                f"{_steps_cell(t)} | {_speed_cell(_speedups(b, t), iqr=False)} | "
+                f"{_metric_cell(task, [r.metric_at_hit for r in b])} → "
+                f"{_metric_cell(task, [r.metric_at_hit for r in t])} | "
+                f"{sum(r.accepted for r in t)}/{sum(r.teleports for r in t)} |"
+            )
+    lines += ["", f"Total run time {(time.perf_counter() - wall0) / 60:.1f} min."]
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "teleport_gl.md").write_text(text + "\n")
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -414,10 +472,17 @@ def main() -> None:
         "--ceiling", action="store_true",
         help="only the orbit search: the best start point of the scaling orbit, in hindsight",
     )  # fmt: skip
+    ap.add_argument(
+        "--gl", action="store_true",
+        help="only the LeakyReLU MLPs with the papers' data-dependent GL teleport, SGD lr grid",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.ceiling:
         ceiling(args.out)
+        return
+    if args.gl:
+        gl_grid(args.out, range(args.seeds))
         return
     seeds = range(3 if args.quick else args.seeds)
     cfg = Config(args.every, args.tp_steps, args.tp_lr, args.max_ratio, args.until)

@@ -468,6 +468,11 @@ def teleport(
     probe["iters"] = 10
     if not actions:
         return TeleportResult(dict(base), loss0, loss0, obj0, obj0, False, "no symmetry found")
+    if not (math.isfinite(loss0) and math.isfinite(obj0)):
+        return TeleportResult(
+            dict(base), loss0, loss0, obj0, obj0, False,
+            f"non-finite loss ({loss0:g}) or objective ({obj0:g}) before teleporting",
+        )  # fmt: skip
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     kept = {k: v.detach().clone() for k, v in params.items()}
     for i in range(steps + 1):
@@ -475,7 +480,12 @@ def teleport(
         if last and max_ratio is None:
             kept = {k: v.detach().clone() for k, v in params.items()}
             break
-        _, obj = evaluate()
+        try:
+            _, obj = evaluate()
+        except torch.linalg.LinAlgError:
+            break  # a data-dependent correction no longer invertible: keep the last point
+        if not math.isfinite(float(obj.detach())):
+            break  # the ascent left the finite region: keep the last finite point
         if max_ratio is not None and obj0 > 0 and float(obj.detach()) > max_ratio * obj0:
             break  # the last parameters within the bound are kept
         kept = {k: v.detach().clone() for k, v in params.items()}
@@ -507,7 +517,10 @@ def teleport(
     result = TeleportResult(
         final, loss0, loss1, obj0, obj1, True, params={k: v.detach() for k, v in params.items()}
     )
-    if not abs(loss1 - loss0) <= loss_rtol * max(1.0, abs(loss0)):
+    if not (math.isfinite(loss1) and math.isfinite(obj1)):
+        result.weights, result.accepted = dict(base), False
+        result.reason = f"non-finite loss ({loss1:g}) or objective ({obj1:g}) after teleporting"
+    elif not abs(loss1 - loss0) <= loss_rtol * max(1.0, abs(loss0)):
         result.weights, result.accepted = dict(base), False
         result.reason = f"loss moved by {abs(loss1 - loss0):.2e}"
     elif not obj1 > obj0:

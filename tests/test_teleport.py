@@ -136,6 +136,47 @@ def test_teleport_rejects_a_move_that_changes_the_loss(digits_mlp):
     assert all(torch.equal(r.weights[k], v) for k, v in model.state_dict().items())
 
 
+def _leaky(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.1), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("kinds", [("scale",), ("data",)])
+def test_teleport_rejects_non_finite_weights_without_raising(kinds):
+    """A diverged run (NaN weights) must not crash the wrapper: the teleport is rejected,
+    says why, and hands the weights back untouched."""
+    model = _leaky()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    space = _space(model, x[:2])
+    actions = group_actions(model, space, x[:4], kinds=kinds)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    r = teleport(model, space, (x, y), actions=actions, steps=3)
+    assert not r.accepted and "non-finite" in r.reason
+    assert torch.equal(r.weights["2.weight"], model[2].weight.detach())
+
+
+def test_ascent_that_leaves_the_finite_region_keeps_the_last_finite_point():
+    """The objective turns NaN mid-ascent (as a diverging ascent does): the teleport stops
+    there instead of stepping on NaN gradients, and what it returns is finite."""
+    model = _leaky(1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    space = _space(model, x[:2])
+    calls = []
+
+    def objective(loss, grads):
+        # the start and the first ascent point: finite; the second: NaN; later calls
+        # (after the stop, the reported value at the kept point) finite and higher
+        calls.append(1)
+        g2 = sum((g * g).sum() for g in grads.values())
+        return g2 * {1: 1.0, 2: 1.0, 3: float("nan")}.get(len(calls), 2.0)
+
+    r = teleport(model, space, (x, y), objective=objective, steps=5, lr=0.1)
+    assert r.accepted, r.reason  # stepping on the NaN gradient would have made it NaN
+    assert all(torch.isfinite(p).all() for p in r.params.values())
+    assert all(torch.isfinite(v).all() for v in r.weights.values())
+
+
 @pytest.mark.parametrize(
     "make",
     [
