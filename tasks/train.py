@@ -17,6 +17,7 @@ compute the same updates up to floating-point reduction order.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -214,12 +215,23 @@ class TrainResult:
     test_mse: float = float("nan")
 
 
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _distributed() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("gloo")
+            # torn down before the interpreter exits: left to static destructors, gloo's
+            # threads now and then abort the process ("terminate called without an
+            # active exception", exit code -6) after training finished
+            atexit.register(_destroy_group)
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
