@@ -253,9 +253,16 @@ def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
     return w, torch.stack([it[1] for it in items])
 
 
+def _eval_batch(kind: str, batch: int) -> int:
+    # GMN's per-edge states of 512 graphs (~37 MB a tensor) spill the CPU caches: it
+    # evaluates ~3x faster per graph in batches of 64 (the graphs do not interact)
+    return min(batch, 64) if kind == "gmn" else batch
+
+
 @torch.no_grad()
 def _accuracy(model, ds, kind: str, batch: int = 512, cache: dict | None = None) -> float:
     model.eval()
+    batch = _eval_batch(kind, batch)
     correct = 0
     for start in range(0, len(ds), batch):
         x, y = _batches(ds, kind, list(range(start, min(len(ds), start + batch))), cache)
@@ -270,6 +277,7 @@ def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = Non
     from scipy.stats import kendalltau
 
     model.eval()
+    batch = _eval_batch(kind, batch)
     preds = []
     for start in range(0, len(ds), batch):
         x, _ = _batches(ds, kind, list(range(start, min(len(ds), start + batch))), cache)
