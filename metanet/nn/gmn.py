@@ -108,10 +108,6 @@ class GMNLayer(MessagePassing):
         count = torch.bincount(index, minlength=n).to(act.dtype).unsqueeze(-1)
         return mlp[2](total / count.clamp(min=1)) * (count > 0)
 
-    def message(self, x_j: Tensor, e: Tensor, mlp: nn.Module) -> Tensor:
-        """The message along one edge, as :meth:`forward` computes it (for reference)."""
-        return mlp(torch.cat([x_j, e], dim=-1))
-
 
 class GMN(nn.Module):
     """Graph metanetwork over :class:`~metanet.ParamGraph` batches.
