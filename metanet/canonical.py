@@ -24,6 +24,7 @@ weights and biases (normalization layers) are left as they are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -53,9 +54,7 @@ def _coords(axis: Axis, group: str) -> Tensor:
     parts = []
     for seg in axis.segments:
         sizes = [f.size for f in seg]
-        n = 1
-        for s in sizes:
-            n *= s
+        n = math.prod(sizes)
         k = next((j for j, f in enumerate(seg) if f.group == group), None)
         if k is None:
             parts.append(torch.full((n,), -1, dtype=torch.long))
