@@ -3,9 +3,22 @@
 Nodes are neurons (every neuron set of the :class:`~metanet.WeightSpace`, in order);
 edges are weights, flowing from input neuron to output neuron. The graph converts back to
 the weights exactly (:func:`to_weights`) and is built with a handful of bulk tensor
-copies into preallocated buffers: no Python loop runs per neuron or per weight. Per-edge block ids and types are not
-stored (they would cost more than the weights of a dense layer); ``graph.edge_block()``
-and ``graph.edge_type()`` expand them from the per-block tables when needed.
+copies into preallocated buffers: no Python loop runs per neuron or per weight. Per-edge
+block ids and types are not stored (they would cost more than the weights of a dense
+layer); ``graph.edge_block()`` and ``graph.edge_type()`` expand them from the per-block
+tables when needed.
+
+Kernels and ``edge_dim``: every edge carries ``T = edge_dim`` feature slots. A kernel with
+``k`` taps becomes ``ceil(k / T)`` parallel edges per (input, output) neuron pair, each
+holding ``T`` consecutive taps (row-major; the last one zero-padded); each such *chunk* of
+the tensor is its own block, so ``tap_pos`` says which taps an edge holds. The default
+``T`` is the tap count (or 1) that minimises the bytes of ``edge_index + edge_attr``, so
+a graph costs memory in proportion to the weights: a ViT's 16x16 patch conv no longer
+pads every other edge to 256 slots. Graphs of kernel-free spaces (MLPs, SIRENs) have
+``T = 1``, one edge per weight; a CNN of 3x3 convs keeps ``T = 9``, one edge per kernel.
+
+Integer and bool tensors (``num_batches_tracked``, ``relative_position_index``) are not
+weight features: they are kept exactly in ``rest_int``, never in ``x`` or ``edge_attr``.
 
 ==================  ====================  =================================================
 attribute           shape                 meaning
@@ -19,13 +32,15 @@ attribute           shape                 meaning
                                           and output neurons are distinguishable), -1 if
                                           every factor is permutable
 ``edge_index``      ``(2, E)``            ``[source (input neuron), target (output neuron)]``
-``edge_attr``       ``(E, T)``            weight value, or the kernel taps zero-padded to T
+``edge_attr``       ``(E, T)``            weight value, or ``T`` kernel taps (zero-padded)
 ``block_type``      ``(B,)``              0 dense weight, 1 kernel (has taps), 2 identity;
-                                          a block is one edge tensor or identity map
+                                          a block is one chunk of an edge tensor, or an
+                                          identity map
 ``block_size``      ``(B,)``              its number of edges (blocks are consecutive)
 ``block_taps``      ``(B,)``              number of valid taps of the block
 ``tap_pos``         ``(B, T, 3)``         tap offsets from the kernel centre (up to 3-D)
-``rest``            ``(R,)``              tensors on no neuron set (e.g. BN counters)
+``rest``            ``(R,)``              floating tensors on no neuron set
+``rest_int``        ``(R_int,)``          integer/bool tensors, as int64
 ==================  ====================  =================================================
 """
 
@@ -41,7 +56,16 @@ from torch_geometric.data import Data
 
 from metanet.space import NODE_ROLES, TensorSpec, WeightSpace, WeightSpaceError, _torch_dtype
 
-__all__ = ["ParamGraph", "to_graph", "to_weights", "node_permutation", "GraphLayout", "GraphGather"]
+__all__ = [
+    "ParamGraph",
+    "to_graph",
+    "to_weights",
+    "node_permutation",
+    "GraphLayout",
+    "GraphGather",
+    "feature_tensors",
+    "is_feature",
+]
 
 NODE_TYPES = {"input": 0, "hidden": 1, "output": 2, "residual": 3}
 BLOCK_DENSE, BLOCK_KERNEL, BLOCK_IDENTITY = 0, 1, 2
@@ -87,20 +111,60 @@ class ParamGraph(Data):
         return g
 
 
+def is_feature(t: TensorSpec) -> bool:
+    """Whether a tensor is a weight feature: floating point (integer and bool buffers, such
+    as ``num_batches_tracked`` or ``relative_position_index``, are bookkeeping)."""
+    return _torch_dtype(t.dtype).is_floating_point
+
+
+def feature_tensors(space: WeightSpace) -> list[str]:
+    """Names of the space's weight-feature tensors (see :func:`is_feature`), in order."""
+    return [n for n, t in space.tensors.items() if is_feature(t)]
+
+
+# bytes per edge of edge_index (two int64) and per feature slot of edge_attr (float32):
+# the cost the default edge_dim minimises
+_INDEX_BYTES, _SLOT_BYTES = 16, 4
+
+
+def _default_edge_dim(pairs_and_taps: list[tuple[int, int]]) -> int:
+    """The slot count ``T`` minimising ``sum pairs * ceil(taps / T) * (16 + 4 T)`` over the
+    edge tensors (ties: the larger ``T``, fewer edges); candidates are the tap counts."""
+    best, best_cost = 1, None
+    for width in sorted({1, *(k for _, k in pairs_and_taps)}, reverse=True):
+        cost = sum(p * -(-k // width) for p, k in pairs_and_taps) * (
+            _INDEX_BYTES + _SLOT_BYTES * width
+        )
+        if best_cost is None or cost < best_cost:
+            best, best_cost = width, cost
+    return best
+
+
 @dataclass(frozen=True)
 class GraphLayout:
-    """Where every tensor of a space lives in its graph (computed from the space alone)."""
+    """Where every tensor of a space lives in its graph (computed from the space alone).
+
+    ``edge_offset[name]`` is the first edge of an edge tensor; its ``edge_chunks[name]``
+    chunks of ``edge_dim`` taps follow one another, each ``out * in`` edges long.
+    """
 
     set_offset: dict[str, int]
     num_nodes: int
     node_columns: dict[str, tuple[int, int]]  # node tensor -> (first column, count)
     node_dim: int
     edge_offset: dict[str, int]  # edge tensor -> first edge
+    edge_chunks: dict[str, int]  # edge tensor -> number of chunks of edge_dim taps
     identity_offset: tuple[int, ...]
     num_edges: int
     edge_dim: int
     rest_offset: dict[str, int]
     rest_size: int
+    rest_int_offset: dict[str, int]
+    rest_int_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.edge_chunks.values()) + len(self.identity_offset)
 
     @classmethod
     def of(cls, space: WeightSpace, node_dim: int | None = None, edge_dim: int | None = None):
@@ -115,7 +179,8 @@ class GraphLayout:
         used: dict[str, set[int]] = {}
         next_free: dict[str, int] = {}
         width = len(NODE_ROLES)
-        for t in space.tensors.values():
+        features = [t for t in space.tensors.values() if is_feature(t)]
+        for t in features:
             if not t.is_node:
                 continue
             k = math.prod(t.tap_shape)
@@ -129,37 +194,49 @@ class GraphLayout:
             node_columns[t.name] = (col, k)
             width = max(width, col + k)
 
-        edge_offset, e, taps = {}, 0, 1
-        for t in space.tensors.values():
-            if t.is_edge:
-                edge_offset[t.name] = e
-                e += space.neuron_sets[t.out_set].axis.size * space.neuron_sets[t.in_set].axis.size
-                taps = max(taps, math.prod(t.tap_shape))
+        sizes = {s.name: s.axis.size for s in space.neuron_sets.values()}
+        edges = [t for t in features if t.is_edge]
+        pairs_taps = [(sizes[t.out_set] * sizes[t.in_set], math.prod(t.tap_shape)) for t in edges]
+        if edge_dim is not None and edge_dim < 1:
+            raise WeightSpaceError(
+                f"edge_dim={edge_dim} is too small: an edge holds at least 1 tap (pass "
+                "edge_dim >= 1, or None for the default)"
+            )
+        taps = edge_dim or _default_edge_dim(pairs_taps)
+        edge_offset, edge_chunks, e = {}, {}, 0
+        for t, (pairs, k) in zip(edges, pairs_taps):
+            edge_offset[t.name], edge_chunks[t.name] = e, -(-k // taps)
+            e += pairs * edge_chunks[t.name]
         identity_offset = []
         for a, _ in space.identities:
             identity_offset.append(e)
-            e += space.neuron_sets[a].axis.size
+            e += sizes[a]
 
-        rest_offset, r = {}, 0
+        rest_offset, r, rest_int_offset, ri = {}, 0, {}, 0
         for t in space.tensors.values():
-            if t.out_set is None:
+            if not is_feature(t):
+                rest_int_offset[t.name] = ri
+                ri += math.prod(t.shape)
+            elif t.out_set is None:
                 rest_offset[t.name] = r
                 r += math.prod(t.shape)
 
-        for what, want, have in (("node_dim", node_dim, width), ("edge_dim", edge_dim, taps)):
-            if want is not None and want < have:
-                raise WeightSpaceError(f"{what}={want} is too small: this space needs {have}")
+        if node_dim is not None and node_dim < width:
+            raise WeightSpaceError(f"node_dim={node_dim} is too small: this space needs {width}")
         return cls(
             set_offset,
             n,
             node_columns,
             node_dim or width,
             edge_offset,
+            edge_chunks,
             tuple(identity_offset),
             e,
-            edge_dim or taps,
+            taps,
             rest_offset,
             r,
+            rest_int_offset,
+            ri,
         )
 
 
@@ -172,16 +249,16 @@ def _common_dtype(space: WeightSpace, weights: Mapping[str, Tensor]) -> torch.dt
     return dtype
 
 
-def _tap_positions(t: TensorSpec, width: int) -> Tensor:
-    """Offsets of each kernel tap from the kernel centre, ``(width, 3)``."""
-    pos = torch.zeros(width, 3)
+def _tap_positions(t: TensorSpec, chunks: int, width: int) -> Tensor:
+    """Offsets of each kernel tap from the kernel centre, chunk by chunk: ``(chunks,
+    width, 3)`` (zeros beyond the last tap and for kernels of more than 3 axes)."""
+    pos = torch.zeros(chunks * width, 3)
     shape = t.tap_shape
-    if not shape or len(shape) > 3:
-        return pos
-    coords = torch.stack(torch.unravel_index(torch.arange(math.prod(shape)), shape), dim=1)
-    centre = (torch.tensor(shape) - 1) / 2
-    pos[: coords.shape[0], : len(shape)] = coords - centre
-    return pos
+    if shape and len(shape) <= 3:
+        coords = torch.stack(torch.unravel_index(torch.arange(math.prod(shape)), shape), dim=1)
+        centre = (torch.tensor(shape) - 1) / 2
+        pos[: coords.shape[0], : len(shape)] = coords - centre
+    return pos.view(chunks, width, 3)
 
 
 def _fixed_position(space: WeightSpace, axis) -> Tensor:
@@ -217,12 +294,15 @@ def to_graph(
         space: the weight space; every tensor in it must be in ``weights``.
         weights: a state dict.
         node_dim: pad node features to this width (to batch different architectures).
-        edge_dim: pad edge features to this width.
+        edge_dim: taps per edge ``T`` (to batch different architectures): kernels of more
+            taps are cut into chunks of ``T``, smaller ones zero-padded. Default: the tap
+            count that makes the graph smallest (see the module docstring).
     """
     space.validate(weights, strict=False)
     layout = GraphLayout.of(space, node_dim, edge_dim)
     dtype = _common_dtype(space, weights)
     sets = space.neuron_sets
+    width = layout.edge_dim
 
     x = torch.zeros(layout.num_nodes, layout.node_dim, dtype=dtype)
     node_type = torch.empty(layout.num_nodes, dtype=torch.long)
@@ -235,35 +315,46 @@ def to_graph(
         node_pos[lo:hi] = _fixed_position(space, s.axis)
 
     edge_index = torch.empty(2, layout.num_edges, dtype=torch.long)
-    edge_attr = torch.empty(layout.num_edges, layout.edge_dim, dtype=dtype)
-    n_blocks = len(layout.edge_offset) + len(layout.identity_offset)
+    edge_attr = torch.empty(layout.num_edges, width, dtype=dtype)
+    n_blocks = layout.num_blocks
     block_type = torch.empty(n_blocks, dtype=torch.long)
     block_taps = torch.empty(n_blocks, dtype=torch.long)
     block_size = torch.empty(n_blocks, dtype=torch.long)
-    tap_pos = torch.zeros(n_blocks, layout.edge_dim, 3)
+    tap_pos = torch.zeros(n_blocks, width, 3)
     rest = torch.empty(layout.rest_size, dtype=dtype)
+    rest_int = torch.empty(layout.rest_int_size, dtype=torch.long)
 
     b = 0
     for t in space.tensors.values():
         w = weights[t.name]
-        if t.is_edge:
+        if t.name in layout.rest_int_offset:
+            lo = layout.rest_int_offset[t.name]
+            rest_int[lo : lo + w.numel()] = w.reshape(-1)
+        elif t.is_edge:
             n_out, n_in = sets[t.out_set].axis.size, sets[t.in_set].axis.size
-            taps = math.prod(t.tap_shape)
+            taps, chunks = math.prod(t.tap_shape), layout.edge_chunks[t.name]
             lo = layout.edge_offset[t.name]
-            hi = lo + n_out * n_in
+            hi = lo + chunks * n_out * n_in
             block = w.movedim((t.out_axis, t.in_axis), (0, 1)).reshape(n_out * n_in, taps)
-            edge_attr[lo:hi, :taps].copy_(block)
-            if taps < layout.edge_dim:
-                edge_attr[lo:hi, taps:].zero_()
+            # chunk j holds taps [j T, (j + 1) T) of every pair: (chunks, pairs, T)
+            dst = edge_attr[lo:hi].view(chunks, n_out * n_in, width)
+            full = taps // width
+            if full:
+                dst[:full].copy_(block[:, : full * width].view(-1, full, width).transpose(0, 1))
+            if full < chunks:
+                dst[full, :, : taps - full * width].copy_(block[:, full * width :])
+                dst[full, :, taps - full * width :].zero_()
             out_ids = torch.arange(n_out) + layout.set_offset[t.out_set]
             in_ids = torch.arange(n_in) + layout.set_offset[t.in_set]
-            edge_index[0, lo:hi].view(n_out, n_in).copy_(in_ids.expand(n_out, n_in))
-            edge_index[1, lo:hi].view(n_out, n_in).copy_(out_ids[:, None].expand(n_out, n_in))
-            block_size[b] = hi - lo
-            block_type[b] = BLOCK_KERNEL if t.tap_shape else BLOCK_DENSE
-            block_taps[b] = taps
-            tap_pos[b] = _tap_positions(t, layout.edge_dim)
-            b += 1
+            shape = (chunks, n_out, n_in)
+            edge_index[0, lo:hi].view(shape).copy_(in_ids.expand(shape))
+            edge_index[1, lo:hi].view(shape).copy_(out_ids[:, None].expand(shape))
+            rng = slice(b, b + chunks)
+            block_size[rng] = n_out * n_in
+            block_type[rng] = BLOCK_KERNEL if t.tap_shape else BLOCK_DENSE
+            block_taps[rng] = (taps - torch.arange(chunks) * width).clamp(max=width)
+            tap_pos[rng] = _tap_positions(t, chunks, width)
+            b += chunks
         elif t.is_node:
             col, k = layout.node_columns[t.name]
             lo = layout.set_offset[t.out_set]
@@ -293,6 +384,7 @@ def to_graph(
         node_layer=node_layer,
         node_pos=node_pos,
         rest=rest,
+        rest_int=rest_int,
         num_nodes=layout.num_nodes,
     )
 
@@ -300,9 +392,9 @@ def to_graph(
 def to_weights(space: WeightSpace, graph: Data) -> dict[str, Tensor]:
     """Read the weights back from a graph built by :func:`to_graph` (exact inverse).
 
-    Only ``x``, ``edge_attr`` and ``rest`` are read, so a graph whose features were
-    replaced by a metanetwork's equivariant output maps back the same way. Tensors are
-    returned in the dtype the space records.
+    Only ``x``, ``edge_attr``, ``rest`` and ``rest_int`` are read, so a graph whose
+    features were replaced by a metanetwork's equivariant output maps back the same way.
+    Tensors are returned in the dtype the space records.
     """
     layout = GraphLayout.of(space, graph.x.shape[1], graph.edge_attr.shape[1])
     if graph.x.shape[0] != layout.num_nodes or graph.edge_attr.shape[0] != layout.num_edges:
@@ -312,14 +404,23 @@ def to_weights(space: WeightSpace, graph: Data) -> dict[str, Tensor]:
             "(unbatch with Batch.to_data_list() first)"
         )
     sets = space.neuron_sets
+    width = layout.edge_dim
     out: dict[str, Tensor] = {}
     for t in space.tensors.values():
         dtype = _torch_dtype(t.dtype)
-        if t.is_edge:
+        if t.name in layout.rest_int_offset:
+            lo = layout.rest_int_offset[t.name]
+            w = graph.rest_int[lo : lo + math.prod(t.shape)].reshape(t.shape)
+        elif t.is_edge:
             n_out, n_in = sets[t.out_set].axis.size, sets[t.in_set].axis.size
-            taps = math.prod(t.tap_shape)
+            taps, chunks = math.prod(t.tap_shape), layout.edge_chunks[t.name]
             lo = layout.edge_offset[t.name]
-            block = graph.edge_attr[lo : lo + n_out * n_in, :taps]
+            block = graph.edge_attr[lo : lo + chunks * n_out * n_in].view(
+                chunks, n_out * n_in, width
+            )
+            if chunks > 1:
+                block = block.transpose(0, 1).reshape(n_out * n_in, chunks * width)
+            block = block.reshape(n_out * n_in, -1)[:, :taps]
             moved = [t.shape[t.out_axis], t.shape[t.in_axis]] + list(t.tap_shape)
             w = block.reshape(moved).movedim((0, 1), (t.out_axis, t.in_axis))
         elif t.is_node:

@@ -102,7 +102,8 @@ def test_conv_edges_carry_taps_and_positions():
     # BatchNorm parameters in their role columns
     assert torch.equal(graph.x[3:11, 1], sd["features.1.weight"])
     assert torch.equal(graph.x[3:11, 4], sd["features.1.running_var"])
-    assert graph.rest.tolist() == [7.0, 7.0, 7.0]  # num_batches_tracked
+    # num_batches_tracked (int64) is bookkeeping, kept exactly and never a feature
+    assert graph.rest.numel() == 0 and graph.rest_int.tolist() == [7, 7, 7]
 
 
 def test_identity_edges_for_residuals():
