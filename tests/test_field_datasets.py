@@ -34,6 +34,7 @@ from tasks.field_datasets import (
     small_cnn_zoo_model,
 )
 from tasks.inr import INRConfig, WeightDataset, siren_forward
+from tasks.train import TrainResult, train
 
 SIREN_NAMES = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
 SIREN_NAMES += ["net.4.weight", "net.4.bias"]
@@ -103,11 +104,11 @@ def _assert_same_function(original: nn.Module, cfg: INRConfig, w: dict, coords):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def _train(root, tmp_path, *extra: str) -> dict:
-    out = tmp_path / "train_out"
-    argv = ["train", "statnn", str(root), "--epochs", "1", "--batch-size", "4"]
-    assert main([*argv, "--out", str(out), "-q", *extra]) == 0
-    return json.loads((out / "result.json").read_text())
+def _train(root) -> TrainResult:
+    """One epoch of ``metanet train statnn`` (its Python face: no curves to draw)."""
+    result = train("statnn", root, epochs=1, batch_size=4, progress=False)
+    assert result.history[0]["train_loss"] > 0  # batches ran
+    return result
 
 
 # --------------------------------------------------------------------------- DWSNets MNIST
@@ -151,8 +152,7 @@ def test_dwsnets_mnist_names_values_function_labels_splits(mnist_inrs, tmp_path)
             assert torch.equal(ds.tensors[ours][i], sd[theirs])  # bit for bit
         if i % 5 == 0:
             _assert_same_function(inr, cfg, ds.weights(i), coords)
-    result = _train(tmp_path / "ds", tmp_path)
-    assert 0 <= result["test_accuracy"] <= 1
+    assert 0 <= _train(tmp_path / "ds").test_accuracy <= 1
 
 
 def test_dwsnets_mnist_follows_their_splits_file(mnist_inrs, tmp_path):
@@ -233,7 +233,7 @@ def test_dwsnets_fmnist_labels_from_the_files(tmp_path):
         label, inr = made[row["source"]]
         assert row["label"] == label and row["image"] == 1000 + i
         _assert_same_function(inr, cfg, ds.weights(i), dws_coordinates(28))
-    _train(tmp_path / "ds", tmp_path)
+    _train(tmp_path / "ds")
     listing["test"].append("fmnist_inrs/test/model_9.pth")
     (src / "splits.json").write_text(json.dumps(listing))
     with pytest.raises(CheckpointError, match="model_9.pth .*not found"):
@@ -278,7 +278,7 @@ def test_nfn_cifar_sirens_split_by_index_with_augmented_copies(tmp_path):
         assert (row["label"], row["image"]) == (label, idx)
         if i % 4 == 0:
             _assert_same_function(inr, cfg, ds.weights(i), nfn_mgrid(32))
-    _train(tmp_path / "ds", tmp_path)
+    _train(tmp_path / "ds")
 
 
 def test_nfn_sirens_need_contiguous_indices(tmp_path):
@@ -400,8 +400,11 @@ def test_small_cnn_zoo_values_function_accuracies_and_nfn_split(cnn_zoo, tmp_pat
                 weights[row["model"]].astype(np.float64), row["activation"], images
             )
             np.testing.assert_allclose(got, want_out, rtol=0, atol=1e-12)
-    result = _train(tmp_path / "ds", tmp_path, "--target", "accuracy")
-    assert -1 <= result["test_kendall_tau"] <= 1
+    out = tmp_path / "train_out"  # the CLI itself, as a user with the real set runs it
+    argv = ["train", "statnn", str(tmp_path / "ds"), "--target", "accuracy", "--epochs", "1"]
+    assert main([*argv, "--batch-size", "4", "--out", str(out), "-q"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert -1 <= result["test_kendall_tau"] <= 1 and result["history"][0]["train_loss"] > 0
 
 
 def test_small_cnn_zoo_one_activation_keeps_its_action(cnn_zoo, tmp_path):
