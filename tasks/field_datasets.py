@@ -102,21 +102,15 @@ def _write(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(items), desc=f"importing {what}", unit=what.split()[-1])
+        bar = tqdm(total=len(items), desc=f"importing {what}", unit=what)
     paths = []
     for i in range(num_shards):
         path = _shard_path(dst, i, num_shards)
         paths.append(path)
         chunk = items[i * shard_size : (i + 1) * shard_size]
         if not path.exists():  # else finished by an earlier run
-            tensors = load(chunk)
-            for name, spec in space.tensors.items():
-                got = tuple(tensors[name].shape[1:])
-                if got != spec.shape:  # the loaders check; this guards the format itself
-                    raise CheckpointError(f"{path}: {name} has shape {got}, not {spec.shape}")
-            _save_shard(
-                path, {n: t.contiguous() for n, t in tensors.items()}, [it.row for it in chunk]
-            )
+            tensors = {n: t.contiguous() for n, t in load(chunk).items()}
+            _save_shard(path, tensors, [it.row for it in chunk])
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -318,7 +312,7 @@ def import_dwsnets_mnist(
         hint = " (pass SRC/mnist-inrs)" if (src / "mnist-inrs").is_dir() else ""
         raise CheckpointError(f"{src}: no mnist_png_*/**/*.pth INR files{hint}")
     if splits is not None:
-        assigned = []
+        assigned, seen = [], set()
         for split, (paths, labels) in _read_splits(Path(splits)).items():
             for k, p in enumerate(paths):
                 parts = Path(p).parts
@@ -330,6 +324,9 @@ def import_dwsnets_mnist(
                     raise CheckpointError(
                         f"{splits}: {p} has label {labels[k]} but its folder says {found[rel][1]}"
                     )
+                if rel in seen:
+                    raise CheckpointError(f"{splits}: {p} is listed twice")
+                seen.add(rel)
                 assigned.append((rel, split))
     else:
         train = [r for r, (s, _, _) in found.items() if s == "training"]
