@@ -80,13 +80,14 @@ def _write(
     meta: dict,
     space: WeightSpace,
     items: Sequence[_Item],
-    load: Callable[[Sequence[_Item]], dict[str, Tensor]],
+    load: Callable[[Sequence[_Item], Callable[[int], object]], dict[str, Tensor]],
     shard_size: int,
     progress: bool,
     what: str,
 ) -> list[Path]:
-    """Write ``items`` as shards of ``shard_size``: ``load(chunk)`` gives the chunk's stacked
-    tensors (and may fill its rows). Finished shards are kept (resume)."""
+    """Write ``items`` as shards of ``shard_size``: ``load(chunk, advance)`` gives the chunk's
+    stacked tensors (and may fill its rows), calling ``advance(k)`` as it reads ``k`` more
+    items (the progress bar). Finished shards are kept (resume)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     if not items:
@@ -103,16 +104,17 @@ def _write(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc=f"importing {what}", unit=what)
+    advance = bar.update if bar is not None else lambda k: None
     paths = []
     for i in range(num_shards):
         path = _shard_path(dst, i, num_shards)
         paths.append(path)
         chunk = items[i * shard_size : (i + 1) * shard_size]
-        if not path.exists():  # else finished by an earlier run
-            tensors = {n: t.contiguous() for n, t in load(chunk).items()}
-            _save_shard(path, tensors, [it.row for it in chunk])
-        if bar is not None:
-            bar.update(len(chunk))
+        if path.exists():  # finished by an earlier run
+            advance(len(chunk))
+            continue
+        tensors = {n: t.contiguous() for n, t in load(chunk, advance).items()}
+        _save_shard(path, tensors, [it.row for it in chunk])
     if bar is not None:
         bar.close()
     return paths
@@ -208,7 +210,12 @@ class _SirenReader:
             raise CheckpointError(f"{path}: unexpected entries {sorted(extra)}")
         return out, sd.get("label")
 
-    def load(self, chunk: Sequence[_Item], label_from_file: bool = False) -> dict[str, Tensor]:
+    def load(
+        self,
+        chunk: Sequence[_Item],
+        advance: Callable[[int], object],
+        label_from_file: bool = False,
+    ) -> dict[str, Tensor]:
         parts: dict[str, list[Tensor]] = {n: [] for n in self.source_names}
         for it in chunk:
             w, label = self.read(it.source)
@@ -216,6 +223,7 @@ class _SirenReader:
                 it.row["label"] = _label(it.source, label, it.row.get("label"))
             for n, t in w.items():
                 parts[n].append(t.float())
+            advance(1)
         return {n: torch.stack(v) for n, v in parts.items()}
 
 
@@ -419,8 +427,8 @@ def import_dwsnets_fmnist(
     )
     meta["splits"] = _split_counts(items)
 
-    def load(chunk: Sequence[_Item]) -> dict[str, Tensor]:
-        return reader.load(chunk, label_from_file=True)
+    def load(chunk: Sequence[_Item], advance: Callable[[int], object]) -> dict[str, Tensor]:
+        return reader.load(chunk, advance, label_from_file=True)
 
     return _write(dst, meta, reader.space(), items, load, shard_size, progress, "INRs")
 
@@ -764,7 +772,7 @@ def import_small_cnn_zoo(
     acts = {it.row.get("activation") for it in items}
     space = _zoo_space(named, acts)
 
-    def load(chunk: Sequence[_Item]) -> dict[str, Tensor]:
+    def load(chunk: Sequence[_Item], advance: Callable[[int], object]) -> dict[str, Tensor]:
         idx = np.array([it.source for it in chunk])
         order_ = np.argsort(idx)
         block = np.empty((len(idx), width), dtype=np.float32)
@@ -778,6 +786,7 @@ def import_small_cnn_zoo(
             kern = flat[:, k.start : k.end].reshape(len(idx), *k.shape)
             out[f"{name}.weight"] = kern.permute(0, 4, 3, 1, 2) if kern.dim() == 5 else kern.mT
             out[f"{name}.bias"] = flat[:, b.start : b.end].reshape(len(idx), *b.shape)
+        advance(len(chunk))
         return out
 
     meta = {
