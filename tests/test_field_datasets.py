@@ -281,13 +281,23 @@ def test_nfn_cifar_sirens_split_by_index_with_augmented_copies(tmp_path):
     _train(tmp_path / "ds")
 
 
-def test_nfn_sirens_need_contiguous_indices(tmp_path):
+def test_nfn_mnist_sirens_need_contiguous_indices(tmp_path):
     src = tmp_path / "siren_mnist_wts"
     for idx in (0, 1, 3):
-        (src / "randinit_smaller_4s").mkdir(parents=True, exist_ok=True)
-        torch.save(NFNSiren(1).state_dict(), src / "randinit_smaller_4s" / f"net{idx}.pth")
+        (src / f"randinit_smaller_{idx}s").mkdir(parents=True)
+        torch.save(NFNSiren(1).state_dict(), src / f"randinit_smaller_{idx}s" / f"net{idx}.pth")
     with pytest.raises(CheckpointError, match=r"missing \[2\]"):
         import_nfn_sirens(src, tmp_path / "ds", progress=False)
+    torch.save(NFNSiren(1).state_dict(), src / "randinit_smaller_1s" / "net2.pth")
+    import_nfn_sirens(src, tmp_path / "ds", split_points=(2, 3), progress=False)
+    ds = WeightDataset(tmp_path / "ds")
+    assert ds.meta["resolution"] == 28 and ds.meta["config"]["out_features"] == 1
+    assert [(r["image"], r["label"], r["split"]) for r in ds.rows] == [
+        (0, 0, "train"),
+        (1, 1, "train"),
+        (2, 1, "val"),
+        (3, 3, "test"),
+    ]
 
 
 # --------------------------------------------------------------------------- Small CNN Zoo
@@ -427,9 +437,17 @@ def test_small_cnn_zoo_names_the_column_that_does_not_fit(cnn_zoo, tmp_path):
     with pytest.raises(CheckpointError, match=r"layout.csv, line 9 \(sequential/dense/kernel:0\)"):
         import_small_cnn_zoo(bad, tmp_path / "ds", progress=False)
     (bad / "layout.csv").write_text((src / "layout.csv").read_text())
+    (bad / "metrics.csv.gz").unlink()  # the plain metrics.csv some copies of the zoo hold
+    with gzip.open(src / "metrics.csv.gz", "rt") as f:
+        (bad / "metrics.csv").write_text(f.read())
     (bad / "short_split.csv").write_text("0\n1\n")
     with pytest.raises(CheckpointError, match="not a permutation of the 72 rows"):
         import_small_cnn_zoo(bad, tmp_path / "ds", order=bad / "short_split.csv", progress=False)
+    import_small_cnn_zoo(bad, tmp_path / "ds", order=order, step=20, progress=False)
+    ds = WeightDataset(tmp_path / "ds")
+    assert len(ds) == 24 and {r["step"] for r in ds.rows} == {20}
+    with pytest.raises(CheckpointError, match=r"no checkpoint at step 5 \(steps: \[0, 20, 86\]\)"):
+        import_small_cnn_zoo(bad, tmp_path / "other", step=5, progress=False)
 
 
 def test_registry_names_every_importer():
