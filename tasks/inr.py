@@ -384,6 +384,12 @@ class WeightDataset(torch.utils.data.Dataset):
     neuron's sign flip without changing the function), so only permutations remain.
     ``flip_signs=True`` makes the augmentation negate random neurons of the sign groups too
     (the rest of the group; pointless with ``canonicalize``, which it then leaves alone).
+    ``probes=P`` adds each network's probe features (:mod:`metanet.probe`: every neuron's
+    activation at ``P`` fixed inputs) as extra tensors ``probe:<set>`` of the space,
+    computed once from the stored (canonical, unstandardized) weights. An INR dataset
+    probes its SIREN at ``P`` coordinates drawn uniformly from ``[-1, 1]^2`` (seed
+    ``probe_seed``, the same for every split); any other dataset needs ``probe_model``
+    (a module whose ``state_dict`` matches the space) and ``probe_inputs`` (``(P, ...)``).
     """
 
     def __init__(
@@ -397,6 +403,10 @@ class WeightDataset(torch.utils.data.Dataset):
         standardize: bool = False,
         canonicalize: bool = False,
         flip_signs: bool = False,
+        probes: int = 0,
+        probe_seed: int = 0,
+        probe_model: nn.Module | None = None,
+        probe_inputs: Tensor | None = None,
     ):
         from safetensors import safe_open
 
@@ -433,6 +443,10 @@ class WeightDataset(torch.utils.data.Dataset):
             from metanet.canonical import canonicalize_sign
 
             full = canonicalize_sign(full, self.space)
+        if probes or probe_inputs is not None:
+            self.space, full = self._with_probes(
+                full, probes, probe_seed, probe_model, probe_inputs
+            )
         self.stats: dict[str, tuple[float, float]] = {}
         if standardize:
             # one scale per tensor (a scalar commutes with every permutation), from the
@@ -448,6 +462,32 @@ class WeightDataset(torch.utils.data.Dataset):
         self.format, self.augment = format, augment
         self.flip_signs = flip_signs and augment and not canonicalize
         self.generator = torch.Generator().manual_seed(seed)
+
+    def _with_probes(
+        self,
+        full: dict[str, Tensor],
+        probes: int,
+        seed: int,
+        model: nn.Module | None,
+        inputs: Tensor | None,
+    ) -> tuple[WeightSpace, dict[str, Tensor]]:
+        from metanet.probe import with_probes
+
+        if model is None or inputs is None:
+            cfg = self.meta.get("config")
+            if cfg is None:
+                raise ValueError(
+                    f"{self.root}: not an INR dataset; probe features need probe_model= and "
+                    "probe_inputs="
+                )
+            cfg = INRConfig(**cfg)
+            model = model if model is not None else Siren(cfg)
+            if inputs is None:
+                g = torch.Generator().manual_seed(seed)
+                inputs = torch.rand(probes, cfg.in_features, generator=g) * 2 - 1
+        model = model.eval()
+        with torch.no_grad():
+            return with_probes(model, self.space, full, inputs.to(next(iter(full.values())).dtype))
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -313,6 +313,8 @@ def train(
     target: str = "label",
     canonicalize: bool = False,
     flip_signs: bool = False,
+    probes: int = 0,
+    patience: int | None = None,
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
@@ -328,8 +330,13 @@ def train(
     permutation-equivariant model no longer has to learn the sign symmetry of odd
     activations from data. ``flip_signs=True`` (with ``augment``) instead trains on random
     sign flips as well as permutations, for every model (the alternative to
-    ``canonicalize``: learn the sign symmetry from data). Run under
-    ``torchrun --nproc_per_node N`` for data parallelism.
+    ``canonicalize``: learn the sign symmetry from data). ``probes=P`` gives every model
+    the networks' probe features too (:mod:`metanet.probe`: each neuron's activations at
+    ``P`` fixed inputs, extra tensors of the space, so every model reads them unchanged).
+    ``patience=k`` stops once validation has not improved for ``k`` epochs and reports the
+    test metric of the epoch with the best validation metric (early stopping on val; the
+    model saved is that one). Run under ``torchrun --nproc_per_node N`` for data
+    parallelism.
     """
     from tasks.inr import WeightDataset
 
@@ -356,13 +363,14 @@ def train(
         standardize=True,
         canonicalize=canonicalize,
         flip_signs=flip_signs,
+        probes=probes,
     )
     caches: dict[str, dict | None] = {
         s: ({} if kind == "gmn" and not (s == "train" and augment) else None)
         for s in ("train", "val", "test")
     }
     val_ds, test_ds = (
-        WeightDataset(root, s, fmt, standardize=True, canonicalize=canonicalize)
+        WeightDataset(root, s, fmt, standardize=True, canonicalize=canonicalize, probes=probes)
         for s in ("val", "test")
     )
     for ds in (train_ds, val_ds, test_ds):
@@ -396,6 +404,7 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     per_rank = batch_size // world
     history: list[dict] = []
+    best: dict = {"metric": -math.inf, "epoch": -1, "state": None}  # early stopping
     start = time.perf_counter()
     epochs_iter = range(epochs)
     if progress and rank == 0:
@@ -445,26 +454,34 @@ def train(
         history.append(row)
         if out is not None and rank == 0:
             _log(Path(out), history)
+        if patience is not None and _early_stop(
+            row, history, best, patience, model, regress, world
+        ):
+            break
+    final = history[-1]
+    if patience is not None and rank == 0 and best["state"] is not None:
+        model.load_state_dict(best["state"])  # the epoch with the best validation metric
+        final = history[best["epoch"]]
     test_acc = float("nan")
     extra: dict[str, float] = {}
     if rank == 0 and regress:
         tau, mse = _regression(model, test_ds, kind, cache=caches["test"])
         extra = {
             "test_kendall_tau": tau,
-            "val_kendall_tau": history[-1].get("val_kendall_tau", float("nan")),
+            "val_kendall_tau": final.get("val_kendall_tau", float("nan")),
             "test_mse": mse,
         }
     elif rank == 0:
         test_acc = (
-            history[-1]["test_accuracy"]
+            final["test_accuracy"]
             if track_test
             else _accuracy(model, test_ds, kind, cache=caches["test"])
         )
     result = TrainResult(
         kind,
-        epochs,
+        len(history),
         test_acc,
-        history[-1].get("val_accuracy", float("nan")),
+        final.get("val_accuracy", float("nan")),
         time.perf_counter() - start,
         world,
         history,
@@ -473,6 +490,33 @@ def train(
     if out is not None and rank == 0:
         _finish(Path(out), model, result)
     return result
+
+
+def _early_stop(
+    row: dict,
+    history: list[dict],
+    best: dict,
+    patience: int,
+    model: nn.Module,
+    regress: bool,
+    world: int,
+) -> bool:
+    """Track the best validation epoch (its weights in ``best``); True once ``patience``
+    epochs have passed without improvement. Rank 0 decides, the others follow."""
+    metric = row.get("val_kendall_tau" if regress else "val_accuracy")
+    stop = False
+    if metric is not None:  # rank 0 (only it evaluates)
+        if metric > best["metric"]:
+            best.update(metric=metric, epoch=len(history) - 1)
+            best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        stop = len(history) - 1 - best["epoch"] >= patience
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(stop)])
+        dist.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
 
 
 def _log(out: Path, history: list[dict]) -> None:
