@@ -3,36 +3,188 @@
 Subcommands: ``inspect`` (summary of a checkpoint's WeightSpace), ``create`` (write a
 randomly initialised network of a state-dict family with its WeightSpace), ``graph``
 (parameter-graph statistics), ``align`` / ``merge`` / ``barrier`` (Git Re-Basin on saved
-checkpoints or Hugging Face folders).
+checkpoints or Hugging Face folders), ``inr`` / ``zoo`` (weight datasets) and ``train``
+(metanetworks on them).
+
+Bad input is reported, not traced: every check a command can make before it starts
+working is made first, and a failure prints one line naming the file, tensor or flag,
+writes nothing and exits with status 2. Only the subcommand that runs imports torch, so
+``metanet --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
+from metanet import __version__
 
-from metanet.graph import to_graph
-from metanet.io import SPACE_KEY, CheckpointError, load, load_state_dict, save
-from metanet.space import WeightSpaceError
+__all__ = ["main", "build_parser", "UsageError"]
 
-__all__ = ["main"]
+DESCRIPTION = (
+    "metanet: learning on and with neural network weights. Inspect a checkpoint's "
+    "WeightSpace (its parameters and their permutation symmetries), build its parameter "
+    "graph, align and merge networks (Git Re-Basin), make weight datasets and train "
+    "metanetworks on them. 'metanet COMMAND --help' lists a command's options."
+)
+FAMILIES = ("mlp", "siren", "cnn")
+# metanet train's model kinds (tasks.train.build_model), with what each one is
+TRAIN_KINDS = {
+    "unf": "UNF layers (metanet, full basis of equivariant maps)",
+    "nfn": "metanet's UNF layers restricted to NFN's cheaper basis",
+    "gmn": "graph metanetwork on parameter graphs",
+    "statnn": "per-tensor weight statistics + MLP",
+    "flat": "MLP on the flattened weights (no symmetry; permutation augmentation)",
+    "nfn-np": "the nfn package's NP classifier (pip install nfn)",
+    "nfn-hnp": "the nfn package's HNP classifier (pip install nfn)",
+}
+
+
+class UsageError(Exception):
+    """A flag or argument that cannot work; the message names it and what to pass."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input (exit 2, one line), not a bug in metanet.
+
+    Looked up when a command fails: a module that was never imported cannot have raised
+    its error, so this costs no import.
+    """
+    found = [UsageError, OSError]
+    for module, name in (
+        ("metanet.io", "CheckpointError"),
+        ("metanet.space", "WeightSpaceError"),
+        ("converters.module", "ConverterError"),
+    ):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+# --------------------------------------------------------------------------- inputs
+def _int_list(text: str) -> list[int]:
+    """argparse type: ``"8,64"`` -> ``[8, 64]``."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated integers, e.g. 8,64"
+        ) from None
+    if any(n <= 0 for n in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return values
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type: ``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    i, sep, n = text.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return int(i), int(n)
+
+
+def _imported(spec: str, flag: str) -> Any:
+    """The object a ``module:attr`` spec names, or a UsageError naming ``flag``.
+
+    The current folder is importable (appended to ``sys.path``: an installed package of
+    the same name wins), so ``mymodel:factory`` finds ``./mymodel.py`` from the console
+    script as it does under ``python -m``.
+    """
+    import importlib
+
+    mod_name, sep, attr = spec.partition(":")
+    if not (sep and mod_name and attr):
+        raise UsageError(f"{flag} {spec!r}: expected module:function, e.g. tasks.digits:mlp")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UsageError(
+            f"{flag} {spec}: cannot import {mod_name} ({e}); it must be installed or a "
+            "module in the current folder"
+        ) from None
+    if not hasattr(module, attr):
+        raise UsageError(f"{flag} {spec}: {mod_name} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _factory_model(spec: str, input_shape: list[int] | None, flag: str):
+    """``module:factory`` -> ``(model, example inputs or None)``. The factory returns a
+    model or ``(model, example_inputs)``; ``input_shape`` makes randn inputs instead."""
+    import torch
+
+    made = _imported(spec, flag)()
+    model, inputs = made if isinstance(made, tuple) else (made, None)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"{flag} {spec}: returned a {type(model).__name__}, not a torch.nn.Module "
+            "(or a (module, example_inputs) pair)"
+        )
+    if input_shape:
+        inputs = (torch.randn(*input_shape),)
+    elif inputs is not None and not isinstance(inputs, tuple):
+        inputs = (inputs,)
+    if inputs is not None:
+        where = f"--input-shape {','.join(map(str, input_shape))}" if input_shape else "its inputs"
+        _check_runs(model.eval(), inputs, f"{flag} {spec} does not run on {where}")
+    return model.eval(), inputs
+
+
+def _check_runs(model, inputs: tuple, what: str) -> None:
+    """Run ``model`` once on ``inputs``; a failure becomes a UsageError saying ``what``."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if hasattr(x, "shape"))
+        raise UsageError(f"{what} (input shape {shapes}): {e}") from None
+
+
+def _check_fits(model, weights: dict, path: Path, spec: str) -> None:
+    """The model a ``--model`` factory builds must have exactly the checkpoint's tensors."""
+    sd = model.state_dict()
+    for name, t in weights.items():
+        if name not in sd:
+            raise UsageError(
+                f"--model {spec} does not fit {path}: the model has no tensor {name!r}"
+            )
+        if tuple(sd[name].shape) != tuple(t.shape):
+            raise UsageError(
+                f"--model {spec} does not fit {path}: tensor {name!r} is "
+                f"{tuple(sd[name].shape)} in the model, {tuple(t.shape)} in the checkpoint"
+            )
+    extra = [n for n in sd if n not in weights]
+    if extra:
+        raise UsageError(
+            f"--model {spec} does not fit {path}: the model's tensor {extra[0]!r} is not in it"
+        )
 
 
 def _space_and_weights(path: str, family: str | None, activation: str | None, input_shape=None):
-    """``(weights, space)`` of a checkpoint, an HF folder, or a ``module:factory``."""
+    """``(weights, space)`` of a checkpoint, a Hugging Face folder, or a ``module:factory``."""
     p = Path(path)
-    if not p.exists() and ":" in path and family is None:
-        return _from_factory(path, input_shape)
+    if not p.exists():
+        if ":" in path:
+            return _from_factory(path, input_shape)
+        raise UsageError(
+            f"{path}: no such file or folder (expected a checkpoint, a Hugging Face folder "
+            "or module:factory)"
+        )
     if p.is_dir():
         from converters import load_pretrained
 
         return load_pretrained(p)
+    from metanet.io import SPACE_KEY, CheckpointError, load, load_state_dict
+
     if family is None:
         if p.suffix == ".safetensors":
             from safetensors import safe_open
@@ -45,7 +197,8 @@ def _space_and_weights(path: str, family: str | None, activation: str | None, in
             if has_space:
                 return load(p)
         raise CheckpointError(
-            f"{p}: has no embedded WeightSpace; pass --family (mlp, siren, cnn) to describe it"
+            f"{p}: has no embedded WeightSpace; pass --family ({', '.join(FAMILIES)}) to "
+            "describe its plain state dict"
         )
     from converters import from_state_dict
 
@@ -53,39 +206,39 @@ def _space_and_weights(path: str, family: str | None, activation: str | None, in
     return sd, from_state_dict(sd, family, activation=activation)
 
 
-def _imported(spec: str, what: str):
-    """The object named by ``package.module:attr``, or a CheckpointError saying why not."""
-    import importlib
-
-    mod_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"{what} {spec}: cannot import ({e})") from None
-
-
-def _factory_model(spec: str, input_shape: str | None):
-    """``package.module:factory`` -> ``(model, example inputs or None)``; the factory
-    returns a model or ``(model, example_inputs)``; ``input_shape`` makes randn inputs."""
-    made = _imported(spec, "factory")()
-    model, inputs = made if isinstance(made, tuple) else (made, None)
-    if inputs is None and input_shape:
-        inputs = (torch.randn(*[int(n) for n in input_shape.split(",")]),)
-    return model.eval(), inputs
-
-
-def _from_factory(spec: str, input_shape: str | None):
-    """``(weights, space)`` of the model a ``package.module:factory`` builds."""
+def _from_factory(spec: str, input_shape: list[int] | None):
+    """``(weights, space)`` of the model a ``module:factory`` builds."""
     from converters import from_module
 
-    model, inputs = _factory_model(spec, input_shape)
+    model, inputs = _factory_model(spec, input_shape, "factory")
     if inputs is None:
-        raise CheckpointError(
+        raise UsageError(
             f"{spec}: the factory returned only a model; pass --input-shape (e.g. 1,3,32,32) "
             "or return (model, example_inputs)"
         )
     space = from_module(model, inputs)
     return {k: v.detach() for k, v in model.state_dict().items()}, space
+
+
+def _check_output(out: Path, inputs: Sequence[str | Path], force: bool, folder: bool) -> None:
+    """Refuse, before any work, an output that would overwrite an input, an existing file
+    without ``--force``, a file where a folder is written (or the reverse), or a place
+    that cannot be written."""
+    for p in inputs:
+        if out.resolve() == Path(p).resolve():
+            raise UsageError(f"{out}: is an input; write the result somewhere else")
+    if out.exists():
+        if not force:
+            raise UsageError(f"{out}: exists; pass --force to overwrite")
+        if out.is_dir() and not folder:
+            raise UsageError(
+                f"{out}: is a folder, and the result is one .safetensors file; pass a file path"
+            )
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{out}: cannot be written ({parent} is not a writable folder)")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -103,6 +256,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
+    from metanet.graph import to_graph
+
     weights, space = _space_and_weights(args.path, args.family, args.activation, args.input_shape)
     start = time.perf_counter()
     graph = to_graph(space, weights)
@@ -117,26 +272,32 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    _check_output(out, [], args.force, folder=False)
+    least = 3 if args.family == "cnn" else 2
+    if args.sizes and len(args.sizes) < least:
+        raise UsageError(
+            f"--sizes {','.join(map(str, args.sizes))}: a {args.family} needs at least {least} "
+            + ("sizes (in,conv...,classes)" if args.family == "cnn" else "layer widths")
+        )
+    import torch
     from torch import nn
 
     from converters import from_state_dict
+    from metanet.io import save
 
     torch.manual_seed(args.seed)
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     if args.family in ("mlp", "siren"):
-        sizes = sizes or [64, 128, 128, 10]
+        sizes = args.sizes or [64, 128, 128, 10]
         model = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])])
     else:
-        sizes = sizes or [3, 16, 32, 32, 10]
+        sizes = args.sizes or [3, 16, 32, 32, 10]
         convs = []
         for a, b in zip(sizes[:-2], sizes[1:-1]):
             convs += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b)]
         model = nn.Sequential(*convs, nn.Linear(sizes[-2], sizes[-1]))
     sd = model.state_dict()
     space = from_state_dict(sd, args.family)
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise CheckpointError(f"{out}: exists; pass --force to overwrite")
     save(out, sd, space)
     print(f"wrote {out}: {args.family} {sizes}, {space.num_params:,} values")
     return 0
@@ -159,9 +320,12 @@ class _Checkpoint:
             # a copy: writing an output loads into this model, which must not alter inputs
             self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
+            if not self.path.exists():
+                raise UsageError(f"{path}: no such file or folder")
             self.weights, self.space = _space_and_weights(path, args.family, args.activation)
         if getattr(args, "model", None) and self.model is None:
-            self.model, self.inputs = _factory_model(args.model, args.input_shape)
+            self.model, self.inputs = _factory_model(args.model, args.input_shape, "--model")
+            _check_fits(self.model, self.weights, self.path, args.model)
 
 
 def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoint]:
@@ -182,12 +346,18 @@ def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoin
     return cks
 
 
-def _check_output(out: Path, inputs: Sequence[_Checkpoint], force: bool) -> None:
-    for ck in inputs:
-        if out.resolve() == ck.path.resolve():
-            raise CheckpointError(f"{out}: is an input; write the result somewhere else")
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: exists; pass --force to overwrite")
+def _check_match_flags(args: argparse.Namespace, paths: Sequence[str]) -> None:
+    """``--match activation/ste`` runs a model on data: both must be given up front."""
+    method = getattr(args, "match", "weight")
+    if method == "weight":
+        return
+    if args.match_data is None:
+        raise UsageError(
+            f"--match {method} runs the model on data: pass --match-data (digits, "
+            "digits-flat, or module:function returning a list of (inputs, targets) batches)"
+        )
+    if args.model is None and not Path(paths[0]).is_dir():
+        raise UsageError(f"--match {method} runs the model: pass --model module:factory")
 
 
 def _write(out: Path, weights: dict, ref: _Checkpoint) -> None:
@@ -242,11 +412,7 @@ def _match(ref: _Checkpoint, other: _Checkpoint, args, log) -> tuple[dict, str]:
             f"{log.sweeps} sweeps, objective {log.objective[0]:.4g} -> {log.objective[-1]:.4g}",
         )
     model = other.model or ref.model
-    if model is None:
-        raise CheckpointError(
-            f"--match {method} runs the model: pass --model package.module:factory"
-        )
-    data = _data(args.match_data, other.path, split="train", flag="--match-data")
+    data = _data(args.match_data, model, split="train", flag="--match-data")
     if method == "activation":
         pair = []
         for w in (ref.weights, other.weights):
@@ -278,6 +444,8 @@ def _match(ref: _Checkpoint, other: _Checkpoint, args, log) -> tuple[dict, str]:
 
 def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
     """Match ``other`` to ``ref`` (``--match``); the result is checked before it is returned."""
+    import torch
+
     from tasks.align import AlignmentError, MatchLog, verify_aligned
 
     log = MatchLog()
@@ -304,8 +472,9 @@ def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
 
 def _cmd_align(args: argparse.Namespace) -> int:
     out = Path(args.output)
+    _check_output(out, [args.a, args.b], args.force, folder=Path(args.b).is_dir())
+    _check_match_flags(args, [args.a, args.b])
     a, b = _load_all([args.a, args.b], args)
-    _check_output(out, [a, b], args.force)
     aligned, _ = _aligned(a, b, args)
     _write(out, aligned, b)
     print(f"wrote {out}: {b.path} aligned to {a.path}")
@@ -313,19 +482,25 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    _check_output(out, args.paths, args.force, folder=Path(args.paths[0]).is_dir())
+    method = args.method or ("align" if len(args.paths) == 2 else "mergemany")
+    if method == "align" and len(args.paths) != 2:
+        raise UsageError(
+            f"--method align merges two checkpoints, got {len(args.paths)}; use mergemany"
+        )
+    if method in ("ties", "task") and len(args.paths) < 2:
+        raise UsageError(f"--method {method} needs a base and fine-tuned checkpoints")
+    if method == "align" or (method in ("ties", "task") and args.align):
+        _check_match_flags(args, args.paths)
     from tasks import merge
 
-    out = Path(args.output)
     cks = _load_all(args.paths, args)
-    _check_output(out, cks, args.force)
     ref = cks[0]
-    method = args.method or ("align" if len(cks) == 2 else "mergemany")
     if method == "naive":
         coef = [1 - args.alpha, args.alpha] if len(cks) == 2 else None
         merged = merge.average([c.weights for c in cks], coef)
     elif method == "align":
-        if len(cks) != 2:
-            raise CheckpointError("--method align merges two checkpoints; use mergemany")
         aligned, _ = _aligned(ref, cks[1], args)
         merged = merge.interpolate(ref.weights, aligned, args.alpha)
     elif method == "mergemany":
@@ -333,8 +508,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             [c.weights for c in cks], ref.space, seed=args.seed, progress=not args.quiet
         )
     else:  # task arithmetic / TIES: the first checkpoint is the base
-        if len(cks) < 2:
-            raise CheckpointError(f"--method {method} needs a base and fine-tuned checkpoints")
         tuned = (
             [_aligned(ref, c, args)[0] for c in cks[1:]]
             if args.align
@@ -349,34 +522,43 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data(spec: str | None, model_path: Path, split: str = "test", flag: str = "--data"):
-    """Batches of ``(inputs, targets)``: digits' test (or train) split, or a function's."""
-    if spec is None:
-        what = "barrier of" if flag == "--data" else "matching"
-        raise CheckpointError(
-            f"{what} {model_path}: pass {flag} (digits, digits-flat, or module:function "
-            "returning a list of (inputs, targets) batches)"
-        )
+def _data(spec: str, model, split: str = "test", flag: str = "--data") -> list:
+    """Batches of ``(inputs, targets)``: digits' test (or train) split, or a function's;
+    the model must run on the first batch."""
     if spec in ("digits", "digits-flat"):
         from tasks import digits
 
         d = digits.load()
         d = d.flat() if spec == "digits-flat" else d
         if split == "train":
-            return digits.batches(d.x_train, d.y_train, 128)
-        return digits.batches(d.x_test, d.y_test)
-    return list(_imported(spec, flag)())
+            data = digits.batches(d.x_train, d.y_train, 128)
+        else:
+            data = digits.batches(d.x_test, d.y_test)
+    else:
+        data = list(_imported(spec, flag)())
+        if not data or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in data):
+            raise UsageError(f"{flag} {spec}: expected a non-empty list of (inputs, targets)")
+    _check_runs(model, (data[0][0],), f"the model does not run on {flag} {spec}")
+    return data
 
 
 def _cmd_barrier(args: argparse.Namespace) -> int:
+    if args.data is None:
+        raise UsageError(
+            "barrier evaluates the model: pass --data (digits, digits-flat, or "
+            "module:function returning a list of (inputs, targets) batches)"
+        )
+    if args.model is None and not Path(args.a).is_dir():
+        raise UsageError(f"{args.a}: no model to evaluate; pass --model module:factory")
+    if args.alphas < 2:
+        raise UsageError(f"--alphas {args.alphas}: need at least 2 points (the endpoints)")
+    if args.plot:
+        _check_output(Path(args.plot), [args.a, args.b], force=True, folder=False)
+    _check_match_flags(args, [args.a, args.b])
     from tasks.merge import evaluator, loss_barrier, plot_barriers
 
     a, b = _load_all([args.a, args.b], args)
-    if a.model is None:
-        raise CheckpointError(
-            f"{a.path}: no model to evaluate; pass --model package.module:factory"
-        )
-    evaluate = evaluator(a.model, _data(args.data, a.path), accuracy=True)
+    evaluate = evaluator(a.model, _data(args.data, a.model), accuracy=True)
     curves = {"naive": loss_barrier(evaluate, a.weights, b.weights, alphas=args.alphas)}
     if not args.no_align:
         aligned, _ = _aligned(a, b, args)
@@ -396,11 +578,38 @@ def _cmd_barrier(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- datasets
-def _cmd_inr(args: argparse.Namespace) -> int:
-    from tasks import inr
+def _dataset_kind(folder: Path) -> str | None:
+    """``dataset.json``'s ``kind`` (a CNN zoo says ``cnn_zoo``; INR datasets say none)."""
+    import json
 
+    meta = folder / "dataset.json"
+    if not meta.is_file():
+        from metanet.io import CheckpointError
+
+        raise CheckpointError(f"{folder}: no dataset.json; not a weight dataset folder")
+    try:
+        return json.loads(meta.read_text()).get("kind")
+    except (ValueError, AttributeError) as e:
+        from metanet.io import CheckpointError
+
+        raise CheckpointError(f"{meta}: not a JSON object ({e})") from None
+
+
+def _cmd_inr(args: argparse.Namespace) -> int:
     if args.action == "info":
+        kind = _dataset_kind(Path(args.out))
+        if kind is not None:
+            raise UsageError(
+                f"{args.out}: a {kind} dataset, not INRs; metanet inr info reads folders "
+                "made by metanet inr make"
+            )
+        from tasks import inr
+
         ds = inr.WeightDataset(args.out)
+        if any("psnr" not in r for r in ds.rows):
+            from metanet.io import CheckpointError
+
+            raise CheckpointError(f"{args.out}: its index rows have no 'psnr'; not INRs")
         psnr = ds.psnr
         splits = {s: sum(r["split"] == s for r in ds.rows) for s in ("train", "val", "test")}
         print(
@@ -408,10 +617,10 @@ def _cmd_inr(args: argparse.Namespace) -> int:
             f"PSNR mean {psnr.mean():.2f} dB (min {psnr.min():.2f}, median {psnr.median():.2f})"
         )
         return 0
-    shard = None
-    if args.shard:
-        i, _, n = args.shard.partition("/")
-        shard = (int(i), int(n))
+    import dataclasses
+
+    from tasks import inr
+
     given = {
         "hidden": args.width, "depth": args.depth, "steps": args.steps, "lr": args.lr,
         "w0": args.w0, "variant": args.variant, "target_psnr": args.target_psnr,
@@ -419,14 +628,13 @@ def _cmd_inr(args: argparse.Namespace) -> int:
     cfg = inr.INRConfig(**{k: v for k, v in given.items() if v is not None})
     if cfg.target_psnr == 0:
         cfg = dataclasses.replace(cfg, target_psnr=None)
-    num_shards = shard[1] if shard else args.num_shards
     paths = inr.make_dataset(
         args.out,
         per_image=args.per_image,
         cfg=cfg,
         resolution=args.resolution,
-        shard=shard,
-        num_shards=num_shards,
+        shard=args.shard,
+        num_shards=args.shard[1] if args.shard else args.num_shards,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -437,16 +645,12 @@ def _cmd_inr(args: argparse.Namespace) -> int:
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from tasks import zoo
 
-    shard = None
-    if args.shard:
-        i, _, n = args.shard.partition("/")
-        shard = (int(i), int(n))
     paths = zoo.make_zoo(
         args.out,
         args.n,
         seed=args.seed,
-        shard=shard,
-        num_shards=shard[1] if shard else args.num_shards,
+        shard=args.shard,
+        num_shards=args.shard[1] if args.shard else args.num_shards,
         max_steps=args.max_steps,
         progress=not args.quiet,
     )
@@ -455,12 +659,24 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    target = args.target
+    if target is None:
+        kind = _dataset_kind(Path(args.dataset))
+        if kind == "cnn_zoo":
+            raise UsageError(
+                f"{args.dataset}: a CNN zoo; say what to learn: --target accuracy (regress "
+                "each CNN's test accuracy) or --target label (classify its accuracy decile)"
+            )
+        target = "label"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; training writes a folder")
     from tasks.train import train
 
     r = train(
         args.kind,
         args.dataset,
-        out=args.out,
+        out=out,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -471,53 +687,96 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         frequencies=args.frequencies,
         schedule=args.schedule,
-        target=args.target,
+        target=target,
         canonicalize=args.canonicalize,
         flip_signs=args.flip_signs,
     )
-    if r.world_size == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
-        if args.target == "accuracy":
+    if r.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+        if target == "accuracy":
             score = f"test Kendall tau {r.test_kendall_tau:.4f}, val {r.val_kendall_tau:.4f}"
         else:
             score = f"test accuracy {r.test_accuracy:.4f}, val {r.val_accuracy:.4f}"
         print(
             f"{args.kind}: {score}, {r.seconds:.1f} s on {r.world_size} process(es); "
-            f"outputs in {args.out}"
+            f"outputs in {out}"
         )
     return 0
 
 
+# --------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, silent where there is no default to show (an off
+    switch, or a value that is read elsewhere when not given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metanet", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="metanet", description=DESCRIPTION, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"metanet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars or progress lines (also silences transformers' bars)",
+    )
 
-    def source(p: argparse.ArgumentParser) -> None:
+    def command(name: str, help: str, run: Callable[[argparse.Namespace], int]):
+        p = sub.add_parser(
+            name, help=help, description=help, parents=[quiet], formatter_class=_HelpFormatter
+        )
+        p.set_defaults(run=run)
+        return p
+
+    def model_flags(p: argparse.ArgumentParser, input_shape_help: str) -> None:
         p.add_argument(
-            "path", help="a metanet checkpoint, or a plain .safetensors/.pt with --family"
+            "--family",
+            choices=FAMILIES,
+            help="describe a plain state dict (.safetensors/.pt without a WeightSpace)",
         )
         p.add_argument(
-            "--family", choices=["mlp", "siren", "cnn"], help="describe a plain state dict"
+            "--activation", help="hidden activation of --family (default: relu; sin for siren)"
         )
-        p.add_argument("--activation", help="hidden activation of --family (default relu / sin)")
-        p.add_argument("--input-shape", help="example input shape for a module:factory (randn)")
+        p.add_argument("--input-shape", type=_int_list, metavar="N,...", help=input_shape_help)
 
-    p = sub.add_parser("inspect", help="print the WeightSpace summary of a checkpoint")
-    source(p)
-    p.add_argument("--json", action="store_true", help="print the WeightSpace as JSON")
-    p.add_argument("--tensors", action="store_true", help="list every tensor and its axes")
-    p.set_defaults(run=_cmd_inspect)
+    def output_flags(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("-o", "--output", required=True, metavar="PATH", help=what)
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
-    p = sub.add_parser("graph", help="build the parameter graph and print its size")
-    source(p)
-    p.set_defaults(run=_cmd_graph)
+    for name, help, run in (
+        ("inspect", "print the WeightSpace summary of a checkpoint", _cmd_inspect),
+        ("graph", "build the parameter graph and print its size and build time", _cmd_graph),
+    ):
+        p = command(name, help, run)
+        p.add_argument(
+            "path",
+            help="a metanet .safetensors checkpoint, a plain .safetensors/.pt state dict "
+            "(with --family), a Hugging Face model folder, or module:factory (a function "
+            "returning a model or (model, example_inputs); the current folder is importable)",
+        )
+        model_flags(p, "example input shape for a module:factory (randn inputs)")
+        if name == "inspect":
+            p.add_argument("--json", action="store_true", help="print the WeightSpace as JSON")
+            p.add_argument("--tensors", action="store_true", help="list every tensor and its axes")
 
-    p = sub.add_parser("create", help="write a random network of a family with its WeightSpace")
-    p.add_argument("family", choices=["mlp", "siren", "cnn"])
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--sizes", help="comma-separated layer widths (cnn: in,conv...,classes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.set_defaults(run=_cmd_create)
+    p = command("create", "write a random network of a family with its WeightSpace", _cmd_create)
+    p.add_argument("family", choices=FAMILIES, help="the state-dict family")
+    output_flags(p, "the .safetensors file to write")
+    p.add_argument(
+        "--sizes",
+        type=_int_list,
+        metavar="N,...",
+        help="layer widths: mlp/siren in,hidden...,out (default 64,128,128,10); "
+        "cnn in,conv...,classes (default 3,16,32,32,10)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the initialisation")
 
     def pair(p: argparse.ArgumentParser, many: bool = False) -> None:
         if many:
@@ -525,117 +784,142 @@ def build_parser() -> argparse.ArgumentParser:
                 "paths",
                 nargs="+",
                 metavar="CHECKPOINT",
-                help="metanet checkpoints or Hugging Face folders (first = reference)",
+                help="metanet checkpoints or Hugging Face folders (first = reference / base)",
             )
         else:
             p.add_argument("a", help="reference checkpoint (metanet .safetensors or HF folder)")
             p.add_argument("b", help="checkpoint to align to a")
-        p.add_argument("--family", choices=["mlp", "siren", "cnn"], help="plain state dicts")
+        p.add_argument("--family", choices=FAMILIES, help="describe plain state dicts")
         p.add_argument("--activation", help="hidden activation of --family")
         p.add_argument(
             "--model",
-            help="package.module:factory building the architecture "
-            "(verifies the aligned function; needed by barrier for non-HF inputs)",
+            metavar="MODULE:FACTORY",
+            help="function building the checkpoints' architecture, checked against them "
+            "(verifies the aligned function; needed by barrier and --match activation/ste "
+            "for non-HF inputs)",
         )
-        p.add_argument("--input-shape", help="example input shape for --model (randn)")
-        p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
-        p.add_argument("--max-sweeps", type=int, default=100)
+        p.add_argument(
+            "--input-shape",
+            type=_int_list,
+            metavar="N,...",
+            help="example input shape for --model (randn inputs), e.g. 8,64",
+        )
+        p.add_argument("--seed", type=int, default=0, help="random group order of the matching")
+        p.add_argument(
+            "--max-sweeps", type=int, default=100, help="weight matching: most coordinate sweeps"
+        )
         p.add_argument(
             "--match",
             choices=["weight", "activation", "ste"],
             default="weight",
-            help="how B is permuted: weight matching (default: data-free, fast, best on "
-            "MLPs/CNNs), activation matching, or the straight-through estimator started "
-            "from activation matching (runs --model on --match-data; far lower barriers "
-            "on transformers)",
+            help="how B is permuted: weight matching (data-free, fast, best on MLPs/CNNs), "
+            "activation matching, or the straight-through estimator started from activation "
+            "matching (runs --model on --match-data; far lower barriers on transformers)",
         )
         p.add_argument(
             "--match-data",
+            metavar="DATA",
             help="--match activation/ste: digits, digits-flat (training split) or "
-            "package.module:function -> (inputs, targets) batches",
+            "module:function returning a list of (inputs, targets) batches",
         )
         p.add_argument("--ste-epochs", type=int, default=10, help="--match ste: epochs")
         p.add_argument("--ste-lr", type=float, default=1e-2, help="--match ste: Adam lr")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
-    p = sub.add_parser("align", help="permute B to match A (Git Re-Basin weight matching)")
+    p = command("align", "permute B to match A (Git Re-Basin), checked, then saved", _cmd_align)
     pair(p)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.set_defaults(run=_cmd_align)
+    output_flags(p, "where to write B aligned (a .safetensors file, or a folder for HF inputs)")
 
-    p = sub.add_parser("merge", help="merge checkpoints (aligned interpolation, MergeMany, TIES)")
+    p = command("merge", "merge checkpoints (aligned interpolation, MergeMany, TIES)", _cmd_merge)
     pair(p, many=True)
-    p.add_argument("-o", "--output", required=True)
+    output_flags(p, "where to write the merge (a .safetensors file, or a folder for HF inputs)")
     p.add_argument(
         "--method",
         choices=["align", "naive", "mergemany", "ties", "task"],
-        help="default: align for two checkpoints, mergemany for more",
+        help="align: interpolate after weight matching (default for two checkpoints); "
+        "naive: plain average; mergemany: MergeMany (default for more); ties / task: TIES "
+        "or task arithmetic on the first checkpoint as base",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the second checkpoint")
-    p.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept")
-    p.add_argument("--scale", type=float, default=1.0, help="TIES / task: task-vector scale")
-    p.add_argument("--align", action="store_true", help="TIES / task: align to the base first")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.set_defaults(run=_cmd_merge)
+    p.add_argument("--density", type=float, default=0.2, help="ties: fraction of entries kept")
+    p.add_argument("--scale", type=float, default=1.0, help="ties / task: task-vector scale")
+    p.add_argument("--align", action="store_true", help="ties / task: align to the base first")
 
-    p = sub.add_parser("barrier", help="loss along the line from A to B, naive and aligned")
+    p = command("barrier", "loss along the line from A to B, naive and aligned", _cmd_barrier)
     pair(p)
-    p.add_argument("--data", help="digits, digits-flat, or package.module:function -> batches")
-    p.add_argument("--alphas", type=int, default=11)
+    p.add_argument(
+        "--data",
+        help="test data: digits, digits-flat, or module:function returning (inputs, targets) "
+        "batches",
+    )
+    p.add_argument(
+        "--alphas", type=int, default=11, help="interpolation points from A to B, ends included"
+    )
     p.add_argument("--no-align", action="store_true", help="only the naive interpolation")
-    p.add_argument("--plot", help="save the curves to this image")
-    p.set_defaults(run=_cmd_barrier)
+    p.add_argument("--plot", metavar="PNG", help="save the curves to this image")
 
-    p = sub.add_parser("inr", help="INR weight datasets: fit SIRENs to sklearn digits, or info")
-    p.add_argument("action", choices=["make", "info"])
-    p.add_argument("out", help="dataset folder")
+    p = command("inr", "INR weight datasets: fit SIRENs to sklearn's digits, or info", _cmd_inr)
+    p.add_argument("action", choices=["make", "info"], help="make a dataset, or summarise one")
+    p.add_argument("out", metavar="DIR", help="dataset folder")
     p.add_argument("--per-image", type=int, default=10, help="INRs per image (seeds)")
-    p.add_argument("--shard", help="i/n: make only shard i of n (shards run anywhere)")
-    p.add_argument("--num-shards", type=int, default=10)
-    p.add_argument("--resolution", type=int, default=8, help="8 = native; 28 upsamples")
-    # defaults: tasks.inr.INRConfig (the DWSNets recipe), read there so the two agree
+    p.add_argument(
+        "--shard", type=_shard, metavar="I/N", help="make only shard I of N (shards run anywhere)"
+    )
+    p.add_argument("--num-shards", type=int, default=10, help="shards of the whole dataset")
+    p.add_argument("--resolution", type=int, default=8, help="image side: 8 native, 28 upsampled")
+    # defaults: tasks.inr.INRConfig (the DWSNets recipe), read there (tests check the text)
     p.add_argument("--width", type=int, help="hidden width (default 32)")
     p.add_argument("--depth", type=int, help="hidden layers (default 2)")
     p.add_argument("--steps", type=int, help="most fitting steps (default 1000)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 5e-4)")
-    p.add_argument("--w0", type=float, help="sine frequency factor (default 30)")
-    p.add_argument("--variant", choices=["siren", "dws"], help="init (default dws)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 0.0005)")
+    p.add_argument("--w0", type=float, help="sine frequency factor (default 30.0)")
+    p.add_argument("--variant", choices=["siren", "dws"], help="initialisation (default dws)")
     p.add_argument(
-        "--target-psnr", type=float, help="stop each INR at this PSNR; 0: never (default 40)"
+        "--target-psnr", type=float, help="stop each INR at this PSNR; 0: never (default 40.0)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(run=_cmd_inr)
+    p.add_argument("--seed", type=int, default=0, help="base seed of the INRs")
 
-    p = sub.add_parser("zoo", help="CNN zoo: train small CNNs on sklearn digits (tasks.zoo)")
-    p.add_argument("action", choices=["make"])
-    p.add_argument("out", help="dataset folder")
+    p = command("zoo", "CNN zoo: train small CNNs on sklearn's digits", _cmd_zoo)
+    p.add_argument("action", choices=["make"], help="make the zoo (resumes an interrupted one)")
+    p.add_argument("out", metavar="DIR", help="dataset folder")
     p.add_argument("--n", type=int, default=1000, help="number of CNNs")
-    p.add_argument("--shard", help="i/n: make only shard i of n (shards run anywhere)")
-    p.add_argument("--num-shards", type=int, default=4)
+    p.add_argument(
+        "--shard", type=_shard, metavar="I/N", help="make only shard I of N (shards run anywhere)"
+    )
+    p.add_argument("--num-shards", type=int, default=4, help="shards of the whole zoo")
     p.add_argument("--max-steps", type=int, help="cap every CNN's training steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(run=_cmd_zoo)
+    p.add_argument("--seed", type=int, default=0, help="base seed of the recipes")
 
-    p = sub.add_parser("train", help="train a metanetwork on an INR dataset (torchrun: DDP)")
+    p = command(
+        "train",
+        "train a metanetwork on a weight dataset (under torchrun: data-parallel)",
+        _cmd_train,
+    )
     p.add_argument(
         "kind",
-        choices=["unf", "nfn", "gmn", "statnn", "flat", "nfn-np", "nfn-hnp"],
-        help="nfn-np / nfn-hnp: the nfn package's classifiers (pip install nfn)",
+        choices=list(TRAIN_KINDS),
+        help="; ".join(f"{k}: {v}" for k, v in TRAIN_KINDS.items()),
     )
-    p.add_argument("dataset", help="folder made by metanet inr make")
-    p.add_argument("--out", default="train_out")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="at most this many training INRs")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--frequencies", type=int, default=0, help="Fourier-encode the weights")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("dataset", metavar="DIR", help="folder made by metanet inr make or zoo make")
+    p.add_argument("--out", default="train_out", metavar="DIR", help="metrics, curves, model")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="networks per step (over all processes)"
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--hidden", type=int, default=16, help="channels / hidden width of the model")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    p.add_argument("--limit", type=int, help="at most this many training networks")
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no random group elements per draw (only the flat model and --flip-signs use them)",
+    )
+    p.add_argument(
+        "--frequencies", type=int, default=0, help="Fourier-encode the weights (0: raw values)"
+    )
+    p.add_argument(
+        "--schedule", choices=["constant", "cosine"], default="constant", help="learning rate"
+    )
     p.add_argument(
         "--canonicalize",
         action="store_true",
@@ -649,20 +933,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         choices=["label", "accuracy"],
-        default="label",
-        help="accuracy: regress each network's stored test accuracy (a zoo), Kendall tau",
+        help="label: classify (INR datasets: the digit; the default there); accuracy: "
+        "regress each network's stored test accuracy (a CNN zoo), scored by Kendall tau",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(run=_cmd_train)
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """Under ``-q``, silence transformers' (and huggingface_hub's) bars and notices too.
+
+    Not yet imported, they read their environment switches; imported, their logging API.
+    Both are put back afterwards, since ``main`` also runs in-process."""
+    if not quiet:
+        yield
+        return
+    switches = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    saved = {k: os.environ.get(k) for k in switches}
+    bars, level = saved["HF_HUB_DISABLE_PROGRESS_BARS"] is None, None
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(hf_logging.WARNING if level is None else level)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input prints ``metanet CMD: error: ...`` (one line), exit 2."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (CheckpointError, WeightSpaceError, OSError) as e:
-        print(f"metanet {args.command}: error: {e}", file=sys.stderr)
+        with _quiet_libraries(args.quiet):
+            return args.run(args)
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"metanet {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -69,15 +69,63 @@ def save(
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _open(path: Path):
+# how a PyTorch pickle starts: torch.save's zip container, or a bare pickle (protocol 2+)
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_nonempty(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: is empty (0 bytes); was it written completely?")
+
+
+def _open(path: Path):
+    _check_nonempty(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(
+            f"{path}: a PyTorch pickle (.pt/.pth), not a safetensors file, so it carries no "
+            "WeightSpace: read it with metanet.load_state_dict and describe it with "
+            "converters.from_state_dict(sd, family=...) (CLI: --family)"
+        )
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{path}: not a readable safetensors file (truncated or corrupt?): {e}"
         ) from None
+
+
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``, its failures as one CheckpointError each: a
+    pickle that would run code is refused by name, never retried unsafely."""
+    import pickle
+    import re
+
+    _check_nonempty(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: its pickle calls {found.group(1)}, code rather than tensor "
+                "data; metanet loads .pt files only with torch.load(weights_only=True) and "
+                "never runs their code. Re-save the plain state dict (safetensors preferred)"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", text, flags=re.S)
+        raise CheckpointError(
+            f"{path}: not a plain state dict of tensors "
+            f"({reason.group(1).strip() if reason else 'the weights-only unpickler refused it'})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).split(". ")[0] or type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt .pt file ({first})") from None
 
 
 def load(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Tensor], WeightSpace]:
@@ -118,12 +166,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """A plain state dict from ``.safetensors`` or ``.pt``/``.pth`` (``weights_only``)."""
     path = Path(path)
     if path.suffix in (".pt", ".pth", ".bin"):
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such file")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise CheckpointError(f"{path}: could not load with weights_only=True: {e}") from None
+        sd = _torch_load(path)
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
         if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):

@@ -670,10 +670,15 @@ class WeightSpace:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> WeightSpace:
+        """Parse :meth:`to_json`'s text; a field of the wrong type (``"size": "abc"``,
+        ``128.7``, a list for an object) is a :class:`WeightSpaceError` naming it."""
+        from metanet.space_schema import check_space_dict
+
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise WeightSpaceError(f"WeightSpace JSON is malformed: {e}") from None
+        check_space_dict(data)
         return cls.from_dict(data)
 
     def __eq__(self, other: object) -> bool:
