@@ -2,6 +2,7 @@
 
 from metanet.nn.baselines import FlatMLP, StatNN
 from metanet.nn.gmn import GMN, FourierEncoding, GMNLayer
+from metanet.nn.transformer import GraphTransformer, GraphTransformerLayer
 from metanet.nn.unf import UNFLinear, UNFPointwise, UNFPool, basis_terms, pieces_of
 
 __all__ = [
@@ -9,6 +10,8 @@ __all__ = [
     "FlatMLP",
     "FourierEncoding",
     "GMNLayer",
+    "GraphTransformer",
+    "GraphTransformerLayer",
     "StatNN",
     "UNFLinear",
     "UNFPointwise",
