@@ -6,6 +6,8 @@ does this INR draw?) with any of metanet's models on a :class:`tasks.inr.WeightD
 * ``unf`` — ``UNFLinear`` stack (full basis) → ``UNFPool`` → MLP head;
 * ``nfn`` — the same with ``basis="nfn"`` (NFN's cheaper term subset);
 * ``gmn`` — graph metanetwork on ``ParamGraph`` batches;
+* ``transformer`` — :class:`metanet.nn.GraphTransformer`, attention over the same graphs
+  (neurons as tokens, weights as attention biases and values; NG-T style);
 * ``statnn`` / ``flat`` — the baselines.
 
 Metrics go to ``out/metrics.jsonl`` (one line per epoch), curves to ``out/curves.png``,
@@ -28,18 +30,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from metanet.io import atomic_write
+from metanet.io import CheckpointError, atomic_write
 from metanet.space import WeightSpace
 
 __all__ = ["KINDS", "EXTERNAL_KINDS", "build_model", "train", "TrainResult"]
 
-KINDS = ("unf", "nfn", "gmn", "statnn", "flat")
+KINDS = ("unf", "nfn", "gmn", "transformer", "statnn", "flat")
+# models that read parameter graphs (the others read weight dicts)
+GRAPH_KINDS = ("gmn", "transformer")
 # the ``nfn`` package's own invariant networks (Zhou et al. 2023), for comparison; they
 # need ``pip install nfn`` and an MLP-shaped space (``net.K.weight``/``net.K.bias`` pairs)
 EXTERNAL_KINDS = ("nfn-np", "nfn-hnp")
 # models whose output no permutation changes: permutation augmentation is a no-op for them
 # (sign flips of odd-activation neurons do change their output)
-PERMUTATION_INVARIANT_KINDS = ("unf", "nfn", "gmn", "statnn", "nfn-np", "nfn-hnp")
+PERMUTATION_INVARIANT_KINDS = ("unf", "nfn", "gmn", "transformer", "statnn", "nfn-np", "nfn-hnp")
 
 
 class _Encode(nn.Module):
@@ -179,9 +183,19 @@ def build_model(
         return UNFClassifier(space, out, hidden, frequencies=frequencies)
     if kind == "nfn":
         return UNFClassifier(space, out, hidden, basis="nfn", frequencies=frequencies)
+    if kind in GRAPH_KINDS and example_graph is None:
+        raise ValueError(f"{kind} needs an example graph for its feature sizes")
+    if kind == "transformer":
+        from metanet.nn import GraphTransformer
+
+        return GraphTransformer(
+            example_graph.x.shape[1],
+            example_graph.edge_attr.shape[1],
+            hidden=max(hidden, 32),
+            layers=3,
+            out_features=out,
+        )
     if kind == "gmn":
-        if example_graph is None:
-            raise ValueError("gmn needs an example graph for its feature sizes")
         return GMN(
             example_graph.x.shape[1],
             example_graph.edge_attr.shape[1],
@@ -239,7 +253,7 @@ def _distributed() -> tuple[int, int]:
 def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
     from torch_geometric.data import Batch
 
-    if kind == "gmn":
+    if kind in GRAPH_KINDS:
         if cache is None:
             items = [ds[i] for i in indices]
         else:  # no augmentation: each graph is built once
@@ -256,7 +270,7 @@ def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
 def _eval_batch(kind: str, batch: int) -> int:
     # GMN's per-edge states of 512 graphs (~37 MB a tensor) spill the CPU caches: it
     # evaluates ~3x faster per graph in batches of 64 (the graphs do not interact)
-    return min(batch, 64) if kind == "gmn" else batch
+    return min(batch, 64) if kind in GRAPH_KINDS else batch
 
 
 @torch.no_grad()
@@ -290,8 +304,49 @@ def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = Non
 
 
 def _use_target(ds, target: str) -> None:
+    """Point ``ds.labels`` at ``target``: each row's ``label`` (a class) or ``accuracy``
+    (a zoo CNN's test accuracy). A dataset whose rows lack it is refused, naming it."""
+    key = "accuracy" if target == "accuracy" else "label"
+    row = next((r for r in ds.rows if key not in r), None)
+    if row is not None:
+        has = [k for k in ("label", "accuracy") if k in row]
+        raise CheckpointError(
+            f"{ds.root}: its networks have no {key!r}, the target={target!r} (--target "
+            f"{target}) to learn; they have {', '.join(map(repr, has)) or 'no target'}"
+            + (" (CNN zoos from metanet zoo make have one)" if key == "accuracy" else "")
+        )
     if target == "accuracy":
         ds.labels = torch.tensor([float(r["accuracy"]) for r in ds.rows], dtype=torch.float32)
+
+
+def _check_trainable(root, n_train: int, batch_size: int) -> None:
+    """Refuse a run in which no optimizer step would happen (it would report an untrained
+    model's scores as results)."""
+    if n_train < batch_size:
+        raise CheckpointError(
+            f"{root}: {n_train} training networks, fewer than batch_size={batch_size} "
+            "(--batch-size): no training step would run; lower it or use more networks"
+        )
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as ``None``: JSON has no NaN (``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """One console line per epoch: ``epoch 3/10  train loss 1.2345  val accuracy 0.4567 ...``."""
+    cells = [f"epoch {row['epoch']}/{epochs}"]
+    for key, value in row.items():
+        if key not in ("epoch", "seconds") and isinstance(value, float):
+            cells.append(f"{key.replace('_', ' ')} {value:.4f}")
+    return "  ".join([*cells, f"({row['seconds']:.1f} s)"])
 
 
 def train(
@@ -346,7 +401,7 @@ def train(
     rank, world = _distributed()
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
-    fmt = "graph" if kind == "gmn" else "weights"
+    fmt = "graph" if kind in GRAPH_KINDS else "weights"
     # Augmenting by random permutations only matters to a model that is not invariant by
     # construction (flat): the others give the same output on every permutation, so it is
     # skipped for them (and their batches are gathered, GMN's graphs built once). Random
@@ -366,7 +421,7 @@ def train(
         probes=probes,
     )
     caches: dict[str, dict | None] = {
-        s: ({} if kind == "gmn" and not (s == "train" and augment) else None)
+        s: ({} if kind in GRAPH_KINDS and not (s == "train" and augment) else None)
         for s in ("train", "val", "test")
     }
     val_ds, test_ds = (
@@ -380,13 +435,14 @@ def train(
         subset = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))
         pool = sorted(subset[:limit].tolist())
     n_train = len(pool)
+    _check_trainable(root, n_train, batch_size)
     torch.manual_seed(seed)
     model = build_model(
         kind,
         train_ds.space,
         1 if regress else 10,
         hidden,
-        example_graph=train_ds[0] if kind == "gmn" else None,
+        example_graph=train_ds[0] if kind in GRAPH_KINDS else None,
         frequencies=frequencies,
     )
     net = model
@@ -452,6 +508,8 @@ def train(
             if track_test:
                 row["test_accuracy"] = _accuracy(model, test_ds, kind, cache=caches["test"])
         history.append(row)
+        if progress and rank == 0:
+            epochs_iter.write(_epoch_line(row, epochs))
         if out is not None and rank == 0:
             _log(Path(out), history)
         if patience is not None and _early_stop(
@@ -521,7 +579,7 @@ def _early_stop(
 
 def _log(out: Path, history: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in history)
+    text = "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in history)
     atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
 
 
@@ -530,15 +588,25 @@ def _finish(out: Path, model: nn.Module, result: TrainResult) -> None:
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write(
-        out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(result), indent=2))
-    )
+    text = json.dumps(_json_safe(asdict(result)), indent=2, allow_nan=False)
+    atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(text))
+    import matplotlib.pyplot as plt
+
+    fig = _plot_curves(result)
+    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _plot_curves(result: TrainResult):
+    """The training curves of ``result`` (a matplotlib Figure): train loss on the left
+    axis, the validation metric on the right, both labelled; the legend sits below the
+    axes, clear of the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
     ep = [r["epoch"] for r in result.history]
     ax.plot(ep, [r["train_loss"] for r in result.history], label="train loss")
     ax2 = ax.twinx()
@@ -551,9 +619,10 @@ def _finish(out: Path, model: nn.Module, result: TrainResult) -> None:
         label=f"val {name}",
     )
     ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss (MSE)" if tau else "train loss (cross-entropy)")
+    ax2.set_ylabel(f"validation {name}")
     final = result.test_kendall_tau if tau else result.test_accuracy
     ax.set_title(f"{result.kind}: test {name} {final:.3f}", fontsize=9)
-    fig.legend(fontsize=7, loc="upper center")
-    fig.tight_layout()
-    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    fig.legend(fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # the bottom strip holds the legend
+    return fig
