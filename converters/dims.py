@@ -9,19 +9,40 @@ size-1 axes and tensors whose values are constant along the axis, such as ``zero
 * a *concat* ``a ⊕ b`` is a concatenation (fused qkv, LSTM gates, ``torch.cat``).
 
 When two structured variables meet with incompatible structure, every leaf under both is
-fixed and the conflict is reported: never a silent wrong symmetry.
+fixed and the conflict is recorded as a :class:`Conflict` (op, module, what was fixed, how
+many free permutation dims were lost): never a silent wrong symmetry, nor a silent loss.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
-__all__ = ["Var", "Algebra", "StructureConflict"]
+__all__ = ["Var", "Algebra", "Conflict", "StructureConflict"]
 
 
 class StructureConflict(Exception):
     """Two variables that must be equal have incompatible structure."""
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Axes fixed because two structures met that no symmetry can satisfy both of.
+
+    ``lost``: the free permutation points (sizes of the free leaves) fixed at that moment.
+    """
+
+    op: str
+    module: str
+    what: str
+    lost: int
+
+    def __str__(self) -> str:
+        return (
+            f"axes fixed at op {self.op!r} in module {self.module}: {self.what}; "
+            f"{self.lost} free permutation dims lost"
+        )
 
 
 class Var:
@@ -75,7 +96,9 @@ class Algebra:
     """Creates and merges variables; collects conflicts as human-readable notes."""
 
     def __init__(self) -> None:
-        self.conflicts: list[str] = []
+        self.conflicts: list[Conflict] = []
+        # (op, module) of the rule running now, for the conflicts it records
+        self.site: tuple[str, str] = ("?", "<top>")
         # leading factor id -> the product it leads (for the select rule)
         self.lead_of: dict[int, Var] = {}
 
@@ -179,9 +202,15 @@ class Algebra:
         return ra
 
     def _conflict(self, ra: Var, rb: Var, what: str) -> None:
-        self.fix(ra)
-        self.fix(rb)
-        self.conflicts.append(f"axis fixed: incompatible {what}".strip())
+        self.conflict(f"incompatible {what}".strip(), ra, rb)
+
+    def conflict(self, what: str, *vs: Var | None) -> None:
+        """Fix every leaf under ``vs`` and record the conflict with the dims it lost."""
+        free = {leaf.id: leaf.size for v in vs for leaf in self.leaves(v) if not leaf.fixed}
+        for v in vs:
+            self.fix(v)
+        lost = sum(n for n in free.values() if n > 1)
+        self.conflicts.append(Conflict(*self.site, what, lost))
 
     def _flat_prod(self, v: Var) -> list[Var]:
         r = find(v)

@@ -24,12 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from converters.dims import Algebra, Var, find
+from converters.norm_scale import find_norm_scales
 from converters.rules import RULES, Context, default_rule, op_name
 from metanet.space import (
     Axis,
     Factor,
     Group,
     NeuronSet,
+    NormScale,
     TensorSpec,
     WeightSpace,
     _dtype_name,
@@ -39,7 +41,8 @@ __all__ = ["from_module", "ConverterWarning", "ConverterError", "trace"]
 
 
 class ConverterWarning(UserWarning):
-    """An op or module without a rule: the axes it touches were fixed."""
+    """Axes were fixed that a rule could not keep: an op or module without a rule, or a
+    structural conflict (named by op and module, with the free permutation dims lost)."""
 
 
 class ConverterError(ValueError):
@@ -61,6 +64,7 @@ class Trace:
     notes: list[str] = field(default_factory=list)
     events: list[tuple] = field(default_factory=list)
     param_of: dict = field(default_factory=dict)
+    norm_scales: list[NormScale] = field(default_factory=list)
 
 
 def _flatten_dims(d: Any) -> list[list[Var | None]]:
@@ -158,6 +162,7 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
             env[node] = dims
         elif node.op == "call_function":
             name = op_name(node.target)
+            alg.site = (name, _module_of(node))
             rule = all_rules.get(node.target) or all_rules.get(name)
             if rule is None:
                 env[node] = default_rule(ctx, node, name)
@@ -186,7 +191,7 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
         else:
             weights[name] = [alg.fixed(n) for n in t.shape]
             notes.append(f"{name}: not used by the traced forward; its axes are fixed")
-    notes += alg.conflicts
+    notes += [str(c) for c in alg.conflicts]
     values = [d for v in env.values() for d in _flatten_dims(v)] + list(weights.values())
     return Trace(
         algebra=alg,
@@ -202,6 +207,7 @@ def trace(model: nn.Module, example_inputs: tuple | Tensor, rules: Mapping | Non
         notes=notes,
         events=ctx.events,
         param_of=param_of,
+        norm_scales=find_norm_scales(ep.graph, param_of),
     )
 
 
@@ -247,11 +253,12 @@ def _segments(alg: Algebra, v: Var | None, size: int, notes: list[str]) -> list[
     for f in factors[1:]:
         if f.kind == "cat":
             if alg.is_free(f):
-                alg.fix(f)
-                notes.append(
+                alg.conflict(
                     f"an axis interleaves a concatenation inside a product ({r!r}); its "
-                    "inner parts are fixed"
+                    "inner parts are fixed",
+                    f,
                 )
+                notes.append(str(alg.conflicts[-1]))
             segs = [s + [f.size] for s in segs]
         else:
             segs = [s + [f] for s in segs]
@@ -381,6 +388,7 @@ def build_space(tr: Trace) -> WeightSpace:
     raw_axes: dict[str, list[list[list[Var | int]]]] = {}
     notes = list(tr.notes)
     for tname, dims in tr.weights.items():  # first pass: fix what cannot be expressed
+        alg.site = ("(axis layout)", tname)
         for v, n in zip(dims, tr.shapes[tname]):
             _segments(alg, v, n, notes)
     for tname, dims in tr.weights.items():
@@ -528,6 +536,7 @@ def build_space(tr: Trace) -> WeightSpace:
         neuron_sets,
         identities=[(set_names[a], set_names[b]) for a, b in ident],
         notes=list(dict.fromkeys(notes)),
+        norm_scales=tr.norm_scales,
     )
 
 
@@ -567,10 +576,18 @@ def from_module(
 
     Warns:
         ConverterWarning: once per op and module without a rule, naming both; the axes it
-            touched are fixed.
+            touched are fixed. And once per structural conflict that fixed free axes
+            (two structures no permutation satisfies both of, e.g. a channel shuffle read
+            by a grouped conv whose groups cut its rows), naming the op, the module, what
+            was fixed and how many free permutation dims were lost. Both are also listed
+            in the space's notes (:meth:`WeightSpace.summary`).
     """
     tr = trace(model, example_inputs, rules)
     for note in dict.fromkeys(tr.notes):
         if note.startswith("no rule"):
             warnings.warn(note, ConverterWarning, stacklevel=2)
-    return build_space(tr)
+    space = build_space(tr)
+    for c in dict.fromkeys(tr.algebra.conflicts):
+        if c.lost:
+            warnings.warn(str(c), ConverterWarning, stacklevel=2)
+    return space

@@ -45,6 +45,7 @@ __all__ = [
     "Group",
     "NeuronSet",
     "TensorSpec",
+    "NormScale",
     "WeightSpace",
     "WeightSpaceError",
     "Element",
@@ -245,6 +246,66 @@ class TensorSpec:
         )
 
 
+@dataclass(frozen=True)
+class NormScale:
+    """Tensors that a normalization makes scale-invariant together.
+
+    Every path from these tensors meets a normalization (``norms``: BatchNorm, LayerNorm,
+    GroupNorm, RMSNorm, ...) before any non-homogeneous op, so multiplying each member
+    ``(tensor, axis, power)`` by ``s ** power`` leaves the function unchanged, for any
+    ``s > 0``: with ``axis`` an int, ``s`` has shape ``(size,)`` and row ``i`` along that
+    axis gets ``s[i] ** power`` (per-channel norms: one scale per channel); with ``axis``
+    None the whole tensor gets the one factor ``s[0] ** power`` (``size == 1``). Powers are
+    1 for weights, biases and running means, 2 for running variances. Exact when the norms'
+    ``eps`` is 0; otherwise the output moves by ``O(eps / var)``.
+    """
+
+    name: str
+    size: int
+    members: tuple[tuple[str, int | None, int], ...]
+    norms: tuple[str, ...] = ()
+
+    def apply(self, weights: Mapping[str, Tensor], s: Tensor) -> dict[str, Tensor]:
+        """``weights`` with every member scaled; ``s``: ``(size,)`` positive factors
+        (differentiable; leading batch axes on the weights are not supported)."""
+        if s.shape != (self.size,):
+            raise WeightSpaceError(
+                f"norm scale {self.name!r}: factors have shape {tuple(s.shape)}, expected "
+                f"({self.size},)"
+            )
+        out = dict(weights)
+        for name, axis, power in self.members:
+            w = out[name]
+            f = s.to(w.dtype) ** power
+            if axis is None:
+                out[name] = w * f[0]
+            else:
+                shape = [1] * w.dim()
+                shape[axis] = self.size
+                out[name] = w * f.reshape(shape)
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "size": self.size,
+            "members": [list(m) for m in self.members],
+            "norms": list(self.norms),
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: Mapping) -> NormScale:
+        try:
+            members = tuple(
+                (str(t), None if a is None else int(a), int(p)) for t, a, p in d["members"]
+            )
+            return cls(name, int(d["size"]), members, tuple(str(n) for n in d.get("norms", ())))
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightSpaceError(
+                f"norm_scales[{name!r}] must be {{'size': int, 'members': [[tensor, axis or "
+                f"null, power], ...]}} ({type(e).__name__}: {e})"
+            ) from None
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -270,6 +331,7 @@ class WeightSpace:
         neuron_sets: the activation points, in forward order.
         identities: ``(src_set, dst_set)`` pairs joined by an identity map (residual adds).
         notes: free-form remarks (e.g. axes fixed for lack of a rule).
+        norm_scales: scale invariances that normalizations create (:class:`NormScale`).
     """
 
     groups: dict[str, Group]
@@ -277,6 +339,7 @@ class WeightSpace:
     neuron_sets: dict[str, NeuronSet] = field(default_factory=dict)
     identities: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()
+    norm_scales: tuple[NormScale, ...] = ()
 
     def __post_init__(self) -> None:
         self.groups = dict(self.groups)
@@ -284,7 +347,9 @@ class WeightSpace:
         self.neuron_sets = dict(self.neuron_sets)
         self.identities = tuple(tuple(p) for p in self.identities)
         self.notes = tuple(self.notes)
+        self.norm_scales = tuple(self.norm_scales)
         self._check()
+        self._check_norm_scales()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -295,6 +360,7 @@ class WeightSpace:
         neuron_sets: Iterable[NeuronSet] = (),
         identities: Iterable[tuple[str, str]] = (),
         notes: Iterable[str] = (),
+        norm_scales: Iterable[NormScale] = (),
     ) -> WeightSpace:
         """Build from lists (names taken from the objects)."""
         return cls(
@@ -303,7 +369,36 @@ class WeightSpace:
             {s.name: s for s in neuron_sets},
             tuple(identities),
             tuple(notes),
+            tuple(norm_scales),
         )
+
+    def _check_norm_scales(self) -> None:
+        names: set[str] = set()
+        for ns in self.norm_scales:
+            where = f"norm scale {ns.name!r}"
+            if ns.name in names:
+                raise WeightSpaceError(f"{where} appears twice")
+            names.add(ns.name)
+            for tname, axis, power in ns.members:
+                t = self.tensors.get(tname)
+                if t is None:
+                    raise WeightSpaceError(f"{where}: unknown tensor {tname!r}")
+                if power not in (1, 2):
+                    raise WeightSpaceError(f"{where}: tensor {tname!r} power must be 1 or 2")
+                if axis is None and ns.size != 1:
+                    raise WeightSpaceError(
+                        f"{where}: tensor {tname!r} scales as a whole (axis null) but the "
+                        f"scale has {ns.size} factors; use size 1 or name the row axis"
+                    )
+                if axis is not None and not (0 <= axis < len(t.shape) and t.shape[axis] == ns.size):
+                    raise WeightSpaceError(
+                        f"{where}: tensor {tname!r} axis {axis} does not have size {ns.size} "
+                        f"(shape {t.shape})"
+                    )
+
+    def norm_scale_dims(self) -> int:
+        """Independent positive scales the normalizations allow (one per factor)."""
+        return sum(ns.size for ns in self.norm_scales)
 
     def _check(self) -> None:
         for g in self.groups.values():
@@ -642,7 +737,11 @@ class WeightSpace:
             "tensors": {t.name: t.to_json() for t in self.tensors.values()},
             "identities": [list(p) for p in self.identities],
             "notes": list(self.notes),
-        }
+        } | (
+            {"norm_scales": {ns.name: ns.to_json() for ns in self.norm_scales}}
+            if self.norm_scales
+            else {}
+        )
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -666,6 +765,9 @@ class WeightSpace:
             },
             identities=tuple(tuple(p) for p in d.get("identities", [])),
             notes=tuple(d.get("notes", [])),
+            norm_scales=tuple(
+                NormScale.from_json(n, ns) for n, ns in d.get("norm_scales", {}).items()
+            ),
         )
 
     @classmethod
@@ -714,6 +816,14 @@ class WeightSpace:
         if fixed:
             lines.append(
                 f"  fixed neuron axes: {', '.join(fixed[:8])}" + (" …" if len(fixed) > 8 else "")
+            )
+        if self.norm_scales:
+            rows = sum(ns.size > 1 for ns in self.norm_scales)
+            lines.append(
+                f"  norm scale invariance: {_plural(len(self.norm_scales), 'set')} "
+                f"({rows} per channel), {self.norm_scale_dims()} dims: "
+                + ", ".join(ns.name for ns in self.norm_scales[:4])
+                + (" …" if len(self.norm_scales) > 4 else "")
             )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import fx
 
-from converters.dims import StructureConflict, Var
+from converters.dims import StructureConflict, Var, find
 from converters.rules.base import (
     Context,
     default_rule,
@@ -125,11 +125,7 @@ def _conv(ctx: Context, node: fx.Node, transposed: bool, groups: int) -> Any:
                 ctx.alg.unify(x_in, dw[1], where)
                 out_c = dw[0]
         except StructureConflict:
-            ctx.alg.fix(dx[cin_axis])
-            ctx.alg.fix(dw[0])
-            ctx.alg.fix(dw[1])
-            ctx.alg.conflicts.append(f"grouped convolution {where}: channel structure conflict")
-            out_c = dw[out_w]
+            out_c = _grouped_conflict(ctx, dx[cin_axis], dw, sw, groups, transposed)
     if groups == 1:
         ctx.edge(node, x, w, out_w, in_w, dw[in_w], out_c)
     else:  # block-diagonal: the kernel's input axis holds one group's channels only
@@ -139,6 +135,31 @@ def _conv(ctx: Context, node: fx.Node, transposed: bool, groups: int) -> Any:
         ctx.on_set(node, None, b, out_c, "bias")
     spatial = [ctx.alg.fixed(n) for n in out_shape[cin_axis + 1 :]]
     return ([dx[0]] if batched else []) + [out_c] + spatial
+
+
+def _grouped_conflict(
+    ctx: Context, x_c: Var | None, dw: list, sw: tuple, groups: int, transposed: bool
+) -> Var | None:
+    """The input channels of a grouped conv do not split into ``groups`` blocks (a channel
+    shuffle whose ``c/g`` is not a multiple of ``g``, say): its input side and the order of
+    its groups are fixed, but the channels within every output group still permute (one
+    permutation shared by all groups, the kernel rows following), so only the input's
+    dims and the group order are lost. Returns the output channel variable."""
+    alg = ctx.alg
+    w_in, w_out = (0, 1) if transposed else (1, 0)
+    alg.fix(dw[w_in])  # the kernel's own input axis: a fresh variable, nothing to lose
+    size = find(x_c).size if x_c is not None else 1
+    what = f"input channels ({size}) do not split into the {groups} groups of the convolution"
+    if transposed:  # per-group output channels on axis 1, the group on axis 0
+        alg.conflict(what, x_c)
+        return alg.prod([alg.fixed(groups), dw[1]])
+    try:
+        g_out, _ = alg.factorize(dw[w_out], [groups, sw[w_out] // groups])
+    except StructureConflict:
+        alg.conflict(what + "; nor do its output channels", x_c, dw[w_out])
+        return dw[w_out]
+    alg.conflict(what + "; the group order is fixed", x_c, g_out)
+    return dw[w_out]
 
 
 @register_rule("aten.conv1d", "aten.conv2d", "aten.conv3d")

@@ -79,7 +79,7 @@ def _group_norm(ctx: Context, node: fx.Node) -> Any:
     try:
         ctx.alg.factorize(dx[1], [groups, sx[1] // groups])
     except StructureConflict:
-        ctx.alg.fix(dx[1])
+        ctx.alg.conflict(f"channels ({sx[1]}) do not split into {groups} norm groups", dx[1])
     for a, role in ((w, "norm_weight"), (b, "norm_bias")):
         if isinstance(a, fx.Node):
             ctx.alg.unify(dx[1], ctx.dims(a)[0], f"in {ctx.module_of(node)}")

@@ -137,7 +137,13 @@ def _arg_reduce(ctx: Context, node: fx.Node) -> Any:
     "aten._adaptive_avg_pool2d",
 )
 def _spatial(ctx: Context, node: fx.Node) -> Any:
-    """Pooling/resampling over the trailing spatial axes; batch and channels pass through."""
+    """Pooling/resampling over the trailing spatial axes; batch and channels pass through.
+
+    An adaptive pool whose output size along a pooled axis equals its input size is the
+    identity along that axis (each bin is one index: ``start = floor(i n / n) = i``), so
+    the axis keeps its variable: a CRNN puts its channels there with
+    ``x.permute(0, 3, 1, 2)`` and ``AdaptiveAvgPool2d((None, 1))``.
+    """
     x = node.args[0]
     dx, sx = list(ctx.dims(x)), ctx.shape(x)
     name = op_name(node.target)
@@ -150,9 +156,14 @@ def _spatial(ctx: Context, node: fx.Node) -> Any:
         ctx.fix_inputs(node)
         return ctx.fixed_like(node)
     lead = len(sx) - spatial
-    for v in dx[lead:]:
+    adaptive = name.startswith(("aten.adaptive_", "aten._adaptive_"))
+    out = dx[:lead]
+    for v, n_in, n_out in zip(dx[lead:], sx[lead:], shp[lead:]):
+        if adaptive and n_in == n_out:
+            out.append(v)
+            continue
         ctx.alg.fix(v)
-    out = dx[:lead] + [ctx.alg.fixed(n) for n in shp[lead:]]
+        out.append(ctx.alg.fixed(n_out))
     if isinstance(val, list | tuple):
         return [out, list(out)]
     return out

@@ -63,9 +63,7 @@ def reshape_dims(ctx: Context, node: fx.Node, dx: list, sx: tuple, so: tuple) ->
             for k, p in enumerate(pieces):
                 result[out_idx[j - len(gj) + k]] = p
     except (StructureConflict, IndexError):
-        alg.conflicts.append(f"reshape {sx} -> {so} in {ctx.module_of(node)}: axes fixed")
-        for v in dx:
-            alg.fix(v)
+        alg.conflict(f"reshape {sx} -> {so} splits the structure of its axes", *dx)
         return [alg.fixed(n) for n in so]
     return result
 
@@ -207,7 +205,9 @@ def _split_outputs(ctx: Context, node: fx.Node, dim: int, sizes: list[int]) -> A
     try:
         segs = ctx.alg.split(dx[d], sizes)
     except StructureConflict:
-        ctx.alg.fix(dx[d])
+        ctx.alg.conflict(
+            f"axis {d} of shape {tuple(ctx.shape(x))} does not split into {sizes}", dx[d]
+        )
         segs = [ctx.alg.fixed(n) for n in sizes]
     outs = []
     for seg in segs:
@@ -341,7 +341,7 @@ def _slice(ctx: Context, node: fx.Node) -> Any:
         segs = ctx.alg.split(dx[d], sizes)
         out[d] = segs[1 if start > 0 else 0]
     except StructureConflict:
-        ctx.alg.fix(dx[d])
+        ctx.alg.conflict(f"slice [{start}:{end}] cuts the structure of axis {d} (size {n})", dx[d])
         out[d] = ctx.alg.fixed(end - start)
     return out
 

@@ -1,0 +1,155 @@
+"""Norm-induced scale invariance: found by the converter, exact by scaling (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from converters import from_module
+from metanet import WeightSpace
+from metanet.space import NormScale, WeightSpaceError
+from tests.fixtures.architectures import entry
+from tests.test_from_module import converted
+
+
+def _zero_eps(model: nn.Module) -> nn.Module:
+    """The invariance is exact at eps = 0 (with eps it holds to O(eps / var))."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(getattr(m, "eps", None), float):
+            m.eps = 0.0
+    return model
+
+
+def _scaled(space: WeightSpace, weights: dict, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    for ns in space.norm_scales:
+        s = torch.rand(ns.size, generator=gen, dtype=torch.float64) * 3.0 + 0.2
+        weights = ns.apply(weights, s)
+    return weights
+
+
+def _rel(model, a, b, x) -> float:
+    ya, yb = functional_call(model, a, x), functional_call(model, b, x)
+    return float((ya - yb).abs().max() / ya.abs().max())
+
+
+# (sets, per-channel sets, dims): hand counts
+HAND = {
+    # 19 convs + 2 shortcut convs, each followed by its BatchNorm: one scale per channel,
+    # 16 + 6x16 + (6x32 + 32) + (6x64 + 64) = 784
+    "resnet20": (21, 21, 784),
+    # the residual stream (patch embedding, class token, positions, both blocks' attention
+    # projections and MLP outputs) is read only by LayerNorms: one scale for all of it
+    "vit_tiny": (1, 0, 1),
+    # every conv feeds a BatchNorm: stem 16 + block 1 (dw 16, proj 8) + blocks 2-5
+    # (expand, dw, proj: 32+32+16, 64+64+16, 64+64+24, 96+96+24) + last 1x1 64 = 696
+    "mobilenet_v2_like": (16, 16, 696),
+    # per-pixel LayerNorm over channels: each conv scales as a whole
+    "resnet20_layernorm": (21, 0, 21),
+}
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_found_with_hand_counts_and_exact_by_scaling(name):
+    model, inputs, space = converted(entry(name))
+    sets, per_channel, dims = HAND[name]
+    assert len(space.norm_scales) == sets
+    assert sum(ns.size > 1 for ns in space.norm_scales) == per_channel
+    assert space.norm_scale_dims() == dims
+    w = dict(model.state_dict())
+    scaled = _scaled(space, w)
+    changed = [k for k in w if not torch.equal(w[k], scaled[k])]
+    assert len(changed) == sum(len(ns.members) for ns in space.norm_scales)
+    assert _rel(_zero_eps(model), w, scaled, inputs) < 1e-12
+    # with the real eps the function moves, a little: the invariance is eps-exact only
+    assert 0 < _rel(model, w, scaled, inputs) < 1e-2
+
+
+def test_vit_stream_members():
+    _, _, space = converted(entry("vit_tiny"))
+    (ns,) = space.norm_scales
+    names = {m[0] for m in ns.members}
+    assert {"patch_embed.weight", "patch_embed.bias", "cls_token", "pos_embed"} <= names
+    for b in (0, 1):
+        assert {f"blocks.{b}.attn.proj.weight", f"blocks.{b}.mlp.2.bias"} <= names
+        assert f"blocks.{b}.attn.qkv.weight" not in names  # read after a norm, not before
+    assert "head.weight" not in names and len(names) == 12
+    assert set(ns.norms) == {"blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1"} | {
+        "blocks.1.norm2",
+        "norm",
+    }
+
+
+def test_scaling_a_non_member_changes_the_function():
+    """The test above can fail: the classifier (no norm after it) is not invariant."""
+    model, inputs, space = converted(entry("resnet20"))
+    assert all(m[0] != "fc.weight" for ns in space.norm_scales for m in ns.members)
+    w = dict(model.state_dict())
+    w2 = dict(w, **{"fc.weight": 2.0 * w["fc.weight"]})
+    assert _rel(_zero_eps(model), w, w2, inputs) > 1e-3
+
+
+class _Leaky(nn.Module):
+    """conv1 -> BN, but conv1's output is also read by conv2 directly: not invariant.
+    conv3 -> ReLU -> BN is (ReLU is positively homogeneous)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        y = self.bn1(h) + self.conv2(h)
+        return self.bn3(torch.relu(self.conv3(y)))
+
+
+def test_a_value_read_outside_the_norm_is_not_invariant():
+    torch.manual_seed(0)
+    model = _Leaky().double().eval()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    space = from_module(model, x)
+    (ns,) = space.norm_scales
+    assert [m[0] for m in ns.members] == [
+        "conv3.weight",
+        "conv3.bias",
+        "bn3.running_mean",
+        "bn3.running_var",
+    ]
+    assert [m[2] for m in ns.members] == [1, 1, 1, 2] and ns.size == 4
+    w = dict(model.state_dict())
+    assert _rel(_zero_eps(model), w, _scaled(space, w), x) < 1e-12
+
+
+def test_json_round_trip_and_old_documents():
+    _, _, space = converted(entry("mobilenet_v2_like"))
+    back = WeightSpace.from_json(space.to_json())
+    assert back == space and back.norm_scales == space.norm_scales
+    _, _, mlp = converted(entry("mlp"))
+    assert not mlp.norm_scales and "norm_scales" not in mlp.to_dict()  # format unchanged
+    d = space.to_dict()
+    d.pop("norm_scales")
+    assert WeightSpace.from_dict(d).norm_scales == ()
+
+
+def test_invalid_norm_scales_name_the_tensor():
+    _, _, space = converted(entry("cnn_bn"))
+    ns = space.norm_scales[0]
+    bad = NormScale(ns.name, ns.size + 1, ns.members)
+    with pytest.raises(WeightSpaceError, match=ns.members[0][0]):
+        WeightSpace(space.groups, space.tensors, space.neuron_sets, norm_scales=(bad,))
+    with pytest.raises(WeightSpaceError, match="unknown tensor 'nope'"):
+        WeightSpace(
+            space.groups,
+            space.tensors,
+            space.neuron_sets,
+            norm_scales=(NormScale("x", 1, (("nope", None, 1),)),),
+        )
+    with pytest.raises(WeightSpaceError, match="expected"):
+        ns.apply(dict.fromkeys(space.tensors, torch.ones(1)), torch.ones(ns.size + 2))
