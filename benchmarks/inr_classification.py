@@ -55,16 +55,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from metanet.io import atomic_write  # noqa: E402
-from tasks.inr import INRConfig, WeightDataset, make_dataset  # noqa: E402
-from tasks.train import build_model, train  # noqa: E402
+from tasks.inr import INRConfig, WeightDataset, make_dataset, render  # noqa: E402
+from tasks.train import GRAPH_KINDS, build_model, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = ROOT / "out" / "inr-digits"
 MODELS = (
+    "unf+sign+probe",
+    "gmn+sign+probe",
+    "transformer+sign+probe",
     "unf+sign",
     "gmn+sign",
-    "unf",
-    "gmn",
+    "transformer+sign",
     "nfn-hnp",
     "nfn-np",
     "nfn-hnp+sign",
@@ -78,6 +80,7 @@ LABELS = {
     "unf+flip": "UNF (metanet) + sign-flip augmentation",
     "nfn-hnp+flip": "NFN-HNP (`nfn`) + sign-flip augmentation",
     "gmn": "GMN (metanet)",
+    "transformer": "graph transformer (metanet)",
     "unf": "UNF (metanet, full basis)",
     "nfn": "UNF (metanet, NFN basis)",
     "nfn-hnp": "NFN-HNP (`nfn` package)",
@@ -85,6 +88,82 @@ LABELS = {
     "statnn": "StatNN",
     "flat": "flat MLP (+ permutation augmentation)",
 }
+
+
+def _label(spec: str) -> str:
+    if spec in LABELS:
+        return LABELS[spec]
+    kind, sign, flip, probe = _split(spec)
+    base = LABELS.get(kind, kind)
+    return base + "".join(
+        text
+        for on, text in (
+            (sign, " + sign canonicalization"),
+            (flip, " + sign-flip augmentation"),
+            (probe, " + probe features"),
+        )
+        if on
+    )
+
+
+def render_ceiling(
+    data: Path, seed: int, epochs: int = 60, patience: int = 8, batch: int = 64, lr: float = 1e-3
+) -> dict:
+    """The accuracy the INRs' own images allow: a small CNN trained on the images the
+    INRs draw (:func:`tasks.inr.render`, same split), early stopping on validation."""
+    from torch import nn
+
+    t0 = time.perf_counter()
+    sets = {s: WeightDataset(data, s) for s in ("train", "val", "test")}
+    x = {s: render(ds)[:, None] for s, ds in sets.items()}
+    y = {s: ds.labels for s, ds in sets.items()}
+    mean, std = float(x["train"].mean()), float(x["train"].std())
+    x = {s: (v - mean) / std for s, v in x.items()}
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def acc(s: str) -> float:
+        net.eval()
+        with torch.no_grad():
+            out = float((net(x[s]).argmax(-1) == y[s]).float().mean())
+        net.train()
+        return out
+
+    best, best_state, best_epoch, epoch = -1.0, None, 0, 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(y["train"]), generator=gen)
+        for a in range(0, len(order) - batch + 1, batch):
+            i = order[a : a + batch]
+            loss = nn.functional.cross_entropy(net(x["train"][i]), y["train"][i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        v = acc("val")
+        if v > best:
+            best, best_epoch = v, epoch
+            best_state = {k: t.clone() for k, t in net.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    net.load_state_dict(best_state)
+    return {
+        "test": acc("test"),
+        "val": best,
+        "epochs": epoch + 1,
+        "params": sum(q.numel() for q in net.parameters()),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _have_nfn() -> bool:
@@ -95,25 +174,27 @@ def _have_nfn() -> bool:
     return True
 
 
-def _split(spec: str) -> tuple[str, bool, bool]:
-    """``"unf+sign"`` -> ``("unf", True, False)``: the model kind, whether it reads the
-    sign canonical form of the weights (``train(canonicalize=True)``), and whether it is
-    trained on random sign flips instead (``+flip``: ``train(flip_signs=True)``)."""
-    kind, _, flag = spec.partition("+")
-    if flag not in ("", "sign", "flip"):
-        raise ValueError(f"model {spec!r}: the suffixes are +sign and +flip")
-    return kind, flag == "sign", flag == "flip"
+def _split(spec: str) -> tuple[str, bool, bool, bool]:
+    """``"unf+sign+probe"`` -> ``("unf", True, False, True)``: the model kind, whether it
+    reads the sign canonical form of the weights (``train(canonicalize=True)``), whether it
+    is trained on random sign flips instead (``+flip``: ``train(flip_signs=True)``), and
+    whether it gets probe features too (``+probe``: ``train(probes=--probes)``)."""
+    kind, *flags = spec.split("+")
+    if any(f not in ("sign", "flip", "probe") for f in flags):
+        raise ValueError(f"model {spec!r}: the suffixes are +sign, +flip and +probe")
+    return kind, "sign" in flags, "flip" in flags, "probe" in flags
 
 
-def _params(kind: str, data: Path, hidden: int, frequencies: int) -> int:
-    kind = _split(kind)[0]
-    ds = WeightDataset(data, "test", "graph" if kind == "gmn" else "weights")
+def _params(spec: str, data: Path, hidden: int, frequencies: int, probes: int) -> int:
+    kind, _, _, probe = _split(spec)
+    graph = kind in GRAPH_KINDS
+    ds = WeightDataset(data, "test", "graph" if graph else "weights", probes=probes if probe else 0)
     model = build_model(
         kind,
         ds.space,
         10,
         hidden,
-        example_graph=ds[0] if kind == "gmn" else None,
+        example_graph=ds[0] if graph else None,
         frequencies=frequencies,
     )
     return sum(p.numel() for p in model.parameters())
@@ -137,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frequencies", type=int, default=4, help="Fourier input encoding")
     ap.add_argument("--schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probes", type=int, default=64, help="probe points of the +probe models")
+    ap.add_argument("--patience", type=int, default=None, help="early stopping on val")
+    ap.add_argument(
+        "--no-ceiling", dest="ceiling", action="store_false", help="skip the render ceiling"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "inr_classification.md")
     ap.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
     args = ap.parse_args(argv)
@@ -153,13 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((args.data / "dataset.json").read_text())
     full = WeightDataset(args.data)
     n_split = {s: sum(r["split"] == s for r in full.rows) for s in ("train", "val", "test")}
-    psnr = full.psnr
     n_train = min(args.limit, n_split["train"]) if args.limit else n_split["train"]
 
     results: dict[str, list] = {}
     wall0 = time.perf_counter()
+    ceiling = []
+    if args.ceiling:
+        for seed in range(args.seeds):
+            ceiling.append(render_ceiling(args.data, seed))
+            print(f"render ceiling seed {seed}: test {ceiling[-1]['test']:.3f}", file=sys.stderr)
     for spec in models:
-        kind, canonical, flip = _split(spec)
+        kind, canonical, flip, probe = _split(spec)
         runs = []
         for seed in range(args.seeds):
             r = train(
@@ -177,17 +267,28 @@ def main(argv: list[str] | None = None) -> int:
                 schedule=args.schedule,
                 canonicalize=canonical,
                 flip_signs=flip,
+                probes=args.probes if probe else 0,
+                patience=args.patience,
             )
             runs.append(r)
             print(
                 f"{spec} seed {seed}: test {r.test_accuracy:.3f} val {r.val_accuracy:.3f} "
-                f"({r.seconds:.0f} s)",
+                f"epochs {r.epochs} ({r.seconds:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )
         results[spec] = runs
-    wall = time.perf_counter() - wall0
+        _write(args, meta, full, n_split, n_train, ceiling, results, time.perf_counter() - wall0)
+    _write(args, meta, full, n_split, n_train, ceiling, results, time.perf_counter() - wall0)
+    plot = args.plot or args.out.with_suffix(".png")
+    _plot(results, plot)
+    print(f"wrote {args.out} and {plot}", file=sys.stderr)
+    return 0
 
+
+def _write(args, meta, full, n_split, n_train, ceiling, results, wall) -> None:
+    """The table so far (rewritten after every model: a cut-short run keeps its rows)."""
+    psnr = full.psnr
     cfg = meta["config"]
     caption = (
         f"torch {torch.__version__}, {args.threads} thread(s). Data: {len(full):,} SIREN INRs "
@@ -205,35 +306,50 @@ def main(argv: list[str] | None = None) -> int:
             if n_train < n_split["train"]
             else "Training on the full training split; "
         )
-        + f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g} "
+        + (
+            f"up to {args.epochs} epochs with early stopping on validation accuracy (patience "
+            f"{args.patience}; test accuracy of the best validation epoch), "
+            if args.patience
+            else f"{args.epochs} epochs, "
+        )
+        + f"batch {args.batch_size}, Adam lr {args.lr:g} "
         f"({args.schedule}), width/channels {args.hidden}, Fourier input encoding with "
-        f"{args.frequencies} frequencies for the equivariant models; test accuracy after "
-        f"the last epoch, mean ± std over {args.seeds} seed(s). Wall time: per run, mean; "
-        f"whole benchmark {wall / 60:.1f} min."
+        f"{args.frequencies} frequencies for the equivariant models; `+probe`: "
+        f"{args.probes} probe points; mean ± std over {args.seeds} seed(s). Render ceiling: "
+        "a CNN trained on the images the INRs draw (same split); `of ceiling` = test accuracy "
+        f"/ the ceiling's. Wall time: per run, mean; whole benchmark {wall / 60:.1f} min."
     )
     lines = [
         caption,
         "",
-        "| model | test accuracy % | val accuracy % | parameters | wall time / run |",
-        "|---|---:|---:|---:|---:|",
+        "| model | test accuracy % | of ceiling | val accuracy % | epochs | parameters | "
+        "wall time / run |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    top = statistics.mean(c["test"] for c in ceiling) if ceiling else float("nan")
+    if ceiling:
+        lines.append(
+            f"| render ceiling: CNN on the images the INRs draw | "
+            f"{_mean_std([c['test'] for c in ceiling])} | 1.00 | "
+            f"{_mean_std([c['val'] for c in ceiling])} | "
+            f"{statistics.mean(c['epochs'] for c in ceiling):.0f} | {ceiling[0]['params']:,} | "
+            f"{statistics.mean(c['seconds'] for c in ceiling):.0f} s |"
+        )
     for kind, runs in sorted(
         results.items(), key=lambda kv: -statistics.mean(r.test_accuracy for r in kv[1])
     ):
+        acc = statistics.mean(r.test_accuracy for r in runs)
         lines.append(
-            f"| {LABELS.get(kind, kind)} | {_mean_std([r.test_accuracy for r in runs])} | "
-            f"{_mean_std([r.val_accuracy for r in runs])} | "
-            f"{_params(kind, args.data, args.hidden, args.frequencies):,} | "
+            f"| {_label(kind)} | {_mean_std([r.test_accuracy for r in runs])} | "
+            f"{acc / top:.2f} | {_mean_std([r.val_accuracy for r in runs])} | "
+            f"{statistics.mean(r.epochs for r in runs):.0f} | "
+            f"{_params(kind, args.data, args.hidden, args.frequencies, args.probes):,} | "
             f"{statistics.mean(r.seconds for r in runs):.0f} s |"
         )
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(text)
-    plot = args.plot or args.out.with_suffix(".png")
-    _plot(results, plot)
-    print(f"wrote {args.out} and {plot}", file=sys.stderr)
-    return 0
 
 
 def _incomplete(root: Path) -> bool:
@@ -249,10 +365,11 @@ def _plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
     for kind, runs in results.items():
-        epochs = [h["epoch"] for h in runs[0].history]
-        curves = torch.tensor([[h["test_accuracy"] for h in r.history] for r in runs])
+        n = min(len(r.history) for r in runs)  # early stopping: runs differ in length
+        epochs = [h["epoch"] for h in runs[0].history[:n]]
+        curves = torch.tensor([[h["test_accuracy"] for h in r.history[:n]] for r in runs])
         mean = curves.mean(0)
-        ax.plot(epochs, 100 * mean, marker="o", ms=3, label=LABELS.get(kind, kind))
+        ax.plot(epochs, 100 * mean, marker="o", ms=3, label=_label(kind))
         if len(runs) > 1:
             lo, hi = curves.min(0).values, curves.max(0).values
             ax.fill_between(epochs, 100 * lo, 100 * hi, alpha=0.15)

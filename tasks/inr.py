@@ -41,6 +41,7 @@ __all__ = [
     "sine_targets",
     "WeightDataset",
     "collate_features",
+    "render",
 ]
 
 INDEX_KEY = "metanet.inr_index"
@@ -523,6 +524,23 @@ class WeightDataset(torch.utils.data.Dataset):
     def __iter__(self) -> Iterator:
         for i in range(len(self)):
             yield self[i]
+
+
+@torch.no_grad()
+def render(ds: WeightDataset, resolution: int | None = None, chunk: int = 2048) -> Tensor:
+    """The images the INRs of ``ds`` draw, ``(len(ds), r, r)`` at their pixel centres
+    (``r``: the dataset's resolution by default). ``ds`` must hold the raw weights (no
+    ``standardize``); canonical or permuted weights draw the same images."""
+    if ds.stats:
+        raise ValueError("render needs the raw weights: open the dataset without standardize")
+    cfg = INRConfig(**ds.meta["config"])
+    r = resolution or ds.meta.get("resolution", 8)
+    coords = image_grid(r, r)
+    out = []
+    for a in range(0, len(ds), chunk):
+        w = {n: t[a : a + chunk].float() for n, t in ds.tensors.items() if n in ds.space.tensors}
+        out.append(siren_forward(cfg, w, coords)[..., 0].reshape(-1, r, r))
+    return torch.cat(out) if out else torch.zeros(0, r, r)
 
 
 def collate_features(batch: list) -> tuple[dict[str, Tensor], Tensor]:
