@@ -4,15 +4,20 @@
 * :class:`StatNN` (Unterthiner et al., "Predicting Neural Network Accuracy from Weights",
   2020) reads per-tensor statistics (mean, variance and quantiles): invariant to every
   permutation, and blind to how weights connect.
+
+Both read weight features only: integer and bool buffers (``num_batches_tracked``) are
+not inputs (:func:`metanet.graph.feature_tensors`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from metanet.graph import feature_tensors
 from metanet.space import WeightSpace
 
 __all__ = ["FlatMLP", "StatNN"]
@@ -27,15 +32,16 @@ def _head(i: int, hidden: int, o: int, layers: int) -> nn.Sequential:
 
 
 class FlatMLP(nn.Module):
-    """MLP on the concatenation of all flattened tensors (``{name: (B, *shape)}`` or
+    """MLP on the concatenation of all flattened weight-feature tensors (``{name: (B, *shape)}`` or
     ``(B, 1, *shape)``) -> ``(B, out_features)``."""
 
     def __init__(
         self, space: WeightSpace, out_features: int = 1, hidden: int = 256, layers: int = 2
     ):
         super().__init__()
-        self.names = list(space.tensors)
-        self.net = _head(space.num_params, hidden, out_features, layers)
+        self.names = feature_tensors(space)
+        width = sum(math.prod(space.tensors[n].shape) for n in self.names)
+        self.net = _head(width, hidden, out_features, layers)
 
     def forward(self, weights: Mapping[str, Tensor]) -> Tensor:
         b = next(iter(weights.values())).shape[0]
@@ -51,7 +57,7 @@ class StatNN(nn.Module):
         self, space: WeightSpace, out_features: int = 1, hidden: int = 256, layers: int = 2
     ):
         super().__init__()
-        self.names = list(space.tensors)
+        self.names = feature_tensors(space)
         self.net = _head(len(self.names) * (2 + len(self.QUANTILES)), hidden, out_features, layers)
 
     def forward(self, weights: Mapping[str, Tensor]) -> Tensor:

@@ -126,7 +126,10 @@ class GMN(nn.Module):
 
     Node inputs: Fourier-encoded features plus embeddings of node type, layer depth and
     (for fixed neurons: inputs, outputs) position; edge inputs: Fourier-encoded values plus
-    an embedding of the edge type (dense weight, kernel, identity).
+    an embedding of the edge type (dense weight, kernel, identity) and a linear code of the
+    positions of the first and last tap the edge holds (``graph.tap_pos``: a kernel cut
+    into chunks of ``edge_dim`` taps gives parallel edges, told apart by it; zero for
+    dense weights). Both are computed per block and repeated over its edges.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class GMN(nn.Module):
         self.layer_emb = nn.Embedding(max_layer + 1, hidden)
         self.pos_emb = nn.Embedding(max_position + 1, hidden)  # 0: permutable neuron
         self.edge_type = nn.Embedding(3, hidden)
+        self.tap_code = nn.Linear(6, hidden, bias=False)
         self.blocks = nn.ModuleList([GMNLayer(hidden) for _ in range(layers)])
         if equivariant:
             self.node_out = _mlp(hidden, hidden, node_dim)
@@ -163,7 +167,7 @@ class GMN(nn.Module):
         x = x + self.node_type(graph.node_type.clamp(0, 3))
         x = x + self.layer_emb(graph.node_layer.clamp(0, self.max_layer))
         x = x + self.pos_emb((graph.node_pos + 1).clamp(0, self.max_position))
-        e = self.edge_in(self.encode(graph.edge_attr)) + self.edge_type(graph.edge_type())
+        e = self.edge_in(self.encode(graph.edge_attr)) + self._block_code(graph)
         for block in self.blocks:
             x, e = block(x, graph.edge_index, e)
         if self.equivariant:
@@ -185,6 +189,14 @@ class GMN(nn.Module):
             dim=-1,
         )
         return self.readout(pooled)
+
+    def _block_code(self, graph) -> Tensor:
+        """Per edge ``(E, hidden)``: its block's type embedding plus the code of its first
+        and last tap position, computed per block ``(B, hidden)`` and repeated."""
+        last = (graph.block_taps - 1).clamp(min=0)
+        taps = torch.cat([graph.tap_pos[:, 0], graph.tap_pos[torch.arange(last.numel()), last]], 1)
+        code = self.edge_type(graph.block_type) + self.tap_code(taps.to(self.tap_code.weight))
+        return code.repeat_interleave(graph.block_size, dim=0)
 
     @staticmethod
     def as_graph(graph, node_out: Tensor, edge_out: Tensor):

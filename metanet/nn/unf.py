@@ -23,7 +23,37 @@ a wreath product) a block may join inner indices only when their outer indices s
 block. ``basis="nfn"`` keeps the cheaper NFN subset: at most one input and one output index
 per block (no diagonals within a tensor).
 
-Inputs and outputs are weight-feature dicts ``{name: Tensor(batch, channels, *shape)}``.
+Inputs and outputs are weight-feature dicts ``{name: Tensor(batch, channels, *shape)}``;
+only floating tensors are weight features (:func:`metanet.graph.is_feature`): integer and
+bool buffers (``num_batches_tracked``, ``relative_position_index``) are not read, and pass
+through unchanged when given (so outputs still cover the whole space).
+
+**Large spaces.** Three things keep a layer's size and build time in proportion to the
+*symmetric* structure of a real network (ImageNet ViTs, DenseNets):
+
+* *bounded folds.* A piece whose fixed factors hold ``fold > max_fold`` values (a logit
+  layer's 1000 classes, a patch conv's ``3 * 16 * 16`` taps, a tensor with no permuted axis
+  at all) is encoded along them by the first ``max_fold`` rows of a cosine (DCT-II) basis
+  :math:`P \\in \\mathbb{R}^{K \\times f}` before the layer and decoded by :math:`P^\\top`
+  after it; a per-position channel map :math:`A \\in \\mathbb{R}^{C_o \\times C_i}` keeps
+  full resolution there. The group does not act on fixed factors, so this is exactly
+  equivariant (the encoding commutes with every permutation of the indices):
+
+  .. math::
+
+      Y_p = \\operatorname{dec}_p\\big(\\mathrm{UNF}(\\operatorname{enc}(X))_p\\big) + A_p X_p.
+
+* *piece pairs by signature.* Only terms in which an output and an input index share a
+  block need the pair to share a group; they are enumerated over the pairs found through
+  each group's pieces (never all pairs), with the partitions cached per pair signature
+  (the pattern of equal groups). Terms with no shared block read a whole-piece reduction
+  (a mean, or a mean along an input diagonal) and write a broadcast pattern: for every
+  pair they are the product of the output's patterns and the input's reductions.
+* *the invariant pathway.* Those terms are one linear map from the concatenated
+  reductions :math:`v \\in \\mathbb{R}^D` of all pieces to all output patterns
+  :math:`\\mathbb{R}^R`, factored as :math:`U V` (rank ``invariant_rank`` per channel)
+  where that has fewer parameters than :math:`R \\times D` (any linear map of invariants
+  is equivariant).
 
 :class:`UNFLinear` batches the terms twice: terms that write the same pattern into the
 same output piece form a group, one block of weights over the concatenation of what they
@@ -35,6 +65,7 @@ full-size write.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import string
@@ -45,6 +76,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from metanet.graph import is_feature
 from metanet.space import WeightSpace, WeightSpaceError
 
 __all__ = [
@@ -81,9 +113,12 @@ class Piece:
 
 
 def pieces_of(space: WeightSpace) -> list[Piece]:
-    """Every tensor cut into pieces (see :class:`Piece`), in space order."""
+    """Every weight-feature tensor cut into pieces (see :class:`Piece`), in space order
+    (integer and bool buffers have none)."""
     out: list[Piece] = []
     for t in space.tensors.values():
+        if not is_feature(t):
+            continue
         per_axis = []
         for axis in t.axes:
             opts, start = [], 0
@@ -129,6 +164,48 @@ def _product(lists: list[list]) -> Iterator[tuple]:
     for head in lists[0]:
         for rest in _product(lists[1:]):
             yield (head, *rest)
+
+
+_NO_INDICES = Piece("", (), (), (), (), (), 1)
+"""A piece without indices: the other side of a term that writes or reads one piece alone."""
+
+
+def _signature(out: Piece, inp: Piece) -> tuple:
+    """What :func:`basis_terms` depends on: which indices share a group (groups renamed by
+    first appearance) and the outer-group links."""
+    names: dict[str, int] = {}
+    groups = tuple(names.setdefault(g, len(names)) for g in out.index_groups + inp.index_groups)
+    return out.num_indices, groups, out.outer, inp.outer
+
+
+def _cosine_basis(k: int, n: int) -> Tensor:
+    r"""The first ``k`` rows of the DCT-II basis on ``n`` points, ``(k, n)``:
+    :math:`c_r \cos(\pi r (2j + 1) / 2n)` with :math:`c_0 = 1`, :math:`c_{r>0} = \sqrt 2`
+    (row 0 is all ones, every row has mean square 1, the rows are orthogonal)."""
+    j = torch.arange(n, dtype=torch.float64)
+    rows = torch.cos(
+        math.pi * torch.arange(k, dtype=torch.float64)[:, None] * (2 * j + 1) / (2 * n)
+    )
+    rows[1:] *= math.sqrt(2)
+    return rows.float()
+
+
+def _encode(x: Tensor, basis: Tensor, fold: int) -> Tensor:
+    """``(B, C * fold, *idx)`` -> ``(B, C * K, *idx)``: each channel's fixed values replaced
+    by their means against the ``K`` cosines of ``basis`` (row 0: the plain mean)."""
+    b, _, *idx = x.shape
+    scaled = basis.to(x.dtype) / fold
+    z = torch.einsum("bcfn,kf->bckn", x.reshape(b, -1, fold, math.prod(idx)), scaled)
+    return z.reshape(b, -1, *idx)
+
+
+def _decode(y: Tensor, basis: Tensor, fold: int) -> Tensor:
+    """``(B, C * K, *idx)`` -> ``(B, C * fold, *idx)``: the cosine series of the ``K``
+    coefficients at every fixed position (adjoint of :func:`_encode` up to scale)."""
+    b, _, *idx = y.shape
+    k = basis.shape[0]
+    z = torch.einsum("bckn,kf->bcfn", y.reshape(b, -1, k, math.prod(idx)), basis.to(y.dtype))
+    return z.reshape(b, -1, *idx)
 
 
 def _set_partitions(items: list[int]) -> Iterator[list[list[int]]]:
@@ -250,8 +327,8 @@ class _Term:
             bi for bi, b in enumerate(partition) if any(k < m for k in b) and any(k >= m for k in b)
         ]
         self.kept_sub = "".join(block_letter[bi] for bi in kept)
-        summed = [inp.index_sizes[b[0] - m] for b in partition if all(k >= m for k in b)]
-        self.scale = 1.0 / math.prod(summed)
+        self._summed = [b[0] - m for b in partition if all(k >= m for k in b)]
+        self.scale = 1.0 / math.prod(inp.index_sizes[k] for k in self._summed)
         # no input diagonal: the reduction is a plain mean over the input-only indices,
         # and ``kept_in`` lists the input index of each shared block
         self.diagonal = len(set(self.in_sub)) < len(self.in_sub)
@@ -260,8 +337,17 @@ class _Term:
         self.out_blocks = [[k for k in partition[bi] if k < m] for bi in out_blocks]
         self.block_sizes = [out.index_sizes[b[0]] for b in self.out_blocks]
         self.n_kept = len(kept)
+        self.out_key = (tuple(map(tuple, self.out_blocks)), self.n_kept)
         # terms with the same key read the same reduction of the same input piece
         self.reduction_key = _canonical(f"{self.in_sub}>{self.kept_sub}")
+
+    def resized(self, out: Piece, inp: Piece) -> _Term:
+        """This term on another pair of the same signature (same structure; the sizes,
+        hence the mean's scale and the output blocks' sizes, may differ)."""
+        term = copy.copy(self)
+        term.scale = 1.0 / math.prod(inp.index_sizes[k] for k in self._summed)
+        term.block_sizes = [out.index_sizes[b[0]] for b in self.out_blocks]
+        return term
 
     def source(self, piece: int) -> tuple:
         """The key of the reduction this term reads in :meth:`UNFLinear.forward`."""
@@ -428,12 +514,6 @@ class _Group:
         """Groups with the same key read the same concatenation."""
         return tuple((ii, term.reduction_key) for ii, term in self.reads)
 
-    @property
-    def constant(self) -> bool:
-        """Its terms write a constant over the piece (all indices in singleton blocks).
-        Every piece has this group, and its map adds the bias."""
-        return self.pattern.n_kept == 0 and self.pattern.is_broadcast
-
 
 @dataclass
 class _Map:
@@ -457,13 +537,22 @@ class UNFLinear(nn.Module):
         out_channels: channels of the output features.
         basis: ``"full"`` (every valid partition) or ``"nfn"`` (the NFN subset).
         bias: add a learned per-channel constant to every output piece.
+        max_fold: fixed values per piece kept as they are; pieces with more are encoded
+            by that many cosines (see the module docstring).
+        invariant_rank: rank of the invariant pathway's map per channel (times
+            ``min(in_channels, out_channels)``), used where the factored map is smaller than
+            the full one (``None``: always full).
 
     Shapes:
         input ``{name: (B, in_channels, *shape)}`` -> output
-        ``{name: (B, out_channels, *shape)}``.
+        ``{name: (B, out_channels, *shape)}`` for every floating tensor; integer and
+        bool tensors in the input are returned as they are.
 
     Parameters: ``weights``, one matrix per set of groups reading the same input (their
-    blocks stacked by rows); ``bias``, ``out_channels * fold`` per piece, concatenated.
+    blocks stacked by rows), then the invariant pathway's output matrix (``U``, or the
+    whole map), then each encoded piece's per-position map ``A``; ``invariant_in``
+    (``V``, when factored); ``bias``, ``out_channels * min(fold, max_fold)`` per piece,
+    concatenated.
     """
 
     def __init__(
@@ -473,10 +562,14 @@ class UNFLinear(nn.Module):
         out_channels: int,
         basis: str = "full",
         bias: bool = True,
+        max_fold: int = 64,
+        invariant_rank: int | None = 64,
     ):
         super().__init__()
         if basis not in ("full", "nfn"):
             raise ValueError(f"basis must be 'full' or 'nfn', got {basis!r}")
+        if max_fold < 1:
+            raise ValueError(f"max_fold must be >= 1, got {max_fold}")
         self.space, self.in_channels, self.out_channels, self.basis = (
             space,
             in_channels,
@@ -484,59 +577,118 @@ class UNFLinear(nn.Module):
             basis,
         )
         self.pieces = pieces_of(space)
-        # Terms that write the same pattern into the same output piece (same output
-        # blocks, same blocks shared with the input) differ only in what they read: each
-        # reads a reduction of some input piece (means over its input-only blocks, its
-        # diagonals) shaped like the shared blocks. So they run as one matmul over the
-        # concatenated reductions, and each reduction is computed once per forward.
+        self._bookkeeping = [n for n, t in space.tensors.items() if not is_feature(t)]
+        self.widths = [min(p.fold, max_fold) for p in self.pieces]
+        self._projected = [i for i, p in enumerate(self.pieces) if p.fold > max_fold]
+        for fold in {self.pieces[i].fold for i in self._projected}:
+            self.register_buffer(f"cosine_{fold}", _cosine_basis(max_fold, fold), persistent=False)
+
+        cache: dict[tuple, list[list[list[int]]]] = {}
+
+        def partitions(po: Piece, pi: Piece) -> list[list[list[int]]]:
+            sig = _signature(po, pi)
+            if sig not in cache:
+                cache[sig] = basis_terms(po, pi, basis)
+            return cache[sig]
+
+        # Terms in which an output and an input index share a block exist only for pieces
+        # that share a group: found through each group's pieces, never over all pairs,
+        # and built once per pair signature (then resized). Terms that write the same
+        # pattern into the same output piece (same output blocks, same blocks shared with
+        # the input) differ only in what they read: each reads a reduction of some input
+        # piece (means over its input-only blocks, its diagonals) shaped like the shared
+        # blocks. So they run as one matmul over the concatenated reductions, and each
+        # reduction is computed once per forward.
+        shared: dict[tuple, list[_Term]] = {}
+        by_group: dict[str, list[int]] = {}
+        for ii, p in enumerate(self.pieces):
+            for g in dict.fromkeys(p.index_groups):
+                by_group.setdefault(g, []).append(ii)
         groups: dict[tuple, _Group] = {}
         n_terms = 0
         for oi, po in enumerate(self.pieces):
-            for ii, pi in enumerate(self.pieces):
-                for part in basis_terms(po, pi, basis):
-                    term = _Term(part, po, pi)
-                    n_terms += 1
-                    key = (oi, tuple(map(tuple, term.out_blocks)), term.n_kept)
+            partners = sorted({ii for g in set(po.index_groups) for ii in by_group[g]})
+            for ii in partners:
+                pi = self.pieces[ii]
+                sig = _signature(po, pi)
+                if sig not in shared:
+                    m = po.num_indices
+                    shared[sig] = [
+                        _Term(part, po, pi)
+                        for part in partitions(po, pi)
+                        if any(b[0] < m <= b[-1] for b in part)  # else: invariant pathway
+                    ]
+                    protos = shared[sig]
+                else:
+                    protos = [t.resized(po, pi) for t in shared[sig]]
+                n_terms += len(protos)
+                for term in protos:
+                    key = (oi, term.out_key)
                     groups.setdefault(key, _Group(oi, term)).reads.append((ii, term))
+        # The invariant pathway: every output piece's patterns (broadcasts, output
+        # diagonals) read every input piece's whole-piece reductions. The broadcast rows
+        # come first, one per piece in order: they take the bias.
+        patterns = [
+            [_Term(part, po, _NO_INDICES) for part in partitions(po, _NO_INDICES)]
+            for po in self.pieces
+        ]
+        reductions = [
+            sorted(
+                (_Term(part, _NO_INDICES, pi) for part in partitions(_NO_INDICES, pi)),
+                key=lambda term: term.reduction_key,
+            )
+            for pi in self.pieces
+        ]
+        n_terms += sum(map(len, patterns)) * sum(map(len, reductions))
         self._num_terms = n_terms
-        # the reductions the groups read: each input piece itself and its means (one
+        out_rows = [(oi, t) for oi, ts in enumerate(patterns) for t in ts if t.is_broadcast]
+        out_rows += [(oi, t) for oi, ts in enumerate(patterns) for t in ts if not t.is_broadcast]
+        heights = [out_channels * self.widths[oi] for oi, _ in out_rows]
+        ends = list(itertools.accumulate(heights))
+        self._inv_out = [(oi, t, e - h, e) for (oi, t), e, h in zip(out_rows, ends, heights)]
+        self._inv_in = [(ii, t) for ii, ts in enumerate(reductions) for t in ts]
+
+        # the reductions the terms read: each input piece itself and its means (one
         # _PieceReads per piece), and einsums for those along an input diagonal
         means: dict[int, dict[tuple[int, ...], None]] = {}
         self._diagonals: dict[tuple, tuple[str, float]] = {}
-        for g in groups.values():
-            for ii, term in g.reads:
-                if term.diagonal:
-                    einsum = f"zc{term.in_sub}->zc{term.kept_sub}"
-                    self._diagonals[(ii, term.reduction_key)] = (einsum, term.scale)
-                elif len(term.kept_in) < self.pieces[ii].num_indices:
-                    means.setdefault(ii, {})[tuple(sorted(term.kept_in))] = None
+        reads = [r for g in groups.values() for r in g.reads] + self._inv_in
+        for ii, term in reads:
+            if term.diagonal:
+                einsum = f"zc{term.in_sub}->zc{term.kept_sub}"
+                self._diagonals[(ii, term.reduction_key)] = (einsum, term.scale)
+            elif len(term.kept_in) < self.pieces[ii].num_indices:
+                means.setdefault(ii, {})[tuple(sorted(term.kept_in))] = None
         self._piece_reads = [
             (ii, *_plan_means(self.pieces[ii].index_sizes, list(kept)))
             for ii, kept in means.items()
         ]
         # Groups that read the same reductions (e.g. an MLP's weights into and out of a
         # hidden layer and its bias, which all read what is indexed by its neurons) share
-        # one matmul. The constant groups of all pieces read the same (every input piece
-        # averaged over all its indices, or along its input-only diagonals): one map,
-        # piece by piece, whose bias is the layer's.
+        # one matmul.
         by_input: dict[tuple, list[_Group]] = {}
         for g in groups.values():
             g.reads.sort(key=lambda read: (read[0], read[1].reduction_key))
-            by_input.setdefault((g.input_key, g.constant), []).append(g)
+            by_input.setdefault(g.input_key, []).append(g)
         self._maps = []
         for own in by_input.values():
-            heights = [out_channels * self.pieces[g.out].fold for g in own]
-            ends = list(itertools.accumulate(heights))
-            self._maps.append(_Map(own, [(e - h, e) for e, h in zip(ends, heights)]))
-        self.weights = nn.ParameterList(
-            nn.Parameter(
-                torch.empty(
-                    m.rows[-1][1], sum(in_channels * self.pieces[ii].fold for ii, _ in m.reads)
-                )
-            )
+            hs = [out_channels * self.widths[g.out] for g in own]
+            es = list(itertools.accumulate(hs))
+            self._maps.append(_Map(own, [(e - h, e) for e, h in zip(es, hs)]))
+        shapes = [
+            (m.rows[-1][1], sum(in_channels * self.widths[ii] for ii, _ in m.reads))
             for m in self._maps
-        )
-        height = sum(out_channels * p.fold for p in self.pieces)
+        ]
+        rows = ends[-1] if ends else 0
+        cols = sum(in_channels * self.widths[ii] for ii, _ in self._inv_in)
+        rank = (invariant_rank or 0) * min(in_channels, out_channels)
+        factored = invariant_rank is not None and rank * (rows + cols) < rows * cols
+        self._rank = rank if factored else None
+        shapes.append((rows, rank if factored else cols))
+        shapes += [(out_channels, in_channels)] * len(self._projected)
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(shape)) for shape in shapes)
+        self.invariant_in = nn.Parameter(torch.empty(rank, cols)) if factored else None
+        height = sum(out_channels * w for w in self.widths)
         self.bias = nn.Parameter(torch.zeros(height)) if bias else None
         self.reset_parameters()
 
@@ -546,20 +698,44 @@ class UNFLinear(nn.Module):
         return self._num_terms
 
     def reset_parameters(self) -> None:
-        fan_in = [0] * len(self.pieces)
+        """Uniform weights, bounded by ``1 / sqrt(fan-in)`` of each output piece (the
+        factored invariant map ``U V`` with the same variance); zero bias."""
+        n_maps = len(self._maps)
+        cols = sum(self.in_channels * self.widths[ii] for ii, _ in self._inv_in)
+        fan_in = [cols] * len(self.pieces)
         for m, w in zip(self._maps, self.weights):
             for g in m.groups:
                 fan_in[g.out] += w.shape[1]
+        for i in self._projected:
+            fan_in[i] += self.in_channels
         with torch.no_grad():
             for m, w in zip(self._maps, self.weights):
                 for g, (lo, hi) in zip(m.groups, m.rows):
                     bound = 1 / math.sqrt(fan_in[g.out])
                     w[lo:hi].uniform_(-bound, bound)
+            inv = self.weights[n_maps]
+            if self.invariant_in is not None:
+                # Var(U V) = rank Var(U) Var(V) = 1 / (3 fan-in), with Var(V) = 1 / (3 D)
+                self.invariant_in.uniform_(-1 / math.sqrt(cols), 1 / math.sqrt(cols))
+            for oi, _, lo, hi in self._inv_out:
+                bound = 1 / math.sqrt(fan_in[oi])
+                if self.invariant_in is not None:
+                    bound *= math.sqrt(cols / self._rank)
+                inv[lo:hi].uniform_(-bound, bound)
+            for i, w in zip(self._projected, self.weights[n_maps + 1 :]):
+                bound = 1 / math.sqrt(fan_in[i])
+                w.uniform_(-bound, bound)
             if self.bias is not None:
                 self.bias.zero_()
 
+    def _cosines(self, piece: int) -> Tensor:
+        return getattr(self, f"cosine_{self.pieces[piece].fold}")
+
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        xs = [_split_piece(features[p.tensor], p) for p in self.pieces]
+        full = [_split_piece(features[p.tensor], p) for p in self.pieces]
+        xs = list(full)
+        for i in self._projected:
+            xs[i] = _encode(full[i], self._cosines(i), self.pieces[i].fold)
         b = next(iter(features.values())).shape[0]
         # every input piece reduced to the shared blocks the terms keep, keyed by
         # (piece, kept indices in input order) for means (all of them: the piece itself),
@@ -574,19 +750,38 @@ class UNFLinear(nn.Module):
                 reduced[(ii, kept)] = mean.view(*x.shape[:2], *[x.shape[2 + k] for k in kept])
         for (ii, key), (einsum, scale) in self._diagonals.items():
             reduced[(ii, key)] = torch.einsum(einsum, xs[ii]) * scale
-        shapes = [(b, self.out_channels * p.fold, *p.index_sizes) for p in self.pieces]
+        shapes = [
+            (b, self.out_channels * w, *p.index_sizes) for p, w in zip(self.pieces, self.widths)
+        ]
         terms: list[list[Tensor]] = [[] for _ in self.pieces]
         for m, weight in zip(self._maps, self.weights):
             parts = [term.read(reduced[term.source(ii)]) for ii, term in m.reads]
             x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            y = _channel_map(x, weight, self.bias if m.groups[0].constant else None)
+            y = _channel_map(x, weight, None)
             for g, (lo, hi) in zip(m.groups, m.rows):
                 block = y if len(m.groups) == 1 else y.narrow(1, lo, hi - lo)
                 terms[g.out].append(g.pattern.place(block, shapes[g.out]))
+        if self._inv_out:
+            v = torch.cat([reduced[t.source(ii)].reshape(b, -1) for ii, t in self._inv_in], 1)
+            inv = self.weights[len(self._maps)]
+            if self.invariant_in is not None:
+                v = v @ self.invariant_in.t()
+            y = v @ inv.t()
+            if self.bias is not None:
+                y = torch.cat([y[:, : self.bias.numel()] + self.bias, y[:, self.bias.numel() :]], 1)
+            for oi, t, lo, hi in self._inv_out:
+                terms[oi].append(t.place(y[:, lo:hi], shapes[oi]))
         # full-size: every piece has the identity term (each output index paired with
-        # the same input index)
-        ys = [_broadcast_sum(ts) for ts in terms]
-        return _assemble(self.space, self.pieces, ys, b, self.out_channels)
+        # the same input index), except pieces without indices
+        ys = [_broadcast_sum(ts).expand(shape) for ts, shape in zip(terms, shapes)]
+        for i, a in zip(self._projected, self.weights[len(self._maps) + 1 :]):
+            p = self.pieces[i]
+            local = _channel_map(full[i].reshape(b, self.in_channels, -1), a, None)
+            ys[i] = _decode(ys[i], self._cosines(i), p.fold) + local.reshape(
+                b, self.out_channels * p.fold, *p.index_sizes
+            )
+        out = _assemble(self.space, self.pieces, ys, b, self.out_channels)
+        return out | {n: features[n] for n in self._bookkeeping if n in features}
 
     def extra_repr(self) -> str:
         return (
@@ -596,22 +791,29 @@ class UNFLinear(nn.Module):
 
 
 class UNFPool(nn.Module):
-    """Invariant pooling: the mean of every piece over its permuted indices, concatenated.
+    """Invariant pooling: the mean of every piece over its permuted indices, concatenated;
+    a piece with more than ``max_fold`` fixed values is encoded by that many cosines (as in
+    :class:`UNFLinear`).
 
-    Output ``(B, channels * sum of folds)``; ``out_features`` gives that width.
+    Output ``(B, channels * sum of min(fold, max_fold))``; ``out_features`` gives that width.
     """
 
-    def __init__(self, space: WeightSpace, channels: int):
+    def __init__(self, space: WeightSpace, channels: int, max_fold: int = 64):
         super().__init__()
-        self.space, self.channels = space, channels
+        self.space, self.channels, self.max_fold = space, channels, max_fold
         self.pieces = pieces_of(space)
-        self.out_features = channels * sum(p.fold for p in self.pieces)
+        for fold in {p.fold for p in self.pieces if p.fold > max_fold}:
+            self.register_buffer(f"cosine_{fold}", _cosine_basis(max_fold, fold), persistent=False)
+        self.out_features = channels * sum(min(p.fold, max_fold) for p in self.pieces)
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         outs = []
         for p in self.pieces:
             x = _split_piece(features[p.tensor], p)
-            outs.append(x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x)
+            x = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+            if p.fold > self.max_fold:
+                x = _encode(x, getattr(self, f"cosine_{p.fold}"), p.fold)
+            outs.append(x)
         return torch.cat(outs, dim=1)
 
 
