@@ -3,8 +3,9 @@
 Subcommands: ``inspect`` (summary of a checkpoint's WeightSpace), ``create`` (write a
 randomly initialised network of a state-dict family with its WeightSpace), ``graph``
 (parameter-graph statistics), ``align`` / ``merge`` / ``barrier`` (Git Re-Basin on saved
-checkpoints or Hugging Face folders), ``inr`` / ``zoo`` (weight datasets) and ``train``
-(metanetworks on them).
+checkpoints or Hugging Face folders), ``inr`` / ``zoo`` / ``datasets import`` (weight
+datasets: made here or imported from published releases) and ``train`` (metanetworks on
+them).
 
 Bad input is reported, not traced: every check a command can make before it starts
 working is made first, and a failure prints one line naming the file, tensor or flag,
@@ -578,43 +579,53 @@ def _cmd_barrier(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- datasets
-def _dataset_kind(folder: Path) -> str | None:
-    """``dataset.json``'s ``kind`` (a CNN zoo says ``cnn_zoo``; INR datasets say none)."""
+def _row_fields(folder: Path) -> set[str]:
+    """The fields of a weight dataset's index rows (``label``, ``psnr``, ``accuracy``, ...),
+    read from the first shard's metadata without loading any tensor."""
     import json
 
-    meta = folder / "dataset.json"
-    if not meta.is_file():
-        from metanet.io import CheckpointError
+    from safetensors import safe_open
 
+    from metanet.io import CheckpointError
+    from tasks.inr import INDEX_KEY
+
+    if not (folder / "dataset.json").is_file():
         raise CheckpointError(f"{folder}: no dataset.json; not a weight dataset folder")
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{folder}: no shards yet; make the dataset first")
     try:
-        return json.loads(meta.read_text()).get("kind")
-    except (ValueError, AttributeError) as e:
-        from metanet.io import CheckpointError
-
-        raise CheckpointError(f"{meta}: not a JSON object ({e})") from None
+        with safe_open(str(shards[0]), framework="pt") as f:
+            rows = json.loads((f.metadata() or {})[INDEX_KEY])
+    except Exception as e:  # noqa: BLE001 - name the file at fault
+        raise CheckpointError(f"{shards[0]}: unreadable shard index ({e})") from None
+    return set(rows[0]) if rows else set()
 
 
 def _cmd_inr(args: argparse.Namespace) -> int:
     if args.action == "info":
-        kind = _dataset_kind(Path(args.out))
-        if kind is not None:
-            raise UsageError(
-                f"{args.out}: a {kind} dataset, not INRs; metanet inr info reads folders "
-                "made by metanet inr make"
+        fields = _row_fields(Path(args.out))
+        if "psnr" not in fields:
+            from metanet.io import CheckpointError
+
+            raise CheckpointError(
+                f"{args.out}: not an INR dataset (its networks have no 'psnr'"
+                + ("; they have a test 'accuracy': a zoo" if "accuracy" in fields else "")
+                + "); metanet inr info reads INR datasets"
             )
         from tasks import inr
 
         ds = inr.WeightDataset(args.out)
-        if any("psnr" not in r for r in ds.rows):
-            from metanet.io import CheckpointError
-
-            raise CheckpointError(f"{args.out}: its index rows have no 'psnr'; not INRs")
-        psnr = ds.psnr
         splits = {s: sum(r["split"] == s for r in ds.rows) for s in ("train", "val", "test")}
+        psnr = ds.psnr[ds.psnr.isfinite()]
+        quality = (
+            f"PSNR mean {psnr.mean():.2f} dB (min {psnr.min():.2f}, median {psnr.median():.2f})"
+            if len(psnr)
+            else "PSNR not recorded"
+        )
         print(
             f"{args.out}: {len(ds):,} INRs ({', '.join(f'{k} {v:,}' for k, v in splits.items())}), "
-            f"PSNR mean {psnr.mean():.2f} dB (min {psnr.min():.2f}, median {psnr.median():.2f})"
+            + quality
         )
         return 0
     import dataclasses
@@ -658,14 +669,37 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+# published weight datasets metanet imports (tasks.field_datasets.IMPORTERS; a test
+# keeps the two lists equal), and the importer options the CLI passes on
+DATASET_KINDS = ("dwsnets-mnist", "dwsnets-fmnist", "nfn-siren", "small-cnn-zoo")
+IMPORT_OPTIONS = ("splits", "order", "augmentations", "step", "prefix")
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    import inspect
+
+    from tasks.field_datasets import IMPORTERS, import_dataset
+
+    if not Path(args.src).exists():
+        raise UsageError(f"{args.src}: no such file or folder (the unpacked release)")
+    options = {k: getattr(args, k) for k in IMPORT_OPTIONS if getattr(args, k) is not None}
+    accepted = inspect.signature(IMPORTERS[args.kind]).parameters
+    for key in options:
+        if key not in accepted:
+            raise UsageError(f"--{key} does not apply to {args.kind} datasets")
+    paths = import_dataset(args.kind, args.src, args.dst, progress=not args.quiet, **options)
+    print(f"{args.dst}: {len(paths)} shard(s) present")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     target = args.target
-    if target is None:
-        kind = _dataset_kind(Path(args.dataset))
-        if kind == "cnn_zoo":
+    if target is None:  # obvious for INRs (the digit); a zoo's networks carry two targets
+        if "accuracy" in _row_fields(Path(args.dataset)):
             raise UsageError(
-                f"{args.dataset}: a CNN zoo; say what to learn: --target accuracy (regress "
-                "each CNN's test accuracy) or --target label (classify its accuracy decile)"
+                f"{args.dataset}: a zoo of trained networks; say what to learn: --target "
+                "accuracy (regress each network's test accuracy) or --target label "
+                "(classify its label, a CNN zoo's accuracy decile)"
             )
         target = "label"
     out = Path(args.out)
@@ -888,6 +922,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=4, help="shards of the whole zoo")
     p.add_argument("--max-steps", type=int, help="cap every CNN's training steps")
     p.add_argument("--seed", type=int, default=0, help="base seed of the recipes")
+
+    p = command(
+        "datasets", "import a published weight dataset into a metanet dataset", _cmd_datasets
+    )
+    p.add_argument("action", choices=["import"], help="import (resumes an interrupted one)")
+    p.add_argument("kind", choices=DATASET_KINDS, help="the release's layout")
+    p.add_argument("src", help="the unpacked release (nothing downloads)")
+    p.add_argument("dst", metavar="DIR", help="dataset folder to write")
+    p.add_argument("--splits", help="dwsnets-*: the release's splits json")
+    p.add_argument("--order", help="small-cnn-zoo: NFN's *_split.csv order")
+    p.add_argument("--augmentations", type=int, help="nfn-siren: add NFN's _aug0..K-1 sets")
+    p.add_argument("--step", type=int, help="small-cnn-zoo: the training step to read")
+    p.add_argument("--prefix", help="nfn-siren: file prefix (default randinit_smaller)")
 
     p = command(
         "train",

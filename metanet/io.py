@@ -85,8 +85,9 @@ def _check_nonempty(path: Path) -> None:
 def _open(path: Path):
     _check_nonempty(path)
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+    # safetensors: an 8-byte header length, then the JSON header's "{"
+    if head[8:9] != b"{" and head.startswith(_PICKLE_MAGIC):
         raise CheckpointError(
             f"{path}: a PyTorch pickle (.pt/.pth), not a safetensors file, so it carries no "
             "WeightSpace: read it with metanet.load_state_dict and describe it with "

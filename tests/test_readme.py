@@ -1,57 +1,206 @@
-"""Every snippet in README runs, and .ci/run runs README's two commands."""
+"""Every snippet in README runs from a folder outside the repo, and prints what it says.
+
+The snippets run as a newcomer runs them: in a fresh interpreter started in a temporary
+folder, with nothing but the installed packages importable (``python -I``: neither the
+checkout nor the current folder is on ``sys.path``; ``tests`` is not importable). Python
+blocks run in README order, each in fresh globals; a ``print(...)  # text`` (or a print
+followed by a ``# text`` line) claims ``text`` as a printed line, and the claim is
+checked. Bash blocks (all but the install and test commands, which ``.ci/run`` runs) run
+line by line: ``metanet ...`` through the CLI's ``main`` as the console script would,
+anything else through bash.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
+import json
+import os
 import re
-import shlex
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
-from metanet.cli import main
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
+# Runs the jobs of argv[1] (JSON) in order and writes one result per job to argv[2]; stops
+# at the first failure. argv[3] is the checkout, which must not be importable.
+RUNNER = r"""
+import contextlib, io, json, os, shlex, subprocess, sys, traceback
+from pathlib import Path
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+jobs, results_path, root = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2], sys.argv[3]
+assert all(Path(p or ".").resolve() != Path(root) for p in sys.path), sys.path
+results = []
+for job in jobs:
+    out, err = io.StringIO(), io.StringIO()
+    ok = True
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if job["kind"] == "python":
+                code = "\n" * (job["line"] - 1) + job["code"]  # tracebacks give README lines
+                exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+            elif job["code"].startswith("metanet "):
+                from metanet.cli import main
+                try:
+                    ok = main(shlex.split(job["code"])[1:]) == 0
+                except SystemExit as e:  # --version, --help
+                    ok = e.code in (0, None)
+            else:
+                run = subprocess.run(job["code"], shell=True, capture_output=True, text=True)
+                print(run.stdout, end="")
+                print(run.stderr, end="", file=sys.stderr)
+                ok = run.returncode == 0
+    except BaseException:
+        ok = False
+        err.write(traceback.format_exc())
+    results.append({**job, "ok": ok, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    if not ok:
+        break
+Path(results_path).write_text(json.dumps(results))
+"""
 
 
-def test_python_snippets_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _blocks(lang: str) -> list[tuple[int, str]]:
+    """``(line of the block's first code line, code)`` of every ```lang block."""
+    return [
+        (README[: m.start(1)].count("\n") + 1, m.group(1))
+        for m in re.finditer(rf"```{lang}\n(.*?)```", README, flags=re.S)
+    ]
+
+
+def _claims(code: str) -> list[str]:
+    """What the snippet says it prints: ``print(...)  # text``, or a print line followed
+    by a ``# text`` line."""
+    lines = code.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if not line.lstrip().startswith("print("):
+            continue
+        trailing = re.search(r"\)\s+#\s*(.+)$", line)
+        if trailing:
+            found.append(trailing.group(1).strip())
+        elif i + 1 < len(lines) and lines[i + 1].lstrip().startswith("# "):
+            found.append(lines[i + 1].lstrip()[2:].strip())
+    return found
+
+
+def _run_outside(jobs: list[dict], folder: Path) -> list[dict]:
+    """Run ``jobs`` with RUNNER in ``folder``; returns the results, failing on the first
+    job that did not succeed (its README line, output and traceback in the message)."""
+    assert ROOT not in folder.resolve().parents
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # python = this venv's
+    env = {**os.environ, "PATH": path, "MPLBACKEND": "Agg"}
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", RUNNER, "jobs.json", "results.json", str(ROOT)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((folder / "results.json").read_text())
+    for r in results:
+        assert r["ok"], (
+            f"README.md line {r['line']}: {r['code'].splitlines()[0]!r} failed:\n"
+            f"{r['stdout'][-2000:]}\n{r['stderr'][-4000:]}"
+        )
+    assert len(results) == len(jobs)
+    return results
+
+
+def test_python_snippets_run_outside_the_repo(tmp_path):
     blocks = _blocks("python")
     assert blocks
-    for code in blocks:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-        printed = out.getvalue().strip()
-        if "print(space.summary())" in code:
-            # the README shows what summary() prints: keep it true
+    results = _run_outside(
+        [{"kind": "python", "line": line, "code": code} for line, code in blocks], tmp_path
+    )
+    for r in results:
+        printed = [p.strip() for p in r["stdout"].splitlines()]
+        for claim in _claims(r["code"]):
+            assert claim in printed, (
+                f"README.md line {r['line']}: the snippet says it prints {claim!r}; it printed "
+                f"{printed}"
+            )
+        if "print(space.summary())" in r["code"] and "from_state_dict(sd" in r["code"]:
+            # the README shows what the tour's summary() prints: keep it true
             shown = re.search(r"`summary\(\)` prints:\n\n```\n(.*?)```", README, flags=re.S)
-            assert shown and shown.group(1).strip() == printed
+            assert shown and shown.group(1).strip() == r["stdout"].strip()
 
 
-def test_cli_snippets_run(tmp_path, monkeypatch, capsys):
-    """The CLI tour, run in-process (plain.pt is made here first)."""
+def test_claims_are_read_from_comments():
+    """The claim parser sees both comment styles, and only on print lines."""
+    code = "x = 1  # not a claim\nprint(x)  # 1\nprint([x])\n# [1]\nprint(2)\n\ny = 3\n"
+    assert _claims(code) == ["1", "[1]"]
+
+
+# A bash block that cannot run here (it reads published releases, or trains for hours)
+# says so on the line before its fence: <!-- not run: the reason -->
+NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\n```bash\n(.*?)```", flags=re.S)
+
+
+def _bash_jobs() -> list[dict]:
+    """Each line of every bash block except README's install and test commands and the
+    blocks marked ``<!-- not run: reason -->``."""
+    commands = {
+        m.group(1).strip()
+        for m in re.finditer(r"<!-- (?:install|test) -->\n```bash\n(.*?)```", README, flags=re.S)
+    }
+    commands |= {m.group(2).strip() for m in NOT_RUN.finditer(README)}
+    jobs = []
+    for line, code in _blocks("bash"):
+        if code.strip() in commands:
+            continue
+        for k, text in enumerate(code.splitlines()):
+            words = text.split("  #")[0].strip()
+            # [--flag] marks an optional flag: the line runs without it
+            words = re.sub(r"\s\[[^\]]*\]", "", words)
+            if words:
+                jobs.append({"kind": "bash", "line": line + k, "code": words})
+    return jobs
+
+
+def test_cli_snippets_run_outside_the_repo(tmp_path):
+    """README's CLI lines, on checkpoints shaped like the main job's (align_out/ holds
+    two digit MLPs of the example's architecture, trained briefly)."""
     import torch
 
-    monkeypatch.chdir(tmp_path)
-    from tests.fixtures.zoo import CNN
+    import metanet
+    from converters import from_module
+    from tasks import digits
 
-    torch.save(CNN().state_dict(), "plain.pt")
-    tour = next(b for b in _blocks("bash") if "metanet create mlp" in b)
-    for line in tour.strip().splitlines():
-        words = shlex.split(line.split("#")[0])
-        words = [w for w in words if not (w.startswith("[") or w.endswith("]"))]
-        assert words[0] == "metanet"
-        assert main(words[1:]) == 0, line
+    d = digits.load().flat()
+    for name, seed in (("mlp_a", 0), ("mlp_b", 1)):
+        torch.manual_seed(seed)
+        model = digits.train(digits.mlp(), d, epochs=1, batch_size=128, seed=seed)
+        metanet.save(
+            tmp_path / "align_out" / f"{name}.safetensors",
+            model.state_dict(),
+            from_module(model, d.x_train[:2]),
+        )
+    jobs = _bash_jobs()
+    assert any(j["code"].startswith("metanet align") for j in jobs)
+    results = _run_outside(jobs, tmp_path)
+    out = "".join(r["stdout"] for r in results)
+    assert "aligned: barrier" in out and "free permutation dims" in out
+    assert (tmp_path / "b_aligned.safetensors").exists() and (tmp_path / "barrier.png").exists()
+
+
+def test_blocks_not_run_say_why():
+    """Every skipped block gives a reason, and the rest still include the CLI tour."""
+    for m in NOT_RUN.finditer(README):
+        assert len(m.group(1).split()) >= 3, m.group(0)[:200]
+    assert any(j["code"].startswith("metanet create") for j in _bash_jobs())
 
 
 def test_ci_runs_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- install -->" in ci and "<!-- test -->" in ci
+    assert ".ci/readme_table.py" in ci
     for marker in ("install", "test"):
         block = re.search(
             rf"<!-- {marker} -->\n```bash\n(.*?)\n```\n<!-- /{marker} -->", README, flags=re.S
@@ -60,31 +209,40 @@ def test_ci_runs_readme_commands():
         assert len(block.group(1).strip().splitlines()) == 1
 
 
-def test_align_cli_snippets_run(tmp_path, monkeypatch, capsys):
-    """The align/merge/barrier tour, on checkpoints shaped like the main job's."""
-    import torch
-
-    import metanet
-    from converters import from_module
-    from tasks import digits
-
-    monkeypatch.chdir(tmp_path)
-    d = digits.load().flat()
-    for name, seed in (("mlp_a", 0), ("mlp_b", 1)):
-        torch.manual_seed(seed)
-        model = digits.train(digits.mlp(), d, epochs=1, batch_size=128, seed=seed)
-        metanet.save(
-            f"align_out/{name}.safetensors", model.state_dict(), from_module(model, d.x_train[:2])
-        )
-    tour = next(b for b in _blocks("bash") if "metanet align" in b)
-    for line in tour.strip().splitlines():
-        words = shlex.split(line.split("#")[0])
-        assert words[0] == "metanet"
-        assert main(words[1:]) == 0, line
-    assert Path("b_aligned.safetensors").exists() and Path("barrier.png").exists()
-    assert "aligned: barrier" in capsys.readouterr().out
-
-
 def test_main_job_is_the_alignment_example():
     block = re.search(r"<!-- install -->\n```bash\n(.*?)\n```", README, flags=re.S).group(1)
-    assert "examples/align_and_merge.py" in block
+    assert "python examples/align_and_merge.py --out align_out" in block
+
+
+def _readme_table_check():
+    return runpy.run_path(str(ROOT / ".ci" / "readme_table.py"))["compare"]
+
+
+def test_readme_table_check_compares_all_but_times():
+    """The CI check accepts README's own table with other times, and names a changed cell."""
+    compare = _readme_table_check()
+    table = re.search(r"\| model \| method \|.*?\n\n", README, flags=re.S).group(0)
+    assert compare(table, README) == []
+    retimed = re.sub(r"\| [0-9.]+ \|\n", "| 99.99 |\n", table)
+    assert retimed != table and compare(retimed, README) == []
+    row = next(line for line in table.splitlines() if "weight matching" in line)
+    cells = row.split("|")
+    cells[4] = " 9.999 "  # the barrier
+    changed = table.replace(row, "|".join(cells))
+    problems = compare(changed, README)
+    assert len(problems) == 1 and "9.999" in problems[0]
+    assert compare(table.replace(row + "\n", ""), README)  # a missing row
+    assert compare("no table here", README) == ["the main job printed no table"]
+
+
+@pytest.mark.slow
+def test_main_job_prints_readme_table(tmp_path):
+    """The main job itself (about 45 s of CPU time): its table is README's, times aside."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "align_and_merge.py"), "--out", "align_out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert _readme_table_check()(run.stdout, README) == []
