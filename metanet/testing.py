@@ -3,13 +3,16 @@
 ``assert_function_preserved`` is the converter's test: a random group element applied to
 a network's real weights must leave its outputs unchanged. ``assert_equivariant`` is the
 metanetwork's test: permuting the input weights permutes the output (or leaves an
-invariant output unchanged).
+invariant output unchanged). ``symmetry_certificate`` holds the *continuous* symmetry a
+WeightSpace claims against the network's numerical functional dimension.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +22,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from metanet.space import WeightSpace
 
-__all__ = ["assert_function_preserved", "assert_equivariant", "max_error"]
+__all__ = [
+    "assert_function_preserved",
+    "assert_equivariant",
+    "max_error",
+    "claimed_continuous_dims",
+    "symmetry_certificate",
+    "SymmetryCertificate",
+]
 
 
 def _to(obj: Any, dtype: torch.dtype) -> Any:
@@ -146,3 +156,242 @@ def assert_equivariant(
                 f"function is not {what}: group element {i} gives max error {err:.3e} > {atol:.1e}"
             )
     return worst
+
+
+# --------------------------------------------------------------------------- certificate
+
+
+def claimed_continuous_dims(space: WeightSpace) -> dict[str, int]:
+    """The dimension of the continuous symmetry the space claims, by kind.
+
+    ``positive_scale``: one scale per permuted point (``size``, times the outer size for
+    an indexed group); ``gl``: ``size²`` per copy; ``norm_scale``: one per factor of each
+    :class:`~metanet.space.NormScale` with a parameter among its members. Sign flips and
+    permutations are discrete and add nothing.
+    """
+    out = {"positive_scale": 0, "gl": 0, "norm_scale": 0}
+    for g in space.groups.values():
+        copies = space.groups[g.within].size if g.within else 1
+        if g.action == "positive_scale":
+            out["positive_scale"] += copies * g.size
+        elif g.action == "gl":
+            out["gl"] += copies * g.size * g.size
+    params = {t.name for t in space.tensors.values() if t.kind == "parameter"}
+    for ns in space.norm_scales:
+        if any(m[0] in params and m[2] == 1 for m in ns.members):
+            out["norm_scale"] += ns.size
+    return out
+
+
+@dataclass
+class SymmetryCertificate:
+    """The continuous symmetry a WeightSpace claims, held against the Jacobian's rank.
+
+    ``params`` (P) values in θ; the Jacobian of ``θ ↦ (f_θ(x_1), …, f_θ(x_N))`` has
+    ``rows`` rows and numerical ``rank``; ``deficiency = P − rank`` is the dimension of the
+    directions that change no output (Grigsby, Lindsey & Rolnick: the functional
+    dimension is ``rank``). ``claimed`` is :func:`claimed_continuous_dims` summed.
+    ``verdict``: ``complete`` (claimed == deficiency), ``N hidden directions`` (the space
+    misses N), ``claims too much`` (more than the network has, or a claimed direction that
+    moves the outputs: impossible if the claim is sound), or ``not saturated`` (the rank
+    still grew with the last sixth of the rows: give more inputs).
+    """
+
+    params: int
+    rows: int
+    rank: int
+    rank_at_5_6: int
+    deficiency: int
+    claimed: int
+    claimed_by_kind: dict[str, int]
+    rtol: float
+    smallest_kept: float
+    largest_dropped: float
+    verdict: str
+    off_kernel: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in self.claimed_by_kind.items() if v)
+        return (
+            f"{self.verdict}: {self.params} params, rank {self.rank} of {self.rows} rows "
+            f"(deficiency {self.deficiency}); claimed {self.claimed} ({kinds or 'none'}); "
+            f"singular values / max: kept >= {self.smallest_kept:.1e}, dropped <= "
+            f"{self.largest_dropped:.1e} (rtol {self.rtol:.0e})"
+        )
+
+
+def _certificate_copy(model: nn.Module) -> nn.Module:
+    """float64, eval mode, norms at eps = the smallest positive float64 (the invariances
+    they give are exact at eps = 0; BatchNorm refuses 0 on batch statistics), BatchNorm on
+    batch statistics: the training-time function, whose parameters are the weights;
+    running statistics are not parameters of it."""
+    model = copy.deepcopy(model).double().eval()
+    for m in model.modules():
+        if isinstance(getattr(m, "eps", None), float):
+            m.eps = torch.finfo(torch.float64).tiny
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean = None
+            m.running_var = None
+            m.track_running_stats = False
+    return model
+
+
+def symmetry_certificate(
+    model: nn.Module,
+    space: WeightSpace,
+    inputs: Callable[[int], tuple | Tensor] | tuple | Tensor,
+    *,
+    rtol: float = 1e-10,
+    chunk: int = 32,
+    max_params: int = 8000,
+    oversample: float = 2.0,
+    max_rows: int = 40000,
+) -> SymmetryCertificate:
+    """Numerical functional dimension vs the continuous symmetry ``space`` claims.
+
+    θ is every floating parameter of ``model`` (P values). The Jacobian
+    ``J = ∂ vec(f_θ(x_1..x_N)) / ∂θ`` is built in float64 by reverse mode, ``chunk``
+    inputs at a time (each chunk is one forward pass: BatchNorm normalizes over it), with
+    ``N`` inputs such that ``rows >= oversample · P``. Its rank is the number of singular
+    values above ``rtol · σ_max`` (SVD); the rank of the first 5/6 of the rows must equal
+    it (saturation), else the rows are doubled (fresh inputs) up to ``max_rows``. The
+    model is copied with every norm's ``eps`` set to ~0 and BatchNorm on batch statistics
+    (see :func:`_certificate_copy`); dropout is off.
+
+    ``inputs``: a callable ``n -> inputs`` (a tensor or tuple with a leading batch axis;
+    rarely active ReLU units need inputs of several scales to be seen), or fixed inputs
+    with enough rows (no doubling). Claimed norm-scale directions are checked to lie in
+    the kernel (``|J t| <= 1e-6 σ_max |t|``); one that does not is named in
+    ``off_kernel`` and makes the verdict ``claims too much``.
+
+    Raises:
+        ValueError: P above ``max_params`` (J is ``rows × P`` float64 and its SVD costs
+            ``O(rows · P²)``: 8,000 parameters take ~10^4 × 8·10^3 × 8 B = 0.6 GB and a
+            few minutes on two cores), or fixed inputs that give too few rows.
+    """
+    from torch.func import jacrev
+
+    net = _certificate_copy(model)
+    names = [n for n, p in net.named_parameters() if p.is_floating_point()]
+    values = [p.detach() for n, p in net.named_parameters() if p.is_floating_point()]
+    sizes = [v.numel() for v in values]
+    n_params = sum(sizes)
+    if n_params > max_params:
+        raise ValueError(
+            f"symmetry_certificate: {type(model).__name__} has {n_params:,} parameters, above "
+            f"max_params={max_params:,} (the Jacobian needs >= {n_params:,} rows and an SVD "
+            "of O(rows · P²)); certify a narrower instance or raise max_params"
+        )
+    theta = torch.cat([v.reshape(-1) for v in values])
+    buffers = {k: v for k, v in net.named_buffers()}
+
+    def unflatten(t: Tensor) -> dict[str, Tensor]:
+        return {n: c.view_as(v) for n, c, v in zip(names, t.split(sizes), values)}
+
+    def outputs(t: Tensor, args: tuple) -> Tensor:
+        out = functional_call(net, {**buffers, **unflatten(t)}, args)
+        leaves = [x for x in tree_flatten(out)[0] if isinstance(x, Tensor)]
+        return torch.cat([x.reshape(-1) for x in leaves if x.is_floating_point()])
+
+    def as_args(x: Any) -> tuple:
+        return _to(x if isinstance(x, tuple) else (x,), torch.float64)
+
+    jac = jacrev(outputs)
+
+    def jacobian(pool: tuple) -> Tensor:
+        total = pool[0].shape[0]
+        blocks = []
+        for i in range(0, total, chunk):
+            args = tuple(a[i : i + chunk] for a in pool)
+            if args[0].shape[0] < 2:  # BatchNorm needs two samples; drop a last single one
+                break
+            blocks.append(jac(theta, args).detach())
+        return torch.cat(blocks)
+
+    probe = as_args(inputs(chunk) if callable(inputs) else inputs)
+    per_input = outputs(theta, tuple(a[:2] for a in probe)).numel() // 2
+    factor = oversample
+    while True:
+        need = math.ceil(factor * n_params / per_input) + chunk
+        if callable(inputs):
+            pool = as_args(inputs(need))
+        else:
+            pool = probe
+            if pool[0].shape[0] * per_input < factor * n_params:
+                raise ValueError(
+                    f"symmetry_certificate: {pool[0].shape[0]} inputs give "
+                    f"{pool[0].shape[0] * per_input} rows for {n_params} parameters; pass "
+                    f">= {need} inputs or a callable n -> inputs"
+                )
+        jm = jacobian(pool)
+        sv = torch.linalg.svdvals(jm)
+        top = float(sv[0]) if sv.numel() else 0.0
+        rank = int((sv > rtol * top).sum())
+        sv_part = torch.linalg.svdvals(jm[: (5 * jm.shape[0]) // 6])
+        rank_part = int((sv_part > rtol * top).sum())
+        if rank_part == rank or not callable(inputs) or 2 * jm.shape[0] > max_rows:
+            break
+        factor *= 2  # the rank still grew: twice the rows
+    kept = float(sv[rank - 1]) / top if rank else 0.0
+    dropped = float(sv[rank]) / top if rank < sv.numel() else 0.0
+    deficiency = n_params - rank
+    by_kind = claimed_continuous_dims(space)
+    claimed = sum(by_kind.values())
+    off = _off_kernel(space, jm, theta, names, sizes, top)
+    if rank_part != rank:
+        verdict = "not saturated"
+    elif off or claimed > deficiency:
+        verdict = "claims too much"
+    elif claimed == deficiency:
+        verdict = "complete"
+    else:
+        verdict = f"{deficiency - claimed} hidden directions"
+    return SymmetryCertificate(
+        n_params,
+        jm.shape[0],
+        rank,
+        rank_part,
+        deficiency,
+        claimed,
+        by_kind,
+        rtol,
+        kept,
+        dropped,
+        verdict,
+        off,
+    )
+
+
+def _off_kernel(
+    space: WeightSpace,
+    jm: Tensor,
+    theta: Tensor,
+    names: list[str],
+    sizes: list[int],
+    top: float,
+) -> list[str]:
+    """Norm scales whose tangent ``d/ds (s·members)`` at s = 1 moves the outputs."""
+    offsets = dict(zip(names, torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()))
+    bad = []
+    for ns in space.norm_scales:
+        members = [(t, a) for t, a, p in ns.members if p == 1 and t in offsets]
+        if not members:
+            continue
+        tangents = torch.zeros(ns.size, theta.numel(), dtype=theta.dtype)
+        for t, axis in members:
+            shape = space.tensors[t].shape
+            start = offsets[t]
+            block = theta[start : start + math.prod(shape)].view(shape)
+            if axis is None:
+                tangents[0, start : start + block.numel()] = block.reshape(-1)
+            else:
+                rows = torch.arange(ns.size).reshape(
+                    [-1 if i == axis else 1 for i in range(len(shape))]
+                )
+                onehot = torch.arange(ns.size)[:, None] == rows.expand(shape).reshape(1, -1)
+                tangents[:, start : start + block.numel()] = onehot * block.reshape(1, -1)
+        moved = (jm @ tangents.T).norm(dim=0)
+        scale = top * tangents.norm(dim=1).clamp_min(1e-300)
+        if bool((moved > 1e-6 * scale).any()):
+            bad.append(ns.name)
+    return bad
