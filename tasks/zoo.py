@@ -32,6 +32,7 @@ atomically; a rerun skips finished ones; the same seed gives bit-identical shard
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
@@ -431,7 +432,7 @@ def make_varied_zoo(
         "seed": seed,
         "num_shards": num_shards,
     }
-    _write_json(root / "zoo.json", meta, check_same=True)
+    _write_json(root / "zoo.json", json.loads(json.dumps(meta)), check_same=True)  # tuples: lists
     out = {}
     for k, fam in enumerate(families):
         offset = 10_000_000 * (k + 1)
@@ -473,7 +474,7 @@ def _make_zoo(
         meta["seed_offset"] = offset
     if max_steps is not None:
         meta["max_steps"] = max_steps
-    _write_json(root / "dataset.json", meta, check_same=True)
+    _write_json(root / "dataset.json", json.loads(json.dumps(meta)), check_same=True)
     space_path = root / "space.json"
     if not space_path.exists():
         atomic_write(space_path, lambda tmp: Path(tmp).write_text(zoo_space(family).to_json(2)))
