@@ -990,14 +990,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries(quiet: bool) -> Iterator[None]:
     """Under ``-q``, silence transformers' (and huggingface_hub's) bars and notices too.
 
-    Not yet imported, they read their environment switches; imported, their logging API.
-    Both are put back afterwards, since ``main`` also runs in-process."""
+    Not yet imported, they read their environment switches (and keep the setting for the
+    process); already imported, they are switched through their logging API and back
+    afterwards, since ``main`` also runs in-process."""
     if not quiet:
         yield
         return
     switches = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     saved = {k: os.environ.get(k) for k in switches}
-    bars, level = saved["HF_HUB_DISABLE_PROGRESS_BARS"] is None, None
+    hf_logging = None
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -1013,10 +1014,8 @@ def _quiet_libraries(quiet: bool) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        if "transformers" in sys.modules:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity(hf_logging.WARNING if level is None else level)
+        if hf_logging is not None:
+            hf_logging.set_verbosity(level)
             if bars:
                 hf_logging.enable_progress_bar()
 

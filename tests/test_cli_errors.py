@@ -351,3 +351,21 @@ def test_datasets_import_kinds_and_options(tmp_path, capsys):
     _refused(["datasets", "import", "nfn-siren", tmp_path / "nope", dst], capsys, tmp_path, "nope")
     argv = ["datasets", "import", "nfn-siren", tmp_path, dst, "--order", "x.csv"]
     _refused(argv, capsys, tmp_path, "--order", "nfn-siren")
+
+
+def test_quiet_silences_transformers_bars(capfd):
+    """Reading a Hugging Face folder draws transformers' weight-loading bar; -q hides it
+    (and leaves the bar switched on afterwards for the rest of the process)."""
+    pytest.importorskip("transformers", reason="needs the hf extra")
+    from tests.fixtures.architectures import minilm_dir
+
+    folder = str(minilm_dir())
+    assert main(["inspect", folder]) == 0
+    assert "Loading weights" in capfd.readouterr().err
+    assert main(["inspect", folder, "-q"]) == 0
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "%|" not in captured.err
+    assert "WeightSpace" in captured.out
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()

@@ -87,6 +87,14 @@ def _claims(code: str) -> list[str]:
     return found
 
 
+def _shows(claim: str, printed: str) -> bool:
+    """A comment claims a printed line when it is that line, or starts with it and goes
+    on to explain (``# torch.Size([4, 16]): one row per INR``)."""
+    if not printed or not claim.startswith(printed):
+        return False
+    return len(claim) == len(printed) or claim[len(printed)] in " :;,("
+
+
 def _run_outside(jobs: list[dict], folder: Path) -> list[dict]:
     """Run ``jobs`` with RUNNER in ``folder``; returns the results, failing on the first
     job that did not succeed (its README line, output and traceback in the message)."""
@@ -122,7 +130,7 @@ def test_python_snippets_run_outside_the_repo(tmp_path):
     for r in results:
         printed = [p.strip() for p in r["stdout"].splitlines()]
         for claim in _claims(r["code"]):
-            assert claim in printed, (
+            assert any(_shows(claim, p) for p in printed), (
                 f"README.md line {r['line']}: the snippet says it prints {claim!r}; it printed "
                 f"{printed}"
             )
@@ -133,9 +141,13 @@ def test_python_snippets_run_outside_the_repo(tmp_path):
 
 
 def test_claims_are_read_from_comments():
-    """The claim parser sees both comment styles, and only on print lines."""
+    """The claim parser sees both comment styles, and only on print lines; a claim may
+    explain itself after the printed text, but must start with all of it."""
     code = "x = 1  # not a claim\nprint(x)  # 1\nprint([x])\n# [1]\nprint(2)\n\ny = 3\n"
     assert _claims(code) == ["1", "[1]"]
+    assert _shows("torch.Size([1, 40]): pooled", "torch.Size([1, 40])")
+    assert not _shows("torch.Size([1, 24])", "torch.Size([1, 40])")
+    assert not _shows("10", "1") and not _shows("True", "")
 
 
 # A bash block that cannot run here (it reads published releases, or trains for hours)
