@@ -59,7 +59,15 @@ def compare(kind, model_a, model_b, d, out: Path, ste_epochs: int, alphas: int) 
 
 
 def run(out: Path, epochs: int = 15, ste_epochs: int = 2, alphas: int = 11) -> dict:
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic (see above); restored for in-process callers
+    try:
+        return _run(out, epochs, ste_epochs, alphas)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, epochs: int, ste_epochs: int, alphas: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = digits.load()
     results = {}
