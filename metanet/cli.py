@@ -944,9 +944,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "kind",
         choices=list(TRAIN_KINDS),
+        metavar="KIND",
         help="; ".join(f"{k}: {v}" for k, v in TRAIN_KINDS.items()),
     )
-    p.add_argument("dataset", metavar="DIR", help="folder made by metanet inr make or zoo make")
+    p.add_argument(
+        "dataset",
+        metavar="DIR",
+        help="folder made by metanet inr make, zoo make or datasets import",
+    )
     p.add_argument("--out", default="train_out", metavar="DIR", help="metrics, curves, model")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
     p.add_argument(
