@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from metanet.space import Axis, TensorSpec, WeightSpace, WeightSpaceError
 
-__all__ = ["PROBE_PREFIX", "probe_plan", "probe_features", "probe_space", "with_probes"]
+__all__ = [
+    "PROBE_PREFIX",
+    "ProbeEncoder",
+    "probe_plan",
+    "probe_features",
+    "probe_space",
+    "with_probes",
+]
 
 PROBE_PREFIX = "probe:"
 _CONV = (
@@ -196,3 +203,58 @@ def with_probes(
     as extra tensors, and the space that describes them (see :func:`probe_features`)."""
     feats = probe_features(model, space, weights, inputs, **kwargs)
     return probe_space(space, feats), {**weights, **feats}
+
+
+class ProbeEncoder(nn.Module):
+    """Learned per-neuron encodings of probe features, for models that fold fixed axes
+    into channels (UNF): ``P`` probe values per neuron are too many channels to mix
+    densely (UNF's cost grows with ``P²``), so an MLP shared by all neurons of a tensor
+    maps them to ``channels`` first, and a DeepSets summary (the same kind of MLP, then
+    mean and max over the tensor's neurons) gives an invariant vector a head can read
+    directly. Both act on the fixed probe axis only, identically for every neuron, so they
+    commute with every permutation of the neurons.
+
+    ``space`` is a :func:`probe_space`; :attr:`space` is the same space with each probe
+    tensor reduced to ``(|set|, 1)`` (what the encoder outputs, per channel).
+    Shapes: ``forward({name: (B, |set|, P)}) -> ({name: (B, channels, |set|, 1)},
+    (B, out_features))``.
+    """
+
+    def __init__(self, space: WeightSpace, channels: int, hidden: int = 64):
+        super().__init__()
+        self.names = [n for n, t in space.tensors.items() if t.role == "probe"]
+        if not self.names:
+            raise WeightSpaceError("ProbeEncoder: the space has no probe tensors")
+        reduced = dict(space.tensors)
+        self.encode, self.summary = nn.ModuleList(), nn.ModuleList()
+        for n in self.names:
+            t = space.tensors[n]
+            num = t.shape[1]
+            reduced[n] = TensorSpec(
+                n,
+                (t.shape[0], 1),
+                (t.axes[0], Axis.fixed(1)),
+                role="probe",
+                kind="probe",
+                out_set=t.out_set,
+                out_axis=0,
+            )
+            self.encode.append(
+                nn.Sequential(nn.Linear(num, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+            )
+            self.summary.append(
+                nn.Sequential(nn.Linear(num, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+            )
+        self.space = WeightSpace(
+            space.groups, reduced, space.neuron_sets, space.identities, space.notes
+        )
+        self.out_features = 2 * hidden * len(self.names)
+
+    def forward(self, probes: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        feats, summary = {}, []
+        for n, enc, summ in zip(self.names, self.encode, self.summary):
+            v = probes[n]  # (B, |set|, P)
+            feats[n] = enc(v).movedim(-1, 1).unsqueeze(-1)
+            h = summ(v)
+            summary += [h.mean(1), h.amax(1)]
+        return feats, torch.cat(summary, -1)

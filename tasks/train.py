@@ -79,23 +79,37 @@ class UNFClassifier(nn.Module):
     ):
         super().__init__()
         from metanet.nn import UNFLinear, UNFPointwise, UNFPool
+        from metanet.probe import ProbeEncoder
 
         self.encode = _Encode(frequencies)
+        # probe features (metanet.probe) enter through a per-neuron encoder (UNF would
+        # fold their P values into channels) and an invariant DeepSets summary
+        has_probes = any(t.role == "probe" for t in space.tensors.values())
+        self.probes = ProbeEncoder(space, self.encode.channels) if has_probes else None
+        if self.probes is not None:
+            space = self.probes.space
         widths = [self.encode.channels] + [channels] * layers
         self.layers = nn.ModuleList(
             UNFLinear(space, a, b, basis=basis) for a, b in zip(widths[:-1], widths[1:])
         )
         self.act = UNFPointwise()
         self.pool = UNFPool(space, channels)
+        extra = self.probes.out_features if self.probes is not None else 0
         self.head = nn.Sequential(
-            nn.Linear(self.pool.out_features, 128), nn.ReLU(), nn.Linear(128, out)
+            nn.Linear(self.pool.out_features + extra, 128), nn.ReLU(), nn.Linear(128, out)
         )
 
     def forward(self, weights: dict[str, Tensor]) -> Tensor:
-        x = {k: self.encode(v) for k, v in weights.items()}
+        names = self.probes.names if self.probes is not None else ()
+        x = {k: self.encode(v) for k, v in weights.items() if k not in names}
+        summary = None
+        if self.probes is not None:
+            encoded, summary = self.probes({k: weights[k] for k in names})
+            x.update(encoded)
         for layer in self.layers:
             x = self.act(layer(x))
-        return self.head(self.pool(x))
+        pooled = self.pool(x)
+        return self.head(pooled if summary is None else torch.cat([pooled, summary], -1))
 
 
 class NFNClassifier(nn.Module):

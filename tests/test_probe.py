@@ -134,3 +134,16 @@ def train_(kind, root, out):
         patience=1,
         canonicalize=True,
     )
+
+
+def test_unf_classifier_with_probes_is_invariant():
+    """The probe encoder (per-neuron MLP + DeepSets summary) keeps the classifier invariant."""
+    from tasks.train import build_model
+
+    cfg = INRConfig(hidden=8)
+    model = Siren(cfg).double()
+    pspace, w = with_probes(model, siren_space(cfg), _batch(model, 3, 3), torch.rand(5, 2).double())
+    torch.manual_seed(0)
+    net = build_model("unf", pspace, 4, 4, frequencies=2).double()
+    assert net.probes is not None and net.probes.space.tensors["probe:net.4"].shape == (1, 1)
+    assert_equivariant(net, pspace, w, atol=1e-9)
