@@ -65,7 +65,6 @@ full-size write.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import string
@@ -315,7 +314,8 @@ def _canonical(sub: str) -> str:
 
 class _Term:
     """One basis term: what it reads (a reduction of an input piece) and where it writes
-    (a pattern over the output piece)."""
+    (a pattern over the output piece). It depends on the pair's signature only, not on
+    the sizes, so one term object serves every pair of that signature."""
 
     def __init__(self, partition: list[list[int]], out: Piece, inp: Piece):
         m = out.num_indices
@@ -328,32 +328,28 @@ class _Term:
         ]
         self.kept_sub = "".join(block_letter[bi] for bi in kept)
         self._summed = [b[0] - m for b in partition if all(k >= m for k in b)]
-        self.scale = 1.0 / math.prod(inp.index_sizes[k] for k in self._summed)
         # no input diagonal: the reduction is a plain mean over the input-only indices,
         # and ``kept_in`` lists the input index of each shared block
         self.diagonal = len(set(self.in_sub)) < len(self.in_sub)
         self.kept_in = [next(k - m for k in partition[bi] if k >= m) for bi in kept]
+        self.kept_sorted = tuple(sorted(self.kept_in))
         out_blocks = kept + [bi for bi, b in enumerate(partition) if all(k < m for k in b)]
         self.out_blocks = [[k for k in partition[bi] if k < m] for bi in out_blocks]
-        self.block_sizes = [out.index_sizes[b[0]] for b in self.out_blocks]
         self.n_kept = len(kept)
         self.out_key = (tuple(map(tuple, self.out_blocks)), self.n_kept)
         # terms with the same key read the same reduction of the same input piece
         self.reduction_key = _canonical(f"{self.in_sub}>{self.kept_sub}")
 
-    def resized(self, out: Piece, inp: Piece) -> _Term:
-        """This term on another pair of the same signature (same structure; the sizes,
-        hence the mean's scale and the output blocks' sizes, may differ)."""
-        term = copy.copy(self)
-        term.scale = 1.0 / math.prod(inp.index_sizes[k] for k in self._summed)
-        term.block_sizes = [out.index_sizes[b[0]] for b in self.out_blocks]
-        return term
+    def scale(self, inp: Piece) -> float:
+        """The mean's normalisation on input piece ``inp``: 1 / the sizes of the input-only
+        blocks."""
+        return 1.0 / math.prod(inp.index_sizes[k] for k in self._summed)
 
     def source(self, piece: int) -> tuple:
         """The key of the reduction this term reads in :meth:`UNFLinear.forward`."""
         if self.diagonal:
             return (piece, self.reduction_key)
-        return (piece, tuple(sorted(self.kept_in)))
+        return (piece, self.kept_sorted)
 
     def read(self, reduced: Tensor) -> Tensor:
         """The input reduction ``(B, Cin, *shared blocks)`` in this term's block order: a
@@ -379,7 +375,7 @@ class _Term:
             if order == sorted(order):
                 return y
             return y.permute(0, 1, *[2 + order.index(k) for k in range(len(order))])
-        size = [out_shape[0], out_shape[1], *self.block_sizes]
+        size = [out_shape[0], out_shape[1], *[out_shape[2 + b[0]] for b in self.out_blocks]]
         out = y.new_zeros(out_shape)
         strides = out.stride()
         stride = [strides[0], strides[1]] + [
@@ -593,7 +589,7 @@ class UNFLinear(nn.Module):
 
         # Terms in which an output and an input index share a block exist only for pieces
         # that share a group: found through each group's pieces, never over all pairs,
-        # and built once per pair signature (then resized). Terms that write the same
+        # and built once per pair signature. Terms that write the same
         # pattern into the same output piece (same output blocks, same blocks shared with
         # the input) differ only in what they read: each reads a reduction of some input
         # piece (means over its input-only blocks, its diagonals) shaped like the shared
@@ -608,23 +604,28 @@ class UNFLinear(nn.Module):
         n_terms = 0
         for oi, po in enumerate(self.pieces):
             partners = sorted({ii for g in set(po.index_groups) for ii in by_group[g]})
+            # the pair signature (as _signature), with the output's part computed once
+            own: dict[str, int] = {}
+            head = tuple([own.setdefault(g, len(own)) for g in po.index_groups]), po.outer
             for ii in partners:
                 pi = self.pieces[ii]
-                sig = _signature(po, pi)
-                if sig not in shared:
+                names = dict(own)
+                tail = tuple([names.setdefault(g, len(names)) for g in pi.index_groups])
+                sig = head, tail, pi.outer
+                terms = shared.get(sig)
+                if terms is None:
                     m = po.num_indices
-                    shared[sig] = [
+                    terms = shared[sig] = [
                         _Term(part, po, pi)
                         for part in partitions(po, pi)
                         if any(b[0] < m <= b[-1] for b in part)  # else: invariant pathway
                     ]
-                    protos = shared[sig]
-                else:
-                    protos = [t.resized(po, pi) for t in shared[sig]]
-                n_terms += len(protos)
-                for term in protos:
-                    key = (oi, term.out_key)
-                    groups.setdefault(key, _Group(oi, term)).reads.append((ii, term))
+                n_terms += len(terms)
+                for term in terms:
+                    group = groups.get((oi, term.out_key))
+                    if group is None:
+                        group = groups[(oi, term.out_key)] = _Group(oi, term)
+                    group.reads.append((ii, term))
         # The invariant pathway: every output piece's patterns (broadcasts, output
         # diagonals) read every input piece's whole-piece reductions. The broadcast rows
         # come first, one per piece in order: they take the bias.
@@ -656,9 +657,9 @@ class UNFLinear(nn.Module):
         for ii, term in reads:
             if term.diagonal:
                 einsum = f"zc{term.in_sub}->zc{term.kept_sub}"
-                self._diagonals[(ii, term.reduction_key)] = (einsum, term.scale)
+                self._diagonals[(ii, term.reduction_key)] = (einsum, term.scale(self.pieces[ii]))
             elif len(term.kept_in) < self.pieces[ii].num_indices:
-                means.setdefault(ii, {})[tuple(sorted(term.kept_in))] = None
+                means.setdefault(ii, {})[term.kept_sorted] = None
         self._piece_reads = [
             (ii, *_plan_means(self.pieces[ii].index_sizes, list(kept)))
             for ii, kept in means.items()
