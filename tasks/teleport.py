@@ -13,6 +13,12 @@ The group actions come from the :class:`~metanet.WeightSpace`, not from per-mode
   are divided by ``s``. Exact.
 * ``gl`` — an invertible matrix on a group annotated ``gl`` (no nonlinearity): writers
   ``W -> M W``, readers ``W -> W M^-1``. Exact.
+* ``norm`` — the scale invariance a normalization creates
+  (:attr:`~metanet.WeightSpace.norm_scales`): the tensors before a BatchNorm/LayerNorm
+  (one factor per channel, or one per region) are multiplied by ``s`` (running variances
+  by ``s²``), nothing is divided. Exact at the norms' ``eps = 0`` (verified there), to
+  ``O(eps / var)`` otherwise; the gradient of those tensors scales as ``1/s``, so this
+  is the teleport that moves an effective learning rate. Opt in with ``kinds``.
 * ``data`` — the data-dependent GL action of the papers for a hidden layer with an
   elementwise activation between two Linear layers: ``W1 -> M W1``,
   ``W2 -> W2 σ(Z) σ(M Z)^+`` with ``Z`` the layer's pre-activations on the teleport batch.
@@ -34,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metanet.space import WeightSpace
+from metanet.space import NormScale, WeightSpace
 
 __all__ = [
     "Action",
@@ -52,11 +58,12 @@ _NORM_ROLES = ("norm_weight", "norm_bias")
 
 @dataclass
 class Action:
-    """One continuous symmetry: ``kind`` in ``scale``, ``gl``, ``data``.
+    """One continuous symmetry: ``kind`` in ``scale``, ``gl``, ``norm``, ``data``.
 
     ``writers`` / ``readers``: ``(tensor, axis)`` pairs multiplied by ``s``/``M`` and by
-    ``1/s``/``M^-1``. For ``data`` actions ``modules`` holds the (writer, activation,
-    reader) module names.
+    ``1/s``/``M^-1`` (``axis`` None: the whole tensor). For ``data`` actions ``modules``
+    holds the (writer, activation, reader) module names; for ``norm`` actions ``norm`` is
+    the space's :class:`~metanet.space.NormScale` (its members, with their powers).
     """
 
     kind: str
@@ -66,6 +73,7 @@ class Action:
     readers: list[tuple[str, int]]
     exact: bool = True
     modules: tuple[str, str, str] | None = None
+    norm: NormScale | None = None
 
     def describe(self) -> str:
         label = "exact" if self.exact else "data-dependent"
@@ -124,7 +132,9 @@ def _candidates(space: WeightSpace, kind: str, group: str) -> Action | None:
     return Action(kind, group, space.groups[group].size, writers, readers)
 
 
-def _scale_along(w: Tensor, axis: int, s: Tensor) -> Tensor:
+def _scale_along(w: Tensor, axis: int | None, s: Tensor) -> Tensor:
+    if axis is None:  # the whole tensor, by the one factor
+        return w * s.reshape(()).to(w.dtype)
     shape = [1] * w.dim()
     shape[axis] = -1
     return w * s.reshape(shape).to(w.dtype)
@@ -146,7 +156,7 @@ def act(
 ) -> dict[str, Tensor]:
     """Apply one action (differentiable in ``param``).
 
-    ``param``: ``log s`` (shape ``(n,)``) for ``scale``; the matrix ``M`` (``(n, n)``)
+    ``param``: ``log s`` (shape ``(n,)``) for ``scale`` and ``norm``; the matrix ``M`` (``(n, n)``)
     for ``gl`` and ``data``. ``data`` also needs the pre-activations ``batch_pre``
     (``(batch, n)``) of the teleport batch and the activation function.
     """
@@ -158,6 +168,8 @@ def act(
         for name, axis in action.readers:
             out[name] = _scale_along(out[name], axis, 1 / s)
         return out
+    if action.kind == "norm":
+        return action.norm.apply(out, param.exp())
     m = param
     if action.kind == "gl":
         m_inv = torch.linalg.inv(m)
@@ -227,11 +239,15 @@ def _as_tuple(x) -> tuple:
 @torch.no_grad()
 def _verify(model, weights, action, inputs, rtol, gen) -> float:
     module = copy.deepcopy(model).double().eval()
+    if action.kind == "norm":  # exact at eps = 0: check it there
+        for m in module.modules():
+            if isinstance(getattr(m, "eps", None), float):
+                m.eps = 0.0
     w = {k: v.double() if v.is_floating_point() else v for k, v in weights.items()}
     x = tuple(t.double() if t.is_floating_point() else t for t in _as_tuple(inputs))
     ref = functional_call(module, w, x, tie_weights=False)
     n = action.size
-    if action.kind == "scale":
+    if action.kind in ("scale", "norm"):
         param = torch.randn(n, generator=gen, dtype=torch.float64) * 0.5
     else:
         param = torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(
@@ -252,8 +268,9 @@ def group_actions(
 ) -> Actions:
     """The continuous symmetries of ``model`` that teleportation can use.
 
-    Exact candidates (``scale``, ``gl``) come from the groups' annotations and are
-    verified on ``inputs`` in float64; failures are dropped and noted. ``data`` actions
+    Exact candidates (``scale``, ``gl``) come from the groups' annotations, ``norm`` ones
+    (opt in) from the space's norm scales; all are verified on ``inputs`` in float64
+    (``norm`` at eps = 0); failures are dropped and noted. ``data`` actions
     (opt in: ``kinds=("scale", "gl", "data")``) are found in ``nn.Sequential`` Linear →
     activation → Linear runs and are labelled data-dependent: exact on a teleport batch no
     larger than the layer's width, checked on that batch by :func:`teleport`.
@@ -276,6 +293,15 @@ def group_actions(
             found.append(cand)
         else:
             notes.append(f"{g.name}: {kind} action changed the output (rel. {err:.1e}); dropped")
+    if "norm" in kinds:
+        for ns in space.norm_scales:
+            writers = [(t, a) for t, a, p in ns.members if p == 1]
+            cand = Action("norm", ns.name, ns.size, writers, [], norm=ns)
+            err = _verify(model, weights, cand, inputs, rtol, gen)
+            if err <= rtol:
+                found.append(cand)
+            else:
+                notes.append(f"{ns.name}: norm action changed the output (rel. {err:.1e}); dropped")
     if "data" in kinds:
         exact_groups = {a.group for a in found if a.kind == "gl"}
         found += [a for a in _data_candidates(model, space) if a.group not in exact_groups]
@@ -433,21 +459,33 @@ def teleport(
     is ``|Δloss| <= loss_rtol * max(1, |loss|)``: relative for losses above 1, absolute
     below.
     """
-    module = (
-        copy.deepcopy(model).eval()
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        else model
-    )
     if actions is None:
         actions = group_actions(model, space, batch[0])
     actions = list(actions)
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    module = copy.deepcopy(model).eval() if bns else model
+    stats: set[str] = set()
+    if bns and any(a.kind == "norm" for a in actions):
+        # running statistics scale with a norm action, and BatchNorm is not differentiable
+        # in them: the objective and the loss check use batch statistics (the training-time
+        # function) and the statistics are only carried along
+        for name in bns:
+            bn = module.get_submodule(name)
+            bn.running_mean = bn.running_var = None
+            bn.track_running_stats = False
+            stats |= {f"{name}.running_mean", f"{name}.running_var", f"{name}.num_batches_tracked"}
+
+    def seen(w: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in w.items() if k not in stats}
+
     base = {k: v.detach() for k, v in (weights or model.state_dict()).items()}
     x, y = batch
     names = [n for n, p in model.named_parameters() if n in base]
     params = {}
     for a in actions:
-        shape = (a.size,) if a.kind == "scale" else (a.size, a.size)
-        init = torch.zeros(shape) if a.kind == "scale" else torch.eye(a.size)
+        diagonal = a.kind in ("scale", "norm")
+        shape = (a.size,) if diagonal else (a.size, a.size)
+        init = torch.zeros(shape) if diagonal else torch.eye(a.size)
         params[a.group + ":" + a.kind] = init.to(base[a.writers[0][0]].dtype).requires_grad_()
 
     def evaluate():
@@ -456,14 +494,15 @@ def teleport(
             k: (v if k not in names else v if v.requires_grad else v.requires_grad_())
             for k, v in w.items()
         }
-        return _objective(module, names, w, x, y, loss_fn, objective, probe)
+        return _objective(module, names, seen(w), x, y, loss_fn, objective, probe)
 
     # sharpness: the Lanczos Ritz vector, kept between calls; converged estimates for the
     # values reported before and after, cheaper warm-started ones during the ascent
     probe = {"seed": seed, "iters": 30}
     start = {k: (v.clone().requires_grad_() if k in names else v) for k, v in base.items()}
     loss0, obj0 = (
-        float(v.detach()) for v in _objective(module, names, start, x, y, loss_fn, objective, probe)
+        float(v.detach())
+        for v in _objective(module, names, seen(start), x, y, loss_fn, objective, probe)
     )
     probe["iters"] = 10
     if not actions:
@@ -506,7 +545,7 @@ def teleport(
         for v in _objective(
             module,
             names,
-            {k: (v.clone().requires_grad_() if k in names else v) for k, v in final.items()},
+            seen({k: (v.clone().requires_grad_() if k in names else v) for k, v in final.items()}),
             x,
             y,
             loss_fn,
@@ -637,7 +676,7 @@ class Teleport:
         scales: dict[str, list[tuple[int, Tensor, int]]] = {}
         for a in self.actions:
             p = result.params[a.group + ":" + a.kind]
-            if a.kind != "scale" or self.state_mode == "reset":
+            if a.kind not in ("scale", "norm") or self.state_mode == "reset":
                 touched_reset.update(n for n, _ in a.writers + a.readers)
                 continue
             s = p.exp()

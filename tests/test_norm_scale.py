@@ -153,3 +153,67 @@ def test_invalid_norm_scales_name_the_tensor():
         )
     with pytest.raises(WeightSpaceError, match="expected"):
         ns.apply(dict.fromkeys(space.tensors, torch.ones(1)), torch.ones(ns.size + 2))
+
+
+# ----------------------------------------------------------------- teleport and optimizer
+
+
+def _digits_cnn():
+    from tasks import digits
+
+    torch.manual_seed(0)
+    data = digits.load()
+    model = digits.small_cnn(8, norm="batch")
+    space = from_module(model, (data.x_train[:4],))
+    return model, space, data
+
+
+@pytest.mark.slow  # ~50 s on two loaded cores: double backward through a BN CNN
+def test_teleport_norm_actions_raise_the_gradient_and_keep_the_loss():
+    from tasks.teleport import group_actions, teleport
+
+    model, space, data = _digits_cnn()
+    acts = group_actions(model, space, data.x_train[:8], kinds=("norm",))
+    assert [a.group for a in acts] == [ns.name for ns in space.norm_scales] and not acts.notes
+    assert all(a.kind == "norm" and a.size > 1 for a in acts)
+    batch = (data.x_train[:128], data.y_train[:128])
+    res = teleport(model, space, batch, actions=acts, steps=5, lr=0.1)
+    assert res.accepted, res.reason
+    assert res.objective_after > 1.2 * res.objective_before
+    assert abs(res.loss_after - res.loss_before) <= 1e-4 * max(1.0, res.loss_before)
+    # the conv rows moved (scaled), the classifier did not
+    w0 = model.state_dict()
+    assert not torch.equal(res.weights["0.weight"], w0["0.weight"])
+    assert torch.equal(res.weights["11.weight"], w0["11.weight"])
+
+
+def test_norm_projected_removes_exactly_the_radial_part():
+    from tasks.scale_invariant import NormProjected
+
+    model, space, data = _digits_cnn()
+    model.train()
+    inner = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt = NormProjected(inner, model, space)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        for m, o in ((model, opt), (twin, twin_opt)):
+            loss = nn.functional.cross_entropy(m(data.x_train[:64]), data.y_train[:64])
+            o.zero_grad()
+            loss.backward()
+            o.step()
+        after = dict(model.named_parameters())
+        members = {n for _, ms in opt.units for n, _ in ms}
+        assert members == {"0.weight", "3.weight", "6.weight"}  # the three bias-free convs
+        for name, p in twin.named_parameters():
+            same = torch.equal(after[name], p)
+            assert same == (name not in members), name  # only the members are projected
+        for _, ((name, axis),) in opt.units:
+            assert axis == 0
+            w = before[name].flatten(1)
+            d = (after[name].detach() - before[name]).flatten(1)
+            # row by row (one conv channel each): no component along the old weights
+            assert ((d * w).sum(1).abs() / (d.norm(dim=1) * w.norm(dim=1))).max() < 1e-5
+            assert d.abs().min(dim=1).values.max() > 0
+        twin.load_state_dict(model.state_dict())  # same start for the next step
