@@ -206,6 +206,9 @@ class _Region:
                 raise _NotInvariant
             return act
         if name in ("aten.add", "aten.add_", "aten.sub", "aten.sub_"):
+            others = [a for a in n.args[:2] if not isinstance(a, fx.Node)]
+            if any(a != 0 for a in others):
+                raise _NotInvariant  # x + c with a constant c: not homogeneous
             for a in ins:
                 if a in self.param_of:  # a learned bias added in scales too
                     self.producers.append((self.param_of[a], None, a))

@@ -217,3 +217,25 @@ def test_norm_projected_removes_exactly_the_radial_part():
             assert ((d * w).sum(1).abs() / (d.norm(dim=1) * w.norm(dim=1))).max() < 1e-5
             assert d.abs().min(dim=1).values.max() > 0
         twin.load_state_dict(model.state_dict())  # same start for the next step
+
+
+class _Shifted(nn.Module):
+    """conv -> +1 -> BN: the constant breaks homogeneity (s x + 1 != s (x + 1))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + 1.0)
+
+
+def test_a_constant_added_before_the_norm_is_not_invariant():
+    torch.manual_seed(0)
+    model = _Shifted().double().eval()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    assert from_module(model, x).norm_scales == ()
+    # and indeed: scaling the conv changes the output
+    w = dict(model.state_dict())
+    w2 = dict(w, **{"conv.weight": 2.0 * w["conv.weight"]})
+    assert _rel(_zero_eps(model), w, w2, x) > 1e-3
