@@ -23,7 +23,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,46 +84,139 @@ def _ms(xs: list[float]) -> str:
     return f"{float(t.mean()):.3f} ± {sd:.3f}"
 
 
+def _settings(args) -> dict:
+    keys = ("epochs", "patience", "batch_size", "lr", "hidden", "probes")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _read_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="zoo folder")
     ap.add_argument("--zoo", choices=["varied", "base"], default="varied", help="if made here")
     ap.add_argument("--n", type=int, default=1250, help="CNNs per family, if made here")
     ap.add_argument("--max-steps", type=int, default=None, help="cap (quick zoos only)")
+    ap.add_argument("--families", default=None, help="comma list (default: every family)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--mixed", action="store_true", help="also one GMN on all families")
     ap.add_argument("--mixed-data", type=Path, default=DEFAULT_MIXED)
+    ap.add_argument("--mixed-limit", type=int, default=None, help="train nets per family")
+    ap.add_argument("--report", action="store_true", help="only write the table from the runs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "generalization.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # every finished run is one line here: reruns skip it, and several processes (other
+    # families, other models) can fill it at once; the table is made from all of it
+    runs_path = args.out.with_name(args.out.stem + "_runs.jsonl")
 
     from tasks.generalization import fit, probe_features
-    from tasks.inr import WeightDataset
     from tasks.zoo import make_varied_zoo, make_zoo
 
-    made = ""
     families = _families(args.data)
-    if not all(_complete(f) for f in families):
-        t0 = time.perf_counter()
+    wanted = args.families.split(",") if args.families else [f.name for f in families]
+    if not args.report and not all(_complete(f) for f in families if f.name in wanted):
         if args.zoo == "varied":
             make_varied_zoo(args.data, args.n, max_steps=args.max_steps, progress=False)
         else:
             make_zoo(args.data, args.n, max_steps=args.max_steps, progress=False)
-        made = f" The zoo was made in this run ({time.perf_counter() - t0:.0f} s)."
         families = _families(args.data)
-    kinds = args.models.split(",")
-    # results[kind][family] = one FitResult per seed
-    results: dict[str, dict[str, list]] = {k: {} for k in kinds}
+    families = [f for f in families if f.name in wanted]
+    kinds = [k for k in args.models.split(",") if k]  # "" with --mixed: only that
+    settings = _settings(args)
+    if not args.report:
+        done = {
+            (r["family"], r["kind"], r["seed"])
+            for r in _read_runs(runs_path)
+            if r["settings"] == settings
+        }
+        for fam in families:
+            todo = [
+                (k, s) for k in kinds for s in range(args.seeds) if (fam.name, k, s) not in done
+            ]
+            if not todo:
+                continue
+            probe = None
+            if any("probe" in k for k, _ in todo):
+                probe = probe_features(fam, args.probes)
+            for kind, seed in todo:
+                if any(
+                    (r["family"], r["kind"], r["seed"]) == (fam.name, kind, seed)
+                    for r in _read_runs(runs_path)
+                    if r["settings"] == settings
+                ):
+                    continue  # another process finished it meanwhile
+                r = fit(
+                    kind,
+                    fam,
+                    epochs=args.epochs,
+                    patience=args.patience,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    hidden=args.hidden,
+                    seed=seed,
+                    probes=args.probes,
+                    probe=probe,
+                )
+                row = {"family": fam.name, "kind": kind, "seed": seed, "settings": settings}
+                row.update(
+                    {
+                        k: getattr(r, k)
+                        for k in (
+                            "test_kendall_tau",
+                            "val_kendall_tau",
+                            "test_mse",
+                            "best_epoch",
+                            "epochs",
+                            "seconds",
+                        )
+                    }
+                )
+                runs_path.parent.mkdir(parents=True, exist_ok=True)
+                with runs_path.open("a") as f:  # one short write per line
+                    f.write(json.dumps(row) + "\n")
+                print(
+                    f"{fam.name} {kind} seed {seed}: test τ {r.test_kendall_tau:.3f} "
+                    f"(val {r.val_kendall_tau:.3f}, epoch {r.best_epoch}/{r.epochs}), "
+                    f"{r.seconds:.1f} s",
+                    flush=True,
+                )
+        if args.mixed:
+            _mixed(args, _families(args.data), runs_path, settings)
+    _report(args, _families(args.data), kinds, settings, runs_path)
+    return 0
+
+
+def _report(args, families: list[Path], kinds: list[str], settings: dict, runs_path: Path) -> None:
+    from tasks.inr import WeightDataset
+
+    runs = [r for r in _read_runs(runs_path) if r["settings"] == settings]
+    tau: dict[tuple[str, str], dict[int, float]] = {}
+    secs: dict[str, list[float]] = {}
+    best: dict[str, list[int]] = {}
+    for r in runs:
+        tau.setdefault((r["kind"], r["family"]), {})[r["seed"]] = r["test_kendall_tau"]
+        secs.setdefault(r["kind"], []).append(r["seconds"])
+        best.setdefault(r["kind"], []).append(r["best_epoch"])
+    seeds = range(args.seeds)
+    names = [f.name for f in families if f.name != "mixed"]
     lines_zoo = []
     for fam in families:
+        if not _complete(fam):
+            lines_zoo.append(f"| {fam.name} | (not finished) | | | |")
+            continue
         ds = WeightDataset(fam)
         accs = torch.tensor([r["accuracy"] for r in ds.rows], dtype=torch.float64)
         q = torch.quantile(accs, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]).double())
@@ -135,42 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             + " / ".join(f"{v:.2f}" for v in q.tolist())
             + " |"
         )
-        probe = probe_features(fam, args.probes) if any("probe" in k for k in kinds) else None
-        for kind in kinds:
-            for seed in range(args.seeds):
-                r = fit(
-                    kind,
-                    fam,
-                    epochs=args.epochs,
-                    patience=args.patience,
-                    batch_size=args.batch_size,
-                    lr=args.lr,
-                    hidden=args.hidden,
-                    seed=seed,
-                    probe=probe,
-                )
-                results[kind].setdefault(fam.name, []).append(r)
-                print(
-                    f"{fam.name} {kind} seed {seed}: test τ {r.test_kendall_tau:.3f} "
-                    f"(val {r.val_kendall_tau:.3f}, epoch {r.best_epoch}/{r.epochs}), "
-                    f"{r.seconds:.1f} s",
-                    flush=True,
-                )
-    mixed_lines = _mixed(args, families) if args.mixed else []
 
-    names = [f.name for f in families]
+    def full(kind: str, fam: str) -> bool:
+        return all(s in tau.get((kind, fam), {}) for s in seeds)
 
-    def per_seed_mean(kind: str) -> list[float]:  # τ averaged over families, per seed
-        return [
-            statistics.fmean(results[kind][f][s].test_kendall_tau for f in names)
-            for s in range(args.seeds)
-        ]
+    def covered(kind: str) -> list[str]:
+        return [f for f in names if full(kind, f)]
 
-    def score(kind: str) -> float:
-        m = statistics.fmean(per_seed_mean(kind))
-        return m if m == m else -math.inf
+    def per_seed_mean(kind: str, fams: list[str]) -> list[float]:  # over families, per seed
+        return [statistics.fmean(tau[(kind, f)][s] for f in fams) for s in seeds]
 
-    order = sorted(kinds, key=score, reverse=True)
+    present = [k for k in kinds if covered(k)]
     lines = [
         "# Generalization prediction on the CNN zoo (Kendall τ)",
         "",
@@ -182,62 +249,101 @@ def main(argv: list[str] | None = None) -> int:
         f"Each predictor regresses test accuracy (MSE), up to {args.epochs} epochs (early "
         f"stopping on val τ, patience {args.patience}), batch {args.batch_size}, Adam "
         f"{args.lr:g} cosine, {args.hidden} channels, {args.probes} probe images (digits "
-        f"training images) for +probe, {args.seeds} seed(s), {args.threads} thread(s); "
-        f"Kendall τ on each family's test split at the best val epoch.{made}",
+        f"training images) for +probe, {args.seeds} seed(s), 1 thread per run; Kendall τ "
+        "on each family's test split at the best val epoch, mean ± std over seeds. The "
+        "mean column averages the families that predictor ran on (listed).",
         "",
-        "| predictor | mean test τ over families | "
+        "| predictor | mean τ over its families | "
         + " | ".join(names)
         + " | best epoch | wall time / run |",
         "|---|---:|" + "---:|" * len(names) + "---:|---:|",
     ]
+
+    def score(kind: str, fams: list[str]) -> float:
+        return statistics.fmean(per_seed_mean(kind, fams)) if fams else -math.inf
+
+    order = sorted(present, key=lambda k: score(k, covered(k)), reverse=True)
     for kind in order:
-        rs = [r for f in names for r in results[kind][f]]
+        fams = covered(kind)
+        cells = [_ms([tau[(kind, f)][s] for s in seeds]) if full(kind, f) else "" for f in names]
         lines.append(
-            f"| {NAMES.get(kind, kind)} | **{_ms(per_seed_mean(kind))}** | "
-            + " | ".join(_ms([r.test_kendall_tau for r in results[kind][f]]) for f in names)
-            + f" | {statistics.fmean(r.best_epoch for r in rs):.0f} | "
-            f"{statistics.fmean(r.seconds for r in rs):.1f} s |"
+            f"| {NAMES.get(kind, kind)} | **{_ms(per_seed_mean(kind, fams))}** "
+            f"({', '.join(fams)}) | "
+            + " | ".join(cells)
+            + f" | {statistics.fmean(best[kind]):.0f} | {statistics.fmean(secs[kind]):.0f} s |"
         )
-    lines += ["", *_verdict(kinds, score, per_seed_mean), *mixed_lines]
+    lines += ["", *_verdict(present, covered, score)]
+    mixed = [
+        r
+        for r in _read_runs(runs_path)
+        if r.get("kind") == "mixed-gmn" and r["settings"] == settings
+    ]
+    if mixed:
+        fams = list(mixed[0]["family_tau"])
+        lines += [
+            "",
+            f"## One GMN on {len(fams)} families at once (mixed architectures)",
+            "",
+            "| pooled test τ | " + " | ".join(fams) + " | seeds | wall time / run |",
+            "|---:|" + "---:|" * len(fams) + "---:|---:|",
+            f"| {_ms([r['test_kendall_tau'] for r in mixed])} | "
+            + " | ".join(_ms([r["family_tau"][f] for r in mixed]) for f in fams)
+            + f" | {len(mixed)} | {statistics.fmean(r['seconds'] for r in mixed):.0f} s |",
+        ]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(text)
     print(f"wrote {args.out}")
-    return 0
 
 
-def _verdict(kinds, score, per_seed_mean) -> list[str]:
+def _verdict(kinds: list[str], covered, score) -> list[str]:
+    """Comparisons on the families both predictors ran on (all seeds)."""
     out = []
+
+    def common(a: str, b: str) -> list[str]:
+        return [f for f in covered(a) if f in covered(b)]
+
     if "statnn" in kinds:
-        ref = score("statnn")
-        beat = [k for k in kinds if k != "statnn" and score(k) >= ref + 0.02]
-        out.append(
-            f"Beat StatNN ({ref:.3f}) by ≥ 0.02 τ: "
-            + (", ".join(f"{NAMES.get(k, k)} ({score(k):+.3f})" for k in beat) or "none")
-            + "."
-        )
+        beat = []
+        for k in kinds:
+            fams = common(k, "statnn")
+            if k != "statnn" and fams and score(k, fams) >= score("statnn", fams) + 0.02:
+                beat.append(
+                    f"{NAMES.get(k, k)} ({score(k, fams) - score('statnn', fams):+.3f} on {', '.join(fams)})"
+                )
+        out.append("Beat StatNN by ≥ 0.02 τ: " + ("; ".join(beat) or "none") + ".")
     nfn = [k for k in kinds if k.startswith("nfn-") and "+" not in k]
     if nfn:
-        best = max(nfn, key=score)
-        ahead = [k for k in kinds if k not in nfn and score(k) > score(best)]
-        out.append(
-            f"Ahead of `nfn`'s best ({NAMES[best]}, {score(best):.3f}): "
-            + (", ".join(NAMES.get(k, k) for k in ahead) or "none")
-            + "."
-        )
+        ahead = []
+        for k in kinds:
+            if k in nfn:
+                continue
+            fams = [f for f in covered(k) if all(f in covered(n) for n in nfn)]
+            top = max(nfn, key=lambda n: score(n, fams)) if fams else None
+            if top and score(k, fams) > score(top, fams):
+                ahead.append(
+                    f"{NAMES.get(k, k)} (vs {NAMES[top]}: {score(k, fams) - score(top, fams):+.3f})"
+                )
+        out.append("Ahead of `nfn`'s best: " + ("; ".join(ahead) or "none") + ".")
     return out
 
 
-def _mixed(args, families: list[Path]) -> list[str]:
+def _mixed(args, families: list[Path], runs_path: Path, settings: dict) -> None:
+    """One GMN on every finished family (and the mixed zoo's ResNet/ViT families)."""
     from tasks.mixed_zoo import fit_mixed
 
-    roots = list(families)
+    roots = [f for f in families if _complete(f)]
     if args.mixed_data.exists():
         roots += [p for p in sorted(args.mixed_data.iterdir()) if _complete(p)]
-    taus, secs = [], []
-    per: dict[str, list[float]] = {}
+    done = {
+        r["seed"]
+        for r in _read_runs(runs_path)
+        if r.get("kind") == "mixed-gmn" and r["settings"] == settings
+    }
     for seed in range(args.seeds):
+        if seed in done:
+            continue
         r = fit_mixed(
             roots,
             epochs=args.epochs,
@@ -246,22 +352,15 @@ def _mixed(args, families: list[Path]) -> list[str]:
             lr=args.lr,
             hidden=args.hidden,
             seed=seed,
+            limit=args.mixed_limit,
         )
-        taus.append(r.test_kendall_tau)
-        secs.append(r.seconds)
-        for name, t in r.family_tau.items():
-            per.setdefault(name, []).append(t)
+        row = {"family": "mixed", "kind": "mixed-gmn", "seed": seed, "settings": settings}
+        row["roots"], row["limit"] = [p.name for p in roots], args.mixed_limit
+        row.update(test_kendall_tau=r.test_kendall_tau, val_kendall_tau=r.val_kendall_tau,
+                   family_tau=r.family_tau, best_epoch=r.best_epoch, epochs=r.epochs, seconds=r.seconds)  # fmt: skip
+        with runs_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         print(f"mixed GMN seed {seed}: pooled test τ {r.test_kendall_tau:.3f}, {r.seconds:.0f} s")
-    return [
-        "",
-        f"## One GMN on all {len(roots)} families at once (mixed architectures)",
-        "",
-        "| pooled test τ | " + " | ".join(per) + " | wall time / run |",
-        "|---:|" + "---:|" * len(per) + "---:|",
-        f"| {_ms(taus)} | "
-        + " | ".join(_ms(v) for v in per.values())
-        + f" | {statistics.fmean(secs):.0f} s |",
-    ]
 
 
 if __name__ == "__main__":

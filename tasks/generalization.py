@@ -16,7 +16,7 @@ A predictor is named ``base[+stats][+probe]``:
   images of digits): each hidden channel's mean activation on every probe, read by a
   per-layer DeepSets (an MLP per channel, mean over channels: invariant to permuting the
   channels by construction), and the logits on the probes (fixed output neurons)
-  (:class:`ProbeEncoder`).
+  (:class:`ProbeDeepSets`).
 
 Every predictor is invariant to the space's permutations, so none is trained with
 permutation augmentation. Probe features are computed once per network (the CNN's own
@@ -40,7 +40,7 @@ from metanet.space import WeightSpace
 __all__ = [
     "weight_statistics",
     "InvariantConcat",
-    "ProbeEncoder",
+    "ProbeDeepSets",
     "probe_features",
     "build_predictor",
     "fit",
@@ -57,8 +57,8 @@ def weight_statistics(weights: dict[str, Tensor], names: list[str]) -> Tensor:
     b = weights[names[0]].shape[0]
     out = []
     for n in names:
-        w = weights[n].reshape(b, -1).float()
-        q = torch.quantile(w, torch.tensor(QUANTILES), dim=1).T
+        w = weights[n].reshape(b, -1)
+        q = torch.quantile(w, torch.tensor(QUANTILES, dtype=w.dtype), dim=1).T
         out += [w.mean(1, keepdim=True), w.var(1, keepdim=True, unbiased=False), q]
     return torch.cat(out, dim=1)
 
@@ -69,7 +69,7 @@ def _mlp(i: int, hidden: int, o: int) -> nn.Sequential:
     )
 
 
-class ProbeEncoder(nn.Module):
+class ProbeDeepSets(nn.Module):
     r"""Invariant features of a network's behaviour on fixed probe inputs.
 
     For hidden layer :math:`\ell` with channel activations :math:`a_{\ell c} \in
@@ -124,7 +124,7 @@ class InvariantConcat(nn.Module):
     """One MLP head on the concatenation of invariant feature blocks.
 
     ``body`` (a base model without its head) reads the weights (or their graph); the
-    per-tensor statistics (``stats``) and a :class:`ProbeEncoder` (``probe``) add blocks.
+    per-tensor statistics (``stats``) and a :class:`ProbeDeepSets` (``probe``) add blocks.
     Each block is layer-normalized so none dominates by scale. Input: a dict with
     ``"weights"`` (and ``"graph"`` for GMN, ``"probe"`` for probes) -> ``(B, out)``."""
 
@@ -134,7 +134,7 @@ class InvariantConcat(nn.Module):
         body: nn.Module | None,
         body_width: int,
         stats: bool,
-        probe: ProbeEncoder | None,
+        probe: ProbeDeepSets | None,
         out: int = 1,
         hidden: int = 128,
     ):
@@ -180,7 +180,7 @@ def build_predictor(
     if "probe" in extras:
         if probe_shape is None:
             raise ValueError(f"{name!r} needs probe_shape (hidden layers, probes, classes)")
-        probe = ProbeEncoder(*probe_shape)
+        probe = ProbeDeepSets(*probe_shape)
     return InvariantConcat(space, body, width, "stats" in extras, probe)
 
 

@@ -311,14 +311,16 @@ class MixedResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _graphs(roots: Sequence[Path], split: str, node_dim: int, edge_dim: int) -> list:
+def _graphs(
+    roots: Sequence[Path], split: str, node_dim: int, edge_dim: int, limit: int | None = None
+) -> list:
     from metanet.graph import to_graph
     from tasks.inr import WeightDataset
 
     out = []
     for fam, root in enumerate(roots):
         ds = WeightDataset(root, split, standardize=True)
-        for i in range(len(ds)):
+        for i in range(min(len(ds), limit or len(ds))):
             g = to_graph(ds.space, ds.weights(i), node_dim=node_dim, edge_dim=edge_dim)
             g.y = torch.tensor([float(ds.rows[i]["accuracy"])])
             g.family = torch.tensor([fam])
@@ -367,20 +369,23 @@ def fit_mixed(
     lr: float = 1e-3,
     hidden: int = 16,
     seed: int = 0,
+    limit: int | None = None,
 ) -> MixedResult:
     """One GMN trained on the union of the zoo folders ``roots`` (any architectures).
 
     Each family's weights are standardized by its own per-tensor statistics; all graphs
     are built with the same ``node_dim``/``edge_dim`` and batch together. MSE on test
     accuracy, Adam + cosine, early stopping on the pooled validation τ; returns the
-    pooled and per-family test τ at the best validation epoch."""
+    pooled and per-family test τ at the best validation epoch. ``limit`` caps each
+    family's training networks (the first ``limit`` of its train split)."""
     from torch_geometric.data import Batch
 
     from metanet.nn import GMN
 
     roots = [Path(r) for r in roots]
     node_dim, edge_dim = _widths(roots)
-    train, val, test = (_graphs(roots, s, node_dim, edge_dim) for s in ("train", "val", "test"))
+    train = _graphs(roots, "train", node_dim, edge_dim, limit)
+    val, test = (_graphs(roots, s, node_dim, edge_dim) for s in ("val", "test"))
     y_train = torch.cat([g.y for g in train])
     torch.manual_seed(seed)
     model = GMN(node_dim, edge_dim, hidden=hidden, layers=3, out_features=1)

@@ -1,0 +1,118 @@
+"""Generalization predictors: invariance (float64), probe features, early stopping, reruns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tasks import digits
+from tasks.generalization import build_predictor, fit, probe_features, probe_inputs
+from tasks.inr import WeightDataset
+from tasks.zoo import Family, channel_activations, make_varied_zoo, sample_hparams, zoo_space
+
+FAMILY = Family("f", 3, 4, ("relu", "tanh", "gelu"), (5, 12))
+
+
+def _inputs(weights: dict, acts: tuple[str, ...], graphs: bool) -> dict:
+    from torch_geometric.data import Batch
+
+    from metanet.graph import to_graph
+
+    hidden, logits = channel_activations(weights, probe_inputs(5).double(), FAMILY, acts)
+    x: dict = {"weights": weights, "probe": {f"hidden{k}": h for k, h in enumerate(hidden)}}
+    x["probe"]["logits"] = logits
+    if graphs:
+        space = zoo_space(FAMILY)
+        b = len(acts)
+        x["graph"] = Batch.from_data_list(
+            [to_graph(space, {n: t[i] for n, t in weights.items()}) for i in range(b)]
+        )
+    return x
+
+
+@pytest.mark.parametrize(
+    "name", ["unf+stats", "nfn-hnp+stats", "gmn+stats", "none+stats+probe", "unf+stats+probe"]
+)
+def test_predictors_are_invariant(name):
+    """A random permutation of each CNN's hidden channels leaves every predictor's output
+    unchanged (float64); its probe features are recomputed from the permuted weights."""
+    if "nfn" in name:
+        pytest.importorskip("nfn", reason="the nfn package is an optional peer (pip install nfn)")
+    space = zoo_space(FAMILY)
+    gen = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(3, *t.shape, generator=gen, dtype=torch.float64)
+               for n, t in space.tensors.items()}  # fmt: skip
+    acts = ("relu", "tanh", "gelu")
+    torch.manual_seed(0)
+    graphs = name.startswith("gmn")
+    x = _inputs(weights, acts, graphs)
+    model = build_predictor(
+        name,
+        space,
+        hidden=8,
+        example_graph=x["graph"][0] if graphs else None,
+        probe_shape=(FAMILY.depth, 5, 10),
+    ).double()
+    # nonzero output weights: a head that starts at zero would make any input pass
+    ref = model(x)
+    elements = [space.random_element(gen) for _ in range(3)]
+    permuted = {n: torch.stack([space.apply({m: t[b] for m, t in weights.items()}, elements[b])[n]
+                                for b in range(3)]) for n in weights}  # fmt: skip
+    assert not torch.equal(permuted["0.weight"], weights["0.weight"])
+    out = model(_inputs(permuted, acts, graphs))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    assert ref.std() > 0  # the outputs depend on the networks
+
+
+def test_predictor_names_are_checked():
+    space = zoo_space(FAMILY)
+    with pytest.raises(ValueError, match="suffixes"):
+        build_predictor("unf+stats+stats", space)
+    with pytest.raises(ValueError, match="probe_shape"):
+        build_predictor("unf+probe", space)
+    with pytest.raises(ValueError, match="no invariant features"):
+        build_predictor("statnn+stats", space)
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    make_varied_zoo(root, 40, families=(FAMILY,), num_shards=1, progress=False)
+    return root / FAMILY.name
+
+
+def test_probe_features_follow_each_models_activation(small_zoo):
+    """probe_features are the activations of each CNN (its own activation) on the probes."""
+    ds = WeightDataset(small_zoo)
+    pf = probe_features(small_zoo, probes=4)
+    assert pf["hidden0"].shape == (len(ds), FAMILY.width, 4) and pf["logits"].shape == (
+        len(ds),
+        4,
+        10,
+    )
+    x = probe_inputs(4)
+    for i in (0, 7):
+        model = FAMILY.module(ds.rows[i]["activation"]).eval()
+        model.load_state_dict(ds.weights(i))
+        with torch.no_grad():
+            torch.testing.assert_close(pf["logits"][i], model(x), rtol=0, atol=1e-5)
+            h = model[1](model[0](x)).mean((-2, -1))  # first conv + activation
+        torch.testing.assert_close(pf["hidden0"][i], h.T, rtol=0, atol=1e-5)
+    # the probes are training images, never the test images accuracy is measured on
+    data = digits.load(0.25, seed=0)
+    assert not (x[:, None] == data.x_test[None]).flatten(2).all(-1).any()
+    assert sample_hparams(3, FAMILY).activation in FAMILY.activations
+
+
+def test_fit_early_stops_at_best_val_and_reruns_bit_identically(small_zoo):
+    a = fit("none+stats+probe", small_zoo, epochs=6, patience=2, batch_size=8, probes=4)
+    b = fit("none+stats+probe", small_zoo, epochs=6, patience=2, batch_size=8, probes=4)
+    assert a.test_kendall_tau == b.test_kendall_tau and a.history == b.history
+    vals = [h["val_kendall_tau"] for h in a.history]
+    finite = [v for v in vals if not math.isnan(v)]
+    assert a.val_kendall_tau == (max(finite) if finite else vals[0])
+    assert vals[a.best_epoch - 1] == a.val_kendall_tau
+    assert a.epochs <= 6 and (a.epochs == 6 or a.epochs - a.best_epoch >= 2)
+    assert -1 <= a.test_kendall_tau <= 1
