@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "Float64 Jacobian of the outputs on N inputs w.r.t. every parameter; rank = singular "
         "values above 1e-10 σ_max; rows doubled until the rank of the first 5/6 equals it. "
-        "Norm eps ≈ 0, BatchNorm on batch statistics (chunks of 32 inputs). 1 thread.",
+        "Norm eps ≈ 0, BatchNorm on batch statistics (chunks of 4 inputs). 1 thread.",
         "",
         "| model | params P | rows | rank | P − rank | claimed | verdict "
         "| σ kept ≥ / dropped ≤ (÷ σ_max) | s |",

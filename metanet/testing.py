@@ -242,7 +242,7 @@ def symmetry_certificate(
     inputs: Callable[[int], tuple | Tensor] | tuple | Tensor,
     *,
     rtol: float = 1e-10,
-    chunk: int = 32,
+    chunk: int = 4,
     max_params: int = 8000,
     oversample: float = 2.0,
     max_rows: int = 40000,
