@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from metanet.space import Axis, TensorSpec, WeightSpace, WeightSpaceError
+from metanet.space import Axis, TensorSpec, WeightSpace, WeightSpaceError, _dtype_name
 
 __all__ = [
     "PROBE_PREFIX",
@@ -180,6 +180,7 @@ def probe_space(space: WeightSpace, features: Mapping[str, Tensor]) -> WeightSpa
             (axis, Axis.fixed(num)),
             role="probe",
             kind="probe",
+            dtype=_dtype_name(f.dtype),
             out_set=s,
             out_axis=0,
         )

@@ -147,3 +147,26 @@ def test_unf_classifier_with_probes_is_invariant():
     net = build_model("unf", pspace, 4, 4, frequencies=2).double()
     assert net.probes is not None and net.probes.space.tensors["probe:net.4"].shape == (1, 1)
     assert_equivariant(net, pspace, w, atol=1e-9)
+
+
+def test_parameter_graphs_carry_probes_as_node_columns():
+    """A probe space's graph has the probe values as node feature columns; GMN and the
+    graph transformer on it stay invariant (float64)."""
+    from metanet import to_graph, to_weights
+    from metanet.nn import GMN, GraphTransformer
+
+    cfg = INRConfig(hidden=8)
+    model = Siren(cfg).double()
+    one = {k: v[0] for k, v in _batch(model, 1, 4).items()}
+    pspace, w = with_probes(model, siren_space(cfg), one, torch.rand(5, 2).double())
+    graph = to_graph(pspace, w)
+    back = to_weights(pspace, graph)
+    assert all(torch.equal(back[k], w[k].to(back[k].dtype)) for k in w)  # the space's dtypes
+    assert graph.x.shape[1] >= 5 + 5  # the fixed columns, then the 5 probe values
+    torch.manual_seed(0)
+    for net in (
+        GMN(graph.x.shape[1], graph.edge_attr.shape[1], hidden=8, layers=2, out_features=2),
+        GraphTransformer(graph.x.shape[1], graph.edge_attr.shape[1], hidden=8, heads=2),
+    ):
+        net = net.double()
+        assert_equivariant(lambda v, net=net: net(to_graph(pspace, v)), pspace, w, atol=1e-9)
