@@ -173,8 +173,9 @@ def _signature(out: Piece, inp: Piece) -> tuple:
     """What :func:`basis_terms` depends on: which indices share a group (groups renamed by
     first appearance) and the outer-group links."""
     names: dict[str, int] = {}
-    groups = tuple(names.setdefault(g, len(names)) for g in out.index_groups + inp.index_groups)
-    return out.num_indices, groups, out.outer, inp.outer
+    head = tuple([names.setdefault(g, len(names)) for g in out.index_groups]), out.outer
+    tail = tuple([names.setdefault(g, len(names)) for g in inp.index_groups])
+    return head, tail, inp.outer
 
 
 def _cosine_basis(k: int, n: int) -> Tensor:
