@@ -14,7 +14,7 @@ al. 2020; NFN, GMN report Kendall τ).
 * :func:`make_zoo` — one family (the default, :data:`BASE`: conv 1→8, conv 8→8 stride 2,
   ReLU, 754 parameters): the original zoo.
 * :func:`make_varied_zoo` — the larger zoo: several families (:data:`VARIED`: depths 2–3,
-  widths 6–16), each a sub-folder readable by :class:`tasks.inr.WeightDataset`, every
+  widths 6–8), each a sub-folder readable by :class:`tasks.inr.WeightDataset`, every
   model with its own activation.
 
 Many models train at once as one batched network: the convolutions are grouped
@@ -121,7 +121,7 @@ _SHORT = {"steps": (20, 600), "batch_sizes": (16, 32, 64)}
 VARIED = (
     Family("d2w8", 2, 8, ACTIVATIONS, **_SHORT),
     Family("d3w8", 3, 8, ACTIVATIONS, **_SHORT),
-    Family("d2w12", 2, 12, ACTIVATIONS, **_SHORT),
+    Family("d2w6", 2, 6, ACTIVATIONS, **_SHORT),
     Family("d3w6", 3, 6, ACTIVATIONS, **_SHORT),
 )
 
