@@ -471,6 +471,11 @@ def build_space(tr: Trace) -> WeightSpace:
             action = "sign"
         else:
             action = "gl"
+        if lid in within.values():
+            # an outer group (attention heads): each point is a block carrying its own
+            # indexed group, and no GL or scaling mixes whole blocks (each head has its own
+            # softmax); what acts continuously is the indexed group inside the blocks
+            action = None
         outer = names[within[lid]] if lid in within else None
         groups.append(Group(gname, sizes[lid], within=outer, action=action))
 

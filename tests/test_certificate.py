@@ -120,3 +120,15 @@ def test_size_limit_is_stated():
         symmetry_certificate(model, space, _inputs((3,)), max_params=10)
     with pytest.raises(ValueError, match="pass >= "):
         symmetry_certificate(model, space, torch.randn(4, 3, dtype=torch.float64))
+
+
+def test_attention_heads_claim_no_continuous_symmetry():
+    """Heads permute as blocks; a GL across heads would mix their softmaxes. The GL that
+    acts is inside each head: 4 heads x (8² for q/k + 8² for v) per layer."""
+    from tests.fixtures.architectures import entry
+    from tests.test_from_module import converted
+
+    _, _, space = converted(entry("vit_tiny"))
+    outer = {g.within for g in space.groups.values() if g.within}
+    assert outer and all(space.groups[o].action is None for o in outer)
+    assert claimed_continuous_dims(space)["gl"] == 2 * 4 * (64 + 64)
