@@ -354,7 +354,8 @@ def _write(args, meta, full, n_split, n_train, ceiling, results, wall) -> None:
         acc = statistics.mean(r.test_accuracy for r in runs)
         lines.append(
             f"| {_label(kind)} | {_mean_std([r.test_accuracy for r in runs])} | "
-            f"{acc / top:.2f} | {_mean_std([r.val_accuracy for r in runs])} | "
+            f"{f'{acc / top:.2f}' if ceiling else '–'} | "
+            f"{_mean_std([r.val_accuracy for r in runs])} | "
             f"{statistics.mean(r.epochs for r in runs):.0f} | "
             f"{_params(kind, args.data, args.hidden, args.frequencies, args.probes):,} | "
             f"{statistics.mean(r.seconds for r in runs):.0f} s |"
