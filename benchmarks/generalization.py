@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             make_zoo(args.data, args.n, max_steps=args.max_steps, progress=False)
         families = _families(args.data)
+    if not args.families:  # the zoo may have been made just now
+        wanted = [f.name for f in families]
     families = [f for f in families if f.name in wanted]
     kinds = [k for k in args.models.split(",") if k]  # "" with --mixed: only that
     settings = _settings(args)

@@ -494,11 +494,8 @@ def _make_zoo(
         hps = [sample_hparams(seed * 1_000_003 + offset + i, family) for i in ids]
         if max_steps is not None:
             hps = [replace(h, steps=min(h.steps, max_steps)) for h in hps]
-        stacked = (
-            {k: torch.empty(len(ids), *t.shape) for k, t in _init(hps[0], family).items()}
-            if ids
-            else {}
-        )
+        shapes = {k: t.shape for k, t in family.module().state_dict().items()}
+        stacked = {k: torch.empty(len(ids), *shape) for k, shape in shapes.items()}
         for bs in sorted({h.batch_size for h in hps}):
             # sorted by activation: one activation call per kind in the batched forward
             pos = sorted(

@@ -113,7 +113,7 @@ def test_cli_train_regresses_accuracy(zoo, tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["train", "statnn", str(zoo), "--target", "accuracy", "--epochs", "1",
-                 "--out", str(out), "-q"]) == 0  # fmt: skip
+                 "--batch-size", "8", "--out", str(out), "-q"]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "test Kendall tau" in text and "nan" not in text.split("tau")[1].split(",")[0]
 
