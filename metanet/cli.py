@@ -40,6 +40,7 @@ TRAIN_KINDS = {
     "unf": "UNF layers (metanet, full basis of equivariant maps)",
     "nfn": "metanet's UNF layers restricted to NFN's cheaper basis",
     "gmn": "graph metanetwork on parameter graphs",
+    "transformer": "transformer over parameter-graph tokens (neurons; weights as attention biases)",
     "statnn": "per-tensor weight statistics + MLP",
     "flat": "MLP on the flattened weights (no symmetry; permutation augmentation)",
     "nfn-np": "the nfn package's NP classifier (pip install nfn)",
@@ -724,6 +725,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         target=target,
         canonicalize=args.canonicalize,
         flip_signs=args.flip_signs,
+        probes=args.probes,
+        patience=args.patience,
     )
     if r.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
         if target == "accuracy":
@@ -981,6 +984,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--flip-signs",
         action="store_true",
         help="augment with random sign flips of odd-activation neurons too (every model)",
+    )
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=0,
+        metavar="P",
+        help="add probe features: every neuron's activation at P fixed inputs (INR datasets)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        metavar="K",
+        help="early stopping: stop after K epochs without a better validation score and "
+        "report the best validation epoch (default: train all --epochs)",
     )
     p.add_argument(
         "--target",

@@ -170,3 +170,16 @@ def test_parameter_graphs_carry_probes_as_node_columns():
     ):
         net = net.double()
         assert_equivariant(lambda v, net=net: net(to_graph(pspace, v)), pspace, w, atol=1e-9)
+
+
+def test_cli_trains_the_transformer_with_probes(inrs, tmp_path):
+    import json
+
+    from metanet.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "transformer", str(inrs), "--out", str(out), "--epochs", "2", "-q"]
+    argv += ["--batch-size", "32", "--limit", "64", "--probes", "4", "--patience", "1"]
+    assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["kind"] == "transformer" and 0 <= result["test_accuracy"] <= 1
