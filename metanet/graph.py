@@ -117,6 +117,15 @@ def is_feature(t: TensorSpec) -> bool:
     return _torch_dtype(t.dtype).is_floating_point
 
 
+def _on_nodes(t: TensorSpec) -> bool:
+    """Whether a node tensor can be node features: only its neuron axis may be permuted.
+    A grouped conv whose per-group input axis is permuted too (e.g. after a channel
+    shuffle) would have its feature columns reordered by the group, which no node
+    relabelling does; such tensors are kept in ``rest`` (exact round trip, not read by
+    the graph models) rather than stored in a way the symmetry breaks."""
+    return t.is_node and all(not a.groups for i, a in enumerate(t.axes) if i != t.out_axis)
+
+
 def feature_tensors(space: WeightSpace) -> list[str]:
     """Names of the space's weight-feature tensors (see :func:`is_feature`), in order."""
     return [n for n, t in space.tensors.items() if is_feature(t)]
@@ -181,7 +190,7 @@ class GraphLayout:
         width = len(NODE_ROLES)
         features = [t for t in space.tensors.values() if is_feature(t)]
         for t in features:
-            if not t.is_node:
+            if not _on_nodes(t):
                 continue
             k = math.prod(t.tap_shape)
             taken = used.setdefault(t.out_set, set())
@@ -217,7 +226,7 @@ class GraphLayout:
             if not is_feature(t):
                 rest_int_offset[t.name] = ri
                 ri += math.prod(t.shape)
-            elif t.out_set is None:
+            elif not t.is_edge and not _on_nodes(t):
                 rest_offset[t.name] = r
                 r += math.prod(t.shape)
 
@@ -355,7 +364,7 @@ def to_graph(
             block_taps[rng] = (taps - torch.arange(chunks) * width).clamp(max=width)
             tap_pos[rng] = _tap_positions(t, chunks, width)
             b += chunks
-        elif t.is_node:
+        elif _on_nodes(t):
             col, k = layout.node_columns[t.name]
             lo = layout.set_offset[t.out_set]
             n = sets[t.out_set].axis.size
@@ -423,7 +432,7 @@ def to_weights(space: WeightSpace, graph: Data) -> dict[str, Tensor]:
             block = block.reshape(n_out * n_in, -1)[:, :taps]
             moved = [t.shape[t.out_axis], t.shape[t.in_axis]] + list(t.tap_shape)
             w = block.reshape(moved).movedim((0, 1), (t.out_axis, t.in_axis))
-        elif t.is_node:
+        elif _on_nodes(t):
             col, k = layout.node_columns[t.name]
             lo = layout.set_offset[t.out_set]
             n = sets[t.out_set].axis.size
