@@ -632,38 +632,50 @@ class WeightSpace:
         """
         self._check_element(element)
         out = dict(weights)
-        for name, t in self.tensors.items():
+        for name in self.tensors:
             if name not in weights:
                 raise WeightSpaceError(f"weights have no tensor {name!r}")
-            w = weights[name]
-            lead = w.dim() - len(t.shape)
-            if lead < 0 or tuple(w.shape[lead:]) != t.shape:
-                raise WeightSpaceError(
-                    f"tensor {name!r} has shape {tuple(w.shape)}, expected (..., "
-                    f"{', '.join(map(str, t.shape))})"
-                )
-            deferred: list[tuple[int, Axis, str]] = []
-            for i, axis in enumerate(t.axes):
-                outer = self._cross_axis_outer(axis)
-                if outer is not None:
-                    deferred.append((i, axis, outer))
-                    continue
-                idx = self._axis_index(axis, element)
-                if idx is not None:
-                    w = w.index_select(lead + i, idx.to(w.device))
-            for i, axis, outer in deferred:
-                # one permutation of axis i per row; the row is the outer group's
-                # (new) coordinate along the axis j that carries it
-                j = next(k for k, a in enumerate(t.axes) if outer in a.groups)
-                rows = self._axis_index(axis, element)  # (outer size, size_i)
-                idx = rows[self._outer_coordinate(t.axes[j], outer)]  # (size_j, size_i)
-                if j > i:
-                    idx = idx.T
-                shape = [1] * w.dim()
-                shape[lead + min(i, j)], shape[lead + max(i, j)] = idx.shape
-                w = torch.gather(w, lead + i, idx.reshape(shape).expand(w.shape).to(w.device))
-            out[name] = w
+            out[name] = self._apply_tensor(name, weights[name], element)
         return out
+
+    def apply_tensor(self, name: str, w: Tensor, element: Mapping[str, Tensor]) -> Tensor:
+        """``apply`` for one tensor: what ``apply(weights, element)[name]`` would be.
+
+        Lets streaming code permute a checkpoint one tensor at a time."""
+        if name not in self.tensors:
+            raise WeightSpaceError(f"the space has no tensor {name!r}")
+        self._check_element(element)
+        return self._apply_tensor(name, w, element)
+
+    def _apply_tensor(self, name: str, w: Tensor, element: Mapping[str, Tensor]) -> Tensor:
+        t = self.tensors[name]
+        lead = w.dim() - len(t.shape)
+        if lead < 0 or tuple(w.shape[lead:]) != t.shape:
+            raise WeightSpaceError(
+                f"tensor {name!r} has shape {tuple(w.shape)}, expected (..., "
+                f"{', '.join(map(str, t.shape))})"
+            )
+        deferred: list[tuple[int, Axis, str]] = []
+        for i, axis in enumerate(t.axes):
+            outer = self._cross_axis_outer(axis)
+            if outer is not None:
+                deferred.append((i, axis, outer))
+                continue
+            idx = self._axis_index(axis, element)
+            if idx is not None:
+                w = w.index_select(lead + i, idx.to(w.device))
+        for i, axis, outer in deferred:
+            # one permutation of axis i per row; the row is the outer group's
+            # (new) coordinate along the axis j that carries it
+            j = next(k for k, a in enumerate(t.axes) if outer in a.groups)
+            rows = self._axis_index(axis, element)  # (outer size, size_i)
+            idx = rows[self._outer_coordinate(t.axes[j], outer)]  # (size_j, size_i)
+            if j > i:
+                idx = idx.T
+            shape = [1] * w.dim()
+            shape[lead + min(i, j)], shape[lead + max(i, j)] = idx.shape
+            w = torch.gather(w, lead + i, idx.reshape(shape).expand(w.shape).to(w.device))
+        return w
 
     def _outer_coordinate(self, axis: Axis, group: str) -> Tensor:
         """For each index of ``axis``, its coordinate in the factor of ``group``."""

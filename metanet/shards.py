@@ -1,0 +1,345 @@
+"""Safetensors checkpoints read and written one tensor at a time.
+
+``LazyWeights`` is a read-only ``Mapping[str, Tensor]`` over a ``.safetensors`` file or a
+folder of them (sharded with ``model.safetensors.index.json`` or not): shapes and dtypes
+come from the headers, and a tensor is read from disk (plain reads, no memory map, so
+nothing stays resident) only when it is asked for. ``ShardWriter`` writes tensors one at a
+time into shards of a bounded size, with the index Hugging Face uses; its files appear
+under a temporary name and are renamed into place when closed, so an interrupted write
+never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LazyWeights",
+    "ShardWriter",
+    "parse_size",
+    "weight_files",
+    "TMP_MARK",
+    "remove_stale",
+    "umask_mode",
+]
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+TMP_MARK = ".metanet-tmp-"
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` with the process umask applied (what ``open`` would create)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GB"``, ``"500MB"``, ``"1.5GiB"`` or a byte count → bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+        "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1,
+    }  # fmt: skip
+    unit = next((u for u in units if s.endswith(u)), "")
+    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(
+            f"size {text!r}: expected a number with an optional unit (2GB, 500MB)"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value * factor)
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: those its index names, or every ``*.safetensors``."""
+    index = folder / INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+class LazyWeights(Mapping):
+    """Tensors of safetensors files, read on access.
+
+    Args:
+        path: a ``.safetensors`` file or a folder of them.
+        names: optional ``{our name: name in the file}`` (e.g. a model's state-dict keys
+            against a checkpoint saved without the base-model prefix); default identity.
+        dtype: cast floating tensors to this dtype when read (e.g. float32 for matching
+            bf16 checkpoints).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        names: Mapping[str, str] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        self.path = Path(path)
+        files = weight_files(self.path) if self.path.is_dir() else [self.path]
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no *.safetensors files")
+        self.files = files
+        self.entries: dict[str, tuple[Path, int, dict]] = {}
+        self.metadata: dict[str, str] = {}
+        self.order: list[tuple[Path, list[str]]] = []
+        for file in files:
+            header, start = _header(file)
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+            for key in keys:
+                info = header[key]
+                if info["dtype"] not in _DTYPES:
+                    raise ValueError(
+                        f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}"
+                    )
+                self.entries[key] = (file, start, info)
+            self.order.append((file, keys))
+        self.names = dict(names) if names is not None else {k: k for k in self.entries}
+        missing = [k for k, v in self.names.items() if v not in self.entries]
+        if missing:
+            raise KeyError(f"{self.path}: no tensor {self.names[missing[0]]!r}")
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ Mapping
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(self.names[name], self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    # ------------------------------------------------------------------ metadata
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        _, _, info = self.entries[self.names[name]]
+        return tuple(info["shape"]), _DTYPES[info["dtype"]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name)[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[2]["data_offsets"][1] - e[2]["data_offsets"][0] for e in self.entries.values())
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+        """Tensor ``key`` as stored in the file (a fresh tensor, nothing mapped)."""
+        file, start, info = self.entries[key]
+        lo, hi = info["data_offsets"]
+        shape = tuple(info["shape"])
+        raw = torch.empty(hi - lo, dtype=torch.uint8)
+        with open(file, "rb") as f:
+            f.seek(start + lo)
+            view = memoryview(raw.numpy())
+            got = 0
+            while got < hi - lo:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{file}: tensor {key!r} is truncated")
+                got += n
+        t = raw.view(_DTYPES[info["dtype"]]).reshape(shape)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+
+class ShardWriter:
+    """Write tensors one at a time into ``folder`` (or one file), in shards of at most
+    ``max_shard`` bytes (a tensor larger than that gets a shard of its own).
+
+    Each shard is written under a temporary name (``TMP_MARK`` in it) with its header
+    first (the shapes are declared up front with :meth:`plan`) and renamed when full;
+    :meth:`close` writes the index. Use it through :func:`write_tensors`.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        max_shard: int | None = None,
+        single_file: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        base_name: str = "model",
+    ):
+        self.target = Path(target)
+        self.metadata = dict(metadata or {"format": "pt"})
+        self.single = single_file
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not single_file and max_shard and shards[-1] and size + n > max_shard:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, n))
+            size += n
+        self.shards = shards
+        k = len(shards)
+        if single_file:
+            self.files = [self.target]
+        elif k == 1:
+            self.files = [self.target / f"{base_name}.safetensors"]
+        else:
+            self.files = [
+                self.target / f"{base_name}-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)
+            ]
+        self._where = {e[0]: (i, j) for i, s in enumerate(shards) for j, e in enumerate(s)}
+        self._shard = -1
+        self._next = 0
+        self._f = None
+        self._tmp: Path | None = None
+        self.written: list[Path] = []
+
+    def _open(self, i: int) -> None:
+        shard = self.shards[i]
+        header: dict = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for name, shape, dtype, n in shard:
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}  # fmt: skip
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        final = self.files[i]
+        self._tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
+        self._f = open(self._tmp, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._shard, self._next = i, 0
+
+    def _finish(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        os.replace(self._tmp, self.files[self._shard])
+        self.written.append(self.files[self._shard])
+        self._tmp = None
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Tensors must come in plan order."""
+        if name not in self._where:
+            raise KeyError(f"tensor {name!r} is not in the write plan")
+        i, j = self._where[name]
+        _, shape, dtype, n = self.shards[i][j]
+        if i != self._shard:
+            if self._f is not None:
+                raise RuntimeError(f"shard {self._shard} is not complete before {name!r}")
+            self._open(i)
+        if j != self._next:
+            raise RuntimeError(f"tensor {name!r} written out of order")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                f"planned {shape} {dtype}"
+            )
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._next += 1
+        if self._next == len(self.shards[i]):
+            self._finish()
+
+    def close(self) -> None:
+        if self._f is not None or len(self.written) != len(self.files):
+            raise RuntimeError("not every planned tensor was written")
+        if not self.single and len(self.files) > 1:
+            weight_map = {e[0]: self.files[i].name for i, s in enumerate(self.shards) for e in s}
+            total = sum(e[3] for s in self.shards for e in s)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            tmp = self.target / f".{INDEX}{TMP_MARK}{os.getpid()}"
+            tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.target / INDEX)
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove temporary files/folders an interrupted metanet write of ``target`` left
+    beside it (or inside it): those whose writing process is gone. Returns them."""
+    import shutil
+
+    target = Path(target)
+    removed = []
+    places = [target.parent] + ([target] if target.is_dir() else [])
+    for place in places:
+        if not place.is_dir():
+            continue
+        for p in place.iterdir():
+            if TMP_MARK not in p.name:
+                continue
+            if place == target.parent and not p.name.startswith(f".{target.name}"):
+                continue
+            tail = p.name.rsplit(TMP_MARK, 1)[1]
+            pid = tail.split("-")[0]
+            if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+                continue
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
+    return removed
+
+
+def iter_in_file_order(weights: LazyWeights) -> Iterable[tuple[Path, list[str]]]:
+    """``(file, keys in storage order)`` for every file: reading in this order is sequential."""
+    return weights.order
