@@ -1,0 +1,359 @@
+"""mergekit's core merge methods, one tensor at a time.
+
+``merge_tensor(method, name, tensors, base, params=..., model_params=...)`` merges the values
+of a single tensor, so a streaming merge can load, merge and write one tensor at a time.
+``merge_state_dicts`` is the same over whole state dicts.
+
+Semantics follow mergekit (arcee-ai/mergekit, v0.1.x; our own implementation):
+
+* ``linear``: ``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (default true). No base.
+* ``slerp``: base plus exactly one other model, parameter ``t`` (required); vectors are
+  normalised (if their norm exceeds 1e-8), ``|cos| > 0.9995`` falls back to lerp,
+  ``t = 0`` gives the base.
+* generalized task arithmetic (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+  ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``): deltas ``x_i - base``
+  are sparsified per model (magnitude top-k with ``k = int(density * numel)`` / random keep
+  with probability ``density`` / "magnitude outliers": drop the ``int(gamma * numel)``
+  largest, keep ``int(density * numel)``, drop the rest / DELLA's rank-dependent keep
+  probabilities ``density +- epsilon`` per row); ``rescale`` (default true for DARE and
+  DELLA) rescales a sparsified delta to its original L1 norm, as mergekit does; then
+  ``w_i * delta_i`` are summed, keeping only entries whose sign agrees with the sign of the
+  weighted sum (TIES consensus "sum") for the ``*ties``/``della`` methods. ``normalize``
+  (default true for ties and della) divides by the sum of the weights where the mask
+  agrees (by ``sum w_i`` without consensus; a zero divisor becomes 1); ``lambda``
+  (default 1) scales the merged delta. Per-model ``weight`` and ``density`` (default 1);
+  ``gamma`` (default 0.01) for breadcrumbs, ``epsilon`` (default 0.15) for della.
+* ``model_stock``: ``t = k cos / (1 + (k - 1) cos)`` with ``cos`` the mean pairwise cosine of
+  the task vectors (norm product clamped at 1e-6), result ``t * mean(x_i) + (1 - t) base``;
+  the whole tensor is flattened (1-D tensors included) unless ``filter_wise``, where each
+  row gets its own ``t`` and 1-D tensors count as one row.
+
+As in mergekit, a per-model parameter missing from a model's parameters is looked up in the
+global parameters. Differences (deliberate): ``weight`` defaults to 1 instead of being
+required; ``rescale`` also accepts ``"l1"``, ``"l2"``, ``"linf"`` (norm matched after
+masking) and ``"density"`` (divide each kept entry by its keep probability, the DARE/DELLA
+papers' unbiased rescaling); breadcrumbs with ``int(gamma * numel) == 0`` drops no large
+entries (mergekit's slice ``[n_bot:-0]`` drops everything there); DELLA ranks each row of
+``tensor.reshape(shape[0], -1)`` (mergekit ranks along dim 1 of the raw tensor); density 0
+gives a zero delta (mergekit asserts); mismatched shapes raise instead of being skipped or
+cut to the base's embedding size. Random masks come from a CPU ``torch.Generator`` seeded
+from ``(seed, zlib.crc32(name))``, so they do not depend on tensor order or device (and do
+not reproduce mergekit's, which uses the global RNG).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+__all__ = ["MergeMethod", "METHODS", "merge_tensor", "merge_state_dicts"]
+
+_REQUIRED = None  # default value marking a required parameter
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    needs_base: bool
+    params: Mapping[str, object]
+    model_params: Mapping[str, object]
+    # generalized task arithmetic only
+    consensus: str | None = None  # "sum" (TIES) or None
+    sparsify: str | None = None  # "magnitude" | "random" | "magnitude_outliers" | "della"
+
+
+def _gta(name, consensus, sparsify, normalize, rescale) -> MergeMethod:
+    model_params = {"weight": 1.0, "density": 1.0}
+    if sparsify == "magnitude_outliers":
+        model_params["gamma"] = 0.01
+    if sparsify == "della":
+        model_params["epsilon"] = 0.15
+    return MergeMethod(
+        name,
+        True,
+        MappingProxyType({"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}),
+        MappingProxyType(model_params),
+        consensus,
+        sparsify,
+    )
+
+
+METHODS: dict[str, MergeMethod] = {
+    "linear": MergeMethod("linear", False, MappingProxyType({"normalize": True}), MappingProxyType({"weight": 1.0})),
+    "slerp": MergeMethod("slerp", True, MappingProxyType({"t": _REQUIRED}), MappingProxyType({})),
+    "model_stock": MergeMethod("model_stock", True, MappingProxyType({"filter_wise": False}), MappingProxyType({})),
+    "task_arithmetic": _gta("task_arithmetic", None, None, False, False),
+    "ties": _gta("ties", "sum", "magnitude", True, False),
+    "dare_ties": _gta("dare_ties", "sum", "random", False, True),
+    "dare_linear": _gta("dare_linear", None, "random", False, True),
+    "breadcrumbs": _gta("breadcrumbs", None, "magnitude_outliers", False, False),
+    "breadcrumbs_ties": _gta("breadcrumbs_ties", "sum", "magnitude_outliers", False, False),
+    "della": _gta("della", "sum", "della", True, True),
+    "della_linear": _gta("della_linear", None, "della", False, True),
+}
+
+_RESCALE = {True: "l1", False: None, None: None, "l1": "l1", "l2": "l2", "linf": "linf", "density": "density"}
+
+
+def _method(method: str) -> MergeMethod:
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r} (known: {', '.join(sorted(METHODS))})")
+    return METHODS[method]
+
+
+def _resolve(m: MergeMethod, n: int, params, model_params):
+    params = dict(params or {})
+    for key in params:
+        if key not in m.params and key not in m.model_params:
+            raise ValueError(f"unknown parameter {key!r} for merge method {m.name!r}")
+    glob = {}
+    for key, default in m.params.items():
+        value = params.get(key, default)
+        if value is _REQUIRED:
+            raise ValueError(f"merge method {m.name!r} needs parameter {key!r}")
+        glob[key] = value
+    if model_params is None:
+        model_params = [{}] * n
+    model_params = list(model_params)
+    if len(model_params) != n:
+        raise ValueError(f"{len(model_params)} model_params entries for {n} models")
+    per_model = []
+    for i, mp in enumerate(model_params):
+        mp = dict(mp or {})
+        for key in mp:
+            if key not in m.model_params:
+                raise ValueError(f"unknown per-model parameter {key!r} (model {i}) for merge method {m.name!r}")
+        per_model.append({key: float(mp.get(key, params.get(key, d))) for key, d in m.model_params.items()})
+    return glob, per_model
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # torch's CPU generator keeps only 32 bits of its seed: mix (seed, crc32(name)) into 32 bits
+    h = (int(seed) * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % (1 << 64)
+    g = torch.Generator()
+    g.manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
+    return g
+
+
+def _rescale(delta: Tensor, mask: Tensor, norm: str | None, eps: float = 1e-7) -> Tensor:
+    masked = delta * mask
+    if norm is None or norm == "density":
+        return masked
+    if norm == "l1":
+        before, after = delta.abs().sum(), masked.abs().sum()
+    elif norm == "l2":
+        before, after = delta.norm(), masked.norm()
+    else:  # linf
+        before, after = delta.abs().max(), masked.abs().max()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def _sparsify(kind: str, delta: Tensor, mp: dict, norm: str | None, g: torch.Generator) -> Tensor:
+    density = mp["density"]
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    n = delta.numel()
+    flat = delta.reshape(-1)
+    if kind == "magnitude":
+        mask = torch.zeros_like(flat)
+        k = int(density * n)
+        if k > 0:
+            mask[torch.topk(flat.abs(), k, sorted=False).indices] = 1
+        return _rescale(delta, mask.view_as(delta), norm)
+    if kind == "magnitude_outliers":
+        keep = int(density * n)
+        n_top = min(int(mp["gamma"] * n), n - keep)
+        n_bot = n - keep - n_top
+        order = torch.argsort(flat.abs())
+        mask = torch.zeros_like(flat)
+        mask[order[n_bot : n - n_top]] = 1
+        return _rescale(delta, mask.view_as(delta), norm)
+    if kind == "random":
+        mask = (torch.rand(delta.shape, generator=g, dtype=torch.float64) < density).to(delta.device, delta.dtype)
+        out = _rescale(delta, mask, norm)
+        return out / density if norm == "density" else out
+    if kind == "della":
+        eps = mp["epsilon"]
+        if density + eps >= 1 or density - eps <= 0:
+            raise ValueError(f"della: density +- epsilon must lie in (0, 1), got density={density}, epsilon={eps}")
+        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+        ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(delta.dtype)  # 0 = smallest
+        span = (ranks.max(dim=1, keepdim=True).values - ranks.min(dim=1, keepdim=True).values).clamp(min=1)
+        probs = (density - eps) + 2 * eps * (ranks / span).clamp(0, 1)
+        draw = torch.rand(rows.shape, generator=g, dtype=torch.float64).to(delta.device, delta.dtype)
+        mask = (draw < probs).to(delta.dtype)
+        if norm == "density":
+            return (rows * mask / probs).reshape(delta.shape)
+        return _rescale(rows, mask, norm).reshape(delta.shape)
+    raise AssertionError(kind)
+
+
+def _gta_merge(m: MergeMethod, name, xs, base, glob, per_model, seed):
+    norm = _RESCALE.get(glob["rescale"], "bad")
+    if norm == "bad":
+        raise ValueError(f"parameter 'rescale' must be true/false/l1/l2/linf/density, got {glob['rescale']!r}")
+    g = _generator(seed, name) if m.sparsify in ("random", "della") else None
+    deltas = []
+    for x, mp in zip(xs, per_model):
+        d = x - base
+        if m.sparsify is not None:
+            d = _sparsify(m.sparsify, d, mp, norm, g)
+        deltas.append(d)
+    deltas = torch.stack(deltas)
+    w = torch.tensor([mp["weight"] for mp in per_model], dtype=base.dtype, device=base.device)
+    w = w.view(-1, *([1] * base.dim()))
+    weighted = deltas * w
+    if m.consensus == "sum":
+        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(base.dtype)
+        mask = (weighted.sign() == majority).to(base.dtype)
+        mixed = (weighted * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(0)
+        divisor = w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if glob["normalize"]:
+        mixed = mixed / divisor
+    if glob["lambda"] != 1:
+        mixed = mixed * glob["lambda"]
+    return base + mixed
+
+
+def _slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    n0, n1 = v0.norm(), v1.norm()
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = (u0 * u1).sum()
+    if dot.abs() > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta = torch.arccos(dot)
+    s = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) / s) * v0 + (torch.sin(t * theta) / s) * v1
+
+
+def _model_stock(xs, base, filter_wise: bool) -> Tensor:
+    if len(xs) < 2:
+        raise ValueError("model_stock needs a base and at least two other models")
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [x.unsqueeze(0) if x.dim() == 1 else x for x in xs]
+    else:
+        w0, ws = base.reshape(-1), [x.reshape(-1) for x in xs]
+    offs = [w - w0 for w in ws]
+    cos = []
+    for i in range(len(offs)):
+        for j in range(i + 1, len(offs)):
+            prod = offs[i].norm(dim=-1) * offs[j].norm(dim=-1)
+            cos.append(((offs[i] * offs[j]).sum(-1) / prod.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    k = len(ws)
+    t = k * c / (1 + (k - 1) * c)
+    avg = sum(ws) / k
+    return (t * avg + (1 - t) * w0).reshape(shape)
+
+
+def merge_tensor(
+    method: str,
+    name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor | None = None,
+    *,
+    params: Mapping | None = None,
+    model_params: Sequence[Mapping] | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Merge one tensor.
+
+    ``tensors``: the non-base models' values of tensor ``name`` (already aligned); ``base``:
+    the base model's value (None for methods that need none). Computes in float32 (float64
+    if any input is float64) and returns the dtype of ``base`` (or ``tensors[0]``);
+    non-floating tensors come back unchanged. Random masks (DARE, DELLA) come from a
+    generator seeded from ``(seed, zlib.crc32(name))``.
+    """
+    m = _method(method)
+    tensors = list(tensors)
+    if m.needs_base and base is None:
+        raise ValueError(f"merge method {method!r} needs a base tensor for {name!r}")
+    if not m.needs_base and base is not None:
+        raise ValueError(f"merge method {method!r} takes no base (tensor {name!r})")
+    if not tensors:
+        if base is None:
+            raise ValueError(f"no tensors to merge for {name!r}")
+        return base
+    ref = base if base is not None else tensors[0]
+    for x in tensors:
+        if tuple(x.shape) != tuple(ref.shape):
+            raise ValueError(f"tensor {name!r}: shape mismatch {tuple(ref.shape)} vs {tuple(x.shape)}")
+    glob, per_model = _resolve(m, len(tensors), params, model_params)
+    if not ref.is_floating_point():
+        return ref
+    everything = tensors + ([base] if base is not None else [])
+    work = torch.float64 if any(x.dtype == torch.float64 for x in everything) else torch.float32
+    xs = [x.to(work) for x in tensors]
+    b = base.to(work) if base is not None else None
+
+    if m.name == "linear":
+        w = torch.tensor([mp["weight"] for mp in per_model], dtype=work, device=xs[0].device)
+        out = sum(wi * x for wi, x in zip(w, xs))
+        if glob["normalize"]:
+            total = w.sum()
+            if total.abs() < 1e-12:
+                raise ValueError(f"linear merge of {name!r}: weights sum to zero, cannot normalize")
+            out = out / total
+    elif m.name == "slerp":
+        if len(xs) != 1:
+            raise ValueError(f"slerp merges the base with exactly one other model, got {len(xs)} for {name!r}")
+        out = _slerp(float(glob["t"]), b, xs[0])
+    elif m.name == "model_stock":
+        out = _model_stock(xs, b, bool(glob["filter_wise"]))
+    else:
+        out = _gta_merge(m, name, xs, b, glob, per_model, seed)
+    return out.to(ref.dtype)
+
+
+def merge_state_dicts(
+    method: str,
+    models: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor] | None = None,
+    *,
+    params=None,
+    model_params=None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """``merge_tensor`` for every tensor of the base (or first model).
+
+    ``params`` / ``model_params`` may also be callables ``name -> value`` (e.g.
+    ``MergeConfig.resolve``-derived), for per-tensor parameters.
+    """
+    models = list(models)
+    ref = base if base is not None else (models[0] if models else None)
+    if ref is None:
+        raise ValueError("nothing to merge")
+    out = {}
+    for name in ref:
+        for i, sd in enumerate(models):
+            if name not in sd:
+                raise ValueError(f"model {i} has no tensor {name!r}")
+        p = params(name) if callable(params) else params
+        mp = model_params(name) if callable(model_params) else model_params
+        out[name] = merge_tensor(
+            method,
+            name,
+            [sd[name] for sd in models],
+            None if base is None else base[name],
+            params=p,
+            model_params=mp,
+            seed=seed,
+        )
+    return out
