@@ -161,18 +161,53 @@ def assert_equivariant(
 # --------------------------------------------------------------------------- certificate
 
 
+def _positive_scale_neurons(space: WeightSpace) -> tuple[int, set[str]]:
+    """Positive scales the neuron sets carry: one per neuron of every axis segment whose
+    groups all scale positively (an outer group of an indexed one may not), each distinct
+    segment once, and the positive-scale groups that were counted that way.
+
+    A segment is identified by the multiset of its non-fixed factors, so the residual
+    stream's sets (one neuron set per add, the same neurons) count once, and a channel
+    shuffle's transposed view ``(b × a)`` of ``(a × b)`` is the same neurons. Fixed
+    factors (a flattened ``channels × (h·w)``) add no scales: the scale is the channel's.
+    """
+    seen: dict[tuple, int] = {}
+    covered: set[str] = set()
+    for ns in space.neuron_sets.values():
+        for seg in ns.axis.segments:
+            facs = [f for f in seg if f.group is not None]
+            names = {f.group for f in facs}
+            pos = {g for g in names if space.groups[g].action == "positive_scale"}
+            if not pos:
+                continue
+            outers = {space.groups[g].within for g in pos}
+            if any(g not in pos and g not in outers for g in names):
+                continue
+            key = tuple(sorted((f.group, f.size) for f in facs))
+            seen[key] = math.prod(f.size for f in facs)
+            covered |= pos
+    return sum(seen.values()), covered
+
+
 def claimed_continuous_dims(space: WeightSpace) -> dict[str, int]:
     """The dimension of the continuous symmetry the space claims, by kind.
 
-    ``positive_scale``: one scale per permuted point (``size``, times the outer size for
-    an indexed group); ``gl``: ``size²`` per copy; ``norm_scale``: one per factor of each
-    :class:`~metanet.space.NormScale` with a parameter among its members. Sign flips and
-    permutations are discrete and add nothing.
+    ``positive_scale``: one scale per *neuron* (hidden unit) of the neuron sets whose
+    axis segments carry positive-scale groups: on a product axis (``heads × head_dim``,
+    a ShuffleNet stream ``g × c/g``) that is the product of the factor sizes, not the
+    number of permuted points; the same neurons seen by several sets (residual stream,
+    channel shuffle) count once (:func:`_positive_scale_neurons`). A positive-scale group
+    on no neuron set (a hand-built space) counts its permuted points (``size``, times the
+    outer size for an indexed group). ``gl``: ``size²`` per copy; ``norm_scale``: one per
+    factor of each :class:`~metanet.space.NormScale` with a parameter among its members.
+    Sign flips and permutations are discrete and add nothing.
     """
     out = {"positive_scale": 0, "gl": 0, "norm_scale": 0}
+    neurons, covered = _positive_scale_neurons(space)
+    out["positive_scale"] = neurons
     for g in space.groups.values():
         copies = space.groups[g.within].size if g.within else 1
-        if g.action == "positive_scale":
+        if g.action == "positive_scale" and g.name not in covered:
             out["positive_scale"] += copies * g.size
         elif g.action == "gl":
             out["gl"] += copies * g.size * g.size

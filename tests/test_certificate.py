@@ -132,3 +132,49 @@ def test_attention_heads_claim_no_continuous_symmetry():
     outer = {g.within for g in space.groups.values() if g.within}
     assert outer and all(space.groups[o].action is None for o in outer)
     assert claimed_continuous_dims(space)["gl"] == 2 * 4 * (64 + 64)
+
+
+def _product_hidden(space: WeightSpace, within: bool) -> WeightSpace:
+    """The ReLU net's 6 hidden units as a product axis ``a:2 × b:3`` (both positive scale;
+    with ``within``, ``b`` indexed by ``a`` and ``a`` carrying no action, as heads do)."""
+    from metanet.space import Axis, Group
+
+    axis = Axis.product(("a", 2), ("b", 3))
+    old = Axis.of("0:0", 6)
+
+    def swap(ax: Axis) -> Axis:
+        return axis if ax == old else ax
+
+    groups = {
+        "a": Group("a", 2, action=None if within else "positive_scale"),
+        "b": Group("b", 3, within="a" if within else None, action="positive_scale"),
+    }
+    tensors = {
+        n: dataclasses.replace(t, axes=tuple(swap(a) for a in t.axes))
+        for n, t in space.tensors.items()
+    }
+    sets = {n: dataclasses.replace(s, axis=swap(s.axis)) for n, s in space.neuron_sets.items()}
+    return WeightSpace(groups, tensors, sets, space.identities, space.notes, space.norm_scales)
+
+
+@pytest.mark.parametrize("within", [False, True])
+def test_positive_scale_on_a_product_axis_counts_neurons(within):
+    """One positive scale per hidden unit (6), not per permuted point (2 + 3 = 5, or
+    2 · 3 = 6 only by luck of the indexed count): the certificate stays complete."""
+    model, space = _relu_net()
+    product = _product_hidden(space, within)
+    assert claimed_continuous_dims(product)["positive_scale"] == 6
+    cert = symmetry_certificate(model, product, _inputs((3,)))
+    assert (cert.deficiency, cert.claimed, cert.verdict) == (6, 6, "complete")
+
+
+def test_shufflenet_positive_scales_are_per_channel():
+    """shufflenet_tiny: the residual stream (2 × 8 = 16 channels, one set per add: the same
+    neurons, counted once) and each unit's ReLU after bn1 (8 channels, 2 × 2 × 2, seen
+    again shuffled at the depthwise conv: counted once): 16 + 8 + 8 = 32, not the 14
+    permuted points (2 + 8 + 2 + 2)."""
+    from tests.fixtures.architectures import entry
+    from tests.test_from_module import converted
+
+    _, _, space = converted(entry("shufflenet_tiny"))
+    assert claimed_continuous_dims(space)["positive_scale"] == 16 + 8 + 8
