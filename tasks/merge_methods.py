@@ -4,7 +4,7 @@
 of a single tensor, so a streaming merge can load, merge and write one tensor at a time.
 ``merge_state_dicts`` is the same over whole state dicts.
 
-Semantics follow mergekit (arcee-ai/mergekit, v0.1.x; our own implementation):
+Semantics follow mergekit (arcee-ai/mergekit 0.1.5; our own implementation):
 
 * ``linear``: ``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (default true). No base.
 * ``slerp``: base plus exactly one other model, parameter ``t`` (required); vectors are
@@ -12,7 +12,7 @@ Semantics follow mergekit (arcee-ai/mergekit, v0.1.x; our own implementation):
   ``t = 0`` gives the base.
 * generalized task arithmetic (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
   ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``): deltas ``x_i - base``
-  are sparsified per model (magnitude top-k with ``k = int(density * numel)`` / random keep
+  are sparsified per model (magnitude top-k with ``k = max(1, int(density * numel))`` / random keep
   with probability ``density`` / "magnitude outliers": drop the ``int(gamma * numel)``
   largest, keep ``int(density * numel)``, drop the rest / DELLA's rank-dependent keep
   probabilities ``density +- epsilon`` per row); ``rescale`` (default true for DARE and
@@ -25,6 +25,7 @@ Semantics follow mergekit (arcee-ai/mergekit, v0.1.x; our own implementation):
   ``gamma`` (default 0.01) for breadcrumbs, ``epsilon`` (default 0.15) for della.
 * ``model_stock``: ``t = k cos / (1 + (k - 1) cos)`` with ``cos`` the mean pairwise cosine of
   the task vectors (norm product clamped at 1e-6), result ``t * mean(x_i) + (1 - t) base``;
+  ``t = 0`` (the base) where ``|1 + (k - 1) cos| < 1e-6``;
   the whole tensor is flattened (1-D tensors included) unless ``filter_wise``, where each
   row gets its own ``t`` and 1-D tensors count as one row.
 
@@ -32,8 +33,7 @@ As in mergekit, a per-model parameter missing from a model's parameters is looke
 global parameters. Differences (deliberate): ``weight`` defaults to 1 instead of being
 required; ``rescale`` also accepts ``"l1"``, ``"l2"``, ``"linf"`` (norm matched after
 masking) and ``"density"`` (divide each kept entry by its keep probability, the DARE/DELLA
-papers' unbiased rescaling); breadcrumbs with ``int(gamma * numel) == 0`` drops no large
-entries (mergekit's slice ``[n_bot:-0]`` drops everything there); DELLA ranks each row of
+papers' unbiased rescaling); DELLA ranks each row of
 ``tensor.reshape(shape[0], -1)`` (mergekit ranks along dim 1 of the raw tensor); density 0
 gives a zero delta (mergekit asserts); mismatched shapes raise instead of being skipped or
 cut to the base's embedding size. Random masks come from a CPU ``torch.Generator`` seeded
@@ -165,9 +165,8 @@ def _sparsify(kind: str, delta: Tensor, mp: dict, norm: str | None, g: torch.Gen
     flat = delta.reshape(-1)
     if kind == "magnitude":
         mask = torch.zeros_like(flat)
-        k = int(density * n)
-        if k > 0:
-            mask[torch.topk(flat.abs(), k, sorted=False).indices] = 1
+        k = max(1, int(density * n))
+        mask[torch.topk(flat.abs(), k, sorted=False).indices] = 1
         return _rescale(delta, mask.view_as(delta), norm)
     if kind == "magnitude_outliers":
         keep = int(density * n)
@@ -258,7 +257,9 @@ def _model_stock(xs, base, filter_wise: bool) -> Tensor:
             cos.append(((offs[i] * offs[j]).sum(-1) / prod.clamp(min=1e-6)).clamp(-1, 1))
     c = torch.stack(cos).mean(0).unsqueeze(-1)
     k = len(ws)
-    t = k * c / (1 + (k - 1) * c)
+    den = 1 + (k - 1) * c
+    singular = den.abs() < 1e-6  # no finite estimate (e.g. two opposite task vectors): keep the base
+    t = torch.where(singular, torch.zeros_like(c), k * c / torch.where(singular, torch.ones_like(den), den))
     avg = sum(ws) / k
     return (t * avg + (1 - t) * w0).reshape(shape)
 

@@ -222,6 +222,8 @@ def test_model_stock_t_from_cosine():
     # 1-D and 2-D tensors are flattened: the same vectors as a 2x1 tensor give the same result
     out = merge_tensor("model_stock", "w", [(base + d1).view(2, 1), (base + d2).view(2, 1)], base.view(2, 1))
     torch.testing.assert_close(out.view(2), want)
+    # opposite task vectors: cos = -1, 1 + (k-1) cos = 0 -> keep the base
+    torch.testing.assert_close(merge_tensor("model_stock", "w", [base + d1, base - d1], base), base)
     with pytest.raises(ValueError, match="two"):
         merge_tensor("model_stock", "w", [base + d1], base)
 
