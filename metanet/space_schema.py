@@ -4,7 +4,8 @@
 ``space.json`` of a weight dataset) that anyone can edit. Python would coerce many wrong
 values silently (``int(128.7) == 128``, a string's characters as a list) or fail deep in
 a constructor; :func:`check_space_dict` instead names the first field of the wrong type,
-by its path in the document: ``groups['h1'].size must be an integer, got 128.7``.
+by its path in the document: ``groups['h1'].size must be an integer, got 128.7``,
+``norm_scales['conv1'].members[0][1] must be an integer, got '0'``.
 """
 
 from __future__ import annotations
@@ -109,3 +110,25 @@ def check_space_dict(d: Any) -> None:
             _str(s, f"identities[{i}][{j}]")
     for i, note in enumerate(_list(d.get("notes", []), "notes")):
         _str(note, f"notes[{i}]")
+    for name, ns in _obj(d.get("norm_scales", {}), "norm_scales").items():
+        _norm_scale(ns, f"norm_scales[{name!r}]")
+
+
+def _norm_scale(ns: Any, where: str) -> None:
+    """A norm scale: ``{"size": int, "members": [[tensor, axis or null, power], ...],
+    "norms": [str, ...]}`` (``norms`` optional)."""
+    _obj(ns, where)
+    for key in ("size", "members"):
+        if key not in ns:
+            raise WeightSpaceError(f"WeightSpace JSON: {where} lacks {key!r}")
+    _size(ns["size"], f"{where}.size")
+    for i, m in enumerate(_list(ns["members"], f"{where}.members")):
+        at = f"{where}.members[{i}]"
+        if not isinstance(m, list) or len(m) != 3:
+            _fail(at, "a [tensor, axis or null, power] triple", m)
+        _str(m[0], f"{at}[0]")
+        if m[1] is not None:
+            _int(m[1], f"{at}[1]")
+        _int(m[2], f"{at}[2]")
+    for i, n in enumerate(_list(ns.get("norms", []), f"{where}.norms")):
+        _str(n, f"{where}.norms[{i}]")

@@ -155,6 +155,51 @@ def test_invalid_norm_scales_name_the_tensor():
         ns.apply(dict.fromkeys(space.tensors, torch.ones(1)), torch.ones(ns.size + 2))
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("size", 2.5, r"norm_scales\['{n}'\]\.size must be an integer, got 2\.5"),
+        ("size", -1, r"norm_scales\['{n}'\]\.size must be a size"),
+        ("members", "conv", r"norm_scales\['{n}'\]\.members must be a list"),
+        ("members", [["w", 0]], r"norm_scales\['{n}'\]\.members\[0\] must be a \[tensor"),
+        ("members", [[3, 0, 1]], r"norm_scales\['{n}'\]\.members\[0\]\[0\] must be a string"),
+        ("members", [["w", "0", 1]], r"norm_scales\['{n}'\]\.members\[0\]\[1\] must be an int"),
+        ("members", [["w", 0, 1.0]], r"norm_scales\['{n}'\]\.members\[0\]\[2\] must be an int"),
+        ("members", [["w", True, 1]], r"norm_scales\['{n}'\]\.members\[0\]\[1\] must be an int"),
+        ("norms", "bn", r"norm_scales\['{n}'\]\.norms must be a list"),
+        ("norms", [1], r"norm_scales\['{n}'\]\.norms\[0\] must be a string"),
+    ],
+)
+def test_json_schema_names_the_norm_scale_and_field(field, value, message):
+    import json
+    import re
+
+    _, _, space = converted(entry("cnn_bn"))
+    d = json.loads(space.to_json())
+    name = next(iter(d["norm_scales"]))
+    d["norm_scales"][name][field] = value
+    with pytest.raises(WeightSpaceError, match=message.format(n=re.escape(name))):
+        WeightSpace.from_json(json.dumps(d))
+
+
+def test_json_schema_norm_scales_shape():
+    import json
+
+    _, _, space = converted(entry("cnn_bn"))
+    d = json.loads(space.to_json())
+    name = next(iter(d["norm_scales"]))
+    for doc, message in [
+        ({**d, "norm_scales": [1]}, "norm_scales must be an object"),
+        ({**d, "norm_scales": {name: 3}}, f"norm_scales\\['{name}'\\] must be an object"),
+        ({**d, "norm_scales": {name: {"size": 1}}}, "lacks 'members'"),
+    ]:
+        with pytest.raises(WeightSpaceError, match=message):
+            WeightSpace.from_json(json.dumps(doc))
+    # the valid document still parses (norms optional)
+    d["norm_scales"][name].pop("norms")
+    assert WeightSpace.from_json(json.dumps(d)).norm_scales[0].norms == ()
+
+
 # ----------------------------------------------------------------- teleport and optimizer
 
 
