@@ -1,0 +1,243 @@
+"""Compare ``tasks.merge_methods`` with mergekit on two small shared-base GPT-2 models.
+
+Needs a separate venv with mergekit (``--mergekit-venv``, default /work/venv-mergekit):
+
+    python3 -m venv /work/venv-mergekit
+    /work/venv-mergekit/bin/pip install torch==2.13.0 && /work/venv-mergekit/bin/pip install mergekit
+    OMP_NUM_THREADS=1 python benchmarks/mergekit_compare.py
+
+Builds a random-init GPT-2 base (n_layer=2, n_embd=64) and two "fine-tunes" (base plus
+small random deltas), then for each method writes a mergekit YAML config, runs
+``mergekit-yaml`` on it and our ``merge_state_dicts`` on the same config (each in its own
+process, so time and peak RSS include interpreter and torch start-up for both), and
+reports the max abs difference of the merged tensors. DARE is random (mergekit draws from
+the global RNG, we from a per-tensor generator), so for dare_ties only the relative
+difference of the merged deltas' norms is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+METHOD_CONFIGS = {
+    "linear": {
+        "models": [{"model": "a", "parameters": {"weight": 0.3}}, {"model": "b", "parameters": {"weight": 0.7}}],
+    },
+    "slerp": {
+        "base_model": "base",
+        "models": [{"model": "a"}],
+        "parameters": {"t": [{"filter": "attn", "value": 0.3}, {"value": 0.6}]},
+    },
+    "task_arithmetic": {
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "b", "parameters": {"weight": 0.8}}],
+        "parameters": {"lambda": 0.9},
+    },
+    "ties": {
+        "base_model": "base",
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": "b", "parameters": {"weight": 0.4, "density": 0.3}},
+        ],
+        "parameters": {"normalize": True},
+    },
+    "breadcrumbs": {
+        "base_model": "base",
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.5, "density": 0.7, "gamma": 0.05}},
+            {"model": "b", "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.05}},
+        ],
+    },
+    "breadcrumbs_ties": {
+        "base_model": "base",
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.5, "density": 0.7}},
+            {"model": "b", "parameters": {"weight": 0.5, "density": 0.6}},
+        ],
+        "parameters": {"gamma": 0.02},
+    },
+    "model_stock": {"base_model": "base", "models": [{"model": "a"}, {"model": "b"}]},
+    "dare_ties": {
+        "base_model": "base",
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": "b", "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+    },
+}
+
+# run in a fresh process: peak RSS of the child = the merge's own footprint
+_TIMER = (
+    "import resource, subprocess, sys, time, json\n"
+    "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "dt = time.perf_counter() - t\n"
+    "print(json.dumps({'rc': r.returncode, 'time_s': dt, "
+    "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
+    "'stderr': r.stderr[-3000:]}))\n"
+)
+
+
+def timed(cmd: list[str], env: dict, cwd=None) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True, env=env, check=True, cwd=cwd
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def make_models(folder: Path, seed: int = 0, scale: float = 0.02) -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64)
+    base = GPT2LMHeadModel(cfg)
+    base.save_pretrained(folder / "base")
+    for i, name in enumerate("ab"):
+        g = torch.Generator().manual_seed(100 + i)
+        model = GPT2LMHeadModel(cfg)
+        sd = {k: v.clone() for k, v in base.state_dict().items()}
+        for k, v in sd.items():
+            if v.is_floating_point():
+                sd[k] = v + scale * torch.randn(v.shape, generator=g) * (v.std() if v.numel() > 1 and v.std() > 0 else 1)
+        model.load_state_dict(sd)
+        model.save_pretrained(folder / name)
+
+
+def load_sd(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def run_ours(cfg_path: str, out_path: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT))
+    from tasks.merge_config import load_config
+    from tasks.merge_methods import merge_tensor
+
+    torch.set_num_threads(1)
+    cfg = load_config(cfg_path)
+    models = [load_sd(Path(m.path)) for m in cfg.models]
+    base = load_sd(Path(cfg.base)) if cfg.base else None
+    ref = base if base is not None else models[0]
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    out = {}
+    for name in ref:
+        params, mps = cfg.resolve(name)
+        t = merge_tensor(cfg.method, name, [m[name] for m in models], None if base is None else base[name],
+                         params=params, model_params=mps)
+        out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    save_file({k: v.contiguous() for k, v in out.items()}, out_path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mergekit-venv", default="/work/venv-mergekit")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mergekit_compare.md"))
+    ap.add_argument("--methods", nargs="*", default=list(METHOD_CONFIGS))
+    ap.add_argument("--ours", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.ours:
+        return run_ours(*args.ours)
+
+    import torch
+    import yaml
+
+    torch.set_num_threads(1)
+    mk = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
+    if not mk.exists():
+        sys.exit(f"no mergekit-yaml in {args.mergekit_venv}")
+    mk_version = subprocess.run([str(Path(args.mergekit_venv) / "bin" / "python"), "-c",
+                                 "import importlib.metadata as m; print(m.version('mergekit'))"],
+                                capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_models(tmp)
+        base_sd = load_sd(tmp / "base")
+        for method in args.methods:
+            spec = json.loads(json.dumps({"merge_method": method, **METHOD_CONFIGS[method], "dtype": "float32"}))
+            # absolute paths: mergekit takes a bare relative name for a hub id
+            for m in spec["models"]:
+                m["model"] = str(tmp / m["model"])
+            if "base_model" in spec:
+                spec["base_model"] = str(tmp / spec["base_model"])
+            cfg_path = tmp / f"{method}.yml"
+            cfg_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+            mk_out = tmp / f"mk_{method}"
+            r_mk = timed([str(mk), str(cfg_path), str(mk_out)], env, cwd=tmp)
+            ours_out = tmp / f"ours_{method}.safetensors"
+            r_ours = timed([sys.executable, str(Path(__file__).resolve()), "--ours", str(cfg_path), str(ours_out)], env)
+            row = {"method": method, "mk": r_mk, "ours": r_ours}
+            if r_mk["rc"] == 0 and r_ours["rc"] == 0:
+                from safetensors.torch import load_file
+
+                a, b = load_sd(mk_out), load_file(ours_out)
+                common = [k for k in b if k in a and b[k].is_floating_point()]
+                row["n_common"], row["n_ours"], row["n_mk"] = len(common), len(b), len(a)
+                row["only_ours"] = sorted(set(b) - set(a))[:4]
+                row["only_mk"] = sorted(set(a) - set(b))[:4]
+                if common:
+                    diffs = {k: (a[k].double() - b[k].double()).abs().max().item() for k in common}
+                    worst = max(diffs, key=diffs.get)
+                    row["max_abs"], row["worst"] = diffs[worst], worst
+                    scale = max(b[k].abs().max().item() for k in common)
+                    row["scale"] = scale
+                    if method.startswith("dare"):
+                        num = sum(((a[k].double() - base_sd[k].double()).norm() ** 2).item() for k in common) ** 0.5
+                        den = sum(((b[k].double() - base_sd[k].double()).norm() ** 2).item() for k in common) ** 0.5
+                        row["delta_norm_ratio"] = num / den
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("mk", "ours")}), flush=True)
+            for side in ("mk", "ours"):
+                if row[side]["rc"] != 0:
+                    print(f"{method} {side} failed:\n{row[side]['stderr']}", flush=True)
+
+    lines = [
+        "# tasks.merge_methods vs mergekit",
+        "",
+        f"mergekit {mk_version}, torch {torch.__version__}, CPU, 1 thread. Two \"fine-tunes\" of a random GPT-2 "
+        "(n_layer=2, n_embd=64, vocab 512; base + 2% random deltas), float32 throughout. Each merge runs in a fresh "
+        "process: time and peak RSS include Python/torch start-up (mergekit also imports transformers etc.). "
+        "`python benchmarks/mergekit_compare.py` regenerates this file.",
+        "",
+        "| method | max abs diff | tensors compared | mergekit time (s) | ours time (s) | mergekit peak RSS (MB) | ours peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "max_abs" in r:
+            diff = f"{r['max_abs']:.2e}"
+            if "delta_norm_ratio" in r:
+                diff = f"random (‖Δ_mk‖/‖Δ_ours‖ = {r['delta_norm_ratio']:.3f})"
+        else:
+            diff = "failed: " + ("mergekit" if r["mk"]["rc"] else "ours")
+        lines.append(
+            f"| {r['method']} | {diff} | {r.get('n_common', 0)} | {r['mk']['time_s']:.2f} | {r['ours']['time_s']:.2f} "
+            f"| {r['mk']['peak_rss_mb']:.0f} | {r['ours']['peak_rss_mb']:.0f} |"
+        )
+    extra = {tuple(r.get("only_mk", [])) for r in rows if r.get("only_mk")}
+    if extra:
+        lines += ["", f"Tensors only in mergekit's output (not compared): {sorted(extra)[0]}"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
