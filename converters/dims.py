@@ -243,6 +243,8 @@ class Algebra:
         real = [n for n in sizes if n != 1]
         if len(real) <= 1:
             return [r if n != 1 else None for n in sizes]
+        if r.kind == "cat" and self._cat_as_blocks(r, real[0]):
+            return self.factorize(r, sizes)
         factors = self._flat_prod(r)
         out: list[Var] = []
         queue = list(factors)
@@ -279,6 +281,24 @@ class Algebra:
         it = iter(out)
         return [next(it) if n != 1 else None for n in sizes]
 
+    def _cat_as_blocks(self, r: Var, k: int) -> bool:
+        """Read concat ``r`` of ``k`` equal segments as ``fixed(k) × X``, ``X`` the segments
+        unified (one permutation for all of them): ShuffleNetV2's ``cat((x1, branch(x2)))``
+        viewed as ``(2, c/2)`` by the channel shuffle. The segments' order stays fixed and
+        each gets the same permutation, which is a subgroup of what the concat allowed:
+        sound. Returns False (nothing changed) unless ``r`` has exactly ``k`` segments of
+        equal size > 1."""
+        segs = [find(c) for c in r.children]
+        if k < 2 or len(segs) != k or len({c.size for c in segs}) != 1 or segs[0].size < 2:
+            return False
+        x = segs[0]
+        for c in segs[1:]:
+            x = self.unify(x, c, "(segments of a concatenation read as blocks)")
+        whole = Var(r.size, "prod", (Var(k, fixed=True), find(x)))
+        whole.touched = True
+        r.parent = whole  # cat(X, ..., X) is fixed(k) × X, index for index
+        return True
+
     def split(self, v: Var | None, sizes: list[int]) -> list[Var | None]:
         """Split ``v`` into consecutive segments of the given sizes (concatenation)."""
         if v is None:
@@ -312,6 +332,15 @@ class Algebra:
                     out.append(parts[0] if k == 1 else Var(n, "cat", tuple(parts)))
                     i += k
                 return out
+            factors = self._flat_prod(r)
+            rest = r.size // factors[0].size
+            if factors[0].kind in ("leaf", "cat") and all(n % rest == 0 for n in sizes):
+                # (F × R) read in chunks of whole R-blocks, F no longer fresh (a channel
+                # shuffle's transposed axis, chunked by the next ShuffleNetV2 unit): refine
+                # F into F_0 ⊕ F_1 ⊕ ... (each permuted within itself; sound) and let every
+                # chunk be F_i × R with R shared: (F_0 ⊕ F_1) × R = F_0×R ⊕ F_1×R
+                parts = self.split(factors[0], [n // rest for n in sizes])
+                return [self.prod([p, *factors[1:]]) for p in parts]
             raise StructureConflict
         segs = [Var(n, fixed=r.fixed) for n in sizes]
         self.unify(r, Var(r.size, "cat", tuple(segs)))
