@@ -379,3 +379,33 @@ def test_config_invalid_yaml(tmp_path):
     p.write_text("merge_method: [ties\n")
     with pytest.raises(ValueError, match="YAML"):
         load_config(p)
+
+
+def test_config_base_listed_among_models_is_dropped_and_resolve_feeds_state_dict_merge(tmp_path):
+    cfg = parse_config(
+        {"merge_method": "task_arithmetic", "base_model": "/m/base",
+         "models": [{"model": "/m/base"}, {"model": "/m/a", "parameters": {"weight": [{"filter": "bias", "value": 0.0},
+                                                                                      {"value": 1.0}]}}]}
+    )
+    assert [m.path for m in cfg.models] == ["/m/a"]
+    base = {"l.weight": t64(0, 0), "l.bias": t64(0, 0)}
+    a = {"l.weight": t64(1, 2), "l.bias": t64(3, 4)}
+    out = merge_state_dicts(cfg.method, [a], base, params=lambda n: cfg.resolve(n)[0],
+                            model_params=lambda n: cfg.resolve(n)[1])
+    torch.testing.assert_close(out["l.weight"], t64(1, 2))
+    torch.testing.assert_close(out["l.bias"], t64(0, 0))
+    with pytest.raises(ValueError, match="besides base_model"):
+        parse_config({"merge_method": "ties", "base_model": "/m/base", "models": ["/m/base"]})
+
+
+def test_della_density_rescale_unbiased():
+    base = torch.zeros(1, 30, dtype=D)
+    delta = torch.linspace(0.5, 3, 30, dtype=D).view(1, 30)
+    n, dens, eps = 3000, 0.5, 0.3
+    acc = torch.zeros_like(delta)
+    for s in range(n):
+        acc += merge_tensor("della_linear", "w", [delta], base, params={"rescale": "density"},
+                            model_params=[{"density": dens, "epsilon": eps}], seed=s)
+    # keep probability p_i in [0.2, 0.8]; each draw delta*m/p_i has std |delta| sqrt((1-p)/p) <= 2|delta|
+    tol = 5 * 2 * delta / math.sqrt(n)
+    assert ((acc / n - delta).abs() <= tol).all()
