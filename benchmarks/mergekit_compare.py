@@ -20,18 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 METHOD_CONFIGS = {
     "linear": {
-        "models": [{"model": "a", "parameters": {"weight": 0.3}}, {"model": "b", "parameters": {"weight": 0.7}}],
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.3}},
+            {"model": "b", "parameters": {"weight": 0.7}},
+        ],
     },
     "slerp": {
         "base_model": "base",
@@ -40,7 +41,10 @@ METHOD_CONFIGS = {
     },
     "task_arithmetic": {
         "base_model": "base",
-        "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "b", "parameters": {"weight": 0.8}}],
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.5}},
+            {"model": "b", "parameters": {"weight": 0.8}},
+        ],
         "parameters": {"lambda": 0.9},
     },
     "ties": {
@@ -89,7 +93,12 @@ _TIMER = (
 
 def timed(cmd: list[str], env: dict, cwd=None) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True, env=env, check=True, cwd=cwd
+        [sys.executable, "-c", _TIMER, *cmd],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=cwd,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -108,7 +117,9 @@ def make_models(folder: Path, seed: int = 0, scale: float = 0.02) -> None:
         sd = {k: v.clone() for k, v in base.state_dict().items()}
         for k, v in sd.items():
             if v.is_floating_point():
-                sd[k] = v + scale * torch.randn(v.shape, generator=g) * (v.std() if v.numel() > 1 and v.std() > 0 else 1)
+                sd[k] = v + scale * torch.randn(v.shape, generator=g) * (
+                    v.std() if v.numel() > 1 and v.std() > 0 else 1
+                )
         model.load_state_dict(sd)
         model.save_pretrained(folder / name)
 
@@ -139,8 +150,14 @@ def run_ours(cfg_path: str, out_path: str) -> None:
     out = {}
     for name in ref:
         params, mps = cfg.resolve(name)
-        t = merge_tensor(cfg.method, name, [m[name] for m in models], None if base is None else base[name],
-                         params=params, model_params=mps)
+        t = merge_tensor(
+            cfg.method,
+            name,
+            [m[name] for m in models],
+            None if base is None else base[name],
+            params=params,
+            model_params=mps,
+        )
         out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     save_file({k: v.contiguous() for k, v in out.items()}, out_path)
 
@@ -162,9 +179,15 @@ def main() -> None:
     mk = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
     if not mk.exists():
         sys.exit(f"no mergekit-yaml in {args.mergekit_venv}")
-    mk_version = subprocess.run([str(Path(args.mergekit_venv) / "bin" / "python"), "-c",
-                                 "import importlib.metadata as m; print(m.version('mergekit'))"],
-                                capture_output=True, text=True).stdout.strip()
+    mk_version = subprocess.run(
+        [
+            str(Path(args.mergekit_venv) / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'))",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +195,9 @@ def main() -> None:
         make_models(tmp)
         base_sd = load_sd(tmp / "base")
         for method in args.methods:
-            spec = json.loads(json.dumps({"merge_method": method, **METHOD_CONFIGS[method], "dtype": "float32"}))
+            spec = json.loads(
+                json.dumps({"merge_method": method, **METHOD_CONFIGS[method], "dtype": "float32"})
+            )
             # absolute paths: mergekit takes a bare relative name for a hub id
             for m in spec["models"]:
                 m["model"] = str(tmp / m["model"])
@@ -183,7 +208,16 @@ def main() -> None:
             mk_out = tmp / f"mk_{method}"
             r_mk = timed([str(mk), str(cfg_path), str(mk_out)], env, cwd=tmp)
             ours_out = tmp / f"ours_{method}.safetensors"
-            r_ours = timed([sys.executable, str(Path(__file__).resolve()), "--ours", str(cfg_path), str(ours_out)], env)
+            r_ours = timed(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--ours",
+                    str(cfg_path),
+                    str(ours_out),
+                ],
+                env,
+            )
             row = {"method": method, "mk": r_mk, "ours": r_ours}
             if r_mk["rc"] == 0 and r_ours["rc"] == 0:
                 from safetensors.torch import load_file
@@ -200,8 +234,20 @@ def main() -> None:
                     scale = max(b[k].abs().max().item() for k in common)
                     row["scale"] = scale
                     if method.startswith("dare"):
-                        num = sum(((a[k].double() - base_sd[k].double()).norm() ** 2).item() for k in common) ** 0.5
-                        den = sum(((b[k].double() - base_sd[k].double()).norm() ** 2).item() for k in common) ** 0.5
+                        num = (
+                            sum(
+                                ((a[k].double() - base_sd[k].double()).norm() ** 2).item()
+                                for k in common
+                            )
+                            ** 0.5
+                        )
+                        den = (
+                            sum(
+                                ((b[k].double() - base_sd[k].double()).norm() ** 2).item()
+                                for k in common
+                            )
+                            ** 0.5
+                        )
                         row["delta_norm_ratio"] = num / den
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("mk", "ours")}), flush=True)
@@ -212,7 +258,7 @@ def main() -> None:
     lines = [
         "# tasks.merge_methods vs mergekit",
         "",
-        f"mergekit {mk_version}, torch {torch.__version__}, CPU, 1 thread. Two \"fine-tunes\" of a random GPT-2 "
+        f'mergekit {mk_version}, torch {torch.__version__}, CPU, 1 thread. Two "fine-tunes" of a random GPT-2 '
         "(n_layer=2, n_embd=64, vocab 512; base + 2% random deltas), float32 throughout. Each merge runs in a fresh "
         "process: time and peak RSS include Python/torch start-up (mergekit also imports transformers etc.). "
         "`python benchmarks/mergekit_compare.py` regenerates this file.",
@@ -231,7 +277,10 @@ def main() -> None:
             f"| {r['method']} | {diff} | {r.get('n_common', 0)} | {r['mk']['time_s']:.2f} | {r['ours']['time_s']:.2f} "
             f"| {r['mk']['peak_rss_mb']:.0f} | {r['ours']['peak_rss_mb']:.0f} |"
         )
-    lines += ["", "The deterministic methods agree to float32 rounding; times are dominated by process start-up (about 6 s of imports for ours, ~20 s for mergekit's CLI) on a shared 2-core machine, so they say little about merge throughput on real models. slerp uses a filtered `t` (0.3 on `attn` tensors, 0.6 elsewhere)."]
+    lines += [
+        "",
+        "The deterministic methods agree to float32 rounding; times are dominated by process start-up (about 6 s of imports for ours, ~20 s for mergekit's CLI) on a shared 2-core machine, so they say little about merge throughput on real models. slerp uses a filtered `t` (0.3 on `attn` tensors, 0.6 elsewhere).",
+    ]
     extra = {tuple(r.get("only_mk", [])) for r in rows if r.get("only_mk")}
     if extra:
         lines += ["", f"Tensors only in mergekit's output (not compared): {sorted(extra)[0]}"]

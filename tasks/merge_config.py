@@ -88,7 +88,9 @@ def _check_setting(setting, key: str) -> None:
                     f"(numeric gradient lists are not supported), got {cond!r}"
                 )
             if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-                raise ValueError(f"parameter {key!r}: filter must be a string, got {cond['filter']!r}")
+                raise ValueError(
+                    f"parameter {key!r}: filter must be a string, got {cond['filter']!r}"
+                )
             _check_setting(cond["value"], key)
         return
     raise ValueError(f"parameter {key!r}: unsupported value {setting!r}")
@@ -101,7 +103,9 @@ def _params(raw, where: str, allowed) -> dict:
         raise ValueError(f"{where}: 'parameters' must be a mapping, got {raw!r}")
     for key, value in raw.items():
         if key not in allowed:
-            raise ValueError(f"{where}: unknown parameter {key!r} (allowed: {', '.join(sorted(allowed)) or 'none'})")
+            raise ValueError(
+                f"{where}: unknown parameter {key!r} (allowed: {', '.join(sorted(allowed)) or 'none'})"
+            )
         _check_setting(value, key)
     return dict(raw)
 
@@ -122,12 +126,16 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
         raise ValueError("merge config must be a YAML mapping")
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"unknown config key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+        raise ValueError(
+            f"unknown config key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})"
+        )
     if "merge_method" not in data:
         raise ValueError("missing key 'merge_method'")
     method = data["merge_method"]
     if method not in METHODS:
-        raise ValueError(f"merge_method: unknown merge method {method!r} (known: {', '.join(sorted(METHODS))})")
+        raise ValueError(
+            f"merge_method: unknown merge method {method!r} (known: {', '.join(sorted(METHODS))})"
+        )
     m = METHODS[method]
     base = data.get("base_model")
     if m.needs_base and base is None:
@@ -148,12 +156,16 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
             raise ValueError(f"models[{i}]: missing key 'model'")
         extra = set(item) - _MODEL_KEYS
         if extra:
-            raise ValueError(f"models[{i}]: unknown key {sorted(extra)[0]!r} (allowed: model, parameters, align)")
+            raise ValueError(
+                f"models[{i}]: unknown key {sorted(extra)[0]!r} (allowed: model, parameters, align)"
+            )
         align = item.get("align", "none")
         if align is None or align is False:
             align = "none"
         if align not in ALIGN_CHOICES:
-            raise ValueError(f"models[{i}].align: must be one of {'|'.join(ALIGN_CHOICES)}, got {align!r}")
+            raise ValueError(
+                f"models[{i}].align: must be one of {'|'.join(ALIGN_CHOICES)}, got {align!r}"
+            )
         path = _path(item["model"], folder, f"models[{i}].model")
         params = _params(item.get("parameters"), f"models[{i}]", m.model_params)
         entries.append(ModelEntry(path, params, align))
@@ -163,9 +175,13 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
     if not entries:
         raise ValueError("models: no model besides base_model to merge")
     if method == "slerp" and len(entries) != 1:
-        raise ValueError(f"models: slerp merges base_model with exactly one other model, got {len(entries)}")
+        raise ValueError(
+            f"models: slerp merges base_model with exactly one other model, got {len(entries)}"
+        )
     if method == "model_stock" and len(entries) < 2:
-        raise ValueError(f"models: model_stock needs at least two models besides base_model, got {len(entries)}")
+        raise ValueError(
+            f"models: model_stock needs at least two models besides base_model, got {len(entries)}"
+        )
     params = _params(data.get("parameters"), "parameters", set(m.params) | set(m.model_params))
     for key, default in m.params.items():
         if default is None and key not in params:

@@ -76,7 +76,9 @@ def _gta(name, consensus, sparsify, normalize, rescale) -> MergeMethod:
     return MergeMethod(
         name,
         True,
-        MappingProxyType({"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}),
+        MappingProxyType(
+            {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
+        ),
         MappingProxyType(model_params),
         consensus,
         sparsify,
@@ -84,9 +86,13 @@ def _gta(name, consensus, sparsify, normalize, rescale) -> MergeMethod:
 
 
 METHODS: dict[str, MergeMethod] = {
-    "linear": MergeMethod("linear", False, MappingProxyType({"normalize": True}), MappingProxyType({"weight": 1.0})),
+    "linear": MergeMethod(
+        "linear", False, MappingProxyType({"normalize": True}), MappingProxyType({"weight": 1.0})
+    ),
     "slerp": MergeMethod("slerp", True, MappingProxyType({"t": _REQUIRED}), MappingProxyType({})),
-    "model_stock": MergeMethod("model_stock", True, MappingProxyType({"filter_wise": False}), MappingProxyType({})),
+    "model_stock": MergeMethod(
+        "model_stock", True, MappingProxyType({"filter_wise": False}), MappingProxyType({})
+    ),
     "task_arithmetic": _gta("task_arithmetic", None, None, False, False),
     "ties": _gta("ties", "sum", "magnitude", True, False),
     "dare_ties": _gta("dare_ties", "sum", "random", False, True),
@@ -97,7 +103,15 @@ METHODS: dict[str, MergeMethod] = {
     "della_linear": _gta("della_linear", None, "della", False, True),
 }
 
-_RESCALE = {True: "l1", False: None, None: None, "l1": "l1", "l2": "l2", "linf": "linf", "density": "density"}
+_RESCALE = {
+    True: "l1",
+    False: None,
+    None: None,
+    "l1": "l1",
+    "l2": "l2",
+    "linf": "linf",
+    "density": "density",
+}
 
 
 def _method(method: str) -> MergeMethod:
@@ -127,8 +141,12 @@ def _resolve(m: MergeMethod, n: int, params, model_params):
         mp = dict(mp or {})
         for key in mp:
             if key not in m.model_params:
-                raise ValueError(f"unknown per-model parameter {key!r} (model {i}) for merge method {m.name!r}")
-        per_model.append({key: float(mp.get(key, params.get(key, d))) for key, d in m.model_params.items()})
+                raise ValueError(
+                    f"unknown per-model parameter {key!r} (model {i}) for merge method {m.name!r}"
+                )
+        per_model.append(
+            {key: float(mp.get(key, params.get(key, d))) for key, d in m.model_params.items()}
+        )
     return glob, per_model
 
 
@@ -177,18 +195,26 @@ def _sparsify(kind: str, delta: Tensor, mp: dict, norm: str | None, g: torch.Gen
         mask[order[n_bot : n - n_top]] = 1
         return _rescale(delta, mask.view_as(delta), norm)
     if kind == "random":
-        mask = (torch.rand(delta.shape, generator=g, dtype=torch.float64) < density).to(delta.device, delta.dtype)
+        mask = (torch.rand(delta.shape, generator=g, dtype=torch.float64) < density).to(
+            delta.device, delta.dtype
+        )
         out = _rescale(delta, mask, norm)
         return out / density if norm == "density" else out
     if kind == "della":
         eps = mp["epsilon"]
         if density + eps >= 1 or density - eps <= 0:
-            raise ValueError(f"della: density +- epsilon must lie in (0, 1), got density={density}, epsilon={eps}")
+            raise ValueError(
+                f"della: density +- epsilon must lie in (0, 1), got density={density}, epsilon={eps}"
+            )
         rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
         ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(delta.dtype)  # 0 = smallest
-        span = (ranks.max(dim=1, keepdim=True).values - ranks.min(dim=1, keepdim=True).values).clamp(min=1)
+        span = (
+            ranks.max(dim=1, keepdim=True).values - ranks.min(dim=1, keepdim=True).values
+        ).clamp(min=1)
         probs = (density - eps) + 2 * eps * (ranks / span).clamp(0, 1)
-        draw = torch.rand(rows.shape, generator=g, dtype=torch.float64).to(delta.device, delta.dtype)
+        draw = torch.rand(rows.shape, generator=g, dtype=torch.float64).to(
+            delta.device, delta.dtype
+        )
         mask = (draw < probs).to(delta.dtype)
         if norm == "density":
             return (rows * mask / probs).reshape(delta.shape)
@@ -199,7 +225,9 @@ def _sparsify(kind: str, delta: Tensor, mp: dict, norm: str | None, g: torch.Gen
 def _gta_merge(m: MergeMethod, name, xs, base, glob, per_model, seed):
     norm = _RESCALE.get(glob["rescale"], "bad")
     if norm == "bad":
-        raise ValueError(f"parameter 'rescale' must be true/false/l1/l2/linf/density, got {glob['rescale']!r}")
+        raise ValueError(
+            f"parameter 'rescale' must be true/false/l1/l2/linf/density, got {glob['rescale']!r}"
+        )
     g = _generator(seed, name) if m.sparsify in ("random", "della") else None
     deltas = []
     for x, mp in zip(xs, per_model):
@@ -228,7 +256,9 @@ def _gta_merge(m: MergeMethod, name, xs, base, glob, per_model, seed):
     return base + mixed
 
 
-def _slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+def _slerp(
+    t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> Tensor:
     n0, n1 = v0.norm(), v1.norm()
     u0 = v0 / n0 if n0 > eps else v0
     u1 = v1 / n1 if n1 > eps else v1
@@ -258,8 +288,12 @@ def _model_stock(xs, base, filter_wise: bool) -> Tensor:
     c = torch.stack(cos).mean(0).unsqueeze(-1)
     k = len(ws)
     den = 1 + (k - 1) * c
-    singular = den.abs() < 1e-6  # no finite estimate (e.g. two opposite task vectors): keep the base
-    t = torch.where(singular, torch.zeros_like(c), k * c / torch.where(singular, torch.ones_like(den), den))
+    singular = (
+        den.abs() < 1e-6
+    )  # no finite estimate (e.g. two opposite task vectors): keep the base
+    t = torch.where(
+        singular, torch.zeros_like(c), k * c / torch.where(singular, torch.ones_like(den), den)
+    )
     avg = sum(ws) / k
     return (t * avg + (1 - t) * w0).reshape(shape)
 
@@ -295,7 +329,9 @@ def merge_tensor(
     ref = base if base is not None else tensors[0]
     for x in tensors:
         if tuple(x.shape) != tuple(ref.shape):
-            raise ValueError(f"tensor {name!r}: shape mismatch {tuple(ref.shape)} vs {tuple(x.shape)}")
+            raise ValueError(
+                f"tensor {name!r}: shape mismatch {tuple(ref.shape)} vs {tuple(x.shape)}"
+            )
     glob, per_model = _resolve(m, len(tensors), params, model_params)
     if not ref.is_floating_point():
         return ref
@@ -314,7 +350,9 @@ def merge_tensor(
             out = out / total
     elif m.name == "slerp":
         if len(xs) != 1:
-            raise ValueError(f"slerp merges the base with exactly one other model, got {len(xs)} for {name!r}")
+            raise ValueError(
+                f"slerp merges the base with exactly one other model, got {len(xs)} for {name!r}"
+            )
         out = _slerp(float(glob["t"]), b, xs[0])
     elif m.name == "model_stock":
         out = _model_stock(xs, b, bool(glob["filter_wise"]))

@@ -42,9 +42,13 @@ def test_slerp_general_angle_and_endpoints():
 def test_slerp_colinear_falls_back_to_lerp():
     a = t64(1, 2, 3)
     b = 3 * a  # cos = 1
-    torch.testing.assert_close(merge_tensor("slerp", "w", [b], a, params={"t": 0.25}), 0.75 * a + 0.25 * b)
+    torch.testing.assert_close(
+        merge_tensor("slerp", "w", [b], a, params={"t": 0.25}), 0.75 * a + 0.25 * b
+    )
     c = -a  # cos = -1, also colinear
-    torch.testing.assert_close(merge_tensor("slerp", "w", [c], a, params={"t": 0.5}), torch.zeros(3, dtype=D))
+    torch.testing.assert_close(
+        merge_tensor("slerp", "w", [c], a, params={"t": 0.5}), torch.zeros(3, dtype=D)
+    )
 
 
 def test_slerp_needs_t_and_exactly_one_model():
@@ -61,9 +65,12 @@ def test_slerp_needs_t_and_exactly_one_model():
 def test_linear_with_and_without_normalize():
     x1, x2 = t64(1, 2), t64(5, -2)
     mp = [{"weight": 1.0}, {"weight": 3.0}]
-    torch.testing.assert_close(merge_tensor("linear", "w", [x1, x2], model_params=mp), (x1 + 3 * x2) / 4)
     torch.testing.assert_close(
-        merge_tensor("linear", "w", [x1, x2], model_params=mp, params={"normalize": False}), x1 + 3 * x2
+        merge_tensor("linear", "w", [x1, x2], model_params=mp), (x1 + 3 * x2) / 4
+    )
+    torch.testing.assert_close(
+        merge_tensor("linear", "w", [x1, x2], model_params=mp, params={"normalize": False}),
+        x1 + 3 * x2,
     )
     # default weight 1 + normalize: the plain mean
     torch.testing.assert_close(merge_tensor("linear", "w", [x1, x2]), (x1 + x2) / 2)
@@ -81,12 +88,22 @@ def test_task_arithmetic_formula():
     w, lam = [0.3, 0.7], 0.5
     want = base + lam * sum(wi * (x - base) for wi, x in zip(w, xs))
     out = merge_tensor(
-        "task_arithmetic", "w", xs, base, params={"lambda": lam}, model_params=[{"weight": wi} for wi in w]
+        "task_arithmetic",
+        "w",
+        xs,
+        base,
+        params={"lambda": lam},
+        model_params=[{"weight": wi} for wi in w],
     )
     torch.testing.assert_close(out, want)
     # normalize divides by the weight sum
     out = merge_tensor(
-        "task_arithmetic", "w", xs, base, params={"normalize": True}, model_params=[{"weight": 2.0}, {"weight": 2.0}]
+        "task_arithmetic",
+        "w",
+        xs,
+        base,
+        params={"normalize": True},
+        model_params=[{"weight": 2.0}, {"weight": 2.0}],
     )
     torch.testing.assert_close(out, base + sum(x - base for x in xs) / 2)
 
@@ -102,7 +119,9 @@ def test_ties_hand_example():
     mp = [{"weight": 0.5, "density": 0.5}, {"weight": 2.0, "density": 0.5}]
     out = merge_tensor("ties", "w", [base + d1, base + d2], base, model_params=mp)
     torch.testing.assert_close(out, base + t64(-2, 5, 0, -4))
-    out = merge_tensor("ties", "w", [base + d1, base + d2], base, model_params=mp, params={"normalize": False})
+    out = merge_tensor(
+        "ties", "w", [base + d1, base + d2], base, model_params=mp, params={"normalize": False}
+    )
     torch.testing.assert_close(out, base + t64(-4, 10, 0, -2))
 
 
@@ -130,7 +149,9 @@ def test_dare_density_one_is_task_arithmetic():
     ta = merge_tensor("task_arithmetic", "w", xs, base, model_params=mp)
     torch.testing.assert_close(merge_tensor("dare_linear", "w", xs, base, model_params=mp), ta)
     ties_dense = merge_tensor("ties", "w", xs, base, model_params=mp, params={"normalize": False})
-    torch.testing.assert_close(merge_tensor("dare_ties", "w", xs, base, model_params=mp), ties_dense)
+    torch.testing.assert_close(
+        merge_tensor("dare_ties", "w", xs, base, model_params=mp), ties_dense
+    )
 
 
 def test_dare_rescale_unbiased_in_expectation():
@@ -140,7 +161,13 @@ def test_dare_rescale_unbiased_in_expectation():
     acc = torch.zeros(40, dtype=D)
     for s in range(n):
         acc += merge_tensor(
-            "dare_linear", "w", [base + delta], base, params={"rescale": "density"}, model_params=[{"density": p}], seed=s
+            "dare_linear",
+            "w",
+            [base + delta],
+            base,
+            params={"rescale": "density"},
+            model_params=[{"density": p}],
+            seed=s,
         )
     mean = acc / n
     # each draw is delta*m/p, m ~ Bernoulli(p): std of the mean = |delta| sqrt((1-p)/(p n)); allow 5 sigma
@@ -166,8 +193,12 @@ def test_dare_reproducible_per_seed_and_name():
     a = merge_tensor("dare_ties", "layer.w", xs, base, model_params=mp, seed=7)
     b = merge_tensor("dare_ties", "layer.w", xs, base, model_params=mp, seed=7)
     assert torch.equal(a, b)
-    assert not torch.equal(a, merge_tensor("dare_ties", "layer.b", xs, base, model_params=mp, seed=7))
-    assert not torch.equal(a, merge_tensor("dare_ties", "layer.w", xs, base, model_params=mp, seed=8))
+    assert not torch.equal(
+        a, merge_tensor("dare_ties", "layer.b", xs, base, model_params=mp, seed=7)
+    )
+    assert not torch.equal(
+        a, merge_tensor("dare_ties", "layer.w", xs, base, model_params=mp, seed=8)
+    )
     # tensor order in a state dict does not matter
     sd = [{"x": base, "layer.w": x} for x in xs]
     m1 = merge_state_dicts("dare_ties", sd, {"x": base, "layer.w": base}, model_params=mp, seed=7)
@@ -182,13 +213,19 @@ def test_breadcrumbs_drops_largest_and_smallest():
     base = torch.zeros(10, dtype=D)
     delta = t64(4, -9, 1, 7, -2, 10, 3, -6, 5, 8)
     # n=10, density 0.5 keeps 5, gamma 0.2 drops the 2 largest (10, -9) and the 3 smallest (1, -2, 3)
-    out = merge_tensor("breadcrumbs", "w", [delta], base, model_params=[{"density": 0.5, "gamma": 0.2}])
+    out = merge_tensor(
+        "breadcrumbs", "w", [delta], base, model_params=[{"density": 0.5, "gamma": 0.2}]
+    )
     torch.testing.assert_close(out, t64(4, 0, 0, 7, 0, 0, 0, -6, 5, 8))
     # density 0.9 leaves room to drop only one element: the largest one goes
-    out = merge_tensor("breadcrumbs", "w", [delta], base, model_params=[{"density": 0.9, "gamma": 0.2}])
+    out = merge_tensor(
+        "breadcrumbs", "w", [delta], base, model_params=[{"density": 0.9, "gamma": 0.2}]
+    )
     torch.testing.assert_close(out, t64(4, -9, 1, 7, -2, 0, 3, -6, 5, 8))
     # gamma 0 is plain magnitude pruning
-    out = merge_tensor("breadcrumbs", "w", [delta], base, model_params=[{"density": 0.3, "gamma": 0.0}])
+    out = merge_tensor(
+        "breadcrumbs", "w", [delta], base, model_params=[{"density": 0.3, "gamma": 0.0}]
+    )
     torch.testing.assert_close(out, t64(0, -9, 0, 0, 0, 10, 0, 0, 0, 8))
 
 
@@ -196,8 +233,15 @@ def test_della_keep_rate_and_reproducible():
     base = torch.zeros(50, 40, dtype=D)
     delta = torch.randn(50, 40, generator=torch.Generator().manual_seed(2), dtype=D)
     mp = [{"density": 0.4, "epsilon": 0.2}]
-    out = merge_tensor("della_linear", "w", [delta], base, model_params=mp, params={"rescale": False})
-    assert torch.equal(out, merge_tensor("della_linear", "w", [delta], base, model_params=mp, params={"rescale": False}))
+    out = merge_tensor(
+        "della_linear", "w", [delta], base, model_params=mp, params={"rescale": False}
+    )
+    assert torch.equal(
+        out,
+        merge_tensor(
+            "della_linear", "w", [delta], base, model_params=mp, params={"rescale": False}
+        ),
+    )
     kept = out != 0
     assert abs(kept.double().mean().item() - 0.4) < 5 * math.sqrt(0.24 / 2000)
     # keep probability rises with magnitude rank: 0.2 for the smallest, 0.6 for the largest of each row
@@ -220,7 +264,9 @@ def test_model_stock_t_from_cosine():
     want = t * avg + (1 - t) * base
     torch.testing.assert_close(merge_tensor("model_stock", "w", [base + d1, base + d2], base), want)
     # 1-D and 2-D tensors are flattened: the same vectors as a 2x1 tensor give the same result
-    out = merge_tensor("model_stock", "w", [(base + d1).view(2, 1), (base + d2).view(2, 1)], base.view(2, 1))
+    out = merge_tensor(
+        "model_stock", "w", [(base + d1).view(2, 1), (base + d2).view(2, 1)], base.view(2, 1)
+    )
     torch.testing.assert_close(out.view(2), want)
     # opposite task vectors: cos = -1, 1 + (k-1) cos = 0 -> keep the base
     torch.testing.assert_close(merge_tensor("model_stock", "w", [base + d1, base - d1], base), base)
@@ -280,14 +326,18 @@ def test_every_method_runs_and_keeps_shape():
     for name, m in METHODS.items():
         params = {"t": 0.3} if name == "slerp" else {}
         models = xs[:1] if name == "slerp" else xs
-        out = merge_tensor(name, "w", models, base if m.needs_base else None, params=params, model_params=None)
+        out = merge_tensor(
+            name, "w", models, base if m.needs_base else None, params=params, model_params=None
+        )
         assert out.shape == base.shape and torch.isfinite(out).all(), name
 
 
 def test_merge_state_dicts():
     base = {"w": t64(0, 0), "n": torch.tensor(1)}
     ms = [{"w": t64(1, 2), "n": torch.tensor(5)}, {"w": t64(3, 4), "n": torch.tensor(6)}]
-    out = merge_state_dicts("task_arithmetic", ms, base, model_params=[{"weight": 0.5}, {"weight": 0.5}])
+    out = merge_state_dicts(
+        "task_arithmetic", ms, base, model_params=[{"weight": 0.5}, {"weight": 0.5}]
+    )
     torch.testing.assert_close(out["w"], t64(2, 3))
     assert out["n"].item() == 1
     with pytest.raises(ValueError, match="'w'"):
@@ -333,19 +383,30 @@ def test_config_parse_filters_and_paths(tmp_path):
     assert params["lambda"] == 0.0 and mps[0]["density"] == 0.9
     # resolved parameters feed merge_tensor directly
     base = torch.zeros(4, dtype=D)
-    out = merge_tensor(cfg.method, "lm_head.weight", [base + 1, base - 1], base, params=params, model_params=mps)
+    out = merge_tensor(
+        cfg.method, "lm_head.weight", [base + 1, base - 1], base, params=params, model_params=mps
+    )
     torch.testing.assert_close(out, base)
 
 
 def test_config_filter_without_default_leaves_parameter_unset():
     cfg = parse_config(
-        {"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}],
-         "parameters": {"t": [{"filter": "attn", "value": 0.2}, {"value": 0.7}]}}
+        {
+            "merge_method": "slerp",
+            "base_model": "b",
+            "models": [{"model": "a"}],
+            "parameters": {"t": [{"filter": "attn", "value": 0.2}, {"value": 0.7}]},
+        }
     )
     assert cfg.resolve("x.attn.w")[0] == {"t": 0.2}
     assert cfg.resolve("x.mlp.w")[0] == {"t": 0.7}
-    cfg = parse_config({"merge_method": "linear", "models": ["a", "b"],
-                        "parameters": {"normalize": [{"filter": "attn", "value": False}]}})
+    cfg = parse_config(
+        {
+            "merge_method": "linear",
+            "models": ["a", "b"],
+            "parameters": {"normalize": [{"filter": "attn", "value": False}]},
+        }
+    )
     assert cfg.resolve("mlp")[0] == {} and cfg.base is None
 
 
@@ -358,14 +419,47 @@ def test_config_filter_without_default_leaves_parameter_unset():
         ({"merge_method": "linear", "base_model": "b", "models": ["a"]}, "base_model"),
         ({"merge_method": "ties", "base_model": "b"}, "models"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"path": "a"}]}, "model"),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "align": "perm"}]}, "align"),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"wieght": 1}}]}, "wieght"),
-        ({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"t": 0.5}}, "'t'"),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a", "align": "perm"}],
+            },
+            "align",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a", "parameters": {"wieght": 1}}],
+            },
+            "wieght",
+        ),
+        (
+            {"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"t": 0.5}},
+            "'t'",
+        ),
         ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "'t'"),
-        ({"merge_method": "slerp", "base_model": "b", "models": ["a", "c"], "parameters": {"t": 0.5}}, "exactly one"),
+        (
+            {
+                "merge_method": "slerp",
+                "base_model": "b",
+                "models": ["a", "c"],
+                "parameters": {"t": 0.5},
+            },
+            "exactly one",
+        ),
         ({"merge_method": "ties", "base_model": "b", "models": ["a"], "dtype": "int3"}, "dtype"),
         ({"merge_method": "ties", "base_model": "b", "models": ["a"], "slices": []}, "slices"),
-        ({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"lambda": [0.1, 0.5]}}, "lambda"),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": ["a"],
+                "parameters": {"lambda": [0.1, 0.5]},
+            },
+            "lambda",
+        ),
     ],
 )
 def test_config_errors(data, key):
@@ -383,15 +477,28 @@ def test_config_invalid_yaml(tmp_path):
 
 def test_config_base_listed_among_models_is_dropped_and_resolve_feeds_state_dict_merge(tmp_path):
     cfg = parse_config(
-        {"merge_method": "task_arithmetic", "base_model": "/m/base",
-         "models": [{"model": "/m/base"}, {"model": "/m/a", "parameters": {"weight": [{"filter": "bias", "value": 0.0},
-                                                                                      {"value": 1.0}]}}]}
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "/m/base",
+            "models": [
+                {"model": "/m/base"},
+                {
+                    "model": "/m/a",
+                    "parameters": {"weight": [{"filter": "bias", "value": 0.0}, {"value": 1.0}]},
+                },
+            ],
+        }
     )
     assert [m.path for m in cfg.models] == ["/m/a"]
     base = {"l.weight": t64(0, 0), "l.bias": t64(0, 0)}
     a = {"l.weight": t64(1, 2), "l.bias": t64(3, 4)}
-    out = merge_state_dicts(cfg.method, [a], base, params=lambda n: cfg.resolve(n)[0],
-                            model_params=lambda n: cfg.resolve(n)[1])
+    out = merge_state_dicts(
+        cfg.method,
+        [a],
+        base,
+        params=lambda n: cfg.resolve(n)[0],
+        model_params=lambda n: cfg.resolve(n)[1],
+    )
     torch.testing.assert_close(out["l.weight"], t64(1, 2))
     torch.testing.assert_close(out["l.bias"], t64(0, 0))
     with pytest.raises(ValueError, match="besides base_model"):
@@ -404,8 +511,15 @@ def test_della_density_rescale_unbiased():
     n, dens, eps = 3000, 0.5, 0.3
     acc = torch.zeros_like(delta)
     for s in range(n):
-        acc += merge_tensor("della_linear", "w", [delta], base, params={"rescale": "density"},
-                            model_params=[{"density": dens, "epsilon": eps}], seed=s)
+        acc += merge_tensor(
+            "della_linear",
+            "w",
+            [delta],
+            base,
+            params={"rescale": "density"},
+            model_params=[{"density": dens, "epsilon": eps}],
+            seed=s,
+        )
     # keep probability p_i in [0.2, 0.8]; each draw delta*m/p_i has std |delta| sqrt((1-p)/p) <= 2|delta|
     tol = 5 * 2 * delta / math.sqrt(n)
     assert ((acc / n - delta).abs() <= tol).all()
