@@ -63,6 +63,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("metanet.io", "CheckpointError"),
         ("metanet.space", "WeightSpaceError"),
         ("converters.module", "ConverterError"),
+        ("tasks.stream", "NonFiniteError"),
     ):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
@@ -472,10 +473,209 @@ def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
     return aligned, g
 
 
+def _streams(args: argparse.Namespace, paths: Sequence[str]) -> bool:
+    """Weight matching on HF folders or metanet safetensors files runs streaming."""
+    if getattr(args, "match", "weight") != "weight" or getattr(args, "model", None):
+        return False
+    if args.family is not None:
+        return False
+    kinds = {Path(p).is_dir() for p in paths}
+    if len(kinds) != 1:
+        return False
+    return all(Path(p).is_dir() or Path(p).suffix == ".safetensors" for p in paths)
+
+
+def _stream_options(args: argparse.Namespace) -> dict:
+    import torch
+
+    from metanet.shards import parse_size
+
+    opts = {"max_shard": None, "dtype": None}
+    if getattr(args, "out_shard_size", None):
+        try:
+            opts["max_shard"] = parse_size(args.out_shard_size)
+        except ValueError as e:
+            raise UsageError(f"--out-shard-size: {e}") from None
+    if getattr(args, "dtype", None):
+        opts["dtype"] = getattr(torch, args.dtype)
+    return opts
+
+
+def _stream_open(paths: Sequence[str], progress: bool):
+    """Open checkpoints for streaming: the first builds the model (HF), the others share
+    its space and tensor names; all are checked (shapes, finite values) before any work."""
+    from tasks import stream
+
+    first = paths[0]
+    ref = stream.open_checkpoint(first, build_model=Path(first).is_dir())
+    cks = [ref]
+    for p in paths[1:]:
+        if Path(p).is_dir():
+            ck = stream.open_checkpoint(p, space=ref.space, names=ref.lazy.names, model=ref.model)
+        else:
+            ck = stream.open_checkpoint(p)
+        stream.check_compatible(ref, ck)
+        cks.append(ck)
+    stream.check_finite(cks, progress=progress)
+    return cks
+
+
+def _stream_match(ref, other, args, log_stages):
+    """Weight matching of ``other`` onto ``ref``, streaming; a message to stderr."""
+    from tasks.align import MatchLog, weight_matching
+
+    log = MatchLog()
+    g = weight_matching(
+        ref.space,
+        ref.weights,
+        other.weights,
+        seed=args.seed,
+        max_sweeps=args.max_sweeps,
+        progress=not args.quiet,
+        log=log,
+    )
+    log_stages.done(f"match {other.path.name}", args.quiet)
+    import torch
+
+    moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+    if not args.quiet:
+        print(
+            f"aligned {other.path} to {ref.path}: {moved}/{len(g)} groups permuted, "
+            f"{log.sweeps} sweeps, objective {log.objective[0]:.4g} -> {log.objective[-1]:.4g}, "
+            f"{log.seconds:.2f} s",
+            file=sys.stderr,
+        )
+    return g
+
+
+_VERIFY_TOL = 1e-4
+
+
+def _stream_align(args: argparse.Namespace, out: Path) -> int:
+    from tasks import stream
+    from tasks.align import AlignmentError
+
+    stages = stream.StageLog()
+    progress = not args.quiet
+    opts = _stream_options(args)
+    # B is the checkpoint written, so B builds the model whose function is checked
+    b, a = _stream_open([args.b, args.a], progress)
+    stages.done("load + check", args.quiet)
+    reference = stream.model_output(b.model, b.inputs) if b.model is not None else None
+    g = _stream_match(a, b, args, stages)
+
+    def check(written: Path) -> None:
+        if reference is None:
+            return
+        err = stream.verify_written(b, written, reference)
+        if not err < _VERIFY_TOL:
+            raise AlignmentError(
+                f"the aligned weights change B's function (max rel. error {err:.1e}); "
+                "nothing written"
+            )
+        if not args.quiet:
+            print(f"same function as {b.path.name} (max rel. error {err:.1e})", file=sys.stderr)
+
+    stream.write_output(
+        b, out, stream.permuted_reader(b, g), progress=progress, check=check, **opts
+    )
+    stages.done("apply + write + verify", args.quiet)
+    _report_stages(args, stages)
+    print(f"wrote {out}: {b.path} aligned to {a.path}")
+    return 0
+
+
+def _merge_fn(method: str, args: argparse.Namespace, n: int):
+    """``f(name, tensors) -> merged`` for the streaming merge; ``tensors[0]`` is the
+    reference / base, the others already aligned where asked. Computed in float32 (or
+    float64), returned in the first tensor's dtype by the writer."""
+    import torch
+
+    from tasks import merge
+
+    coef = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
+
+    def up(t):
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    def f(name, tensors):
+        if not tensors[0].is_floating_point():
+            return tensors[0]
+        ts = [up(t) for t in tensors]
+        if method == "naive":
+            return sum(c * t for c, t in zip(coef, ts))
+        if method == "align":
+            return torch.lerp(ts[0], ts[1], args.alpha)
+        if method == "task":
+            return merge.task_arithmetic({name: ts[0]}, [{name: t} for t in ts[1:]],
+                                         scale=args.scale)[name]  # fmt: skip
+        # ties: trimmed per tensor (mergekit's choice; a whole-model threshold needs
+        # every tensor at once)
+        return merge.ties_merge({name: ts[0]}, [{name: t} for t in ts[1:]],
+                                density=args.density, scale=args.scale)[name]  # fmt: skip
+
+    return f
+
+
+def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
+    from tasks import stream
+    from tasks.align import AlignmentError
+
+    stages = stream.StageLog()
+    progress = not args.quiet
+    opts = _stream_options(args)
+    cks = _stream_open(args.paths, progress)
+    stages.done("load + check", args.quiet)
+    ref = cks[0]
+    elements = [None] * len(cks)
+    if method == "align" or (method in ("ties", "task") and args.align):
+        for i, ck in enumerate(cks[1:], 1):
+            elements[i] = _stream_match(ref, ck, args, stages)
+        if ref.model is not None:
+            # each aligned model's function against its own, on the one model built
+            # (its weights streamed in place)
+            for i, ck in enumerate(cks[1:], 1):
+                stream._load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
+                want = stream.model_output(ref.model, ref.inputs)
+                err = stream.relative_error(ref, stream.permuted_reader(ck, elements[i]), want)
+                if not err < _VERIFY_TOL:
+                    raise AlignmentError(
+                        f"aligning {ck.path} changes its function (max rel. error {err:.1e}); "
+                        "nothing written"
+                    )
+                if not args.quiet:
+                    print(f"aligned {ck.path.name}: same function (max rel. error {err:.1e})",
+                          file=sys.stderr)  # fmt: skip
+            stages.done("verify alignment", args.quiet)
+    readers = [stream.permuted_reader(ck, g) for ck, g in zip(cks, elements)]
+    combine = _merge_fn(method, args, len(cks))
+
+    def tensor(name):
+        if not all(name in ck.weights for ck in cks):
+            return readers[0](name)  # a buffer only the reference's files carry
+        return combine(name, [r(name) for r in readers])
+
+    stream.write_output(ref, out, tensor, progress=progress, **opts)
+    stages.done("merge + write", args.quiet)
+    _report_stages(args, stages)
+    print(f"wrote {out}: {method} merge of {len(cks)} checkpoints")
+    return 0
+
+
+def _report_stages(args, stages) -> None:
+    path = getattr(args, "stages_json", None) or os.environ.get("METANET_STAGES_JSON")
+    if path:
+        import json
+
+        Path(path).write_text(json.dumps(stages.stages, indent=2) + "\n")
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    _check_output(out, [args.a, args.b], args.force, folder=Path(args.b).is_dir())
+    _check_output(out, [args.a, args.b], args.force, folder=out.suffix != ".safetensors")
     _check_match_flags(args, [args.a, args.b])
+    if _streams(args, [args.a, args.b]):
+        return _stream_align(args, out)
     a, b = _load_all([args.a, args.b], args)
     aligned, _ = _aligned(a, b, args)
     _write(out, aligned, b)
@@ -495,6 +695,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise UsageError(f"--method {method} needs a base and fine-tuned checkpoints")
     if method == "align" or (method in ("ties", "task") and args.align):
         _check_match_flags(args, args.paths)
+    if method != "mergemany" and _streams(args, args.paths):
+        return _stream_merge(args, out, method)
     from tasks import merge
 
     cks = _load_all(args.paths, args)
@@ -862,9 +1064,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ste-epochs", type=int, default=10, help="--match ste: epochs")
         p.add_argument("--ste-lr", type=float, default=1e-2, help="--match ste: Adam lr")
 
+    def stream_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--out-shard-size",
+            metavar="SIZE",
+            help="Hugging Face output: reshard the weights into files of at most SIZE "
+            "(e.g. 2GB, 500MB); default: the input's shard layout",
+        )
+        p.add_argument(
+            "--dtype",
+            choices=["float32", "float16", "bfloat16"],
+            help="output dtype of floating tensors (default: the input's)",
+        )
+
     p = command("align", "permute B to match A (Git Re-Basin), checked, then saved", _cmd_align)
     pair(p)
     output_flags(p, "where to write B aligned (a .safetensors file, or a folder for HF inputs)")
+    stream_flags(p)
 
     p = command("merge", "merge checkpoints (aligned interpolation, MergeMany, TIES)", _cmd_merge)
     pair(p, many=True)
@@ -880,6 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.2, help="ties: fraction of entries kept")
     p.add_argument("--scale", type=float, default=1.0, help="ties / task: task-vector scale")
     p.add_argument("--align", action="store_true", help="ties / task: align to the base first")
+    stream_flags(p)
 
     p = command("barrier", "loss along the line from A to B, naive and aligned", _cmd_barrier)
     pair(p)
@@ -1043,12 +1260,29 @@ def _quiet_libraries(quiet: bool) -> Iterator[None]:
                 hf_logging.enable_progress_bar()
 
 
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; bad input prints ``metanet CMD: error: ...`` (one line), exit 2."""
     args = build_parser().parse_args(argv)
+    import signal
+
+    def _terminated(signum, _frame):
+        # SIGTERM (timeout, schedulers) unwinds like Ctrl-C: temporary outputs are removed
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading_main():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         with _quiet_libraries(args.quiet):
             return args.run(args)
+    except KeyboardInterrupt:
+        print(f"metanet {args.command}: interrupted; no output written", file=sys.stderr)
+        return 130
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise

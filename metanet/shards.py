@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from metanet.io import CheckpointError
+
 __all__ = [
     "LazyWeights",
     "ShardWriter",
@@ -78,14 +80,26 @@ def parse_size(text: str | int) -> int:
 
 
 def _header(path: Path) -> tuple[dict, int]:
+    """The JSON header and where the data starts; a truncated or foreign file is refused
+    here, before any work (every tensor's bytes must lie inside the file)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its header)")
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
-        header = json.loads(f.read(n))
+        if n > 100_000_000 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file (or truncated: bad header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated ({size} bytes, its header promises {8 + n + end}); "
+            "was it written completely?"
+        )
     return header, 8 + n
 
 
@@ -105,15 +119,15 @@ class LazyWeights(Mapping):
         path: a ``.safetensors`` file or a folder of them.
         names: optional ``{our name: name in the file}`` (e.g. a model's state-dict keys
             against a checkpoint saved without the base-model prefix); default identity.
-        dtype: cast floating tensors to this dtype when read (e.g. float32 for matching
-            bf16 checkpoints).
+        upcast: read float16/bfloat16 tensors as this dtype (e.g. float32 for matching);
+            wider ones are returned as stored. :meth:`read` always gives the stored dtype.
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
         names: Mapping[str, str] | None = None,
-        dtype: torch.dtype | None = None,
+        upcast: torch.dtype | None = None,
     ):
         self.path = Path(path)
         files = weight_files(self.path) if self.path.is_dir() else [self.path]
@@ -139,13 +153,16 @@ class LazyWeights(Mapping):
         missing = [k for k, v in self.names.items() if v not in self.entries]
         if missing:
             raise KeyError(f"{self.path}: no tensor {self.names[missing[0]]!r}")
-        self.dtype = dtype
+        self.upcast = upcast
 
     # ------------------------------------------------------------------ Mapping
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.names:
             raise KeyError(name)
-        return self.read(self.names[name], self.dtype)
+        t = self.read(self.names[name])
+        if self.upcast is not None and t.is_floating_point() and t.element_size() < 4:
+            t = t.to(self.upcast)
+        return t
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -168,7 +185,7 @@ class LazyWeights(Mapping):
     def nbytes(self) -> int:
         return sum(e[2]["data_offsets"][1] - e[2]["data_offsets"][0] for e in self.entries.values())
 
-    def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+    def read(self, key: str) -> Tensor:
         """Tensor ``key`` as stored in the file (a fresh tensor, nothing mapped)."""
         file, start, info = self.entries[key]
         lo, hi = info["data_offsets"]
@@ -181,12 +198,9 @@ class LazyWeights(Mapping):
             while got < hi - lo:
                 n = f.readinto(view[got:])
                 if not n:
-                    raise ValueError(f"{file}: tensor {key!r} is truncated")
+                    raise CheckpointError(f"{file}: tensor {key!r} is truncated")
                 got += n
-        t = raw.view(_DTYPES[info["dtype"]]).reshape(shape)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        return t
+        return raw.view(_DTYPES[info["dtype"]]).reshape(shape)
 
 
 class ShardWriter:

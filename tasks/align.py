@@ -40,6 +40,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from metanet.shards import LazyWeights
 from metanet.space import Axis, Element, TensorSpec, WeightSpace, WeightSpaceError
 
 __all__ = [
@@ -197,9 +198,14 @@ class _Matcher:
         names: Iterable[str],
     ):
         self.space = space
+        names = list(names)
         self.views = _views(space, names)
         self.a, self.b = a, b
-        self.dtype = next(iter(a.values())).dtype if a else torch.float32
+        if isinstance(a, LazyWeights):
+            stored = a.info(names[0])[1] if names else torch.float32
+            self.dtype = a.upcast if a.upcast and stored.itemsize < 4 else stored
+        else:
+            self.dtype = next(iter(a.values())).dtype if a else torch.float32
         self.inners: dict[str, list[str]] = {n: [] for n in space.groups}
         for g in space.groups.values():
             if g.within is not None:
@@ -335,8 +341,20 @@ def matchable(space: WeightSpace, weights: Mapping[str, Tensor]) -> list[str]:
     return [
         n
         for n, t in space.tensors.items()
-        if t.kind == "parameter" and n in weights and weights[n].is_floating_point()
+        if t.kind == "parameter" and n in weights and _dtype(weights, n).is_floating_point
     ]
+
+
+def _dtype(weights: Mapping[str, Tensor], name: str) -> torch.dtype:
+    if isinstance(weights, LazyWeights):  # from the header, nothing read
+        return weights.info(name)[1]
+    return weights[name].dtype
+
+
+def _shape(weights: Mapping[str, Tensor], name: str) -> tuple[int, ...]:
+    if isinstance(weights, LazyWeights):
+        return weights.shape(name)
+    return tuple(weights[name].shape)
 
 
 def check_same_architecture(
@@ -347,9 +365,9 @@ def check_same_architecture(
         for label, w in (("a", weights_a), ("b", weights_b)):
             if name not in w:
                 raise AlignmentError(f"checkpoint {label} has no tensor {name!r}")
-            if tuple(w[name].shape) != t.shape:
+            if _shape(w, name) != t.shape:
                 raise AlignmentError(
-                    f"tensor {name!r}: checkpoint {label} has shape {tuple(w[name].shape)}, "
+                    f"tensor {name!r}: checkpoint {label} has shape {_shape(w, name)}, "
                     f"the space says {t.shape} (different architectures?)"
                 )
 
@@ -391,8 +409,12 @@ def weight_matching(
     start = time.perf_counter()
     check_same_architecture(space, weights_a, weights_b)
     names = list(tensors) if tensors is not None else matchable(space, weights_a)
-    a = {n: weights_a[n].detach() for n in names}
-    b = {n: weights_b[n].detach().to(a[n].dtype) for n in names}
+    if isinstance(weights_a, LazyWeights) and isinstance(weights_b, LazyWeights):
+        # streaming: each step reads the tensors it needs from disk (cast on read)
+        a, b = weights_a, weights_b
+    else:
+        a = {n: weights_a[n].detach() for n in names}
+        b = {n: weights_b[n].detach().to(a[n].dtype) for n in names}
     matcher = _Matcher(space, a, b, names)
     g = {k: v.clone() for k, v in (init or space.identity()).items()}
     todo = [n for n, grp in space.groups.items() if grp.within is None]
@@ -407,7 +429,9 @@ def weight_matching(
     log.groups = len(todo)
     base = matcher.objective(g) if todo else 0.0
     log.objective.append(base)
-    bar = _progress(range(max_sweeps), progress, desc="weight matching", unit="sweep")
+    # no total: a sweep limit is not an estimate of when matching ends (it stops when a
+    # sweep no longer improves), so the bar shows sweeps done and their rate, no false ETA
+    bar = _progress((i for i in range(max_sweeps)), progress, desc="weight matching", unit="sweep")
     # a group is re-solved only when a permutation its problem reads has changed since
     # its last solve; otherwise the same problem has the same answer (it would gain 0)
     readers = matcher.readers(todo)

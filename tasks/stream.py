@@ -1,0 +1,463 @@
+"""Align and merge checkpoints one tensor at a time: billion-parameter pairs on a laptop.
+
+What is held in memory at once:
+
+* **matching** reads each tensor from disk when a group's step needs it (plain reads of
+  safetensors files, cast to float32 per tensor for bf16/fp16 inputs) and keeps only the
+  cost matrices; the permutations found are small;
+* **apply / merge / write** go through the output's tensors in storage order: each is read
+  from every input, permuted, combined, and written straight into its shard;
+* **verify** runs the one model that is built (from the reference folder, once): its
+  outputs on B's weights, then on the written file's, streamed into it in place.
+
+So the peak is about one model plus a few tensors, not several copies of the pair.
+Outputs are written beside the target under a temporary name (``metanet.shards.TMP_MARK``)
+and renamed into place; an interrupted run leaves the previous output intact and its
+temporary files are removed by the next run writing the same output. A Hugging Face
+output is a copy of the input folder (every file and subfolder, byte for byte, the config
+untouched) with only the weight files (and their index) rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metanet.shards import INDEX, TMP_MARK, LazyWeights, ShardWriter, remove_stale, umask_mode
+from metanet.space import Element, WeightSpace
+from tasks.align import AlignmentError
+
+__all__ = [
+    "Checkpoint",
+    "open_checkpoint",
+    "check_compatible",
+    "check_finite",
+    "write_output",
+    "verify_written",
+    "StageLog",
+    "peak_rss_bytes",
+]
+
+
+class NonFiniteError(ValueError):
+    """A checkpoint holds NaN or inf values."""
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+@dataclass
+class StageLog:
+    """Wall time and resident memory after every stage (for the scale benchmark)."""
+
+    stages: list[dict] = field(default_factory=list)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def done(self, stage: str, quiet: bool = True) -> None:
+        now = time.perf_counter()
+        row = {
+            "stage": stage,
+            "seconds": round(now - self._t, 2),
+            "rss_gib": round(current_rss_bytes() / 2**30, 2),
+            "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2),
+        }
+        self.stages.append(row)
+        self._t = now
+        if not quiet:
+            print(
+                f"  {stage}: {row['seconds']:.1f} s, peak RSS so far {row['peak_rss_gib']:.2f} GiB",
+                file=sys.stderr,
+            )
+
+
+def _bar(total: int | None, desc: str, enabled: bool, unit: str = "B"):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024,
+        disable=not enabled,
+        leave=False,
+        file=sys.stderr,
+    )
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class Checkpoint:
+    """One input: lazily read weights keyed by the space's names, and its layout.
+
+    ``weights`` maps every tensor of ``space`` (and every other tensor of the files) to a
+    read from disk; ``model`` is set only for the checkpoint a function check runs on.
+    """
+
+    path: Path
+    weights: Mapping[str, Tensor]
+    space: WeightSpace
+    hf: bool
+    model: nn.Module | None = None
+    inputs: tuple | None = None
+
+    @property
+    def lazy(self) -> LazyWeights | None:
+        return self.weights if isinstance(self.weights, LazyWeights) else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        lazy = self.lazy
+        return lazy.shape(name) if lazy is not None else tuple(self.weights[name].shape)
+
+    def file_order(self) -> list[tuple[str, list[str]]]:
+        """``(file name, our tensor names in storage order)`` per weight file."""
+        lazy = self.lazy
+        if lazy is None:
+            return [("model.safetensors", list(self.weights))]
+        back: dict[str, list[str]] = {}
+        for ours, key in lazy.names.items():
+            back.setdefault(key, []).append(ours)
+        return [(f.name, [back[k][0] for k in keys if k in back]) for f, keys in lazy.order]
+
+
+def _names_for(model: nn.Module, keys: set[str]) -> dict[str, str]:
+    """Map the model's state-dict keys to the file's keys: equal, or differing by the
+    base-model prefix, or (tied weights) to the file key of the tensor sharing storage."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    sd = model.state_dict()
+    out: dict[str, str] = {}
+    by_ptr: dict[int, str] = {}
+    for k, v in sd.items():
+        for cand in (k, k.removeprefix(prefix + "."), f"{prefix}.{k}"):
+            if cand in keys:
+                out[k] = cand
+                by_ptr.setdefault(v.data_ptr(), cand)
+                break
+    for k, v in sd.items():
+        if k not in out and v.data_ptr() in by_ptr:
+            out[k] = by_ptr[v.data_ptr()]  # a tied weight saved once
+    return out
+
+
+def open_checkpoint(
+    path: str | os.PathLike,
+    *,
+    space: WeightSpace | None = None,
+    names: Mapping[str, str] | None = None,
+    model: nn.Module | None = None,
+    build_model: bool = False,
+    upcast: torch.dtype | None = torch.float32,
+    load_state: Callable | None = None,
+) -> Checkpoint:
+    """Open a Hugging Face folder or a safetensors file for streaming.
+
+    A folder's WeightSpace comes from its model (built only with ``build_model``; else
+    ``space`` and ``names`` of a checkpoint of the same architecture must be given, and
+    its ``model`` lets the names follow this folder's own keys). A
+    metanet ``.safetensors`` file carries its space. Other files (``.pt``) are read whole
+    by ``load_state(path) -> (weights, space)``.
+    """
+    from metanet.io import SPACE_KEY
+
+    path = Path(path)
+    if path.is_dir():
+        if build_model:
+            from converters import from_module
+            from converters.pretrained import hf_model
+
+            model, inputs = hf_model(path)
+            space = from_module(model, inputs)
+            probe = LazyWeights(path)
+            names = _names_for(model, set(probe.entries))
+            missing = [n for n in space.tensors if n not in names]
+            if missing:
+                raise AlignmentError(
+                    f"{path}: the model's tensor {missing[0]!r} is not in its weight files"
+                )
+            # every file tensor is carried to the output, also those outside the model
+            for key in probe.entries:
+                if key not in names.values():
+                    names[key] = key
+            return Checkpoint(path, LazyWeights(path, names, upcast), space, True, model, inputs)
+        if space is None or names is None:
+            raise ValueError("a folder without build_model needs the space and names of another")
+        if model is not None:  # this folder's own keys (prefixes may differ from the other's)
+            keys = set(LazyWeights(path).entries)
+            names = _names_for(model, keys)
+            names.update({k: k for k in keys if k not in names.values()})
+            missing = [n for n in space.tensors if n not in names]
+            if missing:
+                raise AlignmentError(
+                    f"{path}: has no tensor {missing[0]!r} (different architectures?)"
+                )
+        try:
+            weights = LazyWeights(path, names, upcast)
+        except KeyError as e:
+            raise AlignmentError(f"{path}: {e.args[0]} (different architectures?)") from None
+        return Checkpoint(path, weights, space, True)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        lazy = LazyWeights(path, upcast=upcast)
+        if SPACE_KEY in lazy.metadata:
+            own = WeightSpace.from_json(lazy.metadata[SPACE_KEY])
+            return Checkpoint(path, lazy, own, False)
+    if load_state is None:
+        raise ValueError(f"{path}: no embedded WeightSpace")
+    weights, own = load_state(path)
+    return Checkpoint(path, weights, own, False)
+
+
+def check_compatible(ref: Checkpoint, other: Checkpoint) -> None:
+    """Same tensors with the same shapes (read from headers), or an error naming the first."""
+    for name, t in ref.space.tensors.items():
+        for ck in (ref, other):
+            if name not in ck.weights:
+                raise AlignmentError(
+                    f"{ck.path}: has no tensor {name!r} (different architectures?)"
+                )
+            if ck.shape(name) != t.shape:
+                raise AlignmentError(
+                    f"tensor {name!r}: {ck.path} has shape {ck.shape(name)}, {ref.path} has "
+                    f"{t.shape} (different architectures?)"
+                )
+    if other.space != ref.space:
+        raise AlignmentError(
+            f"{ref.path} and {other.path} have the same tensors but different symmetry "
+            "(WeightSpaces differ); were they converted with different settings?"
+        )
+
+
+def _nbytes(ck: Checkpoint, names: Sequence[str]) -> int:
+    lazy = ck.lazy
+    total = 0
+    for n in names:
+        shape, dt = lazy.info(n) if lazy is not None else (ck.weights[n].shape, ck.weights[n].dtype)
+        total += int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+    return total
+
+
+def _raw(ck: Checkpoint, name: str) -> Tensor:
+    """A tensor in its stored dtype (no matching cast)."""
+    lazy = ck.lazy
+    return lazy.read(lazy.names[name]) if lazy is not None else ck.weights[name]
+
+
+def check_finite(cks: Sequence[Checkpoint], progress: bool = False) -> None:
+    """Refuse NaN/inf before any work, naming the checkpoint and the first tensor."""
+    total = sum(_nbytes(ck, list(ck.weights)) for ck in cks)
+    with _bar(total, "check finite", progress) as bar:
+        for ck in cks:
+            for name in ck.weights:
+                w = _raw(ck, name)
+                if w.is_floating_point():
+                    bad = ~torch.isfinite(w)
+                    if bad.any():
+                        nan = int(torch.isnan(w).sum())
+                        raise NonFiniteError(
+                            f"{ck.path}: tensor {name!r} has {nan} NaN and "
+                            f"{int(bad.sum()) - nan} inf values; nothing written"
+                        )
+                bar.update(w.numel() * w.element_size())
+
+
+# --------------------------------------------------------------------------- outputs
+def _tmp_beside(out: Path) -> Path:
+    return out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
+
+
+def write_output(
+    ref: Checkpoint,
+    out: Path,
+    tensor: Callable[[str], Tensor],
+    *,
+    max_shard: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``tensor(name)`` for every tensor of ``ref``, streaming, into ``out``.
+
+    ``out`` ending in ``.safetensors``: one metanet checkpoint (the space in its metadata);
+    otherwise (a Hugging Face ``ref`` only) a copy of ``ref``'s folder with the weights
+    rewritten, in ``ref``'s shard layout unless ``max_shard`` is given. ``dtype`` casts the
+    floating tensors of the output. ``check(written)`` runs on the complete temporary
+    output before it is renamed into place: if it raises, nothing is replaced.
+    """
+    from metanet.io import SPACE_KEY
+
+    out = Path(out)
+    single = out.suffix == ".safetensors"
+    if not single and not ref.hf:
+        raise ValueError(f"{out}: a checkpoint file is written as one .safetensors file")
+    remove_stale(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    order = ref.file_order()
+    names = [n for _, ns in order for n in ns]
+
+    # a copied folder keeps the file's tensor names (ours are the model's state-dict keys)
+    keep_keys = ref.lazy is not None and not single
+    ours: dict[str, str] = {}
+
+    def planned(n):
+        shape = ref.shape(n)
+        lazy = ref.lazy
+        dt = lazy.info(n)[1] if lazy is not None else ref.weights[n].dtype
+        if dtype is not None and dt.is_floating_point:
+            dt = dtype
+        key = lazy.names[n] if keep_keys else n
+        ours[key] = n
+        return (key, shape, dt)
+
+    tmp = _tmp_beside(out)
+    writers: list[ShardWriter] = []
+    try:
+        if single:
+            meta = {"format": "pt", SPACE_KEY: ref.space.to_json(), **(metadata or {})}
+            if set(names) != set(ref.space.tensors):
+                # a metanet checkpoint holds exactly the space's tensors
+                names = [n for n in names if n in ref.space.tensors]
+            writers.append(ShardWriter(tmp, [planned(n) for n in names], single_file=True,
+                                       metadata=meta))  # fmt: skip
+        else:
+            os.mkdir(tmp, umask_mode(0o777))
+            _copy_folder(ref.path, tmp, skip=set(_weight_names(ref.path)))
+            lazy_meta = ref.lazy.metadata if ref.lazy is not None else {}
+            meta = {"format": "pt", **{k: v for k, v in lazy_meta.items() if k != SPACE_KEY}}
+            if max_shard is None:
+                for fname, ns in order:
+                    w = ShardWriter(tmp / fname, [planned(n) for n in ns], single_file=True,
+                                    metadata=meta)  # fmt: skip
+                    writers.append(w)
+                if (ref.path / INDEX).is_file():
+                    shutil.copyfile(ref.path / INDEX, tmp / INDEX)
+            else:
+                writers.append(ShardWriter(tmp, [planned(n) for n in names], max_shard=max_shard,
+                                           metadata=meta))  # fmt: skip
+        total = _nbytes(ref, names)
+        with _bar(total, "apply + write", progress) as bar:
+            for w in writers:
+                for shard in w.shards:
+                    for key, _, dt, _ in shard:
+                        t = tensor(ours[key])
+                        if t.dtype != dt:
+                            t = t.to(dt)
+                        w.write(key, t)
+                        bar.update(t.numel() * t.element_size())
+                w.close()
+        if check is not None:
+            check(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise
+    return out
+
+
+def _weight_names(folder: Path) -> list[str]:
+    names = [p.name for p in folder.glob("*.safetensors")]
+    return names + ([INDEX] if (folder / INDEX).is_file() else [])
+
+
+def _copy_folder(src: Path, dst: Path, skip: set[str]) -> None:
+    """Every file and subfolder of ``src`` (but ``skip`` at the top), contents byte for
+    byte, modes from the umask (not copied: inputs may be read-only)."""
+    for p in src.iterdir():
+        if p.name in skip or TMP_MARK in p.name:
+            continue
+        if p.is_dir():
+            os.mkdir(dst / p.name, umask_mode(0o777))
+            _copy_folder(p, dst / p.name, set())
+        else:
+            shutil.copyfile(p, dst / p.name)
+
+
+# --------------------------------------------------------------------------- verify
+def _first_tensor(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return _first_tensor(next(iter(out.values())))
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0])
+    if hasattr(out, "to_tuple"):
+        return _first_tensor(out.to_tuple()[0])
+    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
+
+
+@torch.no_grad()
+def _load_into(model: nn.Module, read: Callable[[str], Tensor], names: Sequence[str]) -> None:
+    sd = model.state_dict()
+    for n in names:
+        if n in sd:
+            sd[n].copy_(read(n))
+
+
+@torch.no_grad()
+def model_output(model: nn.Module, inputs: tuple) -> Tensor:
+    return _first_tensor(model(*inputs)).detach().clone()
+
+
+def verify_written(ck: Checkpoint, written: Path, reference: Tensor) -> float:
+    """Stream the written weights into ``ck.model`` and compare its outputs with
+    ``reference``: the max error relative to the reference's largest magnitude."""
+    if written.is_dir():
+        lazy = LazyWeights(written, ck.lazy.names if ck.lazy is not None else None)
+    else:
+        lazy = LazyWeights(written)
+    _load_into(ck.model, lambda n: lazy.read(lazy.names[n]), list(lazy))
+    got = model_output(ck.model, ck.inputs)
+    scale = reference.abs().max().clamp_min(1e-30)
+    return float((got - reference).abs().max() / scale)
+
+
+def relative_error(ck: Checkpoint, read: Callable[[str], Tensor], reference: Tensor) -> float:
+    """Stream ``read(name)`` into ``ck.model``; its output's max error against ``reference``
+    relative to the reference's largest magnitude."""
+    _load_into(ck.model, read, list(ck.weights))
+    got = model_output(ck.model, ck.inputs)
+    scale = reference.abs().max().clamp_min(1e-30)
+    return float((got - reference).abs().max() / scale)
+
+
+def permuted_reader(ck: Checkpoint, g: Element | None) -> Callable[[str], Tensor]:
+    """``name -> tensor of ck (stored dtype), permuted by g`` where the space has it."""
+    space = ck.space
+
+    def read(n: str) -> Tensor:
+        w = _raw(ck, n)
+        if g is not None and n in space.tensors:
+            w = space.apply_tensor(n, w, g)
+        return w
+
+    return read
