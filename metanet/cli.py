@@ -592,8 +592,10 @@ def _merge_fn(method: str, args: argparse.Namespace, n: int):
     import torch
 
     from tasks import merge
+    from tasks.merge_methods import merge_tensor
 
     coef = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
+    density = args.density if args.density is not None else 0.2
 
     def up(t):
         return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -609,10 +611,27 @@ def _merge_fn(method: str, args: argparse.Namespace, n: int):
         if method == "task":
             return merge.task_arithmetic({name: ts[0]}, [{name: t} for t in ts[1:]],
                                          scale=args.scale)[name]  # fmt: skip
-        # ties: trimmed per tensor (mergekit's choice; a whole-model threshold needs
-        # every tensor at once)
-        return merge.ties_merge({name: ts[0]}, [{name: t} for t in ts[1:]],
-                                density=args.density, scale=args.scale)[name]  # fmt: skip
+        # ties: trimmed per tensor, as mergekit does (a whole-model threshold needs every
+        # tensor at once); equal weights, so the disjoint mean of the agreeing deltas
+        return merge_tensor("ties", name, ts[1:], ts[0], params={"lambda": args.scale},
+                            model_params=[{"density": density}] * (n - 1))  # fmt: skip
+
+    return f
+
+
+def _kit_fn(method: str, args: argparse.Namespace):
+    """mergekit's method (``tasks.merge_methods``): the first checkpoint is the base when
+    the method takes one; parameters per tensor from the config or the flags."""
+    from tasks.merge_methods import METHODS, merge_tensor
+
+    needs_base = METHODS[method].needs_base
+    resolve = args.config_obj.resolve if args.config_obj is not None else args.resolve
+
+    def f(name, tensors):
+        params, model_params = resolve(name)
+        base, others = (tensors[0], tensors[1:]) if needs_base else (None, tensors)
+        return merge_tensor(method, name, others, base, params=params,
+                            model_params=model_params, seed=args.seed)  # fmt: skip
 
     return f
 
@@ -628,13 +647,22 @@ def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
     stages.done("load + check", args.quiet)
     ref = cks[0]
     elements = [None] * len(cks)
-    if method == "align" or (method in ("ties", "task") and args.align):
-        for i, ck in enumerate(cks[1:], 1):
-            elements[i] = _stream_match(ref, ck, args, stages)
+    kit = getattr(args, "kit", False)
+    if not kit:
+        legacy = method == "align" or (method in ("ties", "task") and args.align)
+        aligns = [False] + [legacy] * (len(cks) - 1)
+    else:
+        aligns = args.aligns
+    if any(aligns):
+        for i, ck in enumerate(cks):
+            if aligns[i]:
+                elements[i] = _stream_match(ref, ck, args, stages)
         if ref.model is not None:
             # each aligned model's function against its own, on the one model built
             # (its weights streamed in place)
-            for i, ck in enumerate(cks[1:], 1):
+            for i, ck in enumerate(cks):
+                if elements[i] is None:
+                    continue
                 stream._load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
                 want = stream.model_output(ref.model, ref.inputs)
                 err = stream.relative_error(ref, stream.permuted_reader(ck, elements[i]), want)
@@ -648,7 +676,10 @@ def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
                           file=sys.stderr)  # fmt: skip
             stages.done("verify alignment", args.quiet)
     readers = [stream.permuted_reader(ck, g) for ck, g in zip(cks, elements)]
-    combine = _merge_fn(method, args, len(cks))
+    if not kit:
+        combine = _merge_fn(method, args, len(cks))
+    else:
+        combine = _kit_fn(method, args)
 
     def tensor(name):
         if not all(name in ck.weights for ck in cks):
@@ -683,9 +714,111 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+_LEGACY_METHODS = ("align", "naive", "mergemany", "ties", "task")
+# tasks.merge_methods.METHODS, named here so that --help imports no torch (a test checks)
+_KIT_METHODS = (
+    "linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock",
+)  # fmt: skip
+
+
+def _merge_setup(args: argparse.Namespace) -> None:
+    """Fill ``args.paths``/``method``/``aligns``/``resolve`` from ``--config`` or the flags
+    of a mergekit method (``--param``, ``--weights``); legacy methods keep their flags."""
+    from tasks import merge_methods
+
+    args.config_obj = None
+    if args.config:
+        from tasks.merge_config import load_config
+
+        if args.paths:
+            raise UsageError("--config names the checkpoints: give no CHECKPOINT arguments")
+        if args.method:
+            raise UsageError("--config names the merge method: drop --method")
+        try:
+            cfg = load_config(args.config)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--config {args.config}: {e}") from None
+        bad = [m.align for m in cfg.models if m.align not in ("none", "weight")]
+        if bad:
+            raise UsageError(
+                f"--config: align: {bad[0]} runs models on data, which the streaming merge "
+                "does not; use align: weight (or none), or metanet align --match first"
+            )
+        args.config_obj = cfg
+        args.method = cfg.method
+        args.paths = ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]
+        args.aligns = ([False] if cfg.base else []) + [m.align == "weight" for m in cfg.models]
+        if cfg.dtype and not args.dtype:
+            args.dtype = cfg.dtype
+        return
+    if not args.paths:
+        raise UsageError("give the checkpoints to merge (or --config merge.yml)")
+    method = args.method
+    if method in _LEGACY_METHODS or method is None:
+        if args.param or args.weights:
+            raise UsageError(
+                "--param / --weights are for mergekit's methods (e.g. --method linear)"
+            )
+        return
+    m = merge_methods.METHODS[method]
+    n = len(args.paths) - (1 if m.needs_base else 0)
+    if n < 1 or (method == "slerp" and n != 1):
+        raise UsageError(
+            f"--method {method} merges "
+            + ("a base and exactly one other" if method == "slerp" else "at least two")
+            + f" checkpoints, got {len(args.paths)}"
+        )
+    params = {}
+    for item in args.param or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--param {item}: expected KEY=VALUE")
+        params[key] = _param_value(value)
+    mp = {}
+    if args.density is not None and "density" in m.model_params:
+        mp["density"] = args.density
+    weights = [None] * n
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise UsageError(f"--weights {args.weights}: expected numbers like 0.5,0.5") from None
+        if len(weights) != n:
+            raise UsageError(f"--weights: {len(weights)} values for {n} models")
+    model_params = [{**mp, **({"weight": w} if w is not None else {})} for w in weights]
+    try:
+        merge_methods._resolve(m, n, params, model_params)
+    except ValueError as e:
+        raise UsageError(f"--method {method}: {e}") from None
+    args.resolve = lambda _name: (params, model_params)
+    args.aligns = ([False] if m.needs_base else []) + [bool(args.align)] * n
+    if not m.needs_base:
+        args.aligns[0] = False
+
+
+def _param_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
+    _merge_setup(args)
     out = Path(args.output)
-    _check_output(out, args.paths, args.force, folder=Path(args.paths[0]).is_dir())
+    _check_output(out, args.paths, args.force, folder=out.suffix != ".safetensors")
+    args.kit = args.config_obj is not None or args.method not in (*_LEGACY_METHODS, None)
+    if args.kit:
+        if not _streams(args, args.paths):
+            raise UsageError(
+                f"--method {args.method} reads Hugging Face folders or metanet .safetensors "
+                "files (no --family, --model or --match activation/ste)"
+            )
+        return _stream_merge(args, out, args.method)
     method = args.method or ("align" if len(args.paths) == 2 else "mergemany")
     if method == "align" and len(args.paths) != 2:
         raise UsageError(
@@ -718,7 +851,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             else [c.weights for c in cks[1:]]
         )
         if method == "ties":
-            merged = merge.ties_merge(ref.weights, tuned, density=args.density, scale=args.scale)
+            density = args.density if args.density is not None else 0.2
+            merged = merge.ties_merge(ref.weights, tuned, density=density, scale=args.scale)
         else:
             merged = merge.task_arithmetic(ref.weights, tuned, scale=args.scale)
     _write(out, merged, ref)
@@ -1021,7 +1155,7 @@ def build_parser() -> argparse.ArgumentParser:
         if many:
             p.add_argument(
                 "paths",
-                nargs="+",
+                nargs="*",
                 metavar="CHECKPOINT",
                 help="metanet checkpoints or Hugging Face folders (first = reference / base)",
             )
@@ -1082,18 +1216,43 @@ def build_parser() -> argparse.ArgumentParser:
     output_flags(p, "where to write B aligned (a .safetensors file, or a folder for HF inputs)")
     stream_flags(p)
 
-    p = command("merge", "merge checkpoints (aligned interpolation, MergeMany, TIES)", _cmd_merge)
+    p = command(
+        "merge",
+        "merge checkpoints (aligned interpolation, MergeMany, mergekit's methods)",
+        _cmd_merge,
+    )
     pair(p, many=True)
     output_flags(p, "where to write the merge (a .safetensors file, or a folder for HF inputs)")
     p.add_argument(
         "--method",
-        choices=["align", "naive", "mergemany", "ties", "task"],
+        choices=[*_LEGACY_METHODS] + [m for m in _KIT_METHODS if m not in _LEGACY_METHODS],
         help="align: interpolate after weight matching (default for two checkpoints); "
         "naive: plain average; mergemany: MergeMany (default for more); ties / task: TIES "
-        "or task arithmetic on the first checkpoint as base",
+        "or task arithmetic on the first checkpoint as base (--density, --scale); the others "
+        "are mergekit's (the first checkpoint is the base where the method takes one; "
+        "--param KEY=VALUE, --weights, --density, --align)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="a merge config in mergekit's format (merge_method, base_model, models with "
+        "parameters and our align: none|weight); replaces CHECKPOINT and --method",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a global parameter of a mergekit method (t=0.3, lambda=1, normalize=false)",
+    )
+    p.add_argument(
+        "--weights", metavar="W,...", help="mergekit methods: per-model weights (non-base)"
     )
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the second checkpoint")
-    p.add_argument("--density", type=float, default=0.2, help="ties: fraction of entries kept")
+    p.add_argument(
+        "--density",
+        type=float,
+        help="ties / dare / breadcrumbs: fraction of each task vector kept (ties default 0.2)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="ties / task: task-vector scale")
     p.add_argument("--align", action="store_true", help="ties / task: align to the base first")
     stream_flags(p)

@@ -292,3 +292,68 @@ def test_file_order_and_tied_names(tmp_path):
     names = [n for _, ns in ck.file_order() for n in ns]
     assert len(names) == len(set(ck.lazy.names.values()))
     save_file({"x": torch.zeros(1)}, tmp_path / "unused.safetensors")  # keeps tmp_path busy
+
+
+# --------------------------------------------------------------------------- mergekit methods
+def test_cli_mergekit_methods_and_config_equal_the_library(tmp_path):
+    from tasks.merge_methods import merge_state_dicts
+
+    base = _mlp_checkpoint(tmp_path / "base.safetensors", [10, 12, 4], 0)
+    wb, space = metanet.load(base)
+    tuned = []
+    for seed in (1, 2):  # shared-base "fine-tunes"
+        torch.manual_seed(seed)
+        sd = {k: v + 0.05 * torch.randn_like(v) for k, v in wb.items()}
+        tuned.append(tmp_path / f"t{seed}.safetensors")
+        metanet.save(tuned[-1], sd, space)
+    w1, w2 = metanet.load(tuned[0])[0], metanet.load(tuned[1])[0]
+    paths = [str(base), *map(str, tuned)]
+
+    out = tmp_path / "ties.safetensors"
+    argv = ["merge", *paths, "--method", "dare_ties", "--density", "0.5", "--weights", "0.7,0.3"]
+    assert main([*argv, "--seed", "4", "-o", str(out), "-q"]) == 0
+    want = merge_state_dicts(
+        "dare_ties", [w1, w2], wb, model_params=[{"density": 0.5, "weight": 0.7},
+                                                  {"density": 0.5, "weight": 0.3}], seed=4
+    )  # fmt: skip
+    got, _ = metanet.load(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    out = tmp_path / "slerp.safetensors"
+    assert main(["merge", paths[0], paths[1], "--method", "slerp", "--param", "t=0.3",
+                 "-o", str(out), "-q"]) == 0  # fmt: skip
+    want = merge_state_dicts("slerp", [w1], wb, params={"t": 0.3})
+    got, _ = metanet.load(out)
+    assert all(torch.allclose(got[k], want[k], atol=1e-7) for k in want)
+
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(
+        "merge_method: ties\n"
+        "base_model: base.safetensors\n"
+        "models:\n"
+        "  - model: t1.safetensors\n"
+        "    parameters: {weight: 1.0, density: [{filter: '0.', value: 0.3}, {value: 0.8}]}\n"
+        "  - model: t2.safetensors\n"
+        "    parameters: {weight: 0.5, density: 0.6}\n"
+        "    align: weight\n"
+        "dtype: float16\n"
+    )
+    out = tmp_path / "cfg.safetensors"
+    assert main(["merge", "--config", str(cfg), "-o", str(out), "-q"]) == 0
+    g = weight_matching(space, wb, w2)
+    aligned2 = space.apply(w2, g)
+    mp = lambda name: [  # noqa: E731
+        {"weight": 1.0, "density": 0.3 if "0." in name else 0.8},
+        {"weight": 0.5, "density": 0.6},
+    ]
+    want = merge_state_dicts("ties", [w1, aligned2], wb, model_params=mp)
+    got, _ = metanet.load(out)
+    for k in want:
+        assert got[k].dtype == torch.float16
+        assert torch.equal(got[k], want[k].to(torch.float16)), k
+
+    assert main(["merge", *paths, "--method", "slerp", "--param", "t=0.5", "-o",
+                 str(tmp_path / "x.safetensors"), "-q"]) == 2  # fmt: skip
+    assert main(["merge", "--config", str(cfg), paths[0], "-o", str(tmp_path / "y.safetensors"),
+                 "-q"]) == 2  # fmt: skip
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
