@@ -294,6 +294,9 @@ class Algebra:
         x = segs[0]
         for c in segs[1:]:
             x = self.unify(x, c, "(segments of a concatenation read as blocks)")
+        if len({id(find(c)) for c in segs}) > 1:
+            for c in segs:  # a segment that did not merge: no permutation may act on any
+                self.fix(c)
         whole = Var(r.size, "prod", (Var(k, fixed=True), find(x)))
         whole.touched = True
         r.parent = whole  # cat(X, ..., X) is fixed(k) × X, index for index

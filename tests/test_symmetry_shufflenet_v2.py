@@ -64,3 +64,31 @@ def test_two_stages_keep_the_symmetry():
     space, caught = _convert(model, (x,))
     assert not caught and not space.notes
     assert assert_function_preserved(model, space, (x,), n=10, atol=1e-9) < 1e-9
+
+
+class _CatThenShuffle(torch.nn.Module):
+    """Two branches of different structure (a plain conv; a conv whose output is a
+    ``2 × 4`` product read by a grouped conv) concatenated and channel-shuffled."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 1)
+        self.b = torch.nn.Conv2d(3, 8, 1)
+        self.g = torch.nn.Conv2d(8, 8, 1, groups=2)
+        self.out = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        b = torch.relu(self.g(torch.relu(self.b(x))))
+        y = torch.cat((a, b), 1)
+        b_, c, h, w = y.shape
+        y = y.reshape(b_, 2, c // 2, h, w).transpose(1, 2).reshape(b_, c, h, w)
+        return self.out(torch.relu(y))
+
+
+def test_cat_of_differently_structured_segments_stays_sound():
+    torch.manual_seed(0)
+    model = _CatThenShuffle().double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    space, _ = _convert(model, (x,))
+    assert assert_function_preserved(model, space, (x,), n=10, atol=1e-9) < 1e-9
