@@ -703,7 +703,8 @@ def _report_stages(args, stages) -> None:
 
 def _cmd_align(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    _check_output(out, [args.a, args.b], args.force, folder=out.suffix != ".safetensors")
+    folder = Path(args.b).is_dir() and out.suffix != ".safetensors"
+    _check_output(out, [args.a, args.b], args.force, folder=folder)
     _check_match_flags(args, [args.a, args.b])
     if _streams(args, [args.a, args.b]):
         return _stream_align(args, out)
@@ -810,7 +811,8 @@ def _param_value(text: str):
 def _cmd_merge(args: argparse.Namespace) -> int:
     _merge_setup(args)
     out = Path(args.output)
-    _check_output(out, args.paths, args.force, folder=out.suffix != ".safetensors")
+    folder = Path(args.paths[0]).is_dir() and out.suffix != ".safetensors"
+    _check_output(out, args.paths, args.force, folder=folder)
     args.kit = args.config_obj is not None or args.method not in (*_LEGACY_METHODS, None)
     if args.kit:
         if not _streams(args, args.paths):

@@ -299,8 +299,8 @@ def write_output(
 ) -> Path:
     """Write ``tensor(name)`` for every tensor of ``ref``, streaming, into ``out``.
 
-    ``out`` ending in ``.safetensors``: one metanet checkpoint (the space in its metadata);
-    otherwise (a Hugging Face ``ref`` only) a copy of ``ref``'s folder with the weights
+    ``out`` ending in ``.safetensors`` (or any ``out`` for a file ``ref``): one metanet
+    checkpoint (the space in its metadata); otherwise (a Hugging Face ``ref``) a copy of ``ref``'s folder with the weights
     rewritten, in ``ref``'s shard layout unless ``max_shard`` is given. ``dtype`` casts the
     floating tensors of the output. ``check(written)`` runs on the complete temporary
     output before it is renamed into place: if it raises, nothing is replaced.
@@ -308,9 +308,7 @@ def write_output(
     from metanet.io import SPACE_KEY
 
     out = Path(out)
-    single = out.suffix == ".safetensors"
-    if not single and not ref.hf:
-        raise ValueError(f"{out}: a checkpoint file is written as one .safetensors file")
+    single = out.suffix == ".safetensors" or not ref.hf
     remove_stale(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     order = ref.file_order()
