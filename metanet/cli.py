@@ -522,13 +522,15 @@ def _stream_open(paths: Sequence[str], progress: bool):
 
 def _stream_match(ref, other, args, log_stages):
     """Weight matching of ``other`` onto ``ref``, streaming; a message to stderr."""
+    from tasks import stream
     from tasks.align import MatchLog, weight_matching
 
     log = MatchLog()
+    wa, wb = stream.matching_inputs(ref, other, low_memory=args.low_memory)
     g = weight_matching(
         ref.space,
-        ref.weights,
-        other.weights,
+        wa,
+        wb,
         seed=args.seed,
         max_sweeps=args.max_sweeps,
         progress=not args.quiet,
@@ -1201,6 +1203,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ste-lr", type=float, default=1e-2, help="--match ste: Adam lr")
 
     def stream_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--low-memory",
+            action="store_true",
+            help="match by reading tensors from disk at every step (slower; the default "
+            "holds the pair's matched tensors in memory when they fit in available RAM)",
+        )
         p.add_argument(
             "--out-shard-size",
             metavar="SIZE",

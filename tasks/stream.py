@@ -448,6 +448,48 @@ def relative_error(ck: Checkpoint, read: Callable[[str], Tensor], reference: Ten
     return float((got - reference).abs().max() / scale)
 
 
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 when unknown: stream)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def matching_inputs(
+    ref: Checkpoint, other: Checkpoint, low_memory: bool = False, fraction: float = 0.6
+) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]:
+    """What weight matching reads for ``ref`` and ``other``.
+
+    A side whose model is built reads the model's own tensors (already resident, no copy);
+    the other sides are read into memory (float32 for half types) when they fit in
+    ``fraction`` of the available RAM, so each step is as fast as in-memory matching; else
+    (or with ``low_memory``) every step reads its tensors from disk.
+    """
+    from tasks.align import matchable
+
+    names = matchable(ref.space, ref.weights)
+
+    def resident(ck):
+        if ck.model is None:
+            return None
+        sd = ck.model.state_dict()
+        return {n: sd[n].detach() for n in names} if all(n in sd for n in names) else None
+
+    sides = [resident(ref), resident(other)]
+    need = sum(_nbytes(ck, names) for ck, side in zip((ref, other), sides) if side is None)
+    if low_memory or need > fraction * available_bytes():
+        return ref.weights, other.weights
+    out = []
+    for ck, side in zip((ref, other), sides):
+        out.append(side if side is not None else {n: ck.weights[n] for n in names})
+    return out[0], out[1]
+
+
 def permuted_reader(ck: Checkpoint, g: Element | None) -> Callable[[str], Tensor]:
     """``name -> tensor of ck (stored dtype), permuted by g`` where the space has it."""
     space = ck.space

@@ -114,6 +114,10 @@ def test_stream_align_and_merge_files(tmp_path, capsys):
     g = weight_matching(space, wa, wb)
     expect = space.apply(wb, g)
     assert all(torch.equal(aligned[k], expect[k]) for k in expect)
+    low = tmp_path / "low.safetensors"  # matching from disk at every step: the same result
+    assert main(["align", str(a), str(b), "-o", str(low), "--low-memory", "-q"]) == 0
+    got, _ = metanet.load(low)
+    assert all(torch.equal(got[k], expect[k]) for k in expect)
     merged_path = tmp_path / "merged.safetensors"
     assert main(["merge", str(a), str(b), "-o", str(merged_path), "-q"]) == 0
     merged, _ = metanet.load(merged_path)
