@@ -8,7 +8,7 @@ Needs a separate venv with mergekit (``--mergekit-venv``, default /work/venv-mer
 
 Builds a random-init GPT-2 base (n_layer=2, n_embd=64) and two "fine-tunes" (base plus
 small random deltas), then for each method writes a mergekit YAML config, runs
-``mergekit-yaml`` on it and our ``merge_state_dicts`` on the same config (each in its own
+``mergekit-yaml`` on it and ``metanet merge --config`` on the same file (each in its own
 process, so time and peak RSS include interpreter and torch start-up for both), and
 reports the max abs difference of the merged tensors. DARE is random (mergekit draws from
 the global RNG, we from a per-tensor generator), so for dare_ties only the relative
@@ -133,44 +133,12 @@ def load_sd(folder: Path) -> dict:
     return out
 
 
-def run_ours(cfg_path: str, out_path: str) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    sys.path.insert(0, str(ROOT))
-    from tasks.merge_config import load_config
-    from tasks.merge_methods import merge_tensor
-
-    torch.set_num_threads(1)
-    cfg = load_config(cfg_path)
-    models = [load_sd(Path(m.path)) for m in cfg.models]
-    base = load_sd(Path(cfg.base)) if cfg.base else None
-    ref = base if base is not None else models[0]
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    out = {}
-    for name in ref:
-        params, mps = cfg.resolve(name)
-        t = merge_tensor(
-            cfg.method,
-            name,
-            [m[name] for m in models],
-            None if base is None else base[name],
-            params=params,
-            model_params=mps,
-        )
-        out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    save_file({k: v.contiguous() for k, v in out.items()}, out_path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mergekit-venv", default="/work/venv-mergekit")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mergekit_compare.md"))
     ap.add_argument("--methods", nargs="*", default=list(METHOD_CONFIGS))
-    ap.add_argument("--ours", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.ours:
-        return run_ours(*args.ours)
 
     import torch
     import yaml
@@ -207,22 +175,16 @@ def main() -> None:
             cfg_path.write_text(yaml.safe_dump(spec, sort_keys=False))
             mk_out = tmp / f"mk_{method}"
             r_mk = timed([str(mk), str(cfg_path), str(mk_out)], env, cwd=tmp)
-            ours_out = tmp / f"ours_{method}.safetensors"
+            # ours through the CLI a user runs, on the same config file (a folder out)
+            ours_out = tmp / f"ours_{method}"
             r_ours = timed(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--ours",
-                    str(cfg_path),
-                    str(ours_out),
-                ],
+                [sys.executable, "-m", "metanet.cli", "merge", "--config", str(cfg_path),
+                 "-o", str(ours_out), "-q"],
                 env,
-            )
+            )  # fmt: skip
             row = {"method": method, "mk": r_mk, "ours": r_ours}
             if r_mk["rc"] == 0 and r_ours["rc"] == 0:
-                from safetensors.torch import load_file
-
-                a, b = load_sd(mk_out), load_file(ours_out)
+                a, b = load_sd(mk_out), load_sd(ours_out)
                 common = [k for k in b if k in a and b[k].is_floating_point()]
                 row["n_common"], row["n_ours"], row["n_mk"] = len(common), len(b), len(a)
                 row["only_ours"] = sorted(set(b) - set(a))[:4]
@@ -256,7 +218,7 @@ def main() -> None:
                     print(f"{method} {side} failed:\n{row[side]['stderr']}", flush=True)
 
     lines = [
-        "# tasks.merge_methods vs mergekit",
+        "# metanet merge --config vs mergekit",
         "",
         f'mergekit {mk_version}, torch {torch.__version__}, CPU, 1 thread. Two "fine-tunes" of a random GPT-2 '
         "(n_layer=2, n_embd=64, vocab 512; base + 2% random deltas), float32 throughout. Each merge runs in a fresh "
@@ -279,7 +241,7 @@ def main() -> None:
         )
     lines += [
         "",
-        "The deterministic methods agree to float32 rounding; times are dominated by process start-up (about 6 s of imports for ours, ~20 s for mergekit's CLI) on a shared 2-core machine, so they say little about merge throughput on real models. slerp uses a filtered `t` (0.3 on `attn` tensors, 0.6 elsewhere).",
+        "The deterministic methods agree to float32 rounding. Both sides are their CLI in a fresh process on the same YAML file; times include interpreter, torch and transformers start-up and, for ours, building the base model and converting its WeightSpace (the function check of an alignment needs it), on a shared 2-core machine, so they say little about merge throughput on real models. slerp uses a filtered `t` (0.3 on `attn` tensors, 0.6 elsewhere).",
     ]
     extra = {tuple(r.get("only_mk", [])) for r in rows if r.get("only_mk")}
     if extra:
