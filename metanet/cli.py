@@ -1450,7 +1450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _quiet_libraries(args.quiet):
             return args.run(args)
     except KeyboardInterrupt:
-        print(f"metanet {args.command}: interrupted; no output written", file=sys.stderr)
+        # align/merge write through temporary names: their previous output is intact
+        print(f"metanet {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if not isinstance(e, _user_errors()):
