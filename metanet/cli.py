@@ -335,6 +335,8 @@ def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoin
     from tasks.align import AlignmentError, check_same_architecture
 
     cks = [_Checkpoint(p, args) for p in paths]
+    for ck in cks:
+        _check_finite(ck)
     first = cks[0]
     for ck in cks[1:]:
         try:
@@ -347,6 +349,21 @@ def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoin
                 "(WeightSpaces differ); were they converted with different settings?"
             )
     return cks
+
+
+def _check_finite(ck: _Checkpoint) -> None:
+    """NaN/inf refused before any work, naming the tensor (as the streaming path does)."""
+    import torch
+
+    from tasks.stream import NonFiniteError
+
+    for name, w in ck.weights.items():
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            nan = int(torch.isnan(w).sum())
+            raise NonFiniteError(
+                f"{ck.path}: tensor {name!r} has {nan} NaN and "
+                f"{int((~torch.isfinite(w)).sum()) - nan} inf values; nothing written"
+            )
 
 
 def _check_match_flags(args: argparse.Namespace, paths: Sequence[str]) -> None:
@@ -742,16 +759,13 @@ def _merge_setup(args: argparse.Namespace) -> None:
             cfg = load_config(args.config)
         except (ValueError, OSError) as e:
             raise UsageError(f"--config {args.config}: {e}") from None
-        bad = [m.align for m in cfg.models if m.align not in ("none", "weight")]
-        if bad:
-            raise UsageError(
-                f"--config: align: {bad[0]} runs models on data, which the streaming merge "
-                "does not; use align: weight (or none), or metanet align --match first"
-            )
         args.config_obj = cfg
         args.method = cfg.method
         args.paths = ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]
-        args.aligns = ([False] if cfg.base else []) + [m.align == "weight" for m in cfg.models]
+        args.align_methods = (["none"] if cfg.base else []) + [m.align for m in cfg.models]
+        if not cfg.base and args.align_methods:
+            args.align_methods[0] = "none"  # the first model is the reference
+        args.aligns = [how != "none" for how in args.align_methods]
         if cfg.dtype and not args.dtype:
             args.dtype = cfg.dtype
         return
@@ -798,6 +812,44 @@ def _merge_setup(args: argparse.Namespace) -> None:
     args.aligns = ([False] if m.needs_base else []) + [bool(args.align)] * n
     if not m.needs_base:
         args.aligns[0] = False
+    args.align_methods = [args.match if a else "none" for a in args.aligns]
+
+
+def _kit_in_memory(args: argparse.Namespace, out: Path) -> int:
+    """mergekit's methods on checkpoints held in memory: plain state dicts (``--family``),
+    ``--model``, and alignment that runs a model on data (``align: activation|ste``, per
+    model in a config). Each aligned model is checked (a relabelling with the same
+    function) before anything is written."""
+    import torch
+
+    cks = _load_all(args.paths, args)
+    ref = cks[0]
+    tensors = []
+    for ck, how in zip(cks, args.align_methods):
+        if how == "none" or ck is ref:
+            tensors.append(ck.weights)
+            continue
+        args.match = how
+        tensors.append(_aligned(ref, ck, args)[0])
+    combine = _kit_fn(args.method, args)
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    merged = {}
+    for name, w in ref.weights.items():
+        if not w.is_floating_point() or not all(name in t for t in tensors):
+            merged[name] = w  # counters and buffers only the reference carries
+            continue
+        up = torch.promote_types(w.dtype, torch.float32)
+        value = combine(name, [t[name].to(up) for t in tensors])
+        merged[name] = value.to(dtype or w.dtype)
+    bad = next((k for k, v in merged.items() if v.is_floating_point()
+                and not bool(torch.isfinite(v).all())), None)  # fmt: skip
+    if bad is not None:
+        from tasks.stream import NonFiniteError
+
+        raise NonFiniteError(f"merged tensor {bad!r} has NaN/inf values; nothing written")
+    _write(out, merged, ref)
+    print(f"wrote {out}: {args.method} merge of {len(cks)} checkpoints")
+    return 0
 
 
 def _param_value(text: str):
@@ -817,12 +869,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     _check_output(out, args.paths, args.force, folder=folder)
     args.kit = args.config_obj is not None or args.method not in (*_LEGACY_METHODS, None)
     if args.kit:
-        if not _streams(args, args.paths):
-            raise UsageError(
-                f"--method {args.method} reads Hugging Face folders or metanet .safetensors "
-                "files (no --family, --model or --match activation/ste)"
-            )
-        return _stream_merge(args, out, args.method)
+        on_data = [how for how in args.align_methods if how in ("activation", "ste")]
+        if on_data:
+            args.match = on_data[0]  # what the checks below name
+            _check_match_flags(args, args.paths)
+        elif _streams(args, args.paths):
+            return _stream_merge(args, out, args.method)
+        return _kit_in_memory(args, out)
     method = args.method or ("align" if len(args.paths) == 2 else "mergemany")
     if method == "align" and len(args.paths) != 2:
         raise UsageError(

@@ -195,3 +195,57 @@ def test_align_hugging_face_folders(tmp_path, capsys):
     back, _ = hf_model(out)
     for k, v in back.state_dict().items():
         assert torch.equal(v, original[k]), k
+
+
+def test_merge_config_aligns_by_activations(pair, tmp_path, capsys):
+    """``align: activation`` in a merge config runs the model on ``--match-data`` and merges
+    the aligned weights with mergekit's method: exactly the library's element and merge;
+    without data it says what to pass and writes nothing."""
+    from tasks.align import activation_matching
+    from tasks.merge_methods import merge_state_dicts
+
+    a, b = pair
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(
+        "merge_method: linear\n"
+        "models:\n"
+        f"  - model: {a}\n    parameters: {{weight: 0.4}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.6}}\n    align: activation\n"
+    )
+    out = tmp_path / "merged.safetensors"
+    argv = ["merge", "--config", str(cfg), "-o", str(out), "-q"]
+    model = ["--model", "tests.cli_models:digits_mlp"]
+    assert main([*argv, *model]) == 2
+    assert "--match-data" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, *model, "--match-data", "digits-flat"]) == 0
+    wa, space = metanet.load(a)
+    wb, _ = metanet.load(b)
+    d = digits.load().flat()
+    ma, mb = digits.mlp(64, 2).eval(), digits.mlp(64, 2).eval()
+    ma.load_state_dict(wa)
+    mb.load_state_dict(wb)
+    g = activation_matching(ma, mb, space, digits.batches(d.x_train, d.y_train, 128))
+    aligned = space.apply(wb, g)
+    want = merge_state_dicts(
+        "linear", [wa, aligned], model_params=[{"weight": 0.4}, {"weight": 0.6}]
+    )
+    got, _ = metanet.load(out)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k].to(got[k].dtype), rtol=0, atol=1e-6)
+    # the aligned model is a different point from B: the merge must differ from unaligned
+    plain = merge_state_dicts("linear", [wa, wb], model_params=[{"weight": 0.4}, {"weight": 0.6}])
+    assert any(not torch.allclose(got[k], plain[k]) for k in plain if plain[k].is_floating_point())
+
+
+def test_merge_refuses_nonfinite_plain_state_dict(tmp_path, capsys):
+    """The in-memory merge path (plain state dicts, --family) names a NaN tensor, exit 2."""
+    sd = {"0.weight": torch.randn(4, 3), "0.bias": torch.zeros(4), "2.weight": torch.randn(2, 4)}
+    bad = dict(sd, **{"0.bias": torch.tensor([0.0, float("nan"), 0.0, 0.0])})
+    pa, pb = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(sd, pa)
+    torch.save(bad, pb)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(pa), str(pb), "--family", "mlp", "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "'0.bias'" in err and "NaN" in err and not out.exists()
