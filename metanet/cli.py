@@ -353,17 +353,10 @@ def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoin
 
 def _check_finite(ck: _Checkpoint) -> None:
     """NaN/inf refused before any work, naming the tensor (as the streaming path does)."""
-    import torch
-
-    from tasks.stream import NonFiniteError
+    from tasks.stream import require_finite
 
     for name, w in ck.weights.items():
-        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-            nan = int(torch.isnan(w).sum())
-            raise NonFiniteError(
-                f"{ck.path}: tensor {name!r} has {nan} NaN and "
-                f"{int((~torch.isfinite(w)).sum()) - nan} inf values; nothing written"
-            )
+        require_finite(ck.path, name, w)
 
 
 def _check_match_flags(args: argparse.Namespace, paths: Sequence[str]) -> None:

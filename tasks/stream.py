@@ -270,15 +270,20 @@ def check_finite(cks: Sequence[Checkpoint], progress: bool = False) -> None:
         for ck in cks:
             for name in ck.weights:
                 w = _raw(ck, name)
-                if w.is_floating_point():
-                    bad = ~torch.isfinite(w)
-                    if bad.any():
-                        nan = int(torch.isnan(w).sum())
-                        raise NonFiniteError(
-                            f"{ck.path}: tensor {name!r} has {nan} NaN and "
-                            f"{int(bad.sum()) - nan} inf values; nothing written"
-                        )
+                require_finite(ck.path, name, w)
                 bar.update(w.numel() * w.element_size())
+
+
+def require_finite(path, name: str, w: Tensor) -> None:
+    """:class:`NonFiniteError` naming ``path``'s tensor ``name`` if ``w`` has NaN/inf."""
+    if w.is_floating_point():
+        bad = ~torch.isfinite(w)
+        if bad.any():
+            nan = int(torch.isnan(w).sum())
+            raise NonFiniteError(
+                f"{path}: tensor {name!r} has {nan} NaN and "
+                f"{int(bad.sum()) - nan} inf values; nothing written"
+            )
 
 
 # --------------------------------------------------------------------------- outputs
