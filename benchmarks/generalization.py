@@ -323,7 +323,8 @@ def _verdict(kinds: list[str], covered, score) -> list[str]:
                 continue
             fams = [f for f in covered(k) if all(f in covered(n) for n in nfn)]
             top = max(nfn, key=lambda n: score(n, fams)) if fams else None
-            if top and score(k, fams) > score(top, fams):
+            # ahead at the printed precision: a +0.000 lead is a tie
+            if top and round(score(k, fams) - score(top, fams), 3) > 0:
                 ahead.append(
                     f"{NAMES.get(k, k)} (vs {NAMES[top]}: {score(k, fams) - score(top, fams):+.3f})"
                 )
