@@ -205,6 +205,9 @@ def _report(args, families: list[Path], kinds: list[str], settings: dict, runs_p
     from tasks.inr import WeightDataset
 
     runs = [r for r in _read_runs(runs_path) if r["settings"] == settings]
+    # every predictor with runs, not only this invocation's: a run of one model (or of
+    # --mixed alone) must not drop the others' rows from the file
+    kinds = [k for k in dict.fromkeys([*kinds, *MODELS]) if any(r["kind"] == k for r in runs)]
     tau: dict[tuple[str, str], dict[int, float]] = {}
     secs: dict[str, list[float]] = {}
     best: dict[str, list[int]] = {}
