@@ -6,10 +6,14 @@ activation matching and (MLPs) the straight-through estimator. Prints the table,
 the barrier plot, both checkpoints of each pair and b aligned by weight matching (verified
 function-identical first).
 
-The run is deterministic: one torch thread (with more, the BLAS library may split sums
-differently from run to run when the machine is busy), fixed seeds for training, data
-order and every matching. README's table is this script's output; CI compares the two,
-all columns but the times.
+The run is deterministic, with the same numbers on any x86-64 CPU with AVX2: one thread
+(with more, the BLAS library may split sums differently from run to run when the machine
+is busy), fixed seeds for training, data order and every matching, and one instruction
+set whatever the CPU offers (ATen's and MKL's AVX2 code paths, MKL in its conditional
+numerical reproducibility mode, convolutions off oneDNN, which picks kernels by CPU):
+otherwise training on an AVX-512 machine ends elsewhere than on an AVX2 one, and with it
+every barrier. (A CPU without AVX2 runs other code and may print other digits.)
+README's table is this script's output; CI compares the two, all columns but the times.
 
     python examples/align_and_merge.py --out align_out
 """
@@ -17,10 +21,16 @@ all columns but the times.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
-import torch
+# Read when torch loads, so set before it is imported (see above; an importer that loaded
+# torch already keeps its own settings).
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("MKL_CBWR", "AVX2")
+
+import torch  # noqa: E402
 
 import metanet
 from converters import from_module
@@ -62,7 +72,8 @@ def run(out: Path, epochs: int = 15, ste_epochs: int = 2, alphas: int = 11) -> d
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic (see above); restored for in-process callers
     try:
-        return _run(out, epochs, ste_epochs, alphas)
+        with torch.backends.mkldnn.flags(enabled=False):  # oneDNN picks kernels by CPU
+            return _run(out, epochs, ste_epochs, alphas)
     finally:
         torch.set_num_threads(threads)
 
