@@ -210,12 +210,16 @@ def build_model(
             out_features=out,
         )
     if kind == "gmn":
+        # summary + head: the same DeepSets summary of node inputs (64) and head width
+        # (128) as the UNF classifier's probe encoder and head
         return GMN(
             example_graph.x.shape[1],
             example_graph.edge_attr.shape[1],
             hidden=hidden,
             layers=3,
             out_features=out,
+            summary=64,
+            head=128,
         )
     if kind in EXTERNAL_KINDS:
         mode = kind.removeprefix("nfn-")

@@ -40,7 +40,8 @@ def _gmn_fns(space, weights):
     g = to_graph(space, weights)
     torch.manual_seed(0)
     eq = GMN(g.x.shape[1], g.edge_attr.shape[1], hidden=16, layers=2, equivariant=True).double()
-    inv = GMN(g.x.shape[1], g.edge_attr.shape[1], hidden=16, layers=2, out_features=3).double()
+    inv = GMN(g.x.shape[1], g.edge_attr.shape[1], hidden=16, layers=2, out_features=3, summary=4)
+    inv = inv.double()
 
     def equivariant(w):
         graph = to_graph(space, w)

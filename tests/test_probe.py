@@ -165,7 +165,14 @@ def test_parameter_graphs_carry_probes_as_node_columns():
     assert graph.x.shape[1] >= 5 + 5  # the fixed columns, then the 5 probe values
     torch.manual_seed(0)
     for net in (
-        GMN(graph.x.shape[1], graph.edge_attr.shape[1], hidden=8, layers=2, out_features=2),
+        GMN(
+            graph.x.shape[1],
+            graph.edge_attr.shape[1],
+            hidden=8,
+            layers=2,
+            out_features=2,
+            summary=4,
+        ),
         GraphTransformer(graph.x.shape[1], graph.edge_attr.shape[1], hidden=8, heads=2),
     ):
         net = net.double()
