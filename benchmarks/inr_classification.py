@@ -55,7 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from metanet.io import atomic_write  # noqa: E402
-from tasks.inr import INRConfig, WeightDataset, make_dataset, render  # noqa: E402
+from tasks.inr import CoordAugment, INRConfig, WeightDataset, make_dataset, render  # noqa: E402
 from tasks.train import GRAPH_KINDS, build_model, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,13 +93,14 @@ LABELS = {
 def _label(spec: str) -> str:
     if spec in LABELS:
         return LABELS[spec]
-    kind, sign, flip, probe = _split(spec)
+    kind, sign, flip, probe, aug = _split(spec)
     base = LABELS.get(kind, kind)
     return base + "".join(
         text
         for on, text in (
             (sign, " + sign canonicalization"),
             (flip, " + sign-flip augmentation"),
+            (aug, " + coordinate augmentation"),
             (probe, " + probe features"),
         )
         if on
@@ -174,19 +175,21 @@ def _have_nfn() -> bool:
     return True
 
 
-def _split(spec: str) -> tuple[str, bool, bool, bool]:
-    """``"unf+sign+probe"`` -> ``("unf", True, False, True)``: the model kind, whether it
-    reads the sign canonical form of the weights (``train(canonicalize=True)``), whether it
-    is trained on random sign flips instead (``+flip``: ``train(flip_signs=True)``), and
-    whether it gets probe features too (``+probe``: ``train(probes=--probes)``)."""
+def _split(spec: str) -> tuple[str, bool, bool, bool, bool]:
+    """``"unf+sign+probe"`` -> ``("unf", True, False, True, False)``: the model kind,
+    whether it reads the sign canonical form of the weights (``train(canonicalize=True)``),
+    whether it is trained on random sign flips instead (``+flip``:
+    ``train(flip_signs=True)``), whether it gets probe features too (``+probe``:
+    ``train(probes=--probes)``), and whether its training INRs get random affine maps of
+    their input coordinates (``+aug``: ``train(coords=CoordAugment())``)."""
     kind, *flags = spec.split("+")
-    if any(f not in ("sign", "flip", "probe") for f in flags):
-        raise ValueError(f"model {spec!r}: the suffixes are +sign, +flip and +probe")
-    return kind, "sign" in flags, "flip" in flags, "probe" in flags
+    if any(f not in ("sign", "flip", "probe", "aug") for f in flags):
+        raise ValueError(f"model {spec!r}: the suffixes are +sign, +flip, +probe and +aug")
+    return kind, "sign" in flags, "flip" in flags, "probe" in flags, "aug" in flags
 
 
 def _params(spec: str, data: Path, hidden: int, frequencies: int, probes: int) -> int:
-    kind, _, _, probe = _split(spec)
+    kind, _, _, probe, _ = _split(spec)
     graph = kind in GRAPH_KINDS
     ds = WeightDataset(data, "test", "graph" if graph else "weights", probes=probes if probe else 0)
     model = build_model(
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             ceiling.append(known[str(seed)])
             print(f"render ceiling seed {seed}: test {ceiling[-1]['test']:.3f}", file=sys.stderr)
     for spec in models:
-        kind, canonical, flip, probe = _split(spec)
+        kind, canonical, flip, probe, aug = _split(spec)
         runs = []
         for seed in range(args.seeds):
             r = train(
@@ -282,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 flip_signs=flip,
                 probes=args.probes if probe else 0,
                 patience=args.patience,
+                coords=CoordAugment() if aug else None,
             )
             runs.append(r)
             print(

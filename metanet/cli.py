@@ -1113,6 +1113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flip_signs=args.flip_signs,
         probes=args.probes,
         patience=args.patience,
+        coords=args.augment_coords,
     )
     if r.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
         if target == "accuracy":
@@ -1423,6 +1424,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="P",
         help="add probe features: every neuron's activation at P fixed inputs (INR datasets)",
+    )
+    p.add_argument(
+        "--augment-coords",
+        action="store_true",
+        help="INR datasets: a random affine map of each training INR's input coordinates "
+        "per draw, applied to its first layer (the image rotated, scaled, sheared, shifted)",
     )
     p.add_argument(
         "--patience",

@@ -42,6 +42,8 @@ __all__ = [
     "WeightDataset",
     "collate_features",
     "render",
+    "CoordAugment",
+    "transform_coords",
 ]
 
 INDEX_KEY = "metanet.inr_index"
@@ -237,6 +239,74 @@ def sine_targets(n: int, seed: int = 0, points: int = 64) -> tuple[Tensor, Tenso
     return ((y / 2 + 1) / 2)[..., None], coords, torch.stack([a, b], 1)
 
 
+# ------------------------------------------------------------------ coordinate augmentation
+def transform_coords(
+    weights: dict[str, Tensor], matrix: Tensor, shift: Tensor, layer: str = "net.0"
+) -> dict[str, Tensor]:
+    """The INRs ``x -> f(matrix @ x + shift)``, made by editing their first layer only:
+    ``W -> W @ matrix``, ``b -> b + W @ shift`` (exact: the image drawn is the old one
+    seen through the affine map of its coordinates: rotated, scaled, sheared, shifted).
+
+    ``weights`` are stacked ``{name: (B, ...)}`` (or one INR, no batch axis) with the
+    input layer at ``layer.weight`` ``(..., hidden, in)`` / ``layer.bias``;
+    ``matrix`` is ``(B, in, in)`` (or ``(in, in)``), ``shift`` ``(B, in)`` (or ``(in,)``).
+    Every other tensor is returned unchanged (the same objects)."""
+    wn, bn = f"{layer}.weight", f"{layer}.bias"
+    if wn not in weights or bn not in weights:
+        raise KeyError(f"transform_coords: no input layer {wn!r}/{bn!r} among the weights")
+    w, b = weights[wn], weights[bn]
+    d = w.shape[-1]
+    if matrix.shape[-2:] != (d, d) or shift.shape[-1] != d:
+        raise ValueError(
+            f"transform_coords: {wn} reads {d} coordinates; got a matrix of shape "
+            f"{tuple(matrix.shape)} and a shift of shape {tuple(shift.shape)}"
+        )
+    matrix, shift = matrix.to(w.dtype), shift.to(w.dtype)
+    out = dict(weights)
+    out[wn] = w @ matrix
+    out[bn] = b + (w @ shift.unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+@dataclass(frozen=True)
+class CoordAugment:
+    """Random affine maps of an INR's input coordinates, applied to its weights
+    (:func:`transform_coords`): the weight-space counterpart of the image augmentations
+    a CNN on the drawn images would use (Shamsian et al. 2024 augment INR weight datasets
+    this way). Each draw: a rotation by ``U(±rotate)`` degrees, an isotropic scale
+    ``exp(U(±log(1 + scale)))``, a shear ``U(±shear)`` and a shift ``U(±shift)`` per
+    coordinate (in the grid's units: the image spans ``[-1, 1]``; a pixel of an 8×8
+    image is 2/7 ≈ 0.29). ``rotate`` and ``shear`` need 2-D coordinates."""
+
+    rotate: float = 15.0
+    scale: float = 0.1
+    shear: float = 0.1
+    shift: float = 0.1
+
+    def sample(
+        self, n: int, dim: int = 2, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(matrix (n, dim, dim), shift (n, dim))`` in float64."""
+
+        def u(*shape):  # U(-1, 1)
+            return torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1
+
+        if dim != 2 and (self.rotate or self.shear):
+            raise ValueError(
+                f"CoordAugment: rotate and shear act on 2-D coordinates; these INRs read {dim}"
+            )
+        s = torch.exp(u(n) * math.log1p(self.scale))
+        m = s[:, None, None] * torch.eye(dim, dtype=torch.float64).expand(n, dim, dim)
+        if dim == 2:
+            a = u(n) * math.radians(self.rotate)
+            c, si = torch.cos(a), torch.sin(a)
+            rot = torch.stack([torch.stack([c, -si], -1), torch.stack([si, c], -1)], -2)
+            sh = torch.eye(2, dtype=torch.float64).repeat(n, 1, 1)
+            sh[:, 0, 1] = u(n) * self.shear
+            m = m @ rot @ sh
+        return m, u(n, dim) * self.shift
+
+
 # --------------------------------------------------------------------------- datasets
 @dataclass
 class INRItem:
@@ -391,6 +461,11 @@ class WeightDataset(torch.utils.data.Dataset):
     probes its SIREN at ``P`` coordinates drawn uniformly from ``[-1, 1]^2`` (seed
     ``probe_seed``, the same for every split); any other dataset needs ``probe_model``
     (a module whose ``state_dict`` matches the space) and ``probe_inputs`` (``(P, ...)``).
+    ``coords=CoordAugment(...)`` (INR datasets) draws a fresh random affine map of every
+    sample's input coordinates (:func:`transform_coords`: the image rotated, scaled,
+    sheared, shifted) before the sign canonicalization, probes and standardization, so
+    those are computed on the transformed INR (standardized with the statistics of the
+    untransformed training split).
     """
 
     def __init__(
@@ -408,6 +483,7 @@ class WeightDataset(torch.utils.data.Dataset):
         probe_seed: int = 0,
         probe_model: nn.Module | None = None,
         probe_inputs: Tensor | None = None,
+        coords: CoordAugment | None = None,
     ):
         from safetensors import safe_open
 
@@ -440,6 +516,14 @@ class WeightDataset(torch.utils.data.Dataset):
         keep = [k for k, r in enumerate(rows) if split is None or r["split"] == split]
         idx = torch.tensor(keep, dtype=torch.long)
         full = {n: torch.cat(v) for n, v in parts.items()}
+        self.coords = coords
+        self.base_space = self.space  # before probe tensors are added
+        self._canonicalize = canonicalize
+        self._probe: tuple[nn.Module, Tensor] | None = None
+        if coords is not None:
+            if "config" not in self.meta:
+                raise ValueError(f"{self.root}: coords= augments INRs; not an INR dataset")
+            self._raw = {n: t[idx].to(dtype) for n, t in full.items()}
         if canonicalize:
             from metanet.canonical import canonicalize_sign
 
@@ -487,6 +571,7 @@ class WeightDataset(torch.utils.data.Dataset):
                 g = torch.Generator().manual_seed(seed)
                 inputs = torch.rand(probes, cfg.in_features, generator=g) * 2 - 1
         model = model.eval()
+        self._probe = (model, inputs)
         with torch.no_grad():
             return with_probes(model, self.space, full, inputs.to(next(iter(full.values())).dtype))
 
@@ -498,7 +583,35 @@ class WeightDataset(torch.utils.data.Dataset):
         return torch.tensor([r["psnr"] for r in self.rows])
 
     def weights(self, i: int) -> dict[str, Tensor]:
+        if self.coords is not None:
+            return {n: t[0] for n, t in self.gather([i]).items()}
         return {n: t[i] for n, t in self.tensors.items()}
+
+    def gather(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        """The samples ``indices`` stacked, ``{name: (len(indices), *shape)}``: the stored
+        tensors, or with ``coords`` a fresh coordinate augmentation of each (then sign
+        canonical form, probe features and standardization, as the stored ones have)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if self.coords is None:
+            return {n: t[idx] for n, t in self.tensors.items()}
+        w = {n: t[idx] for n, t in self._raw.items()}
+        matrix, shift = self.coords.sample(len(idx), w["net.0.weight"].shape[-1], self.generator)
+        w = transform_coords(w, matrix, shift)
+        if self._canonicalize:
+            from metanet.canonical import canonicalize_sign
+
+            w = canonicalize_sign(w, self.base_space)
+        if self._probe is not None:
+            from metanet.probe import probe_features
+
+            model, inputs = self._probe
+            with torch.no_grad():
+                w.update(
+                    probe_features(model, self.base_space, w, inputs.to(w["net.0.weight"].dtype))
+                )
+        for n, (mean, std) in self.stats.items():
+            w[n] = (w[n] - mean) / std
+        return w
 
     def __getitem__(self, i: int):
         w = self.weights(i)

@@ -279,7 +279,7 @@ def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
         return Batch.from_data_list(items), torch.cat([g.y for g in items])
     if not ds.augment:  # one gather per tensor, no per-item work
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return {n: t[idx] for n, t in ds.tensors.items()}, ds.labels[idx]
+        return ds.gather(indices), ds.labels[idx]
     items = [ds[i] for i in indices]
     w = {n: torch.stack([it[0][n] for it in items]) for n in items[0][0]}
     return w, torch.stack([it[1] for it in items])
@@ -388,6 +388,7 @@ def train(
     flip_signs: bool = False,
     probes: int = 0,
     patience: int | None = None,
+    coords=None,
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
@@ -408,10 +409,20 @@ def train(
     ``P`` fixed inputs, extra tensors of the space, so every model reads them unchanged).
     ``patience=k`` stops once validation has not improved for ``k`` epochs and reports the
     test metric of the epoch with the best validation metric (early stopping on val; the
-    model saved is that one). Run under ``torchrun --nproc_per_node N`` for data
-    parallelism.
+    model saved is that one). ``coords`` (an INR dataset; a :class:`tasks.inr.CoordAugment`,
+    or ``True`` for its defaults) augments every training INR with a fresh random affine
+    map of its input coordinates, applied to its first layer (the image it draws rotated,
+    scaled, sheared, shifted; the label is kept), for every model. Run under ``torchrun
+    --nproc_per_node N`` for data parallelism.
     """
-    from tasks.inr import WeightDataset
+    from tasks.inr import CoordAugment, WeightDataset
+
+    if coords is True:
+        coords = CoordAugment()
+    elif coords is False:
+        coords = None
+    elif coords is not None and not isinstance(coords, CoordAugment):
+        raise TypeError(f"coords must be a CoordAugment, True or None, got {coords!r}")
 
     if target not in ("label", "accuracy"):
         raise ValueError(f"target must be 'label' or 'accuracy', got {target!r}")
@@ -437,9 +448,11 @@ def train(
         canonicalize=canonicalize,
         flip_signs=flip_signs,
         probes=probes,
+        coords=coords,
     )
+    fresh = augment or coords is not None  # every epoch draws new training samples
     caches: dict[str, dict | None] = {
-        s: ({} if kind in GRAPH_KINDS and not (s == "train" and augment) else None)
+        s: ({} if kind in GRAPH_KINDS and not (s == "train" and fresh) else None)
         for s in ("train", "val", "test")
     }
     val_ds, test_ds = (
