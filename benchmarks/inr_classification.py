@@ -22,7 +22,11 @@ learn that symmetry from data (``nfn``'s models know only permutations; ScaleGMN
 96.6% vs NFN's 92.9% on MNIST INRs, builds the sign/scale symmetries into its layers). ``nfn-hnp+sign`` is the
 ablation: ``nfn``'s HNP model fed our canonical weights. A ``+flip`` suffix is the other
 way to handle the symmetry: train on random sign flips as well as permutations
-(``train(flip_signs=True)``), no canonicalization.
+(``train(flip_signs=True)``), no canonicalization. A ``+aug`` suffix trains on a fresh
+random affine map of every training INR's input coordinates per draw
+(``train(coords=CoordAugment(...))``, ``--coords`` sets its ranges): the first layer
+edited so that the INR draws its image rotated, scaled, sheared and shifted, the
+weight-space counterpart of image augmentation (exact; the label is kept).
 
 The dataset is ``tasks.inr.make_dataset``'s default: 10 SIRENs per image of scikit-learn's
 8×8 digits (17,970 INRs, split by image 70/10/20), the DWSNets recipe (2-32-32-1, w0 30,
@@ -188,6 +192,18 @@ def _split(spec: str) -> tuple[str, bool, bool, bool, bool]:
     return kind, "sign" in flags, "flip" in flags, "probe" in flags, "aug" in flags
 
 
+def _coord_augment(text: str) -> CoordAugment:
+    """``"rotate=20,shift=0.15"`` -> ``CoordAugment(rotate=20.0, shift=0.15)``."""
+    fields = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in CoordAugment.__dataclass_fields__ or not value:
+            names = ", ".join(CoordAugment.__dataclass_fields__)
+            raise SystemExit(f"--coords {text!r}: give K=V pairs with K among {names}")
+        fields[key] = float(value)
+    return CoordAugment(**fields)
+
+
 def _params(spec: str, data: Path, hidden: int, frequencies: int, probes: int) -> int:
     kind, _, _, probe, _ = _split(spec)
     graph = kind in GRAPH_KINDS
@@ -229,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--probes", type=int, default=64, help="probe points of the +probe models")
     ap.add_argument("--patience", type=int, default=None, help="early stopping on val")
+    ap.add_argument(
+        "--coords",
+        default="",
+        metavar="K=V,...",
+        help="the +aug models' CoordAugment fields, e.g. rotate=20,shift=0.15 (default: its "
+        "defaults)",
+    )
     ap.add_argument(
         "--no-ceiling", dest="ceiling", action="store_false", help="skip the render ceiling"
     )
@@ -285,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 flip_signs=flip,
                 probes=args.probes if probe else 0,
                 patience=args.patience,
-                coords=CoordAugment() if aug else None,
+                coords=_coord_augment(args.coords) if aug else None,
             )
             runs.append(r)
             print(
@@ -332,7 +355,8 @@ def _write(args, meta, full, n_split, n_train, ceiling, results, wall) -> None:
         + f"batch {args.batch_size}, Adam lr {args.lr:g} "
         f"({args.schedule}), width/channels {args.hidden}, Fourier input encoding with "
         f"{args.frequencies} frequencies for the equivariant models; `+probe`: "
-        f"{args.probes} probe points; mean ± std over {args.seeds} seed(s). Render ceiling: "
+        f"{args.probes} probe points; `+aug`: {_coord_augment(args.coords)} per training "
+        f"draw; mean ± std over {args.seeds} seed(s). Render ceiling: "
         "a CNN trained on the images the INRs draw (same split); `of ceiling` = test accuracy "
         f"/ the ceiling's. Wall time: per run, mean; whole benchmark {wall / 60:.1f} min."
     )
