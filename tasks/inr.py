@@ -524,6 +524,7 @@ class WeightDataset(torch.utils.data.Dataset):
             if "config" not in self.meta:
                 raise ValueError(f"{self.root}: coords= augments INRs; not an INR dataset")
             self._raw = {n: t[idx].to(dtype) for n, t in full.items()}
+            self._input_layer = INRConfig(**self.meta["config"]).names()[0].removesuffix(".weight")
         if canonicalize:
             from metanet.canonical import canonicalize_sign
 
@@ -595,8 +596,10 @@ class WeightDataset(torch.utils.data.Dataset):
         if self.coords is None:
             return {n: t[idx] for n, t in self.tensors.items()}
         w = {n: t[idx] for n, t in self._raw.items()}
-        matrix, shift = self.coords.sample(len(idx), w["net.0.weight"].shape[-1], self.generator)
-        w = transform_coords(w, matrix, shift)
+        first = self._input_layer
+        dim = w[f"{first}.weight"].shape[-1]
+        matrix, shift = self.coords.sample(len(idx), dim, self.generator)
+        w = transform_coords(w, matrix, shift, first)
         if self._canonicalize:
             from metanet.canonical import canonicalize_sign
 
@@ -607,7 +610,7 @@ class WeightDataset(torch.utils.data.Dataset):
             model, inputs = self._probe
             with torch.no_grad():
                 w.update(
-                    probe_features(model, self.base_space, w, inputs.to(w["net.0.weight"].dtype))
+                    probe_features(model, self.base_space, w, inputs.to(w[f"{first}.weight"].dtype))
                 )
         for n, (mean, std) in self.stats.items():
             w[n] = (w[n] - mean) / std
