@@ -197,10 +197,15 @@ def _coord_augment(text: str) -> CoordAugment:
     fields = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key not in CoordAugment.__dataclass_fields__ or not value:
+        try:
+            if key not in CoordAugment.__dataclass_fields__:
+                raise ValueError
+            fields[key] = float(value)
+        except ValueError:
             names = ", ".join(CoordAugment.__dataclass_fields__)
-            raise SystemExit(f"--coords {text!r}: give K=V pairs with K among {names}")
-        fields[key] = float(value)
+            raise SystemExit(
+                f"--coords {text!r}: give K=V pairs, K among {names}, V a number"
+            ) from None
     return CoordAugment(**fields)
 
 
@@ -259,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    coords = _coord_augment(args.coords)  # a bad --coords fails here, before any training
 
     models = [m for m in args.models.split(",") if m]
     if any(m.startswith("nfn-") for m in models) and not _have_nfn():
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 flip_signs=flip,
                 probes=args.probes if probe else 0,
                 patience=args.patience,
-                coords=_coord_augment(args.coords) if aug else None,
+                coords=coords if aug else None,
             )
             runs.append(r)
             print(
