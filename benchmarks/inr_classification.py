@@ -194,19 +194,10 @@ def _split(spec: str) -> tuple[str, bool, bool, bool, bool]:
 
 def _coord_augment(text: str) -> CoordAugment:
     """``"rotate=20,shift=0.15"`` -> ``CoordAugment(rotate=20.0, shift=0.15)``."""
-    fields = {}
-    for part in filter(None, text.split(",")):
-        key, _, value = part.partition("=")
-        try:
-            if key not in CoordAugment.__dataclass_fields__:
-                raise ValueError
-            fields[key] = float(value)
-        except ValueError:
-            names = ", ".join(CoordAugment.__dataclass_fields__)
-            raise SystemExit(
-                f"--coords {text!r}: give K=V pairs, K among {names}, V a number"
-            ) from None
-    return CoordAugment(**fields)
+    try:
+        return CoordAugment.parse(text)
+    except ValueError as e:
+        raise SystemExit(f"--coords: {e}") from None
 
 
 def _params(spec: str, data: Path, hidden: int, frequencies: int, probes: int) -> int:

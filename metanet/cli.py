@@ -1094,6 +1094,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: is a file; training writes a folder")
     from tasks.train import train
 
+    coords = None
+    if args.augment_coords is not None:
+        from tasks.inr import CoordAugment
+
+        try:
+            coords = CoordAugment.parse(args.augment_coords)
+        except ValueError as e:
+            raise UsageError(f"--augment-coords: {e}") from None
     r = train(
         args.kind,
         args.dataset,
@@ -1113,7 +1121,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flip_signs=args.flip_signs,
         probes=args.probes,
         patience=args.patience,
-        coords=args.augment_coords,
+        coords=coords,
     )
     if r.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
         if target == "accuracy":
@@ -1427,9 +1435,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--augment-coords",
-        action="store_true",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="K=V,...",
         help="INR datasets: a random affine map of each training INR's input coordinates "
-        "per draw, applied to its first layer (the image rotated, scaled, sheared, shifted)",
+        "per draw, applied to its first layer (the image rotated, scaled, sheared, shifted); "
+        "optionally CoordAugment fields, e.g. rotate=20,contrast=0.2,brightness=0.1 (the "
+        "last two also change the values drawn, in the output layer)",
     )
     p.add_argument(
         "--patience",

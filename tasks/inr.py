@@ -43,6 +43,7 @@ __all__ = [
     "collate_features",
     "render",
     "CoordAugment",
+    "transform_values",
     "transform_coords",
 ]
 
@@ -268,6 +269,35 @@ def transform_coords(
     return out
 
 
+def transform_values(
+    weights: dict[str, Tensor],
+    gain: Tensor,
+    bias: Tensor,
+    layer: str = "net.4",
+    offset: float = 0.0,
+) -> dict[str, Tensor]:
+    """The INRs ``x -> gain * f(x) + bias``, made by editing their output layer only:
+    ``W -> gain W``, ``b -> gain (b + offset) + bias - offset`` (``offset``: the constant
+    the INR adds after that layer, :attr:`INRConfig.offset`). Exact: the image's contrast
+    and brightness change, nothing else. ``gain``/``bias`` are ``(B,)`` for stacked
+    weights (or scalars for one INR); other tensors are returned unchanged."""
+    wn, bn = f"{layer}.weight", f"{layer}.bias"
+    if wn not in weights or bn not in weights:
+        raise KeyError(f"transform_values: no output layer {wn!r}/{bn!r} among the weights")
+    w, b = weights[wn], weights[bn]
+    batch = w.shape[:-2]
+    if gain.shape != batch or bias.shape != batch:
+        raise ValueError(
+            f"transform_values: {wn} has batch shape {tuple(batch)}; got a gain of shape "
+            f"{tuple(gain.shape)} and a bias of shape {tuple(bias.shape)}"
+        )
+    gain, bias = gain.to(w.dtype), bias.to(w.dtype)
+    out = dict(weights)
+    out[wn] = w * gain[..., None, None]
+    out[bn] = (b + offset) * gain[..., None] + bias[..., None] - offset
+    return out
+
+
 @dataclass(frozen=True)
 class CoordAugment:
     """Random affine maps of an INR's input coordinates, applied to its weights
@@ -276,12 +306,18 @@ class CoordAugment:
     this way). Each draw: a rotation by ``U(±rotate)`` degrees, an isotropic scale
     ``exp(U(±log(1 + scale)))``, a shear ``U(±shear)`` and a shift ``U(±shift)`` per
     coordinate (in the grid's units: the image spans ``[-1, 1]``; a pixel of an 8×8
-    image is 2/7 ≈ 0.29). ``rotate`` and ``shear`` need 2-D coordinates."""
+    image is 2/7 ≈ 0.29). ``rotate`` and ``shear`` need 2-D coordinates.
+
+    ``contrast`` and ``brightness`` (off by default) also change what the INR draws, not
+    where: its output ``f -> a f + c`` with ``a = exp(U(±log(1 + contrast)))`` and
+    ``c = U(±brightness)``, made by editing its output layer (:func:`transform_values`)."""
 
     rotate: float = 15.0
     scale: float = 0.1
     shear: float = 0.1
     shift: float = 0.1
+    contrast: float = 0.0
+    brightness: float = 0.0
 
     def sample(
         self, n: int, dim: int = 2, generator: torch.Generator | None = None
@@ -305,6 +341,41 @@ class CoordAugment:
             sh[:, 0, 1] = u(n) * self.shear
             m = m @ rot @ sh
         return m, u(n, dim) * self.shift
+
+    def __repr__(self) -> str:  # the value fields only when on (captions stay short)
+        keys = ["rotate", "scale", "shear", "shift"]
+        keys += [k for k in ("contrast", "brightness") if getattr(self, k)]
+        return f"CoordAugment({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+
+    @classmethod
+    def parse(cls, text: str) -> CoordAugment:
+        """``"rotate=20,contrast=0.2"`` -> ``CoordAugment(rotate=20.0, contrast=0.2)`` (the
+        other fields at their defaults; ``""`` gives the defaults)."""
+        fields = {}
+        for part in filter(None, text.split(",")):
+            key, _, value = part.strip().partition("=")
+            try:
+                if key not in cls.__dataclass_fields__:
+                    raise ValueError
+                fields[key] = float(value)
+            except ValueError:
+                names = ", ".join(cls.__dataclass_fields__)
+                raise ValueError(
+                    f"coordinate augmentation {text!r}: give K=V pairs, K among {names}, "
+                    "V a number"
+                ) from None
+        return cls(**fields)
+
+    @property
+    def changes_values(self) -> bool:
+        return bool(self.contrast or self.brightness)
+
+    def sample_values(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(gain (n,), bias (n,))`` in float64 for :func:`transform_values`."""
+        u = torch.rand(2, n, generator=generator, dtype=torch.float64) * 2 - 1
+        return torch.exp(u[0] * math.log1p(self.contrast)), u[1] * self.brightness
 
 
 # --------------------------------------------------------------------------- datasets
@@ -463,9 +534,10 @@ class WeightDataset(torch.utils.data.Dataset):
     (a module whose ``state_dict`` matches the space) and ``probe_inputs`` (``(P, ...)``).
     ``coords=CoordAugment(...)`` (INR datasets) draws a fresh random affine map of every
     sample's input coordinates (:func:`transform_coords`: the image rotated, scaled,
-    sheared, shifted) before the sign canonicalization, probes and standardization, so
-    those are computed on the transformed INR (standardized with the statistics of the
-    untransformed training split).
+    sheared, shifted; with its ``contrast``/``brightness`` also a random change of the
+    values drawn, :func:`transform_values`) before the sign canonicalization, probes and
+    standardization, so those are computed on the transformed INR (standardized with the
+    statistics of the untransformed training split).
     """
 
     def __init__(
@@ -524,7 +596,9 @@ class WeightDataset(torch.utils.data.Dataset):
             if "config" not in self.meta:
                 raise ValueError(f"{self.root}: coords= augments INRs; not an INR dataset")
             self._raw = {n: t[idx].to(dtype) for n, t in full.items()}
-            self._input_layer = INRConfig(**self.meta["config"]).names()[0].removesuffix(".weight")
+            inr_cfg = INRConfig(**self.meta["config"])
+            self._input_layer = inr_cfg.names()[0].removesuffix(".weight")
+            self._output_layer = (inr_cfg.names()[-1].removesuffix(".bias"), inr_cfg.offset)
         if canonicalize:
             from metanet.canonical import canonicalize_sign
 
@@ -600,6 +674,9 @@ class WeightDataset(torch.utils.data.Dataset):
         dim = w[f"{first}.weight"].shape[-1]
         matrix, shift = self.coords.sample(len(idx), dim, self.generator)
         w = transform_coords(w, matrix, shift, first)
+        if self.coords.changes_values:
+            gain, bias = self.coords.sample_values(len(idx), self.generator)
+            w = transform_values(w, gain, bias, *self._output_layer)
         if self._canonicalize:
             from metanet.canonical import canonicalize_sign
 

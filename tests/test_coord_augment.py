@@ -21,6 +21,7 @@ from tasks.inr import (
     siren_forward,
     siren_space,
     transform_coords,
+    transform_values,
 )
 from tasks.train import train
 
@@ -188,3 +189,66 @@ def test_cli_augment_coords(inrs, tmp_path):
     argv = ["train", "unf", str(inrs), "--augment-coords", "--canonicalize", "--epochs", "1"]
     assert main([*argv, "--limit", "64", "--batch-size", "32", "-q", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "result.json").read_text())["epochs"] == 1
+    # with fields: the output layer's contrast and brightness too
+    spec = "rotate=5,contrast=0.2,brightness=0.1"
+    argv = ["train", "unf", str(inrs), "--augment-coords", spec, "--epochs", "1", "-q"]
+    assert main([*argv, "--limit", "64", "--batch-size", "32", "--out", str(tmp_path / "v")]) == 0
+
+
+def test_coord_augment_parse(inrs, tmp_path, capsys):
+    from metanet.cli import main
+
+    assert CoordAugment.parse("") == CoordAugment()
+    assert CoordAugment.parse("rotate=20, contrast=0.2") == CoordAugment(rotate=20, contrast=0.2)
+    for bad in ("spin=3", "rotate=a", "rotate"):
+        with pytest.raises(ValueError, match="K among rotate, scale, shear, shift, contrast"):
+            CoordAugment.parse(bad)
+    argv = ["train", "unf", str(inrs), "--augment-coords", "spin=3", "--out", str(tmp_path)]
+    assert main(argv) != 0
+    assert "--augment-coords: coordinate augmentation 'spin=3'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_transform_values_changes_contrast_and_brightness_exactly():
+    cfg = INRConfig()  # "dws": +0.5 after the output layer
+    w = _stacked(cfg, 4, seed=3)
+    gen = torch.Generator().manual_seed(2)
+    aug = CoordAugment(rotate=0, scale=0, shear=0, shift=0, contrast=0.3, brightness=0.2)
+    assert aug.changes_values and not CoordAugment().changes_values
+    gain, bias = aug.sample_values(4, gen)
+    assert gain.min() >= 1 / 1.3 - 1e-12 and gain.max() <= 1.3 + 1e-12
+    assert bias.abs().max() <= 0.2
+    x = image_grid(8, 8).double()
+    moved = transform_values(w, gain, bias, "net.4", cfg.offset)
+    want = gain[:, None, None] * siren_forward(cfg, w, x) + bias[:, None, None]
+    torch.testing.assert_close(siren_forward(cfg, moved, x), want, rtol=1e-12, atol=1e-12)
+    assert all(moved[k] is w[k] for k in w if not k.startswith("net.4."))
+    # one INR, no batch axis
+    one = transform_values({k: v[0] for k, v in w.items()}, gain[0], bias[0], "net.4", 0.5)
+    torch.testing.assert_close(one["net.4.bias"], moved["net.4.bias"][0])
+    with pytest.raises(ValueError, match=r"net\.4\.weight has batch shape \(4,\)"):
+        transform_values(w, gain[:2], bias[:2], "net.4")
+    with pytest.raises(KeyError, match="no output layer 'net.6.weight'"):
+        transform_values(w, gain, bias, "net.6")
+
+
+def test_dataset_samples_with_values_draw_the_changed_image(inrs):
+    cfg = INRConfig(**json.loads((Path(inrs) / "dataset.json").read_text())["config"])
+    aug = CoordAugment(contrast=0.5, brightness=0.2)
+    ds = WeightDataset(inrs, "train", coords=aug, seed=4, dtype=torch.float64)
+    state = ds.generator.get_state()
+    idx = [1, 2, 5]
+    got = ds.gather(idx)
+    gen = torch.Generator()
+    gen.set_state(state)
+    matrix, shift = aug.sample(3, 2, gen)
+    gain, bias = aug.sample_values(3, gen)
+    raw = {k: v[idx] for k, v in WeightDataset(inrs, "train", dtype=torch.float64).tensors.items()}
+    x = image_grid(8, 8).double()
+    want = gain[:, None, None] * torch.stack(
+        [
+            siren_forward(cfg, {k: v[i : i + 1] for k, v in raw.items()}, x @ matrix[i].T + shift[i])[0]
+            for i in range(3)
+        ]
+    ) + bias[:, None, None]
+    torch.testing.assert_close(siren_forward(cfg, got, x), want, rtol=1e-10, atol=1e-10)
