@@ -361,8 +361,7 @@ class CoordAugment:
             except ValueError:
                 names = ", ".join(cls.__dataclass_fields__)
                 raise ValueError(
-                    f"coordinate augmentation {text!r}: give K=V pairs, K among {names}, "
-                    "V a number"
+                    f"coordinate augmentation {text!r}: give K=V pairs, K among {names}, V a number"
                 ) from None
         return cls(**fields)
 

@@ -245,10 +245,16 @@ def test_dataset_samples_with_values_draw_the_changed_image(inrs):
     gain, bias = aug.sample_values(3, gen)
     raw = {k: v[idx] for k, v in WeightDataset(inrs, "train", dtype=torch.float64).tensors.items()}
     x = image_grid(8, 8).double()
-    want = gain[:, None, None] * torch.stack(
-        [
-            siren_forward(cfg, {k: v[i : i + 1] for k, v in raw.items()}, x @ matrix[i].T + shift[i])[0]
-            for i in range(3)
-        ]
-    ) + bias[:, None, None]
+    want = (
+        gain[:, None, None]
+        * torch.stack(
+            [
+                siren_forward(
+                    cfg, {k: v[i : i + 1] for k, v in raw.items()}, x @ matrix[i].T + shift[i]
+                )[0]
+                for i in range(3)
+            ]
+        )
+        + bias[:, None, None]
+    )
     torch.testing.assert_close(siren_forward(cfg, got, x), want, rtol=1e-10, atol=1e-10)
