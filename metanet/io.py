@@ -36,9 +36,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result honours the umask
     try:
         write(tmp)
+        # mkstemp makes 0600, and so does a writer that replaces the file itself
+        # (safetensors' save_file does): the result honours the umask
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -132,6 +132,11 @@ def test_saved_files_honour_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         atomic_write(tmp_path / "x", lambda p: open(p, "w").write("x"))
+        # safetensors writes a new file and renames it over the one it was given
+        sd = {"0.weight": torch.ones(3, 2), "0.bias": torch.zeros(3)}
+        sd |= {"2.weight": torch.ones(1, 3), "2.bias": torch.zeros(1)}
+        metanet.save(tmp_path / "m.safetensors", sd, from_state_dict(sd, "mlp"))
     finally:
         os.umask(old)
     assert (tmp_path / "x").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
