@@ -26,13 +26,17 @@ way to handle the symmetry: train on random sign flips as well as permutations
 random affine map of every training INR's input coordinates per draw
 (``train(coords=CoordAugment(...))``, ``--coords`` sets its ranges): the first layer
 edited so that the INR draws its image rotated, scaled, sheared and shifted, the
-weight-space counterpart of image augmentation (exact; the label is kept).
+weight-space counterpart of image augmentation (exact; the label is kept);
+``--coords contrast=0.2,brightness=0.1`` also changes the values drawn (``f -> a f + c``,
+in the output layer).
 
 The dataset is ``tasks.inr.make_dataset``'s default: 10 SIRENs per image of scikit-learn's
 8×8 digits (17,970 INRs, split by image 70/10/20), the DWSNets recipe (2-32-32-1, w0 30,
 Adam 5e-4, up to 1,000 steps, each INR stopped at 40 dB). ``--data`` points at a folder
 made by ``metanet inr make`` or ``make_dataset``; a missing one is made first (about
-10 CPU-minutes at one thread). Test accuracy is that of the model after the last epoch
+10 CPU-minutes at one thread). More views of the same images: ``metanet inr make
+out/inr-digits-20 --per-image 20`` (the same split by image, about 40 CPU-minutes), then
+``--data out/inr-digits-20`` (the render ceiling is retrained on that folder's renders). Test accuracy is that of the model after the last epoch
 (no early stopping on test); mean ± std over ``--seeds`` seeds (seed = model
 initialization and minibatch order). Writes ``benchmarks/results/inr_classification.md``
 and ``inr_classification.png`` (test accuracy after each epoch, mean over seeds).
@@ -41,6 +45,9 @@ and ``inr_classification.png`` (test accuracy after each epoch, mean over seeds)
     python benchmarks/inr_classification.py --epochs 12 --models unf+sign,nfn-hnp+sign,unf,nfn-hnp,nfn-np --out benchmarks/results/inr_classification_12ep.md  # ~25 min
     python benchmarks/inr_classification.py --models unf+flip,nfn-hnp+flip --out benchmarks/results/inr_classification_flip.md  # ~4 min
     python benchmarks/inr_classification.py --limit 2000 --epochs 3 --seeds 1   # a look
+    # weights alone, 20 views per image; UNF and nfn's HNP side by side (one core each)
+    python benchmarks/inr_classification.py --data out/inr-digits-20 --models unf+sign+aug --coords contrast=0.2,brightness=0.1 --epochs 60 --patience 5 --no-track-test --out benchmarks/results/inr_classification_views20_vals_unf.md  # ~60 min
+    python benchmarks/inr_classification.py --data out/inr-digits-20 --models nfn-hnp+sign+aug --coords contrast=0.2,brightness=0.1 --epochs 60 --patience 5 --no-track-test --out benchmarks/results/inr_classification_views20_vals_hnp.md  # ~90 min
 """
 
 from __future__ import annotations

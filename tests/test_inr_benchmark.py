@@ -30,7 +30,7 @@ def test_benchmark_writes_its_table_and_plot(tmp_path):
     # benchmarks/results (the whole default list takes minutes even at this size)
     models = "unf+sign+probe,transformer+sign,gmn,statnn+aug"
     argv = ["--data", str(data), "--epochs", "2", "--limit", "64", "--seeds", "2"]
-    argv += ["--models", models, "--patience", "1", "--coords", "rotate=5,shift=0.05"]
+    argv += ["--models", models, "--patience", "1", "--coords", "rotate=5,shift=0.05,contrast=0.2"]
     assert bench.main([*argv, "--batch-size", "32", "--hidden", "4", "--out", str(out)]) == 0
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "%" not in line]
@@ -40,6 +40,6 @@ def test_benchmark_writes_its_table_and_plot(tmp_path):
     for kind in kinds:
         assert bench._label(kind) in text
     assert "fixed random subset of 64" in text and "2 seed(s)" in text
-    assert "CoordAugment(rotate=5.0, scale=0.1, shear=0.1, shift=0.05)" in text
+    assert "CoordAugment(rotate=5.0, scale=0.1, shear=0.1, shift=0.05, contrast=0.2)" in text
     assert out.with_suffix(".png").stat().st_size > 0
     assert not list(out.parent.glob("*.tmp*"))  # atomic writes leave nothing behind
