@@ -26,12 +26,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from metanet.io import CheckpointError, atomic_write
 from metanet.space import WeightSpace
+
+if TYPE_CHECKING:
+    from tasks.inr import CoordAugment
 
 __all__ = ["KINDS", "EXTERNAL_KINDS", "build_model", "train", "TrainResult"]
 
@@ -388,7 +392,7 @@ def train(
     flip_signs: bool = False,
     probes: int = 0,
     patience: int | None = None,
-    coords=None,
+    coords: CoordAugment | bool | None = None,
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
