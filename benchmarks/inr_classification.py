@@ -36,8 +36,8 @@ Adam 5e-4, up to 1,000 steps, each INR stopped at 40 dB). ``--data`` points at a
 made by ``metanet inr make`` or ``make_dataset``; a missing one is made first (about
 10 CPU-minutes at one thread). More views of the same images: ``metanet inr make
 out/inr-digits-20 --per-image 20`` (the same split by image, about 40 CPU-minutes), then
-``--data out/inr-digits-20`` (the render ceiling is retrained on that folder's renders). Test accuracy is that of the model after the last epoch
-(no early stopping on test); mean ± std over ``--seeds`` seeds (seed = model
+``--data out/inr-digits-20`` (the render ceiling is retrained on that folder's renders).
+Test accuracy is that of the model after the last epoch (no early stopping on test); mean ± std over ``--seeds`` seeds (seed = model
 initialization and minibatch order). Writes ``benchmarks/results/inr_classification.md``
 and ``inr_classification.png`` (test accuracy after each epoch, mean over seeds).
 
