@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from metanet.io import CheckpointError, load
+from metanet.shards import read_index
 from metanet.space import WeightSpace
 
 __all__ = ["from_pretrained", "load_pretrained", "hf_model"]
@@ -28,6 +29,7 @@ def hf_model(folder: str | os.PathLike) -> tuple[nn.Module, tuple]:
         raise CheckpointError(f"{folder}: no config.json; not a Hugging Face model folder")
     if not any(folder.glob("*.safetensors")):
         raise CheckpointError(f"{folder}: no *.safetensors weights (.bin pickles are not read)")
+    read_index(folder)  # its entries must stay inside the folder (transformers would follow)
     try:
         import transformers
     except ImportError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -82,6 +83,25 @@ def _int_list(text: str) -> list[int]:
     if any(n <= 0 for n in values):
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
     return values
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (NaN/inf would merge into an all-NaN checkpoint)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be finite")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1] (a share of entries kept)."""
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must lie in (0, 1]")
+    return value
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -383,18 +403,23 @@ def _write(out: Path, weights: dict, ref: _Checkpoint) -> None:
     import tempfile
 
     from metanet.io import save
+    from metanet.shards import INDEX, umask_mode
+    from tasks.stream import copy_folder, require_finite
 
+    for name, w in weights.items():  # before anything is written: no NaN model on disk
+        require_finite("the output", name, w)
     if not ref.hf:
         save(out, weights, ref.space)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would make the output private
     try:
+        # tokenizer and friends, as what they are (no link followed out of the input)
+        weight_files = [f.name for f in ref.path.glob("*.safetensors")]
+        copy_folder(ref.path, tmp, skip={*weight_files, INDEX})
         ref.model.load_state_dict(weights)
         ref.model.save_pretrained(str(tmp), safe_serialization=True)
-        for f in ref.path.iterdir():  # tokenizer and friends
-            if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors":
-                shutil.copy2(f, tmp / f.name)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -642,8 +667,11 @@ def _kit_fn(method: str, args: argparse.Namespace):
     def f(name, tensors):
         params, model_params = resolve(name)
         base, others = (tensors[0], tensors[1:]) if needs_base else (None, tensors)
-        return merge_tensor(method, name, others, base, params=params,
-                            model_params=model_params, seed=args.seed)  # fmt: skip
+        try:
+            return merge_tensor(method, name, others, base, params=params,
+                                model_params=model_params, seed=args.seed)  # fmt: skip
+        except ValueError as e:  # a parameter a filter resolves for this tensor only
+            raise UsageError(f"tensor {name!r}: {e}; nothing written") from None
 
     return f
 
@@ -791,9 +819,11 @@ def _merge_setup(args: argparse.Namespace) -> None:
     weights = [None] * n
     if args.weights:
         try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise UsageError(f"--weights {args.weights}: expected numbers like 0.5,0.5") from None
+            weights = [_finite(w) for w in args.weights.split(",")]
+        except argparse.ArgumentTypeError:
+            raise UsageError(
+                f"--weights {args.weights}: expected finite numbers like 0.5,0.5"
+            ) from None
         if len(weights) != n:
             raise UsageError(f"--weights: {len(weights)} values for {n} models")
     model_params = [{**mp, **({"weight": w} if w is not None else {})} for w in weights]
@@ -834,13 +864,7 @@ def _kit_in_memory(args: argparse.Namespace, out: Path) -> int:
         up = torch.promote_types(w.dtype, torch.float32)
         value = combine(name, [t[name].to(up) for t in tensors])
         merged[name] = value.to(dtype or w.dtype)
-    bad = next((k for k, v in merged.items() if v.is_floating_point()
-                and not bool(torch.isfinite(v).all())), None)  # fmt: skip
-    if bad is not None:
-        from tasks.stream import NonFiniteError
-
-        raise NonFiniteError(f"merged tensor {bad!r} has NaN/inf values; nothing written")
-    _write(out, merged, ref)
+    _write(out, merged, ref)  # refuses NaN/inf, naming the tensor
     print(f"wrote {out}: {args.method} merge of {len(cks)} checkpoints")
     return 0
 
@@ -1146,10 +1170,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``metanet CMD: error: ...``), exit 2, like
+    every other refusal; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="metanet", description=DESCRIPTION, formatter_class=_HelpFormatter
-    )
+    parser = _Parser(prog="metanet", description=DESCRIPTION, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"metanet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quiet = argparse.ArgumentParser(add_help=False)
@@ -1312,13 +1342,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", metavar="W,...", help="mergekit methods: per-model weights (non-base)"
     )
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the second checkpoint")
+    p.add_argument("--alpha", type=_finite, default=0.5, help="weight of the second checkpoint")
     p.add_argument(
         "--density",
-        type=float,
+        type=_fraction,
         help="ties / dare / breadcrumbs: fraction of each task vector kept (ties default 0.2)",
     )
-    p.add_argument("--scale", type=float, default=1.0, help="ties / task: task-vector scale")
+    p.add_argument("--scale", type=_finite, default=1.0, help="ties / task: task-vector scale")
     p.add_argument("--align", action="store_true", help="ties / task: align to the base first")
     stream_flags(p)
 

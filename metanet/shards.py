@@ -28,6 +28,7 @@ __all__ = [
     "ShardWriter",
     "parse_size",
     "weight_files",
+    "read_index",
     "TMP_MARK",
     "remove_stale",
     "umask_mode",
@@ -103,12 +104,41 @@ def _header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def read_index(folder: Path) -> dict[str, str] | None:
+    """A folder's ``model.safetensors.index.json`` weight map (tensor -> file), checked,
+    or None when the folder has no index.
+
+    Every file it names must be a plain name in the folder itself: an entry such as
+    ``../other/model.safetensors`` or ``/etc/passwd`` would make a merge read (and write
+    into its output) what lies outside the input. A malformed index is a
+    :class:`CheckpointError` naming the file.
+    """
+    index = Path(folder) / INDEX
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{index}: not valid JSON") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: expected {{'weight_map': {{tensor: file, ...}}}}")
+    for tensor, fname in weight_map.items():
+        if fname in ("", ".", "..") or Path(fname).name != fname or "\\" in fname:
+            raise CheckpointError(
+                f"{index}: tensor {tensor!r} names {fname!r}, which is not a file of this "
+                "folder; index entries must stay inside their folder"
+            )
+    return weight_map
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder: those its index names, or every ``*.safetensors``."""
-    index = folder / INDEX
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
+    weight_map = read_index(folder)
+    if weight_map is not None:
+        return [folder / n for n in sorted(set(weight_map.values()))]
     return sorted(folder.glob("*.safetensors"))
 
 

@@ -144,9 +144,13 @@ class Barrier:
         return "\n".join(rows)
 
 
-def plot_barriers(curves: Mapping[str, Barrier], path, title: str = "", ylabel: str = "loss"):
+def plot_barriers(
+    curves: Mapping[str, Barrier | Sequence[Barrier]], path, title: str = "", ylabel: str = "loss"
+):
     """Save a plot of several barrier curves (label -> :class:`Barrier`) to ``path``.
 
+    A label may map to several curves (one per pair of networks): the plot then shows
+    their mean with the min-max range shaded, and the legend the mean ± std barrier.
     Written through a temporary file and a rename: an existing plot is never left half
     written.
     """
@@ -167,7 +171,19 @@ def plot_barriers(curves: Mapping[str, Barrier], path, title: str = "", ylabel: 
     )
     for ax, (panel, group) in zip(axes[0], panels.items()):
         for name, c in group.items():
-            ax.plot(c.alphas, c.losses, marker="o", ms=3, label=f"{name} (barrier {c.barrier:.3f})")
+            if isinstance(c, Barrier):
+                ax.plot(
+                    c.alphas, c.losses, marker="o", ms=3, label=f"{name} (barrier {c.barrier:.3f})"
+                )
+                continue
+            losses = np.array([x.losses for x in c])
+            barriers = np.array([x.barrier for x in c])
+            spread = f" ± {barriers.std(ddof=1):.3f}" if len(c) > 1 else ""
+            label = f"{name} (barrier {barriers.mean():.3f}{spread}, {len(c)} pairs)"
+            (line,) = ax.plot(c[0].alphas, losses.mean(0), marker="o", ms=3, label=label)
+            ax.fill_between(
+                c[0].alphas, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.15
+            )
         ax.set_xlabel("alpha  (0 = model a, 1 = model b)")
         ax.set_ylabel(ylabel)
         ax.set_title(" · ".join(p for p in (title, panel) if p), fontsize=9)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.merge_methods import METHODS
+from tasks.merge_methods import METHODS, check_parameter
 
 __all__ = ["ALIGN_CHOICES", "ModelEntry", "MergeConfig", "load_config", "parse_config"]
 
@@ -79,6 +79,7 @@ def _evaluate(tensor_name: str, setting, key: str):
 
 def _check_setting(setting, key: str) -> None:
     if isinstance(setting, (bool, int, float, str)):
+        check_parameter(key, setting)  # finite, in range, the right type: before any work
         return
     if isinstance(setting, list) and setting:
         for cond in setting:

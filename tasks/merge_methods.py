@@ -43,6 +43,7 @@ not reproduce mergekit's, which uses the global RNG).
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-__all__ = ["MergeMethod", "METHODS", "merge_tensor", "merge_state_dicts"]
+__all__ = ["MergeMethod", "METHODS", "check_parameter", "merge_tensor", "merge_state_dicts"]
 
 _REQUIRED = None  # default value marking a required parameter
 
@@ -114,6 +115,48 @@ _RESCALE = {
 }
 
 
+_BOOLEAN = ("normalize", "int8_mask", "filter_wise")
+# number parameters: the closed/open range each must lie in (all must be finite)
+_RANGES = {
+    "weight": None,
+    "t": None,
+    "lambda": None,
+    "density": ("(0, 1]", lambda v: 0 < v <= 1),
+    "gamma": ("[0, 1]", lambda v: 0 <= v <= 1),
+    "epsilon": ("[0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def check_parameter(key: str, value):
+    """``value`` checked for parameter ``key``: returned as the method reads it, or a
+    ValueError naming the parameter, the value and what it takes.
+
+    Numbers must be finite (NaN/inf would write an all-NaN model) and in range
+    (``density`` in (0, 1], ``gamma`` in [0, 1], ``epsilon`` in [0, 1)); booleans must be
+    booleans, not strings; ``rescale`` a boolean or one of ``l1, l2, linf, density``.
+    """
+    if key in _BOOLEAN:
+        if not isinstance(value, bool):
+            raise ValueError(f"parameter {key!r} must be true or false, got {value!r}")
+        return value
+    if key == "rescale":
+        if isinstance(value, bool) or (isinstance(value, str) and value in _RESCALE):
+            return value
+        raise ValueError(
+            f"parameter 'rescale' must be true, false, l1, l2, linf or density, got {value!r}"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"parameter {key!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"parameter {key!r} must be finite, got {value}")
+    if _RANGES.get(key) is not None:
+        text, ok = _RANGES[key]
+        if not ok(value):
+            raise ValueError(f"parameter {key!r} must lie in {text}, got {value:g}")
+    return value
+
+
 def _method(method: str) -> MergeMethod:
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r} (known: {', '.join(sorted(METHODS))})")
@@ -130,7 +173,7 @@ def _resolve(m: MergeMethod, n: int, params, model_params):
         value = params.get(key, default)
         if value is _REQUIRED:
             raise ValueError(f"merge method {m.name!r} needs parameter {key!r}")
-        glob[key] = value
+        glob[key] = check_parameter(key, value)
     if model_params is None:
         model_params = [{}] * n
     model_params = list(model_params)
@@ -145,8 +188,17 @@ def _resolve(m: MergeMethod, n: int, params, model_params):
                     f"unknown per-model parameter {key!r} (model {i}) for merge method {m.name!r}"
                 )
         per_model.append(
-            {key: float(mp.get(key, params.get(key, d))) for key, d in m.model_params.items()}
+            {
+                key: check_parameter(key, mp.get(key, params.get(key, d)))
+                for key, d in m.model_params.items()
+            }
         )
+    if m.name == "linear" and glob["normalize"]:
+        if abs(sum(mp["weight"] for mp in per_model)) < 1e-12:
+            raise ValueError(
+                "the models' weights sum to zero: a normalized linear merge divides by "
+                "their sum (set normalize: false, or change a weight)"
+            )
     return glob, per_model
 
 

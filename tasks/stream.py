@@ -24,14 +24,22 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from metanet.shards import INDEX, TMP_MARK, LazyWeights, ShardWriter, remove_stale, umask_mode
+from metanet.shards import (
+    INDEX,
+    TMP_MARK,
+    LazyWeights,
+    ShardWriter,
+    read_index,
+    remove_stale,
+    umask_mode,
+)
 from metanet.space import Element, WeightSpace
 from tasks.align import AlignmentError
 
@@ -41,6 +49,7 @@ __all__ = [
     "check_compatible",
     "check_finite",
     "write_output",
+    "copy_folder",
     "verify_written",
     "StageLog",
     "peak_rss_bytes",
@@ -276,7 +285,7 @@ def check_finite(cks: Sequence[Checkpoint], progress: bool = False) -> None:
 
 def require_finite(path, name: str, w: Tensor) -> None:
     """:class:`NonFiniteError` naming ``path``'s tensor ``name`` if ``w`` has NaN/inf."""
-    if w.is_floating_point():
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
         bad = ~torch.isfinite(w)
         if bad.any():
             nan = int(torch.isnan(w).sum())
@@ -344,8 +353,7 @@ def write_output(
             writers.append(ShardWriter(tmp, [planned(n) for n in names], single_file=True,
                                        metadata=meta))  # fmt: skip
         else:
-            os.mkdir(tmp, umask_mode(0o777))
-            _copy_folder(ref.path, tmp, skip=set(_weight_names(ref.path)))
+            copy_folder(ref.path, tmp, skip=set(_weight_names(ref.path)))
             lazy_meta = ref.lazy.metadata if ref.lazy is not None else {}
             meta = {"format": "pt", **{k: v for k, v in lazy_meta.items() if k != SPACE_KEY}}
             if max_shard is None:
@@ -353,8 +361,8 @@ def write_output(
                     w = ShardWriter(tmp / fname, [planned(n) for n in ns], single_file=True,
                                     metadata=meta)  # fmt: skip
                     writers.append(w)
-                if (ref.path / INDEX).is_file():
-                    shutil.copyfile(ref.path / INDEX, tmp / INDEX)
+                if read_index(ref.path) is not None:  # checked: its files stay inside
+                    (tmp / INDEX).write_bytes((ref.path / INDEX).read_bytes())
             else:
                 writers.append(ShardWriter(tmp, [planned(n) for n in names], max_shard=max_shard,
                                            metadata=meta))  # fmt: skip
@@ -366,6 +374,9 @@ def write_output(
                         t = tensor(ours[key])
                         if t.dtype != dt:
                             t = t.to(dt)
+                        # every written tensor, on every path: a NaN/inf output is refused
+                        # before it is renamed into place
+                        require_finite("the output", ours[key], t)
                         w.write(key, t)
                         bar.update(t.numel() * t.element_size())
                 w.close()
@@ -392,17 +403,75 @@ def _weight_names(folder: Path) -> list[str]:
     return names + ([INDEX] if (folder / INDEX).is_file() else [])
 
 
-def _copy_folder(src: Path, dst: Path, skip: set[str]) -> None:
-    """Every file and subfolder of ``src`` (but ``skip`` at the top), contents byte for
-    byte, modes from the umask (not copied: inputs may be read-only)."""
-    for p in src.iterdir():
-        if p.name in skip or TMP_MARK in p.name:
-            continue
-        if p.is_dir():
-            os.mkdir(dst / p.name, umask_mode(0o777))
-            _copy_folder(p, dst / p.name, set())
-        else:
-            shutil.copyfile(p, dst / p.name)
+def _cache_blobs(folder: Path) -> Path | None:
+    """``.../models--org--name/blobs`` when ``folder`` is a snapshot of the Hugging Face
+    cache (``.../models--org--name/snapshots/<revision>``), whose files are links there."""
+    snapshots = folder.parent
+    repo = snapshots.parent
+    if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--")):
+        return repo / "blobs"
+    return None
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def copy_folder(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
+    """Copy the folder ``src`` into ``dst`` (new, or empty) as what it is, never more.
+
+    Files are copied byte for byte with modes from the umask (inputs may be read-only or
+    private). A symbolic link is never followed out of ``src``: one that points inside
+    it is recreated as a link; one that points outside is refused (a tokenizer file
+    linked to a private file in the user's home must not land in an output that will be
+    uploaded), except the links of a Hugging Face cache snapshot into its own ``blobs``
+    folder, which are copied as the files they stand for. A dangling or looping link is
+    refused at once, and so is anything that is not a file, a folder or a link.
+    ``skip`` names entries at the top level not to copy (the weight files a writer
+    rewrites). Raises :class:`~metanet.io.CheckpointError` naming the entry.
+    """
+    from metanet.io import CheckpointError
+
+    src = Path(src)
+    root = os.path.realpath(src)
+    blobs = _cache_blobs(Path(root))
+    blobs_real = os.path.realpath(blobs) if blobs is not None else None
+
+    def copy(here: Path, there: Path, top: bool) -> None:
+        if not (top and there.is_dir() and not any(there.iterdir())):
+            os.mkdir(there, umask_mode(0o777))
+        for p in sorted(here.iterdir()):
+            if (top and p.name in skip) or TMP_MARK in p.name:
+                continue
+            if p.is_symlink():
+                target = os.path.realpath(p)
+                if not os.path.exists(target):
+                    raise CheckpointError(
+                        f"{p}: a dangling or looping symbolic link; refusing to copy it"
+                    )
+                if _inside(target, root):
+                    # the same link, relative, so it points inside the output too
+                    os.symlink(os.path.relpath(target, os.path.realpath(here)), there / p.name)
+                    continue
+                if (
+                    blobs_real is not None
+                    and _inside(target, blobs_real)
+                    and os.path.isfile(target)
+                ):
+                    shutil.copyfile(target, there / p.name)
+                    continue
+                raise CheckpointError(
+                    f"{p}: a symbolic link to {target}, outside the input folder; refusing "
+                    "to copy it into the output (replace it by the file it stands for)"
+                )
+            if p.is_dir():
+                copy(p, there / p.name, False)
+            elif p.is_file():
+                shutil.copyfile(p, there / p.name)
+            else:
+                raise CheckpointError(f"{p}: not a file, folder or link; refusing to copy it")
+
+    copy(src, Path(dst), True)
 
 
 # --------------------------------------------------------------------------- verify

@@ -1,0 +1,323 @@
+"""Nothing lost, nothing leaked: NaN/inf merge parameters and hostile Hugging Face folders.
+
+Every refusal: exit 2, one line naming the flag, parameter, tensor or file at fault,
+nothing written, every input byte for byte as it was (sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import metanet
+from converters import from_state_dict
+from metanet.cli import main
+from metanet.io import CheckpointError
+from metanet.shards import INDEX, read_index
+from tasks.stream import NonFiniteError, copy_folder
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (links by their target path)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        key = str(p.relative_to(root))
+        if p.is_symlink():
+            out[key] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _refused(argv, capsys, root: Path, *needles) -> str:
+    """``main(argv)``: exit 2 and one stderr line holding every needle; nothing under
+    ``root`` written or changed (flags argparse checks end in SystemExit(2), same line)."""
+    before = _digest(root)
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(err) == 1, err
+    line = err[0]
+    assert line.startswith(f"metanet {argv[0]}: error: "), line
+    for needle in needles:
+        assert str(needle) in line, (needle, line)
+    assert _digest(root) == before
+    return line
+
+
+def _mlp(path: Path, seed: int, fill: float | None = None) -> Path:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    sd = model.state_dict()
+    if fill is not None:
+        sd = {k: torch.full_like(v, fill) for k, v in sd.items()}
+    metanet.save(path, sd, from_state_dict(sd, "mlp"))
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return _mlp(tmp_path / "a.safetensors", 0), _mlp(tmp_path / "b.safetensors", 1)
+
+
+# --------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--alpha", "nan"], ["--alpha", "finite"]),
+        (["--alpha", "inf"], ["--alpha", "finite"]),
+        (["--method", "task", "--scale", "inf"], ["--scale", "finite"]),
+        (["--method", "ties", "--scale=-inf"], ["--scale", "finite"]),
+        (["--method", "ties", "--density", "nan"], ["--density", "finite"]),
+        (["--method", "ties", "--density=-1"], ["--density", "(0, 1]"]),
+        (["--method", "ties", "--density", "2"], ["--density", "(0, 1]"]),
+        (["--method", "linear", "--weights", "nan,1"], ["--weights", "finite"]),
+        (["--method", "linear", "--weights", "1,inf"], ["--weights", "finite"]),
+        (["--method", "linear", "--weights", "1,-1"], ["sum to zero"]),
+        (["--method", "slerp", "--param", "t=nan"], ["'t'", "finite"]),
+        (["--method", "slerp", "--param", "t=abc"], ["'t'", "number", "abc"]),
+        (["--method", "della", "--param", "lambda=big"], ["'lambda'", "number"]),
+        (["--method", "della", "--param", "normalize=sometimes"], ["'normalize'", "true or false"]),
+        (["--method", "della", "--param", "int8_mask=maybe"], ["'int8_mask'", "true or false"]),
+    ],
+)
+def test_bad_merge_flags_refused_before_work(pair, tmp_path, capsys, flags, needles):
+    """NaN/inf, out-of-range and mistyped merge parameters: nothing written (an all-NaN
+    checkpoint with exit 0 before)."""
+    a, b = pair
+    out = tmp_path / "m.safetensors"
+    _refused(["merge", a, b, "-o", out, "-q", *flags], capsys, tmp_path, *needles)
+
+
+@pytest.mark.parametrize(
+    ("yaml_params", "needles"),
+    [
+        ("weight: .nan", ["'weight'", "finite"]),
+        ("weight: -.inf", ["'weight'", "finite"]),
+        ('weight: "abc"', ["'weight'", "number", "abc"]),
+        ("density: 2.0", ["'density'", "(0, 1]", "2"]),
+        ("density: -0.5", ["'density'", "(0, 1]"]),
+        ("density: [{filter: '0.', value: .nan}, {value: 0.5}]", ["'density'", "finite"]),
+    ],
+)
+def test_bad_config_values_refused(pair, tmp_path, capsys, yaml_params, needles):
+    a, b = pair
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        "merge_method: ties\n"
+        f"base_model: {a}\n"
+        "models:\n"
+        f"  - model: {b}\n"
+        f"    parameters: {{{yaml_params}}}\n"
+    )
+    out = tmp_path / "m.safetensors"
+    _refused(["merge", "--config", config, "-o", out, "-q"], capsys, tmp_path, *needles)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        "{normalize: sometimes}",
+        "{int8_mask: maybe}",
+        "{lambda: big}",
+    ],
+)
+def test_bad_global_config_values_refused(pair, tmp_path, capsys, params):
+    a, b = pair
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\nparameters: {params}\n"
+    )
+    key = params.strip("{}").split(":")[0]
+    out = tmp_path / "m.safetensors"
+    _refused(["merge", "--config", config, "-o", out, "-q"], capsys, tmp_path, f"'{key}'")
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_merge_that_overflows_writes_nothing(tmp_path, capsys, streaming):
+    """Finite inputs and parameters whose merge overflows float32: the writer refuses the
+    output tensor by name, on the streaming path and the in-memory one."""
+    if streaming:
+        a = _mlp(tmp_path / "a.safetensors", 0, fill=2e38)
+        b = _mlp(tmp_path / "b.safetensors", 1, fill=2e38)
+    else:  # plain state dicts (--family) are merged in memory
+        for name, seed in (("a", 0), ("b", 1)):
+            torch.manual_seed(seed)
+            lin = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+            torch.save(
+                {k: torch.full_like(v, 2e38) for k, v in lin.state_dict().items()},
+                tmp_path / f"{name}.pt",
+            )
+        a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    out = tmp_path / "m.safetensors"
+    argv = ["merge", a, b, "--method", "linear", "--param", "normalize=false", "-o", out, "-q"]
+    if not streaming:
+        argv += ["--family", "mlp"]
+    _refused(argv, capsys, tmp_path, "the output", "tensor", "inf", "nothing written")
+
+
+def test_write_output_refuses_non_finite_tensors(pair, tmp_path):
+    from tasks import stream
+
+    ck = stream.open_checkpoint(pair[0])
+    out = tmp_path / "out.safetensors"
+
+    def tensor(name):
+        t = ck.weights[name].clone()
+        return t.fill_(float("nan")) if name == "2.weight" else t
+
+    with pytest.raises(NonFiniteError, match="'2.weight'"):
+        stream.write_output(ck, out, tensor)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+# --------------------------------------------------------------------------- folders
+def _hf_pair(root: Path) -> tuple[Path, Path]:
+    """Two tiny Llama folders (different seeds) with a tokenizer config and a subfolder."""
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+    folders = []
+    for seed, name in ((0, "A"), (1, "B")):
+        torch.manual_seed(seed)
+        folder = root / name
+        transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+        (folder / "tokenizer_config.json").write_text('{"model_max_length": 16}\n')
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}\n')
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+SECRET = "hf_SECRET_TOKEN_0123456789"
+
+
+def _no_secret_anywhere(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.name != "secret.txt":
+            assert SECRET.encode() not in p.read_bytes(), p
+
+
+@pytest.fixture
+def hf_pair(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    secret = home / "secret.txt"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)
+    work = tmp_path / "work"
+    work.mkdir()
+    a, b = _hf_pair(work)
+    return a, b, secret, work
+
+
+@pytest.mark.parametrize("command", ["align", "merge", "mergemany"])
+def test_symlinked_secret_never_reaches_the_output(hf_pair, tmp_path, capsys, command):
+    """``tokenizer_config.json`` linked to a private file outside the folder: refused,
+    naming the link, on the streaming paths (align, merge) and the in-memory one
+    (mergemany); the secret is nowhere in what was written."""
+    a, b, secret, work = hf_pair
+    for folder in (a, b):
+        (folder / "tokenizer_config.json").unlink()
+        (folder / "tokenizer_config.json").symlink_to(secret)
+    out = work / "out"
+    argv = {
+        "align": ["align", a, b, "-o", out],
+        "merge": ["merge", a, b, "--method", "linear", "-o", out],
+        "mergemany": ["merge", a, b, "--method", "mergemany", "-o", out],
+    }[command]
+    _refused([*argv, "-q"], capsys, tmp_path, "tokenizer_config.json", "outside", str(secret))
+    assert not out.exists()
+    _no_secret_anywhere(tmp_path)
+
+
+def test_symlinked_system_folder_and_loops_refused_at_once(hf_pair, tmp_path, capsys):
+    a, b, _, work = hf_pair
+    outside = tmp_path / "system"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "passwd").write_text("root:x:0:0\n")
+    for folder in (a, b):
+        os.rename(folder / "1_Pooling", folder / "pooling_real")
+        (folder / "1_Pooling").symlink_to(outside, target_is_directory=True)
+    out = work / "out"
+    _refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, "1_Pooling", "outside")
+    # a loop: refused at once, before the weights are copied over and over
+    for folder in (a, b):
+        (folder / "1_Pooling").unlink()
+        (folder / "loop1").symlink_to(folder / "loop2")
+        (folder / "loop2").symlink_to(folder / "loop1")
+    start = time.perf_counter()
+    _refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path, "loop")
+    assert time.perf_counter() - start < 30
+    assert not out.exists()
+
+
+def test_links_inside_the_folder_are_copied_as_links(hf_pair, tmp_path, capsys):
+    """A link that stays inside its folder is kept as a link, pointing inside the output."""
+    a, b, _, work = hf_pair
+    for folder in (a, b):
+        (folder / "extra").mkdir()
+        (folder / "extra" / "vocab.txt").write_text("hello\n")
+        (folder / "vocab.txt").symlink_to(Path("extra") / "vocab.txt")
+        (folder / "abs_vocab.txt").symlink_to(folder / "extra" / "vocab.txt")
+    out = work / "out"
+    assert main(["merge", str(a), str(b), "--method", "linear", "-o", str(out), "-q"]) == 0
+    for name in ("vocab.txt", "abs_vocab.txt"):
+        link = out / name
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        assert os.path.realpath(link) == os.path.realpath(out / "extra" / "vocab.txt")
+        assert link.read_text() == "hello\n"
+
+
+def test_hf_cache_snapshot_files_are_copied_as_files(tmp_path):
+    """A Hugging Face cache snapshot links every file into its repo's ``blobs``: those
+    are copied as files; a link out of the repo is still refused."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (repo / "blobs" / "f00d").write_text('{"model_max_length": 16}\n')
+    (snap / "tokenizer_config.json").symlink_to(Path("..", "..", "blobs", "f00d"))
+    copy_folder(snap, tmp_path / "out")
+    copied = tmp_path / "out" / "tokenizer_config.json"
+    assert not copied.is_symlink() and copied.read_text() == '{"model_max_length": 16}\n'
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    (snap / "special_tokens_map.json").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="outside the input folder"):
+        copy_folder(snap, tmp_path / "out2")
+
+
+@pytest.mark.parametrize(
+    "entry", ["../other/model.safetensors", "/etc/passwd", "sub/model.safetensors", ".."]
+)
+def test_escaping_index_entry_refused(hf_pair, tmp_path, capsys, entry):
+    a, b, _, work = hf_pair
+    import json
+
+    for folder in (a, b):
+        (folder / INDEX).write_text(
+            json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": entry}})
+        )
+    with pytest.raises(CheckpointError, match="stay inside their folder"):
+        read_index(a)
+    out = work / "out"
+    _refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path, INDEX)
+    _refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, INDEX, repr(entry))
