@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,8 @@ def _check_output(out: Path, inputs: Sequence[str | Path], force: bool, folder: 
     for p in inputs:
         if out.resolve() == Path(p).resolve():
             raise UsageError(f"{out}: is an input; write the result somewhere else")
+        if Path(p).is_dir() and Path(p).resolve() in out.resolve().parents:
+            raise UsageError(f"{out}: is inside the input {p}; write the result somewhere else")
     if out.exists():
         if not force:
             raise UsageError(f"{out}: exists; pass --force to overwrite")
@@ -656,26 +659,6 @@ def _merge_fn(method: str, args: argparse.Namespace, n: int):
     return f
 
 
-def _kit_fn(method: str, args: argparse.Namespace):
-    """mergekit's method (``tasks.merge_methods``): the first checkpoint is the base when
-    the method takes one; parameters per tensor from the config or the flags."""
-    from tasks.merge_methods import METHODS, merge_tensor
-
-    needs_base = METHODS[method].needs_base
-    resolve = args.config_obj.resolve if args.config_obj is not None else args.resolve
-
-    def f(name, tensors):
-        params, model_params = resolve(name)
-        base, others = (tensors[0], tensors[1:]) if needs_base else (None, tensors)
-        try:
-            return merge_tensor(method, name, others, base, params=params,
-                                model_params=model_params, seed=args.seed)  # fmt: skip
-        except ValueError as e:  # a parameter a filter resolves for this tensor only
-            raise UsageError(f"tensor {name!r}: {e}; nothing written") from None
-
-    return f
-
-
 def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
     from tasks import stream
     from tasks.align import AlignmentError
@@ -687,12 +670,8 @@ def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
     stages.done("load + check", args.quiet)
     ref = cks[0]
     elements = [None] * len(cks)
-    kit = getattr(args, "kit", False)
-    if not kit:
-        legacy = method == "align" or (method in ("ties", "task") and args.align)
-        aligns = [False] + [legacy] * (len(cks) - 1)
-    else:
-        aligns = args.aligns
+    legacy = method == "align" or (method in ("ties", "task") and args.align)
+    aligns = [False] + [legacy] * (len(cks) - 1)
     if any(aligns):
         for i, ck in enumerate(cks):
             if aligns[i]:
@@ -703,7 +682,7 @@ def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
             for i, ck in enumerate(cks):
                 if elements[i] is None:
                     continue
-                stream._load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
+                stream.load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
                 want = stream.model_output(ref.model, ref.inputs)
                 err = stream.relative_error(ref, stream.permuted_reader(ck, elements[i]), want)
                 if not err < _VERIFY_TOL:
@@ -716,10 +695,7 @@ def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
                           file=sys.stderr)  # fmt: skip
             stages.done("verify alignment", args.quiet)
     readers = [stream.permuted_reader(ck, g) for ck, g in zip(cks, elements)]
-    if not kit:
-        combine = _merge_fn(method, args, len(cks))
-    else:
-        combine = _kit_fn(method, args)
+    combine = _merge_fn(method, args, len(cks))
 
     def tensor(name):
         if not all(name in ck.weights for ck in cks):
@@ -759,92 +735,118 @@ _LEGACY_METHODS = ("align", "naive", "mergemany", "ties", "task")
 # tasks.merge_methods.METHODS, named here so that --help imports no torch (a test checks)
 _KIT_METHODS = (
     "linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "model_stock",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
 )  # fmt: skip
 
 
 def _merge_setup(args: argparse.Namespace) -> None:
-    """Fill ``args.paths``/``method``/``aligns``/``resolve`` from ``--config`` or the flags
-    of a mergekit method (``--param``, ``--weights``); legacy methods keep their flags."""
+    """Fill ``args.config_obj`` (a :class:`~tasks.checkpoints.config.MergeConfig`) from
+    ``--config`` or from the flags of a mergekit method (``--param``, ``--weights``), and
+    ``args.paths``/``method``/``aligns``; legacy methods keep their flags."""
     from tasks import merge_methods
+    from tasks.checkpoints.config import parse_config
 
     args.config_obj = None
     if args.config:
-        from tasks.merge_config import load_config
+        from tasks.checkpoints.config import load_config
 
         if args.paths:
             raise UsageError("--config names the checkpoints: give no CHECKPOINT arguments")
         if args.method:
             raise UsageError("--config names the merge method: drop --method")
         try:
-            cfg = load_config(args.config)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cfg = load_config(args.config)
         except (ValueError, OSError) as e:
             raise UsageError(f"--config {args.config}: {e}") from None
-        args.config_obj = cfg
-        args.method = cfg.method
-        args.paths = ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]
-        args.align_methods = (["none"] if cfg.base else []) + [m.align for m in cfg.models]
-        if not cfg.base and args.align_methods:
-            args.align_methods[0] = "none"  # the first model is the reference
-        args.aligns = [how != "none" for how in args.align_methods]
-        if cfg.dtype and not args.dtype:
-            args.dtype = cfg.dtype
-        return
-    if not args.paths:
-        raise UsageError("give the checkpoints to merge (or --config merge.yml)")
-    method = args.method
-    if method in _LEGACY_METHODS or method is None:
-        if args.param or args.weights:
+        for w in caught:  # a parameter mergekit knows that the method does not use
+            print(f"metanet merge: warning: {w.message}", file=sys.stderr)
+    else:
+        if not args.paths:
+            raise UsageError("give the checkpoints to merge (or --config merge.yml)")
+        method = args.method
+        if method in _LEGACY_METHODS or method is None:
+            if args.param or args.weights:
+                raise UsageError(
+                    "--param / --weights are for mergekit's methods (e.g. --method linear)"
+                )
+            return
+        m = merge_methods.METHODS[method]
+        n = len(args.paths) - (1 if m.needs_base else 0)
+        if n < 1 or (method == "slerp" and n != 1):
             raise UsageError(
-                "--param / --weights are for mergekit's methods (e.g. --method linear)"
+                f"--method {method} merges "
+                + ("a base and exactly one other" if method == "slerp" else "at least two")
+                + f" checkpoints, got {len(args.paths)}"
             )
-        return
-    m = merge_methods.METHODS[method]
-    n = len(args.paths) - (1 if m.needs_base else 0)
-    if n < 1 or (method == "slerp" and n != 1):
-        raise UsageError(
-            f"--method {method} merges "
-            + ("a base and exactly one other" if method == "slerp" else "at least two")
-            + f" checkpoints, got {len(args.paths)}"
-        )
-    params = {}
-    for item in args.param or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--param {item}: expected KEY=VALUE")
-        params[key] = _param_value(value)
-    mp = {}
-    if args.density is not None and "density" in m.model_params:
-        mp["density"] = args.density
-    weights = [None] * n
-    if args.weights:
+        params = {}
+        for item in args.param or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--param {item}: expected KEY=VALUE")
+            params[key] = _param_value(value)
+        mp = {}
+        if args.density is not None and "density" in m.model_params:
+            mp["density"] = args.density
+        weights = [None] * n
+        if args.weights:
+            try:
+                weights = [_finite(w) for w in args.weights.split(",")]
+            except argparse.ArgumentTypeError:
+                raise UsageError(
+                    f"--weights {args.weights}: expected finite numbers like 0.5,0.5"
+                ) from None
+            if len(weights) != n:
+                raise UsageError(f"--weights: {len(weights)} values for {n} models")
+        model_params = [{**mp, **({"weight": w} if w is not None else {})} for w in weights]
         try:
-            weights = [_finite(w) for w in args.weights.split(",")]
-        except argparse.ArgumentTypeError:
-            raise UsageError(
-                f"--weights {args.weights}: expected finite numbers like 0.5,0.5"
-            ) from None
-        if len(weights) != n:
-            raise UsageError(f"--weights: {len(weights)} values for {n} models")
-    model_params = [{**mp, **({"weight": w} if w is not None else {})} for w in weights]
-    try:
-        merge_methods._resolve(m, n, params, model_params)
-    except ValueError as e:
-        raise UsageError(f"--method {method}: {e}") from None
-    args.resolve = lambda _name: (params, model_params)
-    args.aligns = ([False] if m.needs_base else []) + [bool(args.align)] * n
-    if not m.needs_base:
-        args.aligns[0] = False
-    args.align_methods = [args.match if a else "none" for a in args.aligns]
+            merge_methods.resolve_parameters(m, n, params, model_params)
+        except ValueError as e:
+            raise UsageError(f"--method {method}: {e}") from None
+        others = args.paths[1:] if m.needs_base else args.paths
+        align = args.match if args.align else "none"
+        data = {
+            "merge_method": method,
+            "models": [
+                {"model": p, "parameters": mp, "align": align if (m.needs_base or i) else "none"}
+                for i, (p, mp) in enumerate(zip(others, model_params))
+            ],
+            "parameters": params,
+        }
+        if m.needs_base:
+            data["base_model"] = args.paths[0]
+        try:
+            cfg = parse_config(data)
+        except ValueError as e:
+            raise UsageError(f"--method {method}: {e}") from None
+    args.config_obj = cfg
+    args.method = cfg.method
+    needs_base = merge_methods.METHODS[cfg.method].needs_base
+    args.paths = ([cfg.base] if cfg.base and needs_base else []) + [m.path for m in cfg.models]
+    args.align_methods = (["none"] if cfg.base and needs_base else []) + [
+        m.align for m in cfg.models
+    ]
+    if not (cfg.base and needs_base) and args.align_methods:
+        args.align_methods[0] = "none"  # the first model is the reference
+    args.aligns = [how != "none" for how in args.align_methods]
 
 
 def _kit_in_memory(args: argparse.Namespace, out: Path) -> int:
     """mergekit's methods on checkpoints held in memory: plain state dicts (``--family``),
     ``--model``, and alignment that runs a model on data (``align: activation|ste``, per
     model in a config). Each aligned model is checked (a relabelling with the same
-    function) before anything is written."""
+    function) before anything is written. Parameters resolve as the engine resolves them
+    (gradients over the layers of a ``models:`` config); layer slices need the engine."""
     import torch
 
+    from tasks.checkpoints.plan import gradient_positions
+    from tasks.merge_methods import METHODS, merge_tensor
+
+    cfg = args.config_obj
+    if cfg.from_slices:
+        raise UsageError("slices: merged by the streaming engine; align: activation|ste "
+                         "and --family/--model take a models: config")  # fmt: skip
     cks = _load_all(args.paths, args)
     ref = cks[0]
     tensors = []
@@ -854,18 +856,56 @@ def _kit_in_memory(args: argparse.Namespace, out: Path) -> int:
             continue
         args.match = how
         tensors.append(_aligned(ref, ck, args)[0])
-    combine = _kit_fn(args.method, args)
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    needs_base = METHODS[args.method].needs_base
+    compute = getattr(torch, cfg.dtype) if cfg.dtype else None
+    written = args.dtype or cfg.out_dtype
+    positions = gradient_positions(ref.weights)
     merged = {}
     for name, w in ref.weights.items():
         if not w.is_floating_point() or not all(name in t for t in tensors):
             merged[name] = w  # counters and buffers only the reference carries
             continue
-        up = torch.promote_types(w.dtype, torch.float32)
-        value = combine(name, [t[name].to(up) for t in tensors])
-        merged[name] = value.to(dtype or w.dtype)
+        params, model_params = cfg.resolve(name, positions[name])
+        values = [t[name] if compute is None else t[name].to(compute) for t in tensors]
+        base, others = (values[0], values[1:]) if needs_base else (None, values)
+        try:
+            value = merge_tensor(args.method, name, others, base, params=params,
+                                 model_params=model_params, seed=args.seed,
+                                 compute_dtype=compute)  # fmt: skip
+        except ValueError as e:  # a parameter a filter resolves for this tensor only
+            raise UsageError(f"tensor {name!r}: {e}; nothing written") from None
+        merged[name] = value.to(getattr(torch, written) if written else value.dtype)
     _write(out, merged, ref)  # refuses NaN/inf, naming the tensor
     print(f"wrote {out}: {args.method} merge of {len(cks)} checkpoints")
+    return 0
+
+
+def _engine_merge(args: argparse.Namespace, out: Path) -> int:
+    """mergekit's methods on safetensors files, folders and cached hub ids: the checkpoint
+    engine (config → plan → executor), streaming, alignment where a model asks for it."""
+    from metanet.shards import parse_size
+    from tasks.checkpoints import merge_checkpoints
+
+    cfg = args.config_obj
+    if args.dtype:
+        cfg.out_dtype = args.dtype  # --dtype: the dtype written
+    max_shard = None
+    if args.out_shard_size:
+        try:
+            max_shard = parse_size(args.out_shard_size)
+        except ValueError as e:
+            raise UsageError(f"--out-shard-size: {e}") from None
+    merge_checkpoints(
+        cfg,
+        out,
+        seed=args.seed,
+        max_shard=max_shard,
+        max_sweeps=args.max_sweeps,
+        low_memory=args.low_memory,
+        progress=not args.quiet,
+        quiet=args.quiet,
+    )
+    print(f"wrote {out}: {cfg.method} merge of {len(cfg.paths())} checkpoints")
     return 0
 
 
@@ -890,8 +930,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         if on_data:
             args.match = on_data[0]  # what the checks below name
             _check_match_flags(args, args.paths)
-        elif _streams(args, args.paths):
-            return _stream_merge(args, out, args.method)
+        elif (
+            args.family is None
+            and not getattr(args, "model", None)
+            and all(
+                not Path(p).exists() or Path(p).is_dir() or Path(p).suffix == ".safetensors"
+                for p in args.paths
+            )
+        ):
+            return _engine_merge(args, out)
         return _kit_in_memory(args, out)
     method = args.method or ("align" if len(args.paths) == 2 else "mergemany")
     if method == "align" and len(args.paths) != 2:

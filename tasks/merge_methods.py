@@ -52,7 +52,14 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-__all__ = ["MergeMethod", "METHODS", "check_parameter", "merge_tensor", "merge_state_dicts"]
+__all__ = [
+    "MergeMethod",
+    "METHODS",
+    "check_parameter",
+    "resolve_parameters",
+    "merge_tensor",
+    "merge_state_dicts",
+]
 
 _REQUIRED = None  # default value marking a required parameter
 
@@ -102,6 +109,10 @@ METHODS: dict[str, MergeMethod] = {
     "breadcrumbs_ties": _gta("breadcrumbs_ties", "sum", "magnitude_outliers", False, False),
     "della": _gta("della", "sum", "della", True, True),
     "della_linear": _gta("della_linear", None, "della", False, True),
+    # one model's tensor, scaled (frankenmerges: slices of layers stacked as they are)
+    "passthrough": MergeMethod(
+        "passthrough", False, MappingProxyType({}), MappingProxyType({"scale": 1.0})
+    ),
 }
 
 _RESCALE = {
@@ -119,6 +130,7 @@ _BOOLEAN = ("normalize", "int8_mask", "filter_wise")
 # number parameters: the closed/open range each must lie in (all must be finite)
 _RANGES = {
     "weight": None,
+    "scale": None,
     "t": None,
     "lambda": None,
     "density": ("(0, 1]", lambda v: 0 < v <= 1),
@@ -163,7 +175,9 @@ def _method(method: str) -> MergeMethod:
     return METHODS[method]
 
 
-def _resolve(m: MergeMethod, n: int, params, model_params):
+def resolve_parameters(m: MergeMethod, n: int, params, model_params):
+    """``(global, per-model)`` parameters of method ``m`` for ``n`` models: defaults filled
+    in, unknown names refused, every value checked (:func:`check_parameter`)."""
     params = dict(params or {})
     for key in params:
         if key not in m.params and key not in m.model_params:
@@ -236,7 +250,9 @@ def _sparsify(kind: str, delta: Tensor, mp: dict, norm: str | None, g: torch.Gen
     if kind == "magnitude":
         mask = torch.zeros_like(flat)
         k = max(1, int(density * n))
-        mask[torch.topk(flat.abs(), k, sorted=False).indices] = 1
+        # mergekit's order (a descending argsort of |x| in float32): among equal
+        # magnitudes, common in half types, the same entries are kept
+        mask[torch.argsort(flat.abs().float(), descending=True)[:k]] = 1
         return _rescale(delta, mask.view_as(delta), norm)
     if kind == "magnitude_outliers":
         keep = int(density * n)
@@ -359,14 +375,17 @@ def merge_tensor(
     params: Mapping | None = None,
     model_params: Sequence[Mapping] | None = None,
     seed: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Merge one tensor.
 
     ``tensors``: the non-base models' values of tensor ``name`` (already aligned); ``base``:
-    the base model's value (None for methods that need none). Computes in float32 (float64
-    if any input is float64) and returns the dtype of ``base`` (or ``tensors[0]``);
-    non-floating tensors come back unchanged. Random masks (DARE, DELLA) come from a
-    generator seeded from ``(seed, zlib.crc32(name))``.
+    the base model's value (None for methods that need none). With ``compute_dtype``
+    (mergekit's ``dtype``, or the inputs' promoted dtype), computes in it as mergekit does
+    (``linear`` and ``slerp`` in float32 inside) and returns it; by default computes in
+    float32 (float64 if any input is float64) and returns the dtype of ``base`` (or
+    ``tensors[0]``). Non-floating tensors come back unchanged. Random masks (DARE, DELLA)
+    come from a generator seeded from ``(seed, zlib.crc32(name))``.
     """
     m = _method(method)
     tensors = list(tensors)
@@ -384,17 +403,24 @@ def merge_tensor(
             raise ValueError(
                 f"tensor {name!r}: shape mismatch {tuple(ref.shape)} vs {tuple(x.shape)}"
             )
-    glob, per_model = _resolve(m, len(tensors), params, model_params)
+    glob, per_model = resolve_parameters(m, len(tensors), params, model_params)
     if not ref.is_floating_point():
         return ref
     everything = tensors + ([base] if base is not None else [])
     work = torch.float64 if any(x.dtype == torch.float64 for x in everything) else torch.float32
+    if compute_dtype is not None and m.name not in ("linear", "slerp"):
+        # mergekit: the other methods run in the load dtype itself (bf16 stays bf16)
+        work = compute_dtype
+    elif compute_dtype is not None:
+        work = torch.float64 if compute_dtype == torch.float64 else torch.float32
     xs = [x.to(work) for x in tensors]
     b = base.to(work) if base is not None else None
 
     if m.name == "linear":
         w = torch.tensor([mp["weight"] for mp in per_model], dtype=work, device=xs[0].device)
-        out = sum(wi * x for wi, x in zip(w, xs))
+        out = torch.zeros_like(xs[0], dtype=work)
+        for wi, x in zip(w, tensors):  # fused multiply-adds from the inputs, as mergekit
+            out.addcmul_(x.to(xs[0].device), wi)
         if glob["normalize"]:
             total = w.sum()
             if total.abs() < 1e-12:
@@ -408,9 +434,14 @@ def merge_tensor(
         out = _slerp(float(glob["t"]), b, xs[0])
     elif m.name == "model_stock":
         out = _model_stock(xs, b, bool(glob["filter_wise"]))
+    elif m.name == "passthrough":
+        if len(xs) != 1:
+            raise ValueError(f"passthrough takes exactly one model, got {len(xs)} for {name!r}")
+        scale = per_model[0]["scale"]
+        out = xs[0] if scale == 1.0 else xs[0] * scale
     else:
         out = _gta_merge(m, name, xs, b, glob, per_model, seed)
-    return out.to(ref.dtype)
+    return out.to(compute_dtype or ref.dtype)
 
 
 def merge_state_dicts(

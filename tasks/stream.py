@@ -488,7 +488,7 @@ def _first_tensor(out) -> Tensor:
 
 
 @torch.no_grad()
-def _load_into(model: nn.Module, read: Callable[[str], Tensor], names: Sequence[str]) -> None:
+def load_into(model: nn.Module, read: Callable[[str], Tensor], names: Sequence[str]) -> None:
     sd = model.state_dict()
     for n in names:
         if n in sd:
@@ -507,7 +507,7 @@ def verify_written(ck: Checkpoint, written: Path, reference: Tensor) -> float:
         lazy = LazyWeights(written, ck.lazy.names if ck.lazy is not None else None)
     else:
         lazy = LazyWeights(written)
-    _load_into(ck.model, lambda n: lazy.read(lazy.names[n]), list(lazy))
+    load_into(ck.model, lambda n: lazy.read(lazy.names[n]), list(lazy))
     got = model_output(ck.model, ck.inputs)
     scale = reference.abs().max().clamp_min(1e-30)
     return float((got - reference).abs().max() / scale)
@@ -516,7 +516,7 @@ def verify_written(ck: Checkpoint, written: Path, reference: Tensor) -> float:
 def relative_error(ck: Checkpoint, read: Callable[[str], Tensor], reference: Tensor) -> float:
     """Stream ``read(name)`` into ``ck.model``; its output's max error against ``reference``
     relative to the reference's largest magnitude."""
-    _load_into(ck.model, read, list(ck.weights))
+    load_into(ck.model, read, list(ck.weights))
     got = model_output(ck.model, ck.inputs)
     scale = reference.abs().max().clamp_min(1e-30)
     return float((got - reference).abs().max() / scale)

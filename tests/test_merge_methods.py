@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tasks.merge_config import load_config, parse_config
+from tasks.checkpoints.config import load_config, parse_config
 from tasks.merge_methods import METHODS, merge_state_dicts, merge_tensor
 
 D = torch.float64
@@ -325,7 +325,7 @@ def test_every_method_runs_and_keeps_shape():
     xs.append(base + 0.1)
     for name, m in METHODS.items():
         params = {"t": 0.3} if name == "slerp" else {}
-        models = xs[:1] if name == "slerp" else xs
+        models = xs[:1] if name in ("slerp", "passthrough") else xs
         out = merge_tensor(
             name, "w", models, base if m.needs_base else None, params=params, model_params=None
         )
@@ -416,7 +416,6 @@ def test_config_filter_without_default_leaves_parameter_unset():
         ({"base_model": "b", "models": ["a"]}, "merge_method"),
         ({"merge_method": "frankenmerge", "base_model": "b", "models": ["a"]}, "frankenmerge"),
         ({"merge_method": "ties", "models": ["a"]}, "base_model"),
-        ({"merge_method": "linear", "base_model": "b", "models": ["a"]}, "base_model"),
         ({"merge_method": "ties", "base_model": "b"}, "models"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"path": "a"}]}, "model"),
         (
@@ -435,10 +434,6 @@ def test_config_filter_without_default_leaves_parameter_unset():
             },
             "wieght",
         ),
-        (
-            {"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"t": 0.5}},
-            "'t'",
-        ),
         ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "'t'"),
         (
             {
@@ -456,9 +451,53 @@ def test_config_filter_without_default_leaves_parameter_unset():
                 "merge_method": "ties",
                 "base_model": "b",
                 "models": ["a"],
-                "parameters": {"lambda": [0.1, 0.5]},
+                "parameters": {"lambda": [0.1, {"value": 1}]},
             },
             "lambda",
+        ),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a"}]}]},
+            "layer_range",
+        ),
+        (
+            {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": "a", "layer_range": [2, 1]}]}],
+            },
+            "layer_range",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 2]},
+                            {"model": "b", "layer_range": [0, 3]},
+                        ]
+                    }
+                ],
+            },
+            "same number of layers",
+        ),
+        ({"merge_method": "passthrough", "models": ["a", "b"]}, "exactly one"),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": ["a"],
+                "tokenizer_source": "union",
+            },
+            "union",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": ["a"],
+                "parameters": {"densty": 0.5},
+            },
+            "densty",
         ),
     ],
 )

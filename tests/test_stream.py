@@ -300,7 +300,7 @@ def test_file_order_and_tied_names(tmp_path):
 
 # --------------------------------------------------------------------------- mergekit methods
 def test_cli_mergekit_methods_and_config_equal_the_library(tmp_path):
-    from tasks.merge_methods import merge_state_dicts
+    from tasks.merge_methods import merge_state_dicts, merge_tensor
 
     base = _mlp_checkpoint(tmp_path / "base.safetensors", [10, 12, 4], 0)
     wb, space = metanet.load(base)
@@ -350,11 +350,13 @@ def test_cli_mergekit_methods_and_config_equal_the_library(tmp_path):
         {"weight": 1.0, "density": 0.3 if "0." in name else 0.8},
         {"weight": 0.5, "density": 0.6},
     ]
-    want = merge_state_dicts("ties", [w1, aligned2], wb, model_params=mp)
-    got, _ = metanet.load(out)
-    for k in want:
-        assert got[k].dtype == torch.float16
-        assert torch.equal(got[k], want[k].to(torch.float16)), k
+    # dtype: float16 as mergekit reads it: inputs loaded in float16, merged in float16
+    half = torch.float16
+    for k in wb:
+        want = merge_tensor("ties", k, [w1[k].to(half), aligned2[k].to(half)], wb[k].to(half),
+                            model_params=mp(k), compute_dtype=half)  # fmt: skip
+        got, _ = metanet.load(out)
+        assert got[k].dtype == half and torch.equal(got[k], want), k
 
     assert main(["merge", *paths, "--method", "slerp", "--param", "t=0.5", "-o",
                  str(tmp_path / "x.safetensors"), "-q"]) == 2  # fmt: skip

@@ -1,0 +1,101 @@
+"""The alignment stage of a merge plan: permute models onto the reference before merging.
+
+Only here is a WeightSpace built: the reference (the base, or the first model) is traced
+from its Hugging Face folder (or read from a metanet file's metadata), each model marked
+``align: weight`` is matched onto it by Git Re-Basin weight matching (streaming), and
+each aligned model is checked to compute the same function as before, on the one model
+built, with its own weights streamed in. The result is one reader per aligned source for
+the executor: file key -> permuted tensor.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tasks.align import AlignmentError
+from tasks.checkpoints.config import MergeConfig
+from tasks.checkpoints.plan import MergePlan
+
+__all__ = ["align_sources", "FUNCTION_TOL"]
+
+# the largest relative output change a relabelling may show, by the dtype the model runs
+# in: a permutation changes only the order of sums, so this is rounding, not error
+FUNCTION_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.bfloat16: 3e-2,
+    torch.float16: 1e-2,
+}
+
+
+def align_sources(
+    config: MergeConfig,
+    plan: MergePlan,
+    *,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    low_memory: bool = False,
+    progress: bool = False,
+    quiet: bool = True,
+) -> dict[int, Callable[[str], Tensor]]:
+    """Readers for the sources marked ``align: weight``, permuted onto the reference."""
+    from tasks import stream
+    from tasks.align import MatchLog, weight_matching
+
+    wanted = {e.path for e in config.models if e.align == "weight"}
+    others = {e.align for e in config.models} - {"none", "weight"}
+    if others:
+        raise AlignmentError(
+            f"align: {sorted(others)[0]} runs the model on data; it is not a streaming stage"
+        )
+    if not wanted:
+        return {}
+    index = {s.ref: i for i, s in enumerate(plan.sources)}
+    reference = plan.sources[plan.reference]
+    ref = stream.open_checkpoint(reference.path, build_model=reference.hf)
+    readers: dict[int, Callable[[str], Tensor]] = {}
+    for path in wanted:
+        if index[path] == plan.reference:
+            continue
+        source = plan.sources[index[path]]
+        if source.hf:
+            ck = stream.open_checkpoint(
+                source.path, space=ref.space, names=ref.lazy.names, model=ref.model
+            )
+        else:
+            ck = stream.open_checkpoint(source.path)
+        stream.check_compatible(ref, ck)
+        log = MatchLog()
+        wa, wb = stream.matching_inputs(ref, ck, low_memory=low_memory)
+        g = weight_matching(
+            ref.space, wa, wb, seed=seed, max_sweeps=max_sweeps, progress=progress, log=log
+        )
+        if ref.model is not None:
+            # the aligned model must compute what it computed before, on its own weights
+            stream.load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
+            want = stream.model_output(ref.model, ref.inputs)
+            err = stream.relative_error(ref, stream.permuted_reader(ck, g), want)
+            tol = FUNCTION_TOL.get(want.dtype, 1e-4)
+            if not err < tol:
+                raise AlignmentError(
+                    f"aligning {source.ref} changes its function (max rel. error {err:.1e} > "
+                    f"{tol:.0e} for {want.dtype}); nothing written"
+                )
+        moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+        if not quiet:
+            print(
+                f"aligned {Path(source.ref).name} to {Path(reference.ref).name}: {moved}/{len(g)} "
+                f"groups permuted, {log.sweeps} sweeps, {log.seconds:.2f} s",
+                file=sys.stderr,
+            )
+        read = stream.permuted_reader(ck, g)
+        ours = {key: name for name, key in ck.lazy.names.items()} if ck.lazy else {}
+        readers[index[path]] = lambda key, read=read, ours=ours, src=source: (
+            read(ours[key]) if key in ours else src.read(key)
+        )
+    return readers

@@ -1,0 +1,251 @@
+"""plan → output: read each tensor's inputs, merge, check, stream into shards.
+
+One output tensor is in memory at a time (with its inputs): the peak is bounded by the
+largest tensors, not by the model. The output is written beside its target under a
+temporary name and renamed into place only when every tensor has been written and
+checked finite; a failure leaves nothing (and the previous output, if any, intact).
+
+A folder output is a drop-in Hugging Face folder: the reference model's folder copied as
+what it is (:func:`tasks.stream.copy_folder`: no link followed out of it), its weights
+replaced by the merged shards with their index, ``config.json`` updated only where the
+tensors changed it (``torch_dtype``, the layer count), the tokenizer from
+``tokenizer_source``, the ``chat_template`` set, and a model card naming the method and
+its inputs, with the config beside it (``mergekit_config.yml``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+from metanet.io import SPACE_KEY, CheckpointError
+from metanet.shards import INDEX, TMP_MARK, ShardWriter, remove_stale
+from tasks.checkpoints.config import MergeConfig
+from tasks.checkpoints.plan import MergePlan
+from tasks.merge_methods import merge_tensor
+
+__all__ = ["execute", "CHAT_TEMPLATES", "DEFAULT_SHARD"]
+
+DEFAULT_SHARD = 5_000_000_000  # mergekit's default --out-shard-size (5B)
+_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+          torch.float64: "float64"}  # fmt: skip
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# chat templates known by name (as mergekit's chat_template: takes them); any other value
+# that looks like Jinja is used as the template text itself
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+        "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] "
+        "+ '\\n\\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + "
+        "message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+        "{{ '### Response:\\n' + message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+}
+
+
+def _chat_template(value: str) -> str:
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
+    raise CheckpointError(
+        f"chat_template: {value!r} is neither a known template ({', '.join(CHAT_TEMPLATES)}) "
+        "nor Jinja text"
+    )
+
+
+def _tmp_beside(out: Path) -> Path:
+    return out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
+
+
+def execute(
+    plan: MergePlan,
+    out: str | os.PathLike,
+    *,
+    config: MergeConfig | None = None,
+    readers: Mapping[int, Callable[[str], Tensor]] | None = None,
+    max_shard: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Run ``plan`` into ``out`` (a folder, or one ``.safetensors`` file).
+
+    ``readers[i](key)`` replaces reading source ``i``'s tensor ``key`` from disk (an
+    aligned model's permuted tensors); ``device`` is where each tensor is merged;
+    ``check(written)`` runs on the complete temporary output before the rename.
+    """
+    from tasks.stream import _bar, copy_folder, require_finite
+
+    out = Path(out)
+    single = out.suffix == ".safetensors"
+    ref = plan.sources[plan.reference]
+    remove_stale(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    entries = [(t.name, t.shape, t.dtype) for t in plan.tensors]
+    tmp = _tmp_beside(out)
+    writer = None
+    try:
+        if single:
+            meta = {"format": "pt"}
+            space = ref.weights.metadata.get(SPACE_KEY)
+            if space and [t.name for t in plan.tensors] == list(ref.keys):
+                meta[SPACE_KEY] = space  # same tensors, same shapes: the space still holds
+            writer = ShardWriter(tmp, entries, single_file=True, metadata=meta)
+        else:
+            if not ref.hf:
+                raise CheckpointError(
+                    f"{ref.ref} is a file: write the merge to a .safetensors file (-o x.safetensors)"
+                )
+            skip = {*ref.files, INDEX, "config.json", "README.md", "mergekit_config.yml"}
+            skip |= {p.name for p in ref.path.glob("*.safetensors")}
+            copy_folder(ref.path, tmp, skip=skip)
+            if config is not None:
+                _tokenizer(config, plan, tmp)
+            _write_config(plan, tmp)
+            _write_card(plan, config, tmp)
+            writer = ShardWriter(tmp, entries, max_shard=max_shard or DEFAULT_SHARD,
+                                 metadata={"format": "pt"})  # fmt: skip
+        readers = dict(readers or {})
+        total = sum(
+            torch.Size(t.shape).numel() * torch.empty((), dtype=t.dtype).element_size()
+            for t in plan.tensors
+        )
+        with _bar(total, f"{plan.method} merge", progress) as bar:
+            for t in plan.tensors:
+                values = []
+                for i, key in t.inputs:
+                    read = readers.get(i) or plan.sources[i].read
+                    v = read(key).to(device)
+                    values.append(v.to(t.compute_dtype) if t.compute_dtype is not None else v)
+                if t.compute_dtype is None and any(not torch.equal(v, values[0]) for v in values):
+                    raise CheckpointError(
+                        f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "
+                        "integer and bool tensors are carried through, never averaged"
+                    )
+                base = values[t.base] if t.base is not None else None
+                others = [v for j, v in enumerate(values) if j != t.base]
+                try:
+                    merged = merge_tensor(
+                        plan.method,
+                        t.name,
+                        others,
+                        base,
+                        params=t.params,
+                        model_params=list(t.model_params),
+                        seed=seed,
+                        compute_dtype=t.compute_dtype,
+                    )
+                except ValueError as e:  # e.g. della's density +- epsilon on this tensor
+                    raise CheckpointError(f"tensor {t.name!r}: {e}; nothing written") from None
+                merged = merged.to(t.dtype)
+                require_finite("the output", t.name, merged)
+                writer.write(t.name, merged.cpu())
+                bar.update(merged.numel() * merged.element_size())
+        writer.close()
+        if check is not None:
+            check(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if tmp.exists() or tmp.is_symlink():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise
+    return out
+
+
+def _write_config(plan: MergePlan, folder: Path) -> None:
+    """The reference's ``config.json``, changed only where the written tensors change it."""
+    ref = plan.sources[plan.reference]
+    if ref.config is None:
+        return
+    cfg = dict(ref.config)
+    floating = [t.dtype for t in plan.tensors if t.dtype.is_floating_point]
+    if floating:
+        written = max(set(floating), key=floating.count)
+        if written in _NAMES:
+            key = "dtype" if "dtype" in cfg and "torch_dtype" not in cfg else "torch_dtype"
+            cfg[key] = _NAMES[written]
+    if plan.layers is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in cfg:
+                cfg[key] = plan.layers
+                break
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _tokenizer(config: MergeConfig, plan: MergePlan, folder: Path) -> None:
+    """Tokenizer files from ``tokenizer_source`` (a model's folder replaces the reference's),
+    and the chat template."""
+    src = config.tokenizer_source
+    if src not in (None, "base"):
+        from tasks.checkpoints.sources import resolve_model
+
+        path = resolve_model(src)
+        for name in _TOKENIZER_FILES:
+            if (folder / name).exists() or (folder / name).is_symlink():
+                (folder / name).unlink()
+        for name in _TOKENIZER_FILES:
+            f = path / name
+            if f.is_file():
+                real = os.path.realpath(f)
+                if (
+                    not real.startswith(os.path.realpath(path).rstrip(os.sep) + os.sep)
+                    and "blobs" not in Path(real).parts
+                ):
+                    raise CheckpointError(
+                        f"{f}: a symbolic link out of its folder; refusing to copy it"
+                    )
+                shutil.copyfile(f, folder / name)
+    if config.chat_template is not None:
+        template = _chat_template(config.chat_template)
+        tc = folder / "tokenizer_config.json"
+        data = json.loads(tc.read_text()) if tc.is_file() else {}
+        data["chat_template"] = template
+        if tc.is_symlink():
+            tc.unlink()
+        tc.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_card(plan: MergePlan, config: MergeConfig | None, folder: Path) -> None:
+    inputs = "\n".join(f"- `{s.ref}`" for s in plan.sources)
+    text = (
+        "---\nlibrary_name: transformers\ntags:\n- metanet\n- merge\n---\n"
+        f"# merged model\n\nA `{plan.method}` merge of:\n\n{inputs}\n\n"
+        "made with [metanet](https://github.com/) `metanet merge`"
+        + (" from the config in `mergekit_config.yml`.\n" if config is not None else ".\n")
+    )
+    (folder / "README.md").write_text(text)
+    if config is not None and getattr(config, "source", None) is not None:
+        (folder / "mergekit_config.yml").write_text(yaml.safe_dump(config.source, sort_keys=False))

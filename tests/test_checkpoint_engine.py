@@ -1,0 +1,329 @@
+"""The checkpoint engine: mergekit's config language, config → plan → executor.
+
+Expected values come from mergekit's documented semantics (gradients interpolated over a
+slice's layers, embeddings and head at t = 0, slices renumbered, dtype = the dtype tensors
+are loaded and merged in) and from the per-tensor library, not from the engine itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import metanet
+from converters import from_state_dict
+from metanet.cli import main
+from tasks.checkpoints import load_config, merge_checkpoints, open_source, parse_config, plan_merge
+from tasks.checkpoints.config import evaluate
+from tasks.merge_methods import METHODS, merge_state_dicts
+
+transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+
+LAYERS = 4
+
+
+def _tiny_llama(folder: Path, seed: int, base: dict | None = None, dtype=torch.float32) -> dict:
+    cfg = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    if base is not None:  # a "fine-tune": the base plus a small delta
+        with torch.no_grad():
+            model.load_state_dict(base)
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}) + "\n")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llamas")
+    base = _tiny_llama(root / "base", 0)
+    _tiny_llama(root / "a", 1, base)
+    _tiny_llama(root / "b", 2, base)
+    (root / "b" / "tokenizer_config.json").write_text('{"model_max_length": 99}\n')
+    return root
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------- config
+def test_gradient_values_follow_mergekit():
+    """A 5-anchor gradient over 32 layers, at t = i / 31 (mergekit's worked example)."""
+    grad = [0, 0.5, 0.3, 0.7, 1]
+    got = {i: evaluate("x", grad, "t", i / 31) for i in (0, 1, 7, 8, 15, 16, 24, 31)}
+    want = {0: 0.0, 1: 0.0645, 7: 0.4516, 8: 0.4935, 15: 0.3129, 16: 0.3258, 24: 0.729, 31: 1.0}
+    for i in want:
+        assert abs(got[i] - want[i]) < 1e-4, (i, got[i])
+    assert evaluate("x", [True, False], "normalize", 0.6) is True  # int(0.6 * 1) = 0
+    filt = [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]
+    assert evaluate("layers.3.mlp.up", filt, "t", 0.25) == 0.25
+    assert evaluate("layers.3.attn.q", filt, "t", 0.25) == 0.5
+    assert evaluate("x", [{"filter": "mlp", "value": 1}], "t", 0) is None  # falls through
+
+
+def test_unused_known_parameter_warns_and_typo_is_an_error():
+    with pytest.warns(UserWarning, match="does not use"):
+        cfg = parse_config(
+            {
+                "merge_method": "slerp",
+                "base_model": "b",
+                "models": [{"model": "a", "parameters": {"weight": 0.5}}],
+                "parameters": {"t": 0.5},
+            }  # fmt: skip
+        )
+    assert cfg.ignored == ("models[0].weight",)
+    with pytest.raises(ValueError, match="densty"):
+        parse_config({"merge_method": "ties", "base_model": "b", "models": [
+            {"model": "a", "parameters": {"densty": 0.5}}]})  # fmt: skip
+
+
+# --------------------------------------------------------------------------- plans
+def _yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_gradient_per_layer_and_head_at_t0(llamas, tmp_path):
+    """slerp with a gradient t: layer i of 4 merged at t = value(i / 3), the embeddings,
+    final norm and head at the gradient's first value."""
+    cfg = load_config(
+        _yaml(
+            tmp_path / "slerp.yml",
+            f"merge_method: slerp\nbase_model: {llamas / 'base'}\nmodels:\n"
+            f"  - model: {llamas / 'a'}\nparameters:\n  t: [0.1, 0.9]\n",
+        )
+    )
+    plan = plan_merge(cfg, {r: open_source(r) for r in cfg.paths()})
+    by_name = {t.name: t for t in plan.tensors}
+    for i in range(LAYERS):
+        t = by_name[f"model.layers.{i}.mlp.up_proj.weight"].params["t"]
+        assert abs(t - (0.1 + 0.8 * i / (LAYERS - 1))) < 1e-12
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert abs(by_name[name].params["t"] - 0.1) < 1e-12
+    out = merge_checkpoints(cfg, tmp_path / "out")
+    got, a, base = _weights(out), _weights(llamas / "a"), _weights(llamas / "base")
+    name = "model.layers.2.self_attn.q_proj.weight"
+    want = merge_state_dicts("slerp", [{name: a[name]}], {name: base[name]},
+                             params={"t": 0.1 + 0.8 * 2 / 3})  # fmt: skip
+    assert torch.equal(got[name], want[name])
+
+
+def test_frankenmerge_slices_renumber_layers_and_update_the_config(llamas, tmp_path):
+    """passthrough over [0, 3) of a then [1, 4) of b: 6 layers, renumbered; embeddings from
+    a (the first slice), norm and head from b (the last); config and dtype updated; the
+    output loads in transformers in the dtype written."""
+    cfg = load_config(
+        _yaml(
+            tmp_path / "frank.yml",
+            "merge_method: passthrough\nslices:\n"
+            f"  - sources:\n      - model: {llamas / 'a'}\n        layer_range: [0, 3]\n"
+            f"  - sources:\n      - model: {llamas / 'b'}\n        layer_range: [1, 4]\n"
+            "dtype: bfloat16\n",
+        )
+    )
+    out = merge_checkpoints(cfg, tmp_path / "frank")
+    got, a, b = _weights(out), _weights(llamas / "a"), _weights(llamas / "b")
+    suffix = "self_attn.o_proj.weight"
+    for i in range(3):
+        assert torch.equal(
+            got[f"model.layers.{i}.{suffix}"], a[f"model.layers.{i}.{suffix}"].bfloat16()
+        )
+    for i in range(3):
+        assert torch.equal(
+            got[f"model.layers.{3 + i}.{suffix}"], b[f"model.layers.{1 + i}.{suffix}"].bfloat16()
+        )
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"].bfloat16())
+    assert torch.equal(got["lm_head.weight"], b["lm_head.weight"].bfloat16())
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6 and model.dtype == torch.bfloat16
+    assert (out / "README.md").read_text().count("passthrough") >= 1
+    assert "slices" in (out / "mergekit_config.yml").read_text()
+
+
+def test_dtype_is_the_merge_dtype_and_out_dtype_the_written_one(llamas, tmp_path):
+    cfg = load_config(
+        _yaml(
+            tmp_path / "ties.yml",
+            f"merge_method: ties\nbase_model: {llamas / 'base'}\nmodels:\n"
+            f"  - model: {llamas / 'a'}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            f"  - model: {llamas / 'b'}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            "dtype: bfloat16\nout_dtype: float16\n",
+        )
+    )
+    out = merge_checkpoints(cfg, tmp_path / "ties")
+    got = _weights(out)
+    sds = [_weights(llamas / n) for n in ("base", "a", "b")]
+    bf = torch.bfloat16
+    from tasks.merge_methods import merge_tensor
+
+    for name in ("model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        want = merge_tensor("ties", name, [sds[1][name].to(bf), sds[2][name].to(bf)],
+                            sds[0][name].to(bf), model_params=[{"weight": 0.5, "density": 0.5}] * 2,
+                            compute_dtype=bf)  # fmt: skip
+        assert got[name].dtype == torch.float16 and torch.equal(got[name], want.half())
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float16
+
+
+def test_merge_without_alignment_builds_no_weight_space(llamas, tmp_path, monkeypatch):
+    import converters.module
+    import tasks.stream
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a WeightSpace was built for a merge that aligns nothing")
+
+    monkeypatch.setattr(converters.module, "from_module", refuse)
+    monkeypatch.setattr(tasks.stream, "open_checkpoint", refuse)
+    out = tmp_path / "lin"
+    argv = ["merge", llamas / "a", llamas / "b", "--method", "linear", "-o", out, "-q"]
+    assert main([str(x) for x in argv]) == 0
+    a, b, got = _weights(llamas / "a"), _weights(llamas / "b"), _weights(out)
+    for k in a:
+        torch.testing.assert_close(got[k], (a[k] + b[k]) / 2, rtol=0, atol=1e-7)
+
+
+def test_tokenizer_source_and_chat_template(llamas, tmp_path):
+    cfg = load_config(
+        _yaml(
+            tmp_path / "tok.yml",
+            f"merge_method: linear\nmodels:\n  - model: {llamas / 'a'}\n  - model: {llamas / 'b'}\n"
+            f"tokenizer_source: {llamas / 'b'}\nchat_template: chatml\n",
+        )
+    )
+    out = merge_checkpoints(cfg, tmp_path / "tok")
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok["model_max_length"] == 99  # b's tokenizer, not the reference a's
+    assert "<|im_start|>" in tok["chat_template"]
+
+
+def test_integer_tensors_are_carried_never_averaged(tmp_path):
+    """An integer tensor equal in every input is carried through; one that differs is
+    refused, naming it (averaging step counters or token ids means nothing)."""
+    from safetensors.torch import save_file
+
+    w = torch.randn(4, 3)
+    paths = []
+    for i, steps in enumerate((7, 7, 9)):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({"0.weight": w + i, "steps": torch.tensor([steps])}, str(p))
+        paths.append(str(p))
+    ok = tmp_path / "ok.safetensors"
+    assert main(["merge", paths[0], paths[1], "--method", "linear", "-o", str(ok), "-q"]) == 0
+    got = load_file(str(ok))
+    assert got["steps"].tolist() == [7] and torch.allclose(got["0.weight"], w + 0.5)
+    bad = tmp_path / "bad.safetensors"
+    assert main(["merge", paths[0], paths[2], "--method", "linear", "-o", str(bad), "-q"]) == 2
+    assert not bad.exists()
+
+
+# --------------------------------------------------------------------------- in memory = streaming
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cli_equals_the_library_bit_for_bit(tmp_path, method):
+    """Every method: ``metanet merge`` (the engine, streaming from files) and
+    ``merge_state_dicts`` (in memory) give the same bits, random masks included."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    base = model.state_dict()
+    space = from_state_dict(base, "mlp")
+    paths, sds = [], []
+    for i in range(3):
+        sd = {k: v + 0.05 * (i > 0) * torch.randn_like(v) for k, v in base.items()}
+        paths.append(tmp_path / f"m{i}.safetensors")
+        metanet.save(paths[-1], sd, space)
+        sds.append(sd)
+    m = METHODS[method]
+    params = {"t": 0.3} if method == "slerp" else {}
+    n_models = 1 if method in ("slerp", "passthrough") else 2
+    if m.needs_base:
+        inputs, base_sd, others = paths[: n_models + 1], sds[0], sds[1 : n_models + 1]
+    else:
+        inputs, base_sd, others = paths[1 : n_models + 1], None, sds[1 : n_models + 1]
+    mp = [{"density": 0.6} if "density" in m.model_params else {} for _ in others]
+    argv = ["merge", *map(str, inputs), "--method", method, "--seed", "3", "-q"]
+    argv += [f"--param=t={params['t']}"] if params else []
+    if "density" in m.model_params:
+        argv += ["--density", "0.6"]
+    out = tmp_path / "out.safetensors"
+    assert main([*argv, "-o", str(out)]) == 0
+    want = merge_state_dicts(method, others, base_sd, params=params, model_params=mp, seed=3)
+    got, _ = metanet.load(out)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+# --------------------------------------------------------------------------- hub ids
+def _hub_cache(root: Path, src: Path, repo: str, commit: str = "c0ffee" * 6 + "abcd") -> Path:
+    """``src`` laid out as huggingface_hub caches ``repo``: refs/main, blobs, links."""
+    org, name = repo.split("/")
+    entry = root / f"models--{org}--{name}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snap = entry / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (entry / "blobs").mkdir()
+    for f in src.iterdir():
+        data = f.read_bytes()
+        blob = entry / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    return snap
+
+
+def test_hub_ids_resolve_offline_from_the_cache(llamas, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "hub"
+    _hub_cache(cache, llamas / "a", "org/tiny-a")
+    _hub_cache(cache, llamas / "b", "org/tiny-b")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _yaml(tmp_path / "hub.yml", "merge_method: linear\nmodels:\n  - model: org/tiny-a\n"
+                   "  - model: org/tiny-b@main\n")  # fmt: skip
+    out = tmp_path / "merged"
+    assert main(["merge", "--config", str(config), "-o", str(out), "-q"]) == 0
+    a, b, got = _weights(llamas / "a"), _weights(llamas / "b"), _weights(out)
+    torch.testing.assert_close(
+        got["lm_head.weight"], (a["lm_head.weight"] + b["lm_head.weight"]) / 2
+    )
+    assert not any(p.is_symlink() for p in out.rglob("*"))  # the cache's links became files
+    # a model not in the cache: exit 2, one line naming it, nothing written
+    missing = _yaml(tmp_path / "missing.yml", "merge_method: linear\nmodels:\n"
+                    "  - model: org/tiny-a\n  - model: org/not-here\n")  # fmt: skip
+    before = _digest(tmp_path)
+    capsys.readouterr()
+    assert main(["merge", "--config", str(missing), "-o", str(tmp_path / "m2"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "org/not-here" in err[0] and "cache" in err[0]
+    assert _digest(tmp_path) == before and not (tmp_path / "m2").exists()
+    os.environ.pop("HF_HUB_OFFLINE", None)
