@@ -735,7 +735,8 @@ _LEGACY_METHODS = ("align", "naive", "mergemany", "ties", "task")
 # tasks.merge_methods.METHODS, named here so that --help imports no torch (a test checks)
 _KIT_METHODS = (
     "linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough", "nuslerp",
+    "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
 )  # fmt: skip
 
 
@@ -774,11 +775,11 @@ def _merge_setup(args: argparse.Namespace) -> None:
             return
         m = merge_methods.METHODS[method]
         n = len(args.paths) - (1 if m.needs_base else 0)
-        if n < 1 or (method == "slerp" and n != 1):
+        if n < 1 or (m.n_models is not None and n != m.n_models):
+            what = f"{m.n_models} checkpoint(s)" if m.n_models else "at least one checkpoint"
             raise UsageError(
-                f"--method {method} merges "
-                + ("a base and exactly one other" if method == "slerp" else "at least two")
-                + f" checkpoints, got {len(args.paths)}"
+                f"--method {method} merges {'a base and ' if m.needs_base else ''}{what}, "
+                f"got {len(args.paths)} in all"
             )
         params = {}
         for item in args.param or []:
@@ -822,7 +823,7 @@ def _merge_setup(args: argparse.Namespace) -> None:
             raise UsageError(f"--method {method}: {e}") from None
     args.config_obj = cfg
     args.method = cfg.method
-    needs_base = merge_methods.METHODS[cfg.method].needs_base
+    needs_base = merge_methods.METHODS[cfg.method].uses_base(cfg.base is not None)
     args.paths = ([cfg.base] if cfg.base and needs_base else []) + [m.path for m in cfg.models]
     args.align_methods = (["none"] if cfg.base and needs_base else []) + [
         m.align for m in cfg.models
@@ -856,7 +857,7 @@ def _kit_in_memory(args: argparse.Namespace, out: Path) -> int:
             continue
         args.match = how
         tensors.append(_aligned(ref, ck, args)[0])
-    needs_base = METHODS[args.method].needs_base
+    needs_base = METHODS[args.method].uses_base(cfg.base is not None)
     compute = getattr(torch, cfg.dtype) if cfg.dtype else None
     written = args.dtype or cfg.out_dtype
     positions = gradient_positions(ref.weights)

@@ -73,6 +73,12 @@ class MergeMethod:
     # generalized task arithmetic only
     consensus: str | None = None  # "sum" (TIES) or None
     sparsify: str | None = None  # "magnitude" | "random" | "magnitude_outliers" | "della"
+    optional_base: bool = False  # nuslerp, multislerp: a base is used when one is given
+    n_models: int | None = None  # exactly this many non-base models (None: any, >= 1)
+
+    def uses_base(self, given: bool) -> bool:
+        """Whether a configured base is the base (else it is merged as one more model)."""
+        return self.needs_base or (self.optional_base and given)
 
 
 def _gta(name, consensus, sparsify, normalize, rescale) -> MergeMethod:
@@ -97,7 +103,9 @@ METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(
         "linear", False, MappingProxyType({"normalize": True}), MappingProxyType({"weight": 1.0})
     ),
-    "slerp": MergeMethod("slerp", True, MappingProxyType({"t": _REQUIRED}), MappingProxyType({})),
+    "slerp": MergeMethod(
+        "slerp", True, MappingProxyType({"t": _REQUIRED}), MappingProxyType({}), n_models=1
+    ),
     "model_stock": MergeMethod(
         "model_stock", True, MappingProxyType({"filter_wise": False}), MappingProxyType({})
     ),
@@ -111,7 +119,44 @@ METHODS: dict[str, MergeMethod] = {
     "della_linear": _gta("della_linear", None, "della", False, True),
     # one model's tensor, scaled (frankenmerges: slices of layers stacked as they are)
     "passthrough": MergeMethod(
-        "passthrough", False, MappingProxyType({}), MappingProxyType({"scale": 1.0})
+        "passthrough", False, MappingProxyType({}), MappingProxyType({"scale": 1.0}), n_models=1
+    ),
+    "nuslerp": MergeMethod(
+        "nuslerp",
+        False,
+        MappingProxyType({"nuslerp_flatten": True, "nuslerp_row_wise": False}),
+        MappingProxyType({"weight": 1.0}),
+        optional_base=True,
+        n_models=2,
+    ),
+    "multislerp": MergeMethod(
+        "multislerp",
+        False,
+        MappingProxyType({"normalize_weights": True, "eps": 1e-8}),
+        MappingProxyType({"weight": 1.0}),
+        optional_base=True,
+    ),
+    "karcher": MergeMethod(
+        "karcher", False, MappingProxyType({"max_iter": 10, "tol": 1e-5}), MappingProxyType({})
+    ),
+    "sce": MergeMethod(
+        "sce",
+        True,
+        MappingProxyType({"select_topk": 1.0, "int8_mask": False}),
+        MappingProxyType({}),
+    ),
+    "nearswap": MergeMethod(
+        "nearswap", True, MappingProxyType({"t": _REQUIRED}), MappingProxyType({}), n_models=1
+    ),
+    "arcee_fusion": MergeMethod(
+        "arcee_fusion", True, MappingProxyType({}), MappingProxyType({}), n_models=1
+    ),
+    "ram": MergeMethod("ram", True, MappingProxyType({"epsilon": 1e-5}), MappingProxyType({})),
+    "ramplus_tl": MergeMethod(
+        "ramplus_tl",
+        True,
+        MappingProxyType({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+        MappingProxyType({}),
     ),
 }
 
@@ -126,7 +171,14 @@ _RESCALE = {
 }
 
 
-_BOOLEAN = ("normalize", "int8_mask", "filter_wise")
+_BOOLEAN = (
+    "normalize",
+    "int8_mask",
+    "filter_wise",
+    "nuslerp_flatten",
+    "nuslerp_row_wise",
+    "normalize_weights",
+)
 # number parameters: the closed/open range each must lie in (all must be finite)
 _RANGES = {
     "weight": None,
@@ -136,6 +188,12 @@ _RANGES = {
     "density": ("(0, 1]", lambda v: 0 < v <= 1),
     "gamma": ("[0, 1]", lambda v: 0 <= v <= 1),
     "epsilon": ("[0, 1)", lambda v: 0 <= v < 1),
+    "eps": ("[0, inf)", lambda v: v >= 0),
+    "tol": ("[0, inf)", lambda v: v >= 0),
+    "select_topk": None,
+    "r": None,
+    "alpha": None,
+    "max_iter": ("whole numbers >= 1", lambda v: v >= 1 and float(v).is_integer()),
 }
 
 
@@ -338,6 +396,183 @@ def _slerp(
     return (torch.sin((1 - t) * theta) / s) * v0 + (torch.sin(t * theta) / s) * v1
 
 
+def _nuslerp(t: float, v0: Tensor, v1: Tensor, flatten: bool, row_wise: bool) -> Tensor:
+    """Spherical interpolation of vectors: the whole tensor (``flatten``), its columns
+    (``row_wise``, mergekit's naming) or its rows; exact colinearity falls back to lerp."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos * cos) <= 1e-16
+    theta = torch.arccos(torch.where(colinear, torch.zeros_like(cos), cos))
+    s = torch.sin(theta)
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / s
+    res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
+    if not flatten and row_wise:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def _nuslerp_merge(xs, base, per_model, glob) -> Tensor:
+    wa, wb = per_model[0]["weight"], per_model[1]["weight"]
+    t = 0.5 if abs(wa + wb) < 1e-6 else wb / (wa + wb)
+    flatten, row_wise = bool(glob["nuslerp_flatten"]), bool(glob["nuslerp_row_wise"])
+    if base is None:
+        return _nuslerp(t, xs[0], xs[1], flatten, row_wise)
+    return base + _nuslerp(t, xs[0] - base, xs[1] - base, flatten, row_wise)
+
+
+def _multislerp(xs, base, weights, glob, name: str) -> Tensor:
+    """Spherical barycentre by projection onto the tangent plane at the weighted mean
+    direction, rescaled by the weighted mean norm (mergekit's multislerp, its op order)."""
+    if len(xs) == 1:
+        return xs[0]
+    eps = float(glob["eps"])
+    stacked = torch.stack(xs)
+    if base is not None:
+        stacked = stacked - base
+    flat = stacked.reshape(len(xs), -1)
+    w = torch.tensor(weights, dtype=flat.dtype, device=flat.device)
+    if glob["normalize_weights"]:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(xs) == 2:
+            out = (stacked[0] * w[0] + stacked[1] * w[1]).reshape(xs[0].shape)
+            return out + base if base is not None else out
+        raise ValueError(f"multislerp of {name!r}: the weighted mean direction is zero")
+    mean = mean / mean_norm
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    tau = (tangent * w.view(-1, 1)).sum(0)
+    length = torch.norm(tau) + eps
+    res = mean * torch.cos(length) + tau * (torch.sin(length) / length)
+    res = (res * (norms.squeeze(-1) * w).sum()).reshape(xs[0].shape)
+    return res + base if base is not None else res
+
+
+def _karcher(xs, max_iter: int, tol: float) -> Tensor:
+    """The Karcher (Riemannian) mean of the inputs' directions on the unit sphere, scaled
+    by their mean norm; norms in float32, the iteration in the inputs' dtype (mergekit)."""
+    if len(xs) == 1:
+        return xs[0]
+    n = len(xs)
+    alphas = [1.0 / n] * n
+    wide = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(x.to(wide)) for x in xs]
+    units = [
+        torch.zeros_like(x) if float(r) == 0 else (x / r).to(x.dtype) for x, r in zip(xs, norms)
+    ]
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    total = sum(alphas[i] for i in valid)
+    a = [alphas[i] / total for i in valid]
+    us = [units[i] for i in valid]
+    m = torch.zeros_like(us[0])
+    for ai, u in zip(a, us):
+        m += ai * u
+    m_norm = torch.linalg.vector_norm(m.to(wide))
+    m = us[0].clone() if float(m_norm) < tol else (m / m_norm).to(m.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(m)
+        for ai, u in zip(a, us):
+            dot = torch.clamp(torch.dot(m.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += ai * (theta / torch.sin(theta)) * (u - dot * m)
+        step = torch.linalg.vector_norm(tangent.to(wide))
+        if float(step) < tol:
+            break
+        m = (torch.cos(step) * m + torch.sin(step) * (tangent / step)).to(m.dtype)
+        unit = torch.linalg.vector_norm(m.to(wide))
+        if float(unit) > tol:
+            m = (m / unit).to(m.dtype)
+    return sum(ai * r for ai, r in zip(alphas, norms)) * m
+
+
+def _sce(xs, base, select_topk: float) -> Tensor:
+    """Select (top-k variance entries), calculate (weights from mean squared deltas),
+    erase (sign election), then the disjoint mean."""
+    deltas = torch.stack([x - base for x in xs])
+    if select_topk < 1:
+        if select_topk <= 0:
+            deltas = deltas * 0
+        else:
+            var = deltas.var(dim=0, unbiased=False)
+            k = int(int(torch.count_nonzero(var)) * select_topk)
+            mask = torch.zeros_like(var)
+            if k > 0:
+                mask.view(-1)[torch.topk(var.abs().reshape(-1), k).indices] = 1
+            deltas = deltas * mask
+    majority = torch.where(deltas.sum(0) >= 0, 1, -1).to(deltas.dtype)
+    erase = (deltas.sign() == majority).to(deltas.dtype)
+    weights = (deltas * deltas).reshape(len(xs), -1).mean(-1)
+    total = weights.sum()
+    if float(total.abs()) < 1e-6:
+        weights = torch.full_like(weights, 1 / len(xs))
+    else:
+        weights = weights / total
+    weights = weights.view(-1, *([1] * base.dim()))
+    mixed = (weights * erase * deltas).sum(0) / (weights * erase).sum(0).clamp(min=1e-6)
+    return base + mixed
+
+
+def _nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
+    """Take ``other`` where it lies within ``t`` of the base, move ``t / |a - b|`` of the
+    way towards it elsewhere."""
+    lam = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return lam * other + (1 - lam) * base
+
+
+def _arcee_fusion(base: Tensor, other: Tensor, seed: int, name: str) -> Tensor:
+    """Keep the changes whose importance (|delta| times the rows' KL divergence) exceeds
+    the upper Tukey fence of the importances (median + 1.5 IQR)."""
+    p = torch.softmax(other, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    importance = (other - base).abs() * kl
+    flat = importance.reshape(-1)
+    if flat.numel() > 1_000_000:  # a sample of the importances, as mergekit (with replacement)
+        idx = torch.randint(flat.numel(), (1_000_000,), generator=_generator(seed, name))
+        flat = flat[idx.to(flat.device)]
+    ordered = torch.sort(flat).values
+    at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long().to(ordered.device)
+    q1, median, q3 = ordered[at]
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    return base + (other - base) * mask
+
+
+def _ram(xs, base, glob, plus: bool) -> Tensor:
+    """Reinforced agent merging: entries one model changed keep that change; entries
+    several changed take their mean (RAM+ scales the unique ones by overlap, tensor-local)."""
+    eps = float(glob["epsilon"])
+    shape = base.shape
+    tau = torch.stack([(x - base).reshape(-1) for x in xs])
+    nz = tau.abs() > eps
+    count = nz.sum(0)
+    unique = count == 1
+    overlap = count > 1
+    z = tau * nz
+    shared = z * overlap / count.clamp(min=1)
+    if plus:
+        n_shared = (nz & overlap).sum(-1).to(tau.dtype)
+        n_unique = (nz & unique).sum(-1).to(tau.dtype)
+        rho = n_shared / n_unique.clamp(min=eps)
+        lam = 1 + float(glob["r"]) * rho.clamp(0, float(glob["alpha"]))
+        merged = (lam[:, None] * z * unique + shared).sum(0)
+    else:
+        merged = (z * unique + shared).sum(0)
+    return base + merged.reshape(shape)
+
+
 def _model_stock(xs, base, filter_wise: bool) -> Tensor:
     if len(xs) < 2:
         raise ValueError("model_stock needs a base and at least two other models")
@@ -391,8 +626,15 @@ def merge_tensor(
     tensors = list(tensors)
     if m.needs_base and base is None:
         raise ValueError(f"merge method {method!r} needs a base tensor for {name!r}")
-    if not m.needs_base and base is not None:
+    if not m.needs_base and not m.optional_base and base is not None:
         raise ValueError(f"merge method {method!r} takes no base (tensor {name!r})")
+    if m.n_models is not None and len(tensors) != m.n_models:
+        count = "exactly one model" if m.n_models == 1 else f"exactly {m.n_models} models"
+        raise ValueError(
+            f"merge method {method!r} merges {count}"
+            + (" besides the base" if m.needs_base else "")
+            + f", got {len(tensors)} for {name!r}"
+        )
     if not tensors:
         if base is None:
             raise ValueError(f"no tensors to merge for {name!r}")
@@ -435,10 +677,22 @@ def merge_tensor(
     elif m.name == "model_stock":
         out = _model_stock(xs, b, bool(glob["filter_wise"]))
     elif m.name == "passthrough":
-        if len(xs) != 1:
-            raise ValueError(f"passthrough takes exactly one model, got {len(xs)} for {name!r}")
         scale = per_model[0]["scale"]
         out = xs[0] if scale == 1.0 else xs[0] * scale
+    elif m.name == "nuslerp":
+        out = _nuslerp_merge(xs, b, per_model, glob)
+    elif m.name == "multislerp":
+        out = _multislerp(xs, b, [mp["weight"] for mp in per_model], glob, name)
+    elif m.name == "karcher":
+        out = _karcher(xs, int(glob["max_iter"]), float(glob["tol"]))
+    elif m.name == "sce":
+        out = _sce(xs, b, float(glob["select_topk"]))
+    elif m.name == "nearswap":
+        out = _nearswap(b, xs[0], float(glob["t"]))
+    elif m.name == "arcee_fusion":
+        out = _arcee_fusion(b, xs[0], seed, name)
+    elif m.name in ("ram", "ramplus_tl"):
+        out = _ram(xs, b, glob, plus=m.name == "ramplus_tl")
     else:
         out = _gta_merge(m, name, xs, b, glob, per_model, seed)
     return out.to(compute_dtype or ref.dtype)

@@ -265,8 +265,8 @@ def test_cli_equals_the_library_bit_for_bit(tmp_path, method):
         metanet.save(paths[-1], sd, space)
         sds.append(sd)
     m = METHODS[method]
-    params = {"t": 0.3} if method == "slerp" else {}
-    n_models = 1 if method in ("slerp", "passthrough") else 2
+    params = {"t": 0.3} if method in ("slerp", "nearswap") else {}
+    n_models = m.n_models or 2
     if m.needs_base:
         inputs, base_sd, others = paths[: n_models + 1], sds[0], sds[1 : n_models + 1]
     else:

@@ -324,8 +324,8 @@ def test_every_method_runs_and_keeps_shape():
     base, xs = _pair(shape=(4, 6))
     xs.append(base + 0.1)
     for name, m in METHODS.items():
-        params = {"t": 0.3} if name == "slerp" else {}
-        models = xs[:1] if name in ("slerp", "passthrough") else xs
+        params = {"t": 0.3} if name in ("slerp", "nearswap") else {}
+        models = xs[: m.n_models] if m.n_models else xs
         out = merge_tensor(
             name, "w", models, base if m.needs_base else None, params=params, model_params=None
         )
@@ -562,3 +562,62 @@ def test_della_density_rescale_unbiased():
     # keep probability p_i in [0.2, 0.8]; each draw delta*m/p_i has std |delta| sqrt((1-p)/p) <= 2|delta|
     tol = 5 * 2 * delta / math.sqrt(n)
     assert ((acc / n - delta).abs() <= tol).all()
+
+
+# ---------------------------------------------------------------- mergekit 0.1.5's newer methods
+
+
+def test_ram_and_ramplus_on_the_papers_example():
+    base = torch.zeros(6, dtype=D)
+    m1, m2 = t64(1, 1, 0, 0, 1, 0), t64(1, 0, 1, 0, 0, 0)
+    torch.testing.assert_close(merge_tensor("ram", "w", [m1, m2], base), t64(1, 1, 1, 0, 1, 0))
+    out = merge_tensor("ramplus_tl", "w", [m1, m2], base)  # r 0.1, alpha 0.2: unique x 1.02
+    torch.testing.assert_close(out, t64(1, 1.02, 1.02, 0, 1.02, 0))
+
+
+def test_nearswap_takes_the_other_model_where_it_is_near():
+    a, b = t64(0, 0, 0), t64(0.05, 1.0, -4.0)
+    out = merge_tensor("nearswap", "w", [b], a, params={"t": 0.1})
+    torch.testing.assert_close(out, t64(0.05, 0.1, -0.1))  # near: b; far: t/|a-b| of the way
+
+
+def test_nuslerp_rows_and_weights():
+    a, b = t64(1, 0, 0, 1).view(2, 2), t64(0, 1, 1, 0).view(2, 2)
+    mp = [{"weight": 1.0}, {"weight": 1.0}]  # t = 1 / 2
+    out = merge_tensor("nuslerp", "w", [a, b], None, model_params=mp,
+                       params={"nuslerp_flatten": False})  # fmt: skip
+    r = 1 / math.sqrt(2)  # each row: the midpoint of two orthogonal unit vectors
+    torch.testing.assert_close(out, t64(r, r, r, r).view(2, 2))
+    skew = merge_tensor("nuslerp", "w", [a, b], None, model_params=[{"weight": 3.0}, {"weight": 1.0}],
+                        params={"nuslerp_flatten": False})  # fmt: skip
+    c, s = math.cos(math.pi / 8), math.sin(math.pi / 8)  # t = 1/4 of a right angle
+    torch.testing.assert_close(skew, t64(c, s, s, c).view(2, 2))
+
+
+def test_karcher_and_multislerp_of_orthogonal_vectors():
+    x, y = t64(2, 0), t64(0, 4)  # the mean direction bisects them; the norm is the mean norm
+    r = 3 / math.sqrt(2)
+    torch.testing.assert_close(merge_tensor("karcher", "w", [x, y], None), t64(r, r))
+    out = merge_tensor("multislerp", "w", [x, y], None, model_params=[{"weight": 1.0}] * 2)
+    torch.testing.assert_close(out, t64(r, r), atol=1e-6, rtol=0)
+
+
+def test_sce_small_deltas_fall_back_to_the_disjoint_mean():
+    base = torch.zeros(4, dtype=D)
+    x1, x2 = t64(1e-4, -2e-4, 3e-4, 0), t64(3e-4, 2e-4, -1e-4, 0)
+    out = merge_tensor("sce", "w", [x1, x2], base)
+    # sum of mean squared deltas << 1e-6: uniform weights, sign election, disjoint mean
+    want = t64(2e-4, 2e-4, 3e-4, 0)  # entry 1: sum 0 -> majority +, only x2 agrees
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+
+
+def test_arcee_fusion_keeps_only_outlying_changes():
+    torch.manual_seed(0)
+    base = torch.randn(8, 16, dtype=D)
+    other = base.clone()
+    other[3, 5] += 5.0  # one large, important change among small ones
+    other += 1e-3 * torch.randn_like(other)
+    out = merge_tensor("arcee_fusion", "w", [other], base)
+    changed = (out != base).nonzero().tolist()
+    assert [3, 5] in changed and len(changed) < 0.3 * base.numel()
+    torch.testing.assert_close(out[3, 5], other[3, 5])

@@ -333,14 +333,14 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
             params = _params(item.get("parameters"), f"models[{i}]", allowed_models, ignored)
             models.append(ModelEntry(path, params, _align(item.get("align"), f"models[{i}]")))
         listed = [e for e in models if base is not None and _same(e.path, base)]
-        if m.needs_base:
+        if m.uses_base(base is not None):
             # mergekit lists the base among the models at times; it then counts as the base
             models = [e for e in models if base is None or not _same(e.path, base)]
         elif base is not None and not listed:
             # a method without a base (linear, passthrough) merges it as one more model
             models.append(ModelEntry(base))
         sources = [SliceSource(e.path, None, e.parameters, e.align) for e in models]
-        if base is not None and m.needs_base:
+        if base is not None and m.uses_base(True):
             base_params = listed[0].parameters if listed else {}
             sources.append(SliceSource(base, None, base_params, "none"))
         slices = [Slice(tuple(sources))]
@@ -402,12 +402,13 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
             raise ValueError(
                 f"models: model_stock needs at least two models besides base_model, got {len(models)}"
             )
-        if method == "passthrough" and len(models) != 1:
-            raise ValueError(
-                f"models: passthrough takes exactly one model (base_model counts), got {len(models)}"
-            )
+        if m.n_models is not None and len(models) != m.n_models:
+            uses = m.uses_base(base is not None)
+            besides = "besides base_model" if uses else "(base_model counts)"
+            count = "exactly one model" if m.n_models == 1 else f"exactly {m.n_models} models"
+            raise ValueError(f"models: {method} merges {count} {besides}, got {len(models)}")
     if method == "passthrough" and any(len(s.sources) != 1 for s in slices):
-        raise ValueError("slices: passthrough takes exactly one source per slice")
+        raise ValueError("slices: passthrough takes exactly one model per slice")
     params = _params(data.get("parameters"), "parameters", allowed_global, ignored)
     for key, default in m.params.items():
         if default is None and key not in params and not any(key in s.parameters for s in slices):

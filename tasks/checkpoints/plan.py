@@ -47,10 +47,21 @@ def layer_of(key: str) -> tuple[str, int, str] | None:
 
 def gradient_positions(keys) -> dict[str, float]:
     """Gradient position ``t`` of every tensor of one model merged whole (a ``models:``
-    config): layer ``i`` of ``n`` at ``i / (n - 1)``, the other tensors at 0."""
+    config): layer ``i`` of a stack of ``n`` at ``i / (n - 1)`` (``1`` when ``n = 1``;
+    each stack of an encoder-decoder on its own), the other tensors at 0."""
     found = {k: layer_of(k) for k in keys}
-    n = max((f[1] + 1 for f in found.values() if f), default=0)
-    return {k: (f[1] / (n - 1) if n > 1 else 1.0) if f else 0.0 for k, f in found.items()}
+    sizes: dict[str, int] = {}
+    for f in found.values():
+        if f:
+            sizes[f[0]] = max(sizes.get(f[0], 0), f[1] + 1)
+
+    def t(f) -> float:
+        if not f:
+            return 0.0
+        n = sizes[f[0]]
+        return f[1] / (n - 1) if n > 1 else 1.0
+
+    return {k: t(f) for k, f in found.items()}
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,7 @@ def plan_merge(config: MergeConfig, sources: dict[str, Source]) -> MergePlan:
             raise CheckpointError(f"tensor {name!r} has different shapes ({desc})")
         base_ref = slice_.base or config.base
         base = None
-        if method.needs_base:
+        if method.uses_base(base_ref is not None):
             base = next(
                 (
                     j
@@ -193,6 +204,21 @@ def plan_merge(config: MergeConfig, sources: dict[str, Source]) -> MergePlan:
         )
 
     first = sources[config.slices[0].sources[0].model]
+    if not config.from_slices:
+        # models: every tensor of the first model, by name, from every model; mergekit
+        # leaves the layer count alone, and any architecture (several stacks) merges
+        (slice_,) = config.slices
+        positions = gradient_positions(first.keys)
+        for key in first.keys:
+            inputs = []
+            for src in slice_.sources:
+                if key not in sources[src.model]:
+                    raise CheckpointError(f"{src.model}: has no tensor {key!r}")
+                inputs.append((index[src.model], key))
+            add(key, slice_, inputs, positions[key])
+        reference = config.base if config.base is not None else slice_.sources[0].model
+        return MergePlan(config.method, [sources[r] for r in order], plans, None,
+                         index[reference], out_dtype or compute)  # fmt: skip
     stack, n_first = _layers(first)
     if n_first < 0:
         raise CheckpointError(
