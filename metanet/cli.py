@@ -549,6 +549,9 @@ def _stream_open(paths: Sequence[str], progress: bool):
     cks = [ref]
     for p in paths[1:]:
         if Path(p).is_dir():
+            from tasks.checkpoints.align_stage import check_same_layout
+
+            check_same_layout(Path(first), Path(p))  # its own config, not the first's
             ck = stream.open_checkpoint(p, space=ref.space, names=ref.lazy.names, model=ref.model)
         else:
             ck = stream.open_checkpoint(p)

@@ -321,3 +321,28 @@ def test_escaping_index_entry_refused(hf_pair, tmp_path, capsys, entry):
     out = work / "out"
     _refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path, INDEX)
     _refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, INDEX, repr(entry))
+
+
+def test_heads_layout_mismatch_is_refused_not_falsely_verified(tmp_path, capsys):
+    """A 4×16-head and an 8×8-head Llama have tensors of equal shapes: aligning B in A's
+    head layout was "verified" on A's model before. Now every path that aligns refuses,
+    naming the config field; a merge that aligns nothing still runs (elementwise)."""
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+    folders = []
+    for heads, name in ((4, "A"), (8, "B")):
+        cfg = transformers.LlamaConfig(
+            vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=16,
+        )  # fmt: skip
+        torch.manual_seed(heads)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
+        folders.append(tmp_path / name)
+    a, b = folders
+    out = tmp_path / "out"
+    _refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, "num_attention_heads=8", "4")
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\n    align: weight\n"
+    )
+    _refused(["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "num_attention_heads")
+    assert main(["merge", str(a), str(b), "--method", "linear", "-o", str(out), "-q"]) == 0

@@ -21,7 +21,7 @@ from tasks.align import AlignmentError
 from tasks.checkpoints.config import MergeConfig
 from tasks.checkpoints.plan import MergePlan
 
-__all__ = ["align_sources", "FUNCTION_TOL"]
+__all__ = ["align_sources", "check_same_layout", "FUNCTION_TOL"]
 
 # the largest relative output change a relabelling may show, by the dtype the model runs
 # in: a permutation changes only the order of sums, so this is rounding, not error
@@ -31,6 +31,49 @@ FUNCTION_TOL = {
     torch.bfloat16: 3e-2,
     torch.float16: 1e-2,
 }
+
+
+# config.json fields that fix how a tensor's axes split into groups (heads, head_dim,
+# layers): two models whose tensors have equal shapes may still differ here
+_LAYOUT_KEYS = (
+    "model_type",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_head",
+    "num_heads",
+    "hidden_size",
+    "n_embd",
+    "intermediate_size",
+    "num_hidden_layers",
+    "n_layer",
+)
+
+
+def check_same_layout(reference: Path, other: Path) -> None:
+    """Refuse to align the folder ``other`` in ``reference``'s WeightSpace when their
+    ``config.json`` split the axes differently (8 heads of 8 are not 4 heads of 16, though
+    every shape agrees): its permutations would be found for the wrong groups and checked
+    on the wrong model."""
+    import json
+
+    configs = []
+    for folder in (Path(reference), Path(other)):
+        f = folder / "config.json"
+        if not f.is_file():
+            return
+        try:
+            configs.append(json.loads(f.read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AlignmentError(f"{f}: not valid JSON") from None
+    for key in _LAYOUT_KEYS:
+        a, b = configs[0].get(key), configs[1].get(key)
+        if a != b:
+            raise AlignmentError(
+                f"{other}: config.json has {key}={b!r}, the reference {reference} has "
+                f"{key}={a!r}; aligning it in the reference's layout would be wrong "
+                "(merge without aligning, or align models of one layout)"
+            )
 
 
 def align_sources(
@@ -57,6 +100,8 @@ def align_sources(
         return {}
     index = {s.ref: i for i, s in enumerate(plan.sources)}
     reference = plan.sources[plan.reference]
+    for path in wanted:
+        check_same_layout(reference.path, plan.sources[index[path]].path)
     ref = stream.open_checkpoint(reference.path, build_model=reference.hf)
     readers: dict[int, Callable[[str], Tensor]] = {}
     for path in wanted:
