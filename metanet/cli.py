@@ -833,6 +833,9 @@ def _merge_setup(args: argparse.Namespace) -> None:
     ]
     if not (cfg.base and needs_base) and args.align_methods:
         args.align_methods[0] = "none"  # the first model is the reference
+    if cfg.from_slices:  # every model the slices read (alignment is refused on slices)
+        args.paths = cfg.paths()
+        args.align_methods = ["none"] * len(args.paths)
     args.aligns = [how != "none" for how in args.align_methods]
 
 

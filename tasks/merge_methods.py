@@ -385,15 +385,45 @@ def _gta_merge(m: MergeMethod, name, xs, base, glob, per_model, seed):
 def _slerp(
     t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> Tensor:
-    n0, n1 = v0.norm(), v1.norm()
-    u0 = v0 / n0 if n0 > eps else v0
-    u1 = v1 / n1 if n1 > eps else v1
-    dot = (u0 * u1).sum()
-    if dot.abs() > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = torch.arccos(dot)
-    s = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / s) * v0 + (torch.sin(t * theta) / s) * v1
+    """Spherical interpolation of the whole tensors, in mergekit's operation order: float32
+    (float64 for float64 inputs), norms of 1M-element chunk norms, ``t`` as a tensor of
+    that dtype, lerp where ``|cos| > dot_threshold``; returned in the inputs' dtype."""
+    wide = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    tt = torch.tensor([[t]], dtype=wide, device=a.device)
+    chunk = 1024 * 1024
+    starts = range(0, a.shape[1], chunk)
+
+    def norm(x):
+        parts = [torch.linalg.vector_norm(x[:, s : s + chunk].to(wide), dim=1, keepdim=True)
+                 for s in starts]  # fmt: skip
+        n = torch.linalg.vector_norm(torch.stack(parts), dim=0)
+        return torch.where(n > eps, n, 1)
+
+    na, nb = norm(a), norm(b)
+    dot = (
+        torch.stack(
+            [
+                ((a[:, s : s + chunk].to(wide) / na) * (b[:, s : s + chunk].to(wide) / nb)).sum(
+                    1, keepdim=True
+                )
+                for s in starts
+            ]  # fmt: skip
+        )
+        .sum(0)
+        .clamp(-1, 1)
+    )
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin)
+    out = torch.empty_like(a)
+    for s in starts:
+        out[:, s : s + chunk] = coef_a * a[:, s : s + chunk].to(wide) + coef_b * b[
+            :, s : s + chunk
+        ].to(wide)
+    return out.reshape(v0.shape)
 
 
 def _nuslerp(t: float, v0: Tensor, v1: Tensor, flatten: bool, row_wise: bool) -> Tensor:
