@@ -105,6 +105,22 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _device(args: argparse.Namespace):
+    """``--device auto|cpu|cuda`` as a torch device, checked before any work: cuda on a
+    machine without one is refused (one line, exit 2)."""
+    import torch
+
+    spec = getattr(args, "device", None) or "cpu"
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {spec}: this machine has no CUDA device (torch {torch.__version__}); "
+            "use --device cpu or auto"
+        )
+    return torch.device(spec)
+
+
 def _shard(text: str) -> tuple[int, int]:
     """argparse type: ``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
     i, sep, n = text.partition("/")
@@ -447,6 +463,7 @@ def _match(ref: _Checkpoint, other: _Checkpoint, args, log) -> tuple[dict, str]:
             max_sweeps=args.max_sweeps,
             progress=not args.quiet,
             log=log,
+            device=getattr(args, "device", None),
         )
         return (
             g,
@@ -576,6 +593,7 @@ def _stream_match(ref, other, args, log_stages):
         max_sweeps=args.max_sweeps,
         progress=not args.quiet,
         log=log,
+        device=getattr(args, "device", None),
     )
     log_stages.done(f"match {other.path.name}", args.quiet)
     import torch
@@ -721,6 +739,7 @@ def _report_stages(args, stages) -> None:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    args.device = _device(args)
     out = Path(args.output)
     folder = Path(args.b).is_dir() and out.suffix != ".safetensors"
     _check_output(out, [args.a, args.b], args.force, folder=folder)
@@ -906,6 +925,7 @@ def _engine_merge(args: argparse.Namespace, out: Path) -> int:
         cfg,
         out,
         seed=args.seed,
+        device=args.device,
         max_shard=max_shard,
         max_sweeps=args.max_sweeps,
         low_memory=args.low_memory,
@@ -927,6 +947,7 @@ def _param_value(text: str):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    args.device = _device(args)
     _merge_setup(args)
     out = Path(args.output)
     folder = Path(args.paths[0]).is_dir() and out.suffix != ".safetensors"
@@ -1097,6 +1118,8 @@ def _cmd_inr(args: argparse.Namespace) -> int:
 
     from tasks import inr
 
+    device = _device(args)
+
     given = {
         "hidden": args.width, "depth": args.depth, "steps": args.steps, "lr": args.lr,
         "w0": args.w0, "variant": args.variant, "target_psnr": args.target_psnr,
@@ -1113,6 +1136,7 @@ def _cmd_inr(args: argparse.Namespace) -> int:
         num_shards=args.shard[1] if args.shard else args.num_shards,
         seed=args.seed,
         progress=not args.quiet,
+        device=device,
     )
     print(f"{args.out}: {len(paths)} shard(s) present")
     return 0
@@ -1341,7 +1365,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ste-epochs", type=int, default=10, help="--match ste: epochs")
         p.add_argument("--ste-lr", type=float, default=1e-2, help="--match ste: Adam lr")
 
+    def device_flag(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--device",
+            default="cpu",
+            metavar="{auto,cpu,cuda}",
+            help=f"where {what} runs (auto: cuda when there is one)",
+        )
+
     def stream_flags(p: argparse.ArgumentParser) -> None:
+        device_flag(p, "weight matching's cost matrices and the merge's tensors")
         p.add_argument(
             "--low-memory",
             action="store_true",
@@ -1439,6 +1472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-psnr", type=float, help="stop each INR at this PSNR; 0: never (default 40.0)"
     )
     p.add_argument("--seed", type=int, default=0, help="base seed of the INRs")
+    device_flag(p, "the SIRENs are fitted")
 
     p = command("zoo", "CNN zoo: train small CNNs on sklearn's digits", _cmd_zoo)
     p.add_argument("action", choices=["make"], help="make the zoo (resumes an interrupted one)")

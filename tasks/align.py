@@ -196,8 +196,12 @@ class _Matcher:
         a: Mapping[str, Tensor],
         b: Mapping[str, Tensor],
         names: Iterable[str],
+        device: torch.device | None = None,
     ):
         self.space = space
+        # cost matrices are accumulated on the device of the weights (a GPU: the matmuls)
+        # and solved on the CPU (scipy's assignment)
+        self.device = device
         names = list(names)
         self.views = _views(space, names)
         self.a, self.b = a, b
@@ -218,22 +222,31 @@ class _Matcher:
                     if v not in self.touching[top]:
                         self.touching[top].append(v)
 
+    def _on_device(self, g: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.device is None:
+            return dict(g)
+        return {k: v.to(self.device, non_blocking=True) for k, v in g.items()}
+
     def step(self, outer: str, g: dict[str, Tensor]) -> float:
         """Re-solve ``outer`` (and the groups within it); returns the objective gain."""
         space = self.space
         n = space.groups[outer].size
         inners = self.inners[outer]
+        cpu_g, g = g, self._on_device(g)
         # accumulated in the weights' precision (at least float32), solved in float64
         dtype = torch.promote_types(self.dtype, torch.float32)
-        k_outer = torch.zeros(n, n, dtype=dtype)
+        k_outer = torch.zeros(n, n, dtype=dtype, device=self.device)
         k_inner = {
-            name: torch.zeros(n, n, space.groups[name].size, space.groups[name].size, dtype=dtype)
+            name: torch.zeros(
+                n, n, space.groups[name].size, space.groups[name].size, dtype=dtype,
+                device=self.device,
+            )
             for name in inners
-        }
+        }  # fmt: skip
         inv_outer = g[outer].argsort()
         for view in self.touching[outer]:
-            a = view.take(self.a[view.tensor])
-            b = view.take(self.b[view.tensor])
+            a = view.take(self.a[view.tensor].to(self.device or "cpu"))
+            b = view.take(self.b[view.tensor].to(self.device or "cpu"))
             family = {
                 d
                 for d, lab in enumerate(view.labels)
@@ -268,7 +281,11 @@ class _Matcher:
                     bm = bo.movedim((o, d), (0, 1)).reshape(n, m, -1)
                     k_inner[view.labels[d]] += torch.einsum("ixr,jyr->ijxy", am, bm).to(dtype)
         return self._solve(
-            outer, inners, k_outer.double(), {k: v.double() for k, v in k_inner.items()}, g
+            outer,
+            inners,
+            k_outer.double().cpu(),
+            {k: v.double().cpu() for k, v in k_inner.items()},
+            cpu_g,
         )
 
     @staticmethod
@@ -324,10 +341,13 @@ class _Matcher:
 
     def objective(self, g: Mapping[str, Tensor]) -> float:
         total = 0.0
+        g = self._on_device(g)
+        where = self.device or "cpu"
         for views in self.views.values():
             for v in views:
-                bw = _permute_view(self.space, v, v.take(self.b[v.tensor]), g).reshape(-1)
-                aw = v.take(self.a[v.tensor]).reshape(-1)
+                bw = _permute_view(self.space, v, v.take(self.b[v.tensor].to(where)), g)
+                bw = bw.reshape(-1)
+                aw = v.take(self.a[v.tensor].to(where)).reshape(-1)
                 # in float64 a chunk at a time: a whole embedding in float64 was the peak
                 for i in range(0, aw.numel(), _CHUNK):
                     total += float(
@@ -392,6 +412,7 @@ def weight_matching(
     tensors: Iterable[str] | None = None,
     progress: bool = False,
     log: MatchLog | None = None,
+    device: str | torch.device | None = None,
 ) -> Element:
     """Permute ``b`` towards ``a``: returns ``g`` with ``space.apply(weights_b, g) ≈ a``.
 
@@ -405,6 +426,9 @@ def weight_matching(
         tensors: tensors whose inner products count (default :func:`matchable`).
         progress: a progress bar over sweeps.
         log: filled with the objective after each sweep and the time taken.
+        device: where the similarity (cost) matrices are computed (default: the CPU, or
+            the weights' device); each assignment is solved on the CPU (scipy). The
+            element returned is on the CPU.
     """
     start = time.perf_counter()
     check_same_architecture(space, weights_a, weights_b)
@@ -415,8 +439,16 @@ def weight_matching(
     else:
         a = {n: weights_a[n].detach() for n in names}
         b = {n: weights_b[n].detach().to(a[n].dtype) for n in names}
-    matcher = _Matcher(space, a, b, names)
-    g = {k: v.clone() for k, v in (init or space.identity()).items()}
+    if device is None and names and not isinstance(weights_a, LazyWeights):
+        device = a[names[0]].device
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cpu":
+        device = None
+    if device is not None and not isinstance(weights_a, LazyWeights):
+        a = {n: t.to(device) for n, t in a.items()}
+        b = {n: t.to(device) for n, t in b.items()}
+    matcher = _Matcher(space, a, b, names, device)
+    g = {k: v.detach().cpu().clone() for k, v in (init or space.identity()).items()}
     todo = [n for n, grp in space.groups.items() if grp.within is None]
     if groups is not None:
         wanted = set(groups)

@@ -173,19 +173,24 @@ def fit_sirens(
     seeds: Sequence[int],
     cfg: INRConfig = INRConfig(),
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Fit one SIREN per target, all at once.
 
     Args:
         targets: ``(B, P, out_features)`` values at ``coords`` ``(P, in_features)``.
-        seeds: one initialization seed per INR.
+        seeds: one initialization seed per INR (drawn on the CPU, so an INR starts from
+            the same weights on every device).
+        device: where to fit (default: the targets' device).
     Returns:
         ``(weights, psnr)``: stacked weights ``{name: (B, ...)}`` and per-INR PSNR in dB
-        (peak 1, i.e. targets in [0, 1]).
+        (peak 1, i.e. targets in [0, 1]), on ``device``.
     """
     if len(seeds) != targets.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {targets.shape[0]} targets")
-    w = {n: t.requires_grad_() for n, t in _init(cfg, seeds).items()}
+    device = torch.device(device) if device is not None else targets.device
+    targets, coords = targets.to(device), coords.to(device)
+    w = {n: t.to(device).requires_grad_() for n, t in _init(cfg, seeds).items()}
     opt = torch.optim.Adam(list(w.values()), lr=cfg.lr)
     steps = range(cfg.steps)
     if progress:
@@ -193,27 +198,28 @@ def fit_sirens(
 
         steps = tqdm(steps, desc=f"fitting {targets.shape[0]} INRs", unit="step", leave=False)
     target_mse = None if cfg.target_psnr is None else 10 ** (-cfg.target_psnr / 10)
-    frozen: dict[str, Tensor] = {}
-    done = torch.zeros(targets.shape[0], dtype=torch.bool)
-    for _ in steps:
+    frozen = {n: torch.zeros_like(t) for n, t in w.items()}
+    done = torch.zeros(targets.shape[0], dtype=torch.bool, device=device)
+    for step in steps:
         err = siren_forward(cfg, w, coords) - targets
         mse = err.pow(2).mean(dim=(1, 2))
         if target_mse is not None:
-            # early stopping per INR: once at the target, its weights stay as they are
+            # early stopping per INR: once at the target, its weights stay as they are.
+            # Written without a host sync per step (where() over all INRs); whether all
+            # are done is asked every 16 steps: later steps leave finished INRs unchanged
             newly = (mse.detach() <= target_mse) & ~done
-            if newly.any():
+            with torch.no_grad():
                 for n, t in w.items():
-                    keep = frozen.get(n, torch.zeros_like(t))
-                    frozen[n] = torch.where(_bcast(newly, t), t.detach(), keep)
-                done |= newly
-                if bool(done.all()):
-                    break
+                    frozen[n] = torch.where(_bcast(newly, t), t.detach(), frozen[n])
+            done = done | newly
+            if step % 16 == 15 and bool(done.all()):
+                break
         # per-INR mean squared error, summed: each INR gets its own gradient
         loss = mse.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if done.any():
+        if target_mse is not None:
             with torch.no_grad():
                 for n, t in w.items():
                     t.copy_(torch.where(_bcast(done, t), frozen[n], t))
@@ -430,6 +436,7 @@ def make_dataset(
     val: float = 0.1,
     test: float = 0.2,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[Path]:
     """Fit ``per_image`` SIRENs to every image of scikit-learn's digits and store them.
 
@@ -474,11 +481,11 @@ def make_dataset(
         for start in range(0, len(chunk), batch):
             sub = chunk[start : start + batch]
             targets = images[[it.image for it in sub]].reshape(len(sub), -1, 1)
-            w, psnr = fit_sirens(targets, coords, [it.seed for it in sub], cfg, progress)
+            w, psnr = fit_sirens(targets, coords, [it.seed for it in sub], cfg, progress, device)
             for it, p in zip(sub, psnr.tolist()):
                 it.psnr = round(p, 4)
             for n, t in w.items():
-                parts.setdefault(n, []).append(t)
+                parts.setdefault(n, []).append(t.cpu())
         tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
         rows = [asdict(it) for it in chunk]
         _save_shard(path, tensors, rows)

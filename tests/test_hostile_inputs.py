@@ -346,3 +346,17 @@ def test_heads_layout_mismatch_is_refused_not_falsely_verified(tmp_path, capsys)
     )
     _refused(["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "num_attention_heads")
     assert main(["merge", str(a), str(b), "--method", "linear", "-o", str(out), "-q"]) == 0
+
+
+@pytest.mark.parametrize("command", ["align", "merge", "inr"])
+def test_device_cuda_without_cuda_is_refused_before_work(pair, tmp_path, capsys, command):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    a, b = pair
+    argv = {
+        "align": ["align", a, b, "-o", tmp_path / "o.safetensors"],
+        "merge": ["merge", a, b, "--method", "linear", "-o", tmp_path / "o.safetensors"],
+        "inr": ["inr", "make", tmp_path / "inrs"],
+    }[command]
+    _refused([*argv, "--device", "cuda", "-q"], capsys, tmp_path, "--device cuda", "no CUDA")
+    assert not (tmp_path / "inrs").exists()

@@ -66,6 +66,7 @@ def merge_checkpoints(
         low_memory=low_memory,
         progress=progress,
         quiet=quiet,
+        device=device,
     )
     return execute(
         plan,

@@ -85,6 +85,7 @@ def align_sources(
     low_memory: bool = False,
     progress: bool = False,
     quiet: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[int, Callable[[str], Tensor]]:
     """Readers for the sources marked ``align: weight``, permuted onto the reference."""
     from tasks import stream
@@ -118,7 +119,14 @@ def align_sources(
         log = MatchLog()
         wa, wb = stream.matching_inputs(ref, ck, low_memory=low_memory)
         g = weight_matching(
-            ref.space, wa, wb, seed=seed, max_sweeps=max_sweeps, progress=progress, log=log
+            ref.space,
+            wa,
+            wb,
+            seed=seed,
+            max_sweeps=max_sweeps,
+            progress=progress,
+            log=log,
+            device=device,
         )
         if ref.model is not None:
             # the aligned model must compute what it computed before, on its own weights

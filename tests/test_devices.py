@@ -1,0 +1,66 @@
+"""Device placement, checked on a CPU-only machine with the meta device.
+
+A meta tensor mixed with a CPU tensor raises, so a pipeline run with ``device="meta"``
+fails on any tensor it creates on the CPU inside its loop. What the meta device cannot
+follow, and so is not checked here: host syncs on values (early-stopping checks, the
+assignment solved by scipy in weight matching, methods with a data-dependent branch),
+which need real values; ``benchmarks/gpu.py`` runs those on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tasks.inr import INRConfig, fit_sirens, image_grid
+from tasks.merge_methods import METHODS, merge_tensor
+
+META = torch.device("meta")
+
+
+def test_meta_device_catches_a_cpu_tensor():
+    with pytest.raises(RuntimeError, match="device"):
+        torch.zeros(3, device=META) + torch.zeros(3)
+
+
+@pytest.mark.parametrize("target_psnr", [None, 40.0])
+def test_fit_sirens_stays_on_its_device(target_psnr):
+    cfg = replace(INRConfig(), steps=3, target_psnr=target_psnr)
+    targets, coords = torch.rand(4, 64, 1), image_grid(8, 8)
+    w, psnr = fit_sirens(targets, coords, [0, 1, 2, 3], cfg, device=META)
+    assert psnr.device == META and all(t.device == META for t in w.values())
+    assert w["net.0.weight"].shape == (4, 32, 2)
+
+
+# methods whose arithmetic has no branch on values (the others ask the host once per
+# tensor: a zero-sum check, a convergence test, a sampled threshold)
+ON_DEVICE = [
+    m
+    for m in METHODS
+    if m
+    not in (
+        "linear",
+        "karcher",
+        "sce",
+        "multislerp",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+    )  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("method", ON_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_methods_stay_on_their_device(method, dtype):
+    m = METHODS[method]
+    base = torch.empty(6, 5, device=META, dtype=dtype)
+    n = m.n_models or 2
+    xs = [torch.empty(6, 5, device=META, dtype=dtype) for _ in range(n)]
+    params = {"t": 0.3} if method in ("slerp", "nearswap") else {}
+    out = merge_tensor(method, "w", xs, base if m.needs_base else None, params=params,
+                       compute_dtype=dtype)  # fmt: skip
+    assert out.device == META and out.dtype == dtype and out.shape == (6, 5)
