@@ -79,7 +79,9 @@ def llama_pair():
     cfg = transformers.LlamaConfig(
         vocab_size=256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=64,
+        use_cache=False,
     )  # fmt: skip
+    cfg._attn_implementation = "eager"  # as converters.pretrained builds HF models
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)

@@ -9,12 +9,17 @@ Families:
   per-channel norm), global pooling, then a stack of Linear layers.
 
 Modules are read in state-dict order; a module is the key prefix before the last dot.
+A ``.safetensors`` file does not keep that order (its tensors are stored sorted), so
+``order="natural"`` reads the modules by the numbers in their names instead (``0 < 2 <
+10``, ``layer1.0.conv1`` before ``layer1.0.bn1`` before ``layer1.1``), a convolution or
+Linear layer before the norm that shares its number, and (``cnn``) the Linear head last.
 Hidden units of every layer but the last form one permutation group, named after the
 module that produces them. Inputs and outputs are fixed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -115,8 +120,11 @@ class _Builder:
         return WeightSpace.build(self.groups, self.tensors, self.sets, notes=notes)
 
 
-def _modules(sd: Mapping[str, Tensor]) -> list[tuple[str, dict[str, tuple[str, Tensor]]]]:
-    """``[(prefix, {leaf: (full key, tensor)})]`` in state-dict order."""
+def _modules(
+    sd: Mapping[str, Tensor], natural: bool = False, head_last: bool = False
+) -> list[tuple[str, dict[str, tuple[str, Tensor]]]]:
+    """``[(prefix, {leaf: (full key, tensor)})]`` in state-dict order, or in natural order
+    (see the module docstring)."""
     mods: dict[str, dict[str, tuple[str, Tensor]]] = {}
     for key, value in sd.items():
         if not isinstance(value, Tensor):
@@ -125,6 +133,16 @@ def _modules(sd: Mapping[str, Tensor]) -> list[tuple[str, dict[str, tuple[str, T
             )
         prefix, _, leaf = key.rpartition(".")
         mods.setdefault(prefix, {})[leaf] = (key, value)
+    if natural:
+        rank = {"conv": 0, "linear": 0, "batchnorm": 1, "norm": 1}
+
+        def key(item):
+            prefix, leaves = item
+            kind = _kind(leaves)
+            numbers = tuple(int(n) for n in re.findall(r"\d+", prefix))
+            return (head_last and kind == "linear", numbers, rank.get(kind, 2), prefix)
+
+        return sorted(mods.items(), key=key)
     return list(mods.items())
 
 
@@ -165,8 +183,8 @@ def _add_linear_stack(
         prev, prev_size = name, w.shape[0]
 
 
-def _mlp(sd: Mapping[str, Tensor], action: str | None) -> WeightSpace:
-    mods = _modules(sd)
+def _mlp(sd: Mapping[str, Tensor], action: str | None, natural: bool = False) -> WeightSpace:
+    mods = _modules(sd, natural)
     if not mods:
         raise WeightSpaceError("empty state dict")
     for prefix, leaves in mods:
@@ -183,8 +201,8 @@ def _mlp(sd: Mapping[str, Tensor], action: str | None) -> WeightSpace:
     return b.build()
 
 
-def _cnn(sd: Mapping[str, Tensor], action: str | None) -> WeightSpace:
-    mods = _modules(sd)
+def _cnn(sd: Mapping[str, Tensor], action: str | None, natural: bool = False) -> WeightSpace:
+    mods = _modules(sd, natural, head_last=True)
     kinds = [_kind(leaves) for _, leaves in mods]
     if "conv" not in kinds:
         raise WeightSpaceError("family='cnn' found no convolution (a weight with >= 3 axes)")
@@ -258,7 +276,10 @@ def _cnn(sd: Mapping[str, Tensor], action: str | None) -> WeightSpace:
 
 
 def from_state_dict(
-    sd: Mapping[str, Tensor], family: str, activation: str | None = None
+    sd: Mapping[str, Tensor],
+    family: str,
+    activation: str | None = None,
+    order: str = "given",
 ) -> WeightSpace:
     """The WeightSpace of a state dict of a known family.
 
@@ -267,16 +288,22 @@ def from_state_dict(
         family: ``"mlp"``, ``"siren"`` or ``"cnn"``.
         activation: the hidden activation, for the groups' scaling/sign annotation
             (default ``"relu"``; ``"sin"`` for ``siren``).
+        order: ``"given"`` (the dict's order: a model's ``state_dict()``, a ``.pt``) or
+            ``"natural"`` (by the numbers in the module names: a ``.safetensors`` file,
+            which stores its tensors sorted).
 
     Raises:
         WeightSpaceError: naming the tensor that does not fit the family.
     """
+    if order not in ("given", "natural"):
+        raise WeightSpaceError(f"order must be 'given' or 'natural', got {order!r}")
+    natural = order == "natural"
     if family == "siren":
-        return _mlp(sd, activation_action(activation or "sin"))
+        return _mlp(sd, activation_action(activation or "sin"), natural)
     if family == "mlp":
-        return _mlp(sd, activation_action(activation or "relu"))
+        return _mlp(sd, activation_action(activation or "relu"), natural)
     if family == "cnn":
-        return _cnn(sd, activation_action(activation or "relu"))
+        return _cnn(sd, activation_action(activation or "relu"), natural)
     raise WeightSpaceError(
         f"unknown family {family!r}; known: {', '.join(FAMILIES)} "
         "(for any nn.Module use converters.from_module)"

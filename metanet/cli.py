@@ -209,6 +209,21 @@ def _check_fits(model, weights: dict, path: Path, spec: str) -> None:
         )
 
 
+def _has_space(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file carrying a metanet WeightSpace."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    from metanet.io import SPACE_KEY
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return SPACE_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - the loader reports the precise problem
+        return True
+
+
 def _space_and_weights(path: str, family: str | None, activation: str | None, input_shape=None):
     """``(weights, space)`` of a checkpoint, a Hugging Face folder, or a ``module:factory``."""
     p = Path(path)
@@ -243,7 +258,9 @@ def _space_and_weights(path: str, family: str | None, activation: str | None, in
     from converters import from_state_dict
 
     sd = load_state_dict(p)
-    return sd, from_state_dict(sd, family, activation=activation)
+    # a .safetensors file stores its tensors sorted: the modules' order comes from names
+    order = "natural" if p.suffix == ".safetensors" else "given"
+    return sd, from_state_dict(sd, family, activation=activation, order=order)
 
 
 def _from_factory(spec: str, input_shape: list[int] | None):
@@ -364,6 +381,16 @@ class _Checkpoint:
         else:
             if not self.path.exists():
                 raise UsageError(f"{path}: no such file or folder")
+            if getattr(args, "model", None) and args.family is None and not _has_space(self.path):
+                # a plain state dict and the model it belongs to: the space is the model's
+                from converters import from_module
+                from metanet.io import load_state_dict
+
+                self.model, self.inputs = _factory_model(args.model, args.input_shape, "--model")
+                self.weights = load_state_dict(self.path)
+                _check_fits(self.model, self.weights, self.path, args.model)
+                self.space = from_module(self.model, self.inputs)
+                return
             self.weights, self.space = _space_and_weights(path, args.family, args.activation)
         if getattr(args, "model", None) and self.model is None:
             self.model, self.inputs = _factory_model(args.model, args.input_shape, "--model")

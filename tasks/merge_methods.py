@@ -593,11 +593,13 @@ def _ram(xs, base, glob, plus: bool) -> Tensor:
     z = tau * nz
     shared = z * overlap / count.clamp(min=1)
     if plus:
-        n_shared = (nz & overlap).sum(-1).to(tau.dtype)
-        n_unique = (nz & unique).sum(-1).to(tau.dtype)
+        # counts divided in float32, as mergekit: the scaled unique changes (and so the
+        # result) come out in float32, cast to the merge dtype by the caller
+        n_shared = (nz & overlap).sum(-1)
+        n_unique = (nz & unique).sum(-1)
         rho = n_shared / n_unique.clamp(min=eps)
         lam = 1 + float(glob["r"]) * rho.clamp(0, float(glob["alpha"]))
-        merged = (lam[:, None] * z * unique + shared).sum(0)
+        merged = (z * unique * lam[:, None] + shared).sum(0)
     else:
         merged = (z * unique + shared).sum(0)
     return base + merged.reshape(shape)

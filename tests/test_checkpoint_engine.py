@@ -327,3 +327,60 @@ def test_hub_ids_resolve_offline_from_the_cache(llamas, tmp_path, monkeypatch, c
     assert len(err) == 1 and "org/not-here" in err[0] and "cache" in err[0]
     assert _digest(tmp_path) == before and not (tmp_path / "m2").exists()
     os.environ.pop("HF_HUB_OFFLINE", None)
+
+
+# --------------------------------------------------------------------------- plain state dicts
+def _cnn(seed: int) -> dict:
+    """A named CNN (conv1, bn1, conv2, bn2, fc): its .safetensors keys come back sorted."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    net = nn.Module()
+    net.conv1, net.bn1 = nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6)
+    net.conv2, net.bn2 = nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6)
+    net.fc = nn.Linear(6, 3)
+    for m in (net.bn1, net.bn2):  # statistics that are not the defaults
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_family_cnn_reads_pt_and_safetensors_alike(tmp_path):
+    """The same weights as .pt (state-dict order) and .safetensors (stored sorted): the same
+    WeightSpace, and the same aligned merge from the CLI."""
+    from safetensors.torch import save_file
+
+    outs = {}
+    for suffix in (".pt", ".safetensors"):
+        paths = []
+        for seed in (0, 1):
+            path = tmp_path / f"m{seed}{suffix}"
+            sd = _cnn(seed)
+            torch.save(sd, path) if suffix == ".pt" else save_file(sd, str(path))
+            paths.append(str(path))
+        out = tmp_path / f"merged{suffix}.safetensors"
+        assert main(["merge", *paths, "--family", "cnn", "-o", str(out), "-q"]) == 0
+        outs[suffix] = metanet.load(out)
+    (wa, sa), (wb, sb) = outs[".pt"], outs[".safetensors"]
+    assert sa == sb
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_model_flag_derives_the_space_of_plain_state_dicts(tmp_path, capsys):
+    """``--model module:factory`` on plain state dicts: the space is traced from the model
+    (no --family needed), and the aligned output computes what B computed."""
+    from safetensors.torch import save_file
+
+    from tasks import digits
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"p{seed}.safetensors"
+        save_file(digits.mlp(64, 2).state_dict(), str(path))
+        paths.append(str(path))
+    out = tmp_path / "aligned.safetensors"
+    argv = ["align", *paths, "-o", str(out), "--model", "tests.cli_models:digits_mlp"]
+    assert main(argv) == 0
+    assert "same function" in capsys.readouterr().err
+    weights, space = metanet.load(out)
+    assert space.groups and set(weights) == set(load_file(paths[1]))
