@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "read_index",
     "TMP_MARK",
     "remove_stale",
+    "tmp_beside",
+    "move_into_place",
     "umask_mode",
 ]
 
@@ -357,6 +360,23 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def tmp_beside(out: Path) -> Path:
+    """The temporary name an output is written under, beside it (this process's)."""
+    return out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out``; an old ``out`` (file or folder) is moved
+    aside first and removed only once the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, out)
 
 
 def remove_stale(target: Path) -> list[Path]:

@@ -36,8 +36,10 @@ from metanet.shards import (
     TMP_MARK,
     LazyWeights,
     ShardWriter,
+    move_into_place,
     read_index,
     remove_stale,
+    tmp_beside,
     umask_mode,
 )
 from metanet.space import Element, WeightSpace
@@ -296,10 +298,6 @@ def require_finite(path, name: str, w: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- outputs
-def _tmp_beside(out: Path) -> Path:
-    return out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
-
-
 def write_output(
     ref: Checkpoint,
     out: Path,
@@ -342,7 +340,7 @@ def write_output(
         ours[key] = n
         return (key, shape, dt)
 
-    tmp = _tmp_beside(out)
+    tmp = tmp_beside(out)
     writers: list[ShardWriter] = []
     try:
         if single:
@@ -382,13 +380,7 @@ def write_output(
                 w.close()
         if check is not None:
             check(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         for w in writers:
             w.abort()

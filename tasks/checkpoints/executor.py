@@ -26,7 +26,7 @@ import yaml
 from torch import Tensor
 
 from metanet.io import SPACE_KEY, CheckpointError
-from metanet.shards import INDEX, TMP_MARK, ShardWriter, remove_stale
+from metanet.shards import INDEX, ShardWriter, move_into_place, remove_stale, tmp_beside
 from tasks.checkpoints.config import MergeConfig
 from tasks.checkpoints.plan import MergePlan
 from tasks.merge_methods import merge_tensor
@@ -77,10 +77,6 @@ def _chat_template(value: str) -> str:
     )
 
 
-def _tmp_beside(out: Path) -> Path:
-    return out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
-
-
 def execute(
     plan: MergePlan,
     out: str | os.PathLike,
@@ -107,7 +103,7 @@ def execute(
     remove_stale(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     entries = [(t.name, t.shape, t.dtype) for t in plan.tensors]
-    tmp = _tmp_beside(out)
+    tmp = tmp_beside(out)
     writer = None
     try:
         if single:
@@ -169,13 +165,7 @@ def execute(
         writer.close()
         if check is not None:
             check(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         if writer is not None:
             writer.abort()
