@@ -84,8 +84,13 @@ def parse_size(text: str | int) -> int:
 
 
 def _header(path: Path) -> tuple[dict, int]:
-    """The JSON header and where the data starts; a truncated or foreign file is refused
-    here, before any work (every tensor's bytes must lie inside the file)."""
+    """The JSON header and where the data starts, validated as safetensors validates it
+    (so nothing is read that safetensors would refuse, and no read reaches past the file):
+    a JSON object; ``__metadata__`` a string-to-string map; every tensor a known dtype, a
+    shape of non-negative integers and ``data_offsets`` ``[begin, end]`` that hold exactly
+    its bytes; the tensors, in offset order, cover the data section exactly, each starting
+    where the one before ends (no gap, no overlap). A :class:`CheckpointError` names the
+    file and the tensor otherwise."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -96,13 +101,60 @@ def _header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: not a safetensors file (or truncated: bad header)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and (
+        not isinstance(meta, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: expected dtype, shape and data_offsets, got {info!r}"
+            )
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise CheckpointError(f"{path}: tensor {key!r} has a bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise CheckpointError(f"{path}: tensor {key!r} has bad data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
+                f"bytes, its {dtype} shape {shape} needs {nbytes}"
+            )
+        spans.append((offsets[0], offsets[1], key))
+    spans.sort()
+    expected = 0
+    for begin, end, key in spans:
+        if begin != expected:
+            what = "overlaps the tensor before it" if begin < expected else "leaves a gap"
+            raise CheckpointError(f"{path}: tensor {key!r} {what} (data_offsets {begin}..{end})")
+        expected = end
+    if 8 + n + expected != size:
+        if 8 + n + expected > size:
+            raise CheckpointError(
+                f"{path}: truncated ({size} bytes, its header promises {8 + n + expected}); "
+                "was it written completely?"
+            )
         raise CheckpointError(
-            f"{path}: truncated ({size} bytes, its header promises {8 + n + end}); "
-            "was it written completely?"
+            f"{path}: {size - 8 - n - expected} bytes after the last tensor (not a safetensors file)"
         )
     return header, 8 + n
 
@@ -175,12 +227,7 @@ class LazyWeights(Mapping):
             self.metadata.update(header.pop("__metadata__", None) or {})
             keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])
             for key in keys:
-                info = header[key]
-                if info["dtype"] not in _DTYPES:
-                    raise ValueError(
-                        f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}"
-                    )
-                self.entries[key] = (file, start, info)
+                self.entries[key] = (file, start, header[key])
             self.order.append((file, keys))
         self.names = dict(names) if names is not None else {k: k for k in self.entries}
         missing = [k for k, v in self.names.items() if v not in self.entries]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import metanet
 from converters import from_state_dict
@@ -360,3 +362,84 @@ def test_device_cuda_without_cuda_is_refused_before_work(pair, tmp_path, capsys,
     }[command]
     _refused([*argv, "--device", "cuda", "-q"], capsys, tmp_path, "--device cuda", "no CUDA")
     assert not (tmp_path / "inrs").exists()
+
+
+# --------------------------------------------------------------------------- crafted headers
+
+_TENSORS = {
+    "a": torch.arange(6, dtype=torch.float32).view(2, 3),
+    "b": torch.ones(4, dtype=torch.int64),
+}
+
+
+def _crafted(tmp_path: Path, header: dict, data: bytes) -> Path:
+    import json
+    import struct
+
+    blob = json.dumps(header).encode()
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+_DATA = _TENSORS["a"].numpy().tobytes() + _TENSORS["b"].numpy().tobytes()
+_VALID = {
+    "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+    "b": {"dtype": "I64", "shape": [4], "data_offsets": [24, 56]},
+}
+_ints = st.integers(min_value=-2, max_value=80)
+_entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "I64", "F16", "BF16", "U16", "F8_E4M3", "X", 3]),
+        "shape": st.one_of(st.lists(_ints, max_size=3), st.just("2x3")),
+        "data_offsets": st.one_of(st.lists(_ints, min_size=0, max_size=3), st.just(None)),
+    }
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    edits=st.dictionaries(st.sampled_from(["a", "b", "c"]), _entry, max_size=3),
+    cut=st.integers(min_value=-8, max_value=8),
+    keep_valid=st.booleans(),
+)
+def test_crafted_headers_load_as_safetensors_does_or_fail_with_checkpoint_error(
+    tmp_path, edits, cut, keep_valid
+):
+    """Offsets short, overlapping, missing or past the end, unknown dtypes, wrong shapes,
+    trailing bytes: the streaming reader either reads exactly what safetensors reads, or
+    raises CheckpointError; never another exception, never a read past the file."""
+    from safetensors import safe_open
+
+    from metanet.shards import LazyWeights
+
+    header = dict(_VALID) if keep_valid else {}
+    header.update(edits)
+    data = _DATA[: len(_DATA) + cut] if cut < 0 else _DATA + b"\0" * cut
+    path = _crafted(tmp_path, header, data)
+    try:
+        lazy = LazyWeights(path)
+        ours = {k: lazy.read(k) for k in lazy.entries}
+    except CheckpointError:
+        return
+    assert sum(t.numel() * t.element_size() for t in ours.values()) <= path.stat().st_size
+    with safe_open(str(path), framework="pt") as f:  # it must accept what we accepted
+        theirs = {k: f.get_tensor(k) for k in f.keys()}
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+
+
+def test_overlapping_offsets_are_refused(tmp_path):
+    """``b`` pointing into ``a``'s bytes: safetensors refuses it, and so do we (before, b
+    read a's bytes)."""
+    from metanet.shards import LazyWeights
+
+    header = {
+        "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+    }
+    with pytest.raises(CheckpointError, match="overlaps"):
+        LazyWeights(_crafted(tmp_path, header, _DATA[:24]))
