@@ -792,8 +792,41 @@ class WeightSpace:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise WeightSpaceError(f"WeightSpace JSON is malformed: {e}") from None
+        except RecursionError:
+            raise WeightSpaceError("WeightSpace JSON is nested too deeply") from None
         check_space_dict(data)
-        return cls.from_dict(data)
+        space = cls.from_dict(data)
+        space._check_bounded()
+        return space
+
+    def _check_bounded(self) -> None:
+        """A space read from a file names no group and no neuron set larger than its
+        tensors hold values (or a million): otherwise a 100 KB header could ask ``random_element()`` or
+        a matching for petabytes (a group a tensor uses is bounded by its axis already;
+        an unused one, or a neuron set, by nothing else)."""
+        used = {
+            f.group
+            for t in self.tensors.values()
+            for a in t.axes
+            for seg in a.segments
+            for f in seg
+            if f.group is not None
+        }
+        # a million points (8 MB per permutation) is allowed whatever the tensors hold
+        limit = max(1 << 20, self.num_params)
+        for g in self.groups.values():
+            if g.size > limit:
+                what = "" if g.name in used else " and acts on no tensor"
+                raise WeightSpaceError(
+                    f"group {g.name!r} has size {g.size:,}{what}, more than the space's "
+                    f"{limit:,} values; refusing a WeightSpace that would allocate for it"
+                )
+        for ns in self.neuron_sets.values():
+            if ns.axis.size > limit:
+                raise WeightSpaceError(
+                    f"neuron set {ns.name!r} has {ns.axis.size:,} neurons, more than the "
+                    f"space's {limit:,} values"
+                )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WeightSpace):

@@ -443,3 +443,36 @@ def test_overlapping_offsets_are_refused(tmp_path):
     }
     with pytest.raises(CheckpointError, match="overlaps"):
         LazyWeights(_crafted(tmp_path, header, _DATA[:24]))
+
+
+def test_hostile_embedded_weight_space_is_bounded(pair, tmp_path, capsys):
+    """An unused group of size 1e15, a neuron set larger than the model, JSON nested 100k
+    deep: refused when read (one line at the CLI), before any allocation."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from metanet.io import SPACE_KEY
+    from metanet.space import WeightSpace, WeightSpaceError
+
+    a, _ = pair
+    with safe_open(str(a), framework="pt") as f:
+        doc = json.loads(f.metadata()[SPACE_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    group = next(iter(doc["groups"]))
+    huge = json.loads(json.dumps(doc))
+    huge["groups"]["unused"] = dict(doc["groups"][group], size=10**15)
+    with pytest.raises(WeightSpaceError, match="acts on no tensor"):
+        WeightSpace.from_json(json.dumps(huge))
+    small = json.loads(json.dumps(doc))  # an unused group no larger than the model: harmless
+    small["groups"]["unused"] = dict(doc["groups"][group], size=3)
+    WeightSpace.from_json(json.dumps(small))
+    bad = tmp_path / "hostile.safetensors"
+    save_file(tensors, str(bad), metadata={SPACE_KEY: json.dumps(huge)})
+    _refused(["inspect", bad], capsys, tmp_path, "hostile.safetensors", "'unused'", "no tensor")
+    _refused(
+        ["align", bad, a, "-o", tmp_path / "o.safetensors", "-q"], capsys, tmp_path, "'unused'"
+    )
+    with pytest.raises(WeightSpaceError, match="nested too deeply"):
+        WeightSpace.from_json("[" * 100_000 + "]" * 100_000)
