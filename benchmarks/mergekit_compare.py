@@ -281,7 +281,7 @@ def delta_stats(out: dict, base: dict) -> tuple[float, float]:
     sq = 0.0
     for k, v in out.items():
         if k in base and v.is_floating_point():
-            d = v.double() - base[k].double()
+            d = v.double() - base[k].to(v.dtype).double()  # the base as the output's dtype
             changed += int((d != 0).sum())
             total += d.numel()
             sq += float((d * d).sum())
