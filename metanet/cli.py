@@ -636,7 +636,11 @@ def _stream_match(ref, other, args, log_stages):
     return g
 
 
-_VERIFY_TOL = 1e-4
+def _function_tol(output) -> float:
+    """The one tolerance of a "same function" check, by the dtype the model ran in."""
+    from tasks.align import FUNCTION_TOL
+
+    return FUNCTION_TOL.get(output.dtype, 1e-4)
 
 
 def _stream_align(args: argparse.Namespace, out: Path) -> int:
@@ -656,7 +660,7 @@ def _stream_align(args: argparse.Namespace, out: Path) -> int:
         if reference is None:
             return
         err = stream.verify_written(b, written, reference)
-        if not err < _VERIFY_TOL:
+        if not err < _function_tol(reference):
             raise AlignmentError(
                 f"the aligned weights change B's function (max rel. error {err:.1e}); "
                 "nothing written"
@@ -733,7 +737,7 @@ def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
                 stream.load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
                 want = stream.model_output(ref.model, ref.inputs)
                 err = stream.relative_error(ref, stream.permuted_reader(ck, elements[i]), want)
-                if not err < _VERIFY_TOL:
+                if not err < _function_tol(want):
                     raise AlignmentError(
                         f"aligning {ck.path} changes its function (max rel. error {err:.1e}); "
                         "nothing written"

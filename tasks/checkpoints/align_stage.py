@@ -17,21 +17,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tasks.align import AlignmentError
+from tasks.align import FUNCTION_TOL, AlignmentError
 from tasks.checkpoints.config import MergeConfig
 from tasks.checkpoints.plan import MergePlan
 
-__all__ = ["align_sources", "check_same_layout", "FUNCTION_TOL"]
-
-# the largest relative output change a relabelling may show, by the dtype the model runs
-# in: a permutation changes only the order of sums, so this is rounding, not error
-FUNCTION_TOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.bfloat16: 3e-2,
-    torch.float16: 1e-2,
-}
-
+__all__ = ["align_sources", "check_same_layout"]
 
 # config.json fields that fix how a tensor's axes split into groups (heads, head_dim,
 # layers): two models whose tensors have equal shapes may still differ here
