@@ -1225,6 +1225,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; training writes a folder")
+    dataset = Path(args.dataset).resolve()
+    if out.resolve() == dataset or dataset in out.resolve().parents:
+        raise UsageError(
+            f"--out {out}: is inside the dataset {args.dataset}; write the model somewhere else"
+        )
     from tasks.train import train
 
     coords = None

@@ -476,3 +476,11 @@ def test_hostile_embedded_weight_space_is_bounded(pair, tmp_path, capsys):
     )
     with pytest.raises(WeightSpaceError, match="nested too deeply"):
         WeightSpace.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_train_output_inside_its_dataset_is_refused(tmp_path, capsys):
+    dataset = tmp_path / "inrs"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text("{}\n")
+    for out in (dataset, dataset / "model"):
+        _refused(["train", "unf", dataset, "--out", out, "-q"], capsys, tmp_path, "inside")
