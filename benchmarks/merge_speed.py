@@ -122,8 +122,8 @@ def main(argv=None) -> None:
     if not (small / "b" / "config.json").is_file():
         make_models(small)
     cfg = work / "small.yml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": str(small / "a")}, {"model": str(small / "b")}]}))  # fmt: skip
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [  # mergekit needs weights
+        {"model": str(small / m), "parameters": {"weight": 0.5}} for m in ("a", "b")]}))  # fmt: skip
     rows = {}
     for name, cmd in (("metanet", ours), ("mergekit", [mk])):
         out = work / f"small_{name}"
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
         a, b = make_pair(work, SHAPE, quiet=True)
         cfg = work / "large.yml"
         cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-            {"model": str(a)}, {"model": str(b)}]}))  # fmt: skip
+            {"model": str(m), "parameters": {"weight": 0.5}} for m in (a, b)]}))  # fmt: skip
         big = {}
         cold = True
         for name in ("floor", "metanet", "mergekit"):
