@@ -111,14 +111,24 @@ def _device(args: argparse.Namespace):
     import torch
 
     spec = getattr(args, "device", None) or "cpu"
+    if isinstance(spec, torch.device):
+        return spec
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             f"--device {spec}: this machine has no CUDA device (torch {torch.__version__}); "
             "use --device cpu or auto"
         )
-    return torch.device(spec)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -286,6 +296,9 @@ def _check_output(out: Path, inputs: Sequence[str | Path], force: bool, folder: 
             raise UsageError(f"{out}: is an input; write the result somewhere else")
         if Path(p).is_dir() and Path(p).resolve() in out.resolve().parents:
             raise UsageError(f"{out}: is inside the input {p}; write the result somewhere else")
+        if out.resolve() in Path(p).resolve().parents:
+            # --force would move the old output aside and delete it, inputs included
+            raise UsageError(f"{out}: holds the input {p}; write the result somewhere else")
     if out.exists():
         if not force:
             raise UsageError(f"{out}: exists; pass --force to overwrite")
@@ -981,8 +994,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     args.device = _device(args)
     _merge_setup(args)
     out = Path(args.output)
-    folder = Path(args.paths[0]).is_dir() and out.suffix != ".safetensors"
-    _check_output(out, args.paths, args.force, folder=folder)
+    # a folder output from a folder input (a hub id resolves to one)
+    first = Path(args.paths[0])
+    folder = out.suffix != ".safetensors" and (first.is_dir() or not first.exists())
+    inputs = list(args.paths)
+    cfg = args.config_obj
+    if args.config:
+        inputs.append(args.config)
+    if cfg is not None and cfg.tokenizer_source not in (None, "base"):
+        inputs.append(cfg.tokenizer_source)
+    _check_output(out, inputs, args.force, folder=folder)
     args.kit = args.config_obj is not None or args.method not in (*_LEGACY_METHODS, None)
     if args.kit:
         on_data = [how for how in args.align_methods if how in ("activation", "ste")]

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -83,6 +84,12 @@ def parse_size(text: str | int) -> int:
     return int(value * factor)
 
 
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (headers are attacker-sized)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _header(path: Path) -> tuple[dict, int]:
     """The JSON header and where the data starts, validated as safetensors validates it
     (so nothing is read that safetensors would refuse, and no read reaches past the file):
@@ -91,7 +98,10 @@ def _header(path: Path) -> tuple[dict, int]:
     its bytes; the tensors, in offset order, cover the data section exactly, each starting
     where the one before ends (no gap, no overlap). A :class:`CheckpointError` names the
     file and the tensor otherwise."""
-    size = path.stat().st_size
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below forever
+        raise CheckpointError(f"{path}: not a regular file")
+    size = st.st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -101,7 +111,7 @@ def _header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: not a safetensors file (or truncated: bad header)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, a 5,000-digit integer
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
@@ -115,28 +125,33 @@ def _header(path: Path) -> tuple[dict, int]:
     for key, info in header.items():
         if key == "__metadata__":
             continue
+        name = _short(key)
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(
-                f"{path}: tensor {key!r}: expected dtype, shape and data_offsets, got {info!r}"
+                f"{path}: tensor {name}: expected dtype, shape and data_offsets, got {_short(info)}"
             )
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {_short(dtype)}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 64
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
+            )
         ):
-            raise CheckpointError(f"{path}: tensor {key!r} has a bad shape {shape!r}")
+            raise CheckpointError(f"{path}: tensor {name} has a bad shape {_short(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise CheckpointError(f"{path}: tensor {key!r} has bad data_offsets {offsets!r}")
+            raise CheckpointError(f"{path}: tensor {name} has bad data_offsets {_short(offsets)}")
         nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
-        if offsets[1] - offsets[0] != nbytes:
+        if offsets[1] - offsets[0] != nbytes or (0 in shape and any(d >= 2**31 for d in shape)):
             raise CheckpointError(
-                f"{path}: tensor {key!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
+                f"{path}: tensor {name}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
                 f"bytes, its {dtype} shape {shape} needs {nbytes}"
             )
         spans.append((offsets[0], offsets[1], key))
@@ -145,7 +160,9 @@ def _header(path: Path) -> tuple[dict, int]:
     for begin, end, key in spans:
         if begin != expected:
             what = "overlaps the tensor before it" if begin < expected else "leaves a gap"
-            raise CheckpointError(f"{path}: tensor {key!r} {what} (data_offsets {begin}..{end})")
+            raise CheckpointError(
+                f"{path}: tensor {_short(key)} {what} (data_offsets {begin}..{end})"
+            )
         expected = end
     if 8 + n + expected != size:
         if 8 + n + expected > size:
@@ -421,7 +438,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-old")
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     else:
         os.replace(tmp, out)
 

@@ -52,6 +52,8 @@ __all__ = [
     "check_finite",
     "write_output",
     "copy_folder",
+    "cache_blobs",
+    "is_cache_blob",
     "verify_written",
     "StageLog",
     "peak_rss_bytes",
@@ -395,14 +397,25 @@ def _weight_names(folder: Path) -> list[str]:
     return names + ([INDEX] if (folder / INDEX).is_file() else [])
 
 
-def _cache_blobs(folder: Path) -> Path | None:
-    """``.../models--org--name/blobs`` when ``folder`` is a snapshot of the Hugging Face
-    cache (``.../models--org--name/snapshots/<revision>``), whose files are links there."""
+def cache_blobs(folder: Path) -> str | None:
+    """The real path of ``.../models--org--name/blobs`` when ``folder`` is a snapshot of
+    the Hugging Face cache (``.../models--org--name/snapshots/<revision>``), whose files are
+    links there; None otherwise, and when ``blobs`` is itself a link (it could point
+    anywhere)."""
+    folder = Path(os.path.realpath(folder))
     snapshots = folder.parent
     repo = snapshots.parent
-    if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--")):
-        return repo / "blobs"
-    return None
+    if snapshots.name != "snapshots" or not repo.name.startswith(("models--", "datasets--")):
+        return None
+    blobs = repo / "blobs"
+    if blobs.is_symlink() or not blobs.is_dir():
+        return None
+    return os.path.realpath(blobs)
+
+
+def is_cache_blob(target: str, blobs: str | None) -> bool:
+    """Whether the real path ``target`` is a file directly inside the cache's ``blobs``."""
+    return blobs is not None and os.path.dirname(target) == blobs and os.path.isfile(target)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -426,8 +439,7 @@ def copy_folder(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
 
     src = Path(src)
     root = os.path.realpath(src)
-    blobs = _cache_blobs(Path(root))
-    blobs_real = os.path.realpath(blobs) if blobs is not None else None
+    blobs = cache_blobs(src)
 
     def copy(here: Path, there: Path, top: bool) -> None:
         if not (top and there.is_dir() and not any(there.iterdir())):
@@ -445,11 +457,7 @@ def copy_folder(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
                     # the same link, relative, so it points inside the output too
                     os.symlink(os.path.relpath(target, os.path.realpath(here)), there / p.name)
                     continue
-                if (
-                    blobs_real is not None
-                    and _inside(target, blobs_real)
-                    and os.path.isfile(target)
-                ):
+                if is_cache_blob(target, blobs):
                     shutil.copyfile(target, there / p.name)
                     continue
                 raise CheckpointError(

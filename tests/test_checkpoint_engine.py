@@ -384,3 +384,42 @@ def test_model_flag_derives_the_space_of_plain_state_dicts(tmp_path, capsys):
     assert "same function" in capsys.readouterr().err
     weights, space = metanet.load(out)
     assert space.groups and set(weights) == set(load_file(paths[1]))
+
+
+def test_several_aligned_models_are_each_matched_to_the_reference(tmp_path):
+    """Two noisy permuted copies of A, both ``align: weight``: each must be matched to A
+    itself. (A function check streams a model into A's built model, whose tensors the
+    matching reads: matched one after the other, the second copy was matched to the
+    first one's aligned weights.) The merge equals the in-memory computation."""
+    import warnings
+
+    from converters import from_module
+    from converters.pretrained import hf_model
+    from tasks.align import weight_matching
+
+    _tiny_llama(tmp_path / "A", 0)
+    model, inputs = hf_model(tmp_path / "A")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = from_module(model, inputs)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    copies = []
+    for i, name in enumerate(("B", "C")):
+        gen = torch.Generator().manual_seed(10 + i)
+        noisy = {k: v + 3 * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1
+                 else v for k, v in original.items()}  # fmt: skip
+        copies.append(space.apply(noisy, space.random_element(gen)))
+        model.load_state_dict(copies[-1])
+        model.save_pretrained(tmp_path / name)
+    cfg = _yaml(tmp_path / "m.yml", f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'A'}\n"
+                f"  - model: {tmp_path / 'B'}\n    align: weight\n"
+                f"  - model: {tmp_path / 'C'}\n    align: weight\n")  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["merge", "--config", str(cfg), "-o", str(out), "-q"]) == 0
+    aligned = [space.apply(c, weight_matching(space, original, c)) for c in copies]
+    got = _weights(out)
+    prefix = model.base_model_prefix + "."
+    for k, v in original.items():
+        want = (v + aligned[0][k] + aligned[1][k]) / 3
+        key = k if k in got else k.removeprefix(prefix)
+        torch.testing.assert_close(got[key], want, rtol=0, atol=1e-5)

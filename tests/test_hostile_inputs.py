@@ -484,3 +484,83 @@ def test_train_output_inside_its_dataset_is_refused(tmp_path, capsys):
     (dataset / "dataset.json").write_text("{}\n")
     for out in (dataset, dataset / "model"):
         _refused(["train", "unf", dataset, "--out", out, "-q"], capsys, tmp_path, "inside")
+
+
+def test_cache_whose_blobs_is_a_link_is_not_trusted(tmp_path):
+    """A "cache" whose ``blobs`` folder links to the home folder: its snapshot's links are
+    links out of the input, refused like any other."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secret.txt").write_text(SECRET)
+    repo = tmp_path / "hub" / "models--org--evil"
+    snap = repo / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (repo / "blobs").symlink_to(home, target_is_directory=True)
+    (snap / "tokenizer.json").symlink_to(Path("..", "..", "blobs", "secret.txt"))
+    with pytest.raises(CheckpointError, match="outside the input folder"):
+        copy_folder(snap, tmp_path / "out")
+    _no_secret_anywhere(tmp_path)
+
+
+def test_tokenizer_source_is_copied_by_the_same_rules(hf_pair, tmp_path, capsys):
+    a, b, secret, work = hf_pair
+    tok = work / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").symlink_to(secret)
+    out = work / "out"
+    cfg = work / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                   f"tokenizer_source: {tok}\n")  # fmt: skip
+    _refused(
+        ["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "tokenizer.json", "outside"
+    )
+    (tok / "tokenizer.json").unlink()
+    _refused(["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "no tokenizer files")
+    _no_secret_anywhere(tmp_path)
+
+
+def test_output_that_holds_an_input_is_refused_even_with_force(hf_pair, tmp_path, capsys):
+    """``-o`` a folder that contains the inputs: with --force the old output (inputs and
+    all) would have been moved aside and deleted."""
+    a, b, _, work = hf_pair
+    _refused(["merge", a, b, "--method", "linear", "-o", work, "--force", "-q"], capsys,
+             tmp_path, "holds the input")  # fmt: skip
+    assert a.is_dir() and b.is_dir()
+
+
+def test_reference_weights_in_other_formats_are_not_copied(hf_pair, tmp_path):
+    a, b, _, work = hf_pair
+    (a / "pytorch_model.bin").write_bytes(b"old weights")
+    (a / "original").mkdir()
+    (a / "original" / "consolidated.00.pth").write_bytes(b"old weights")
+    out = work / "out"
+    assert main(["merge", str(a), str(b), "--method", "linear", "-o", str(out), "-q"]) == 0
+    assert not (out / "pytorch_model.bin").exists() and not (out / "original").exists()
+    assert (out / "tokenizer_config.json").is_file() and (out / "1_Pooling").is_dir()
+
+
+@pytest.mark.parametrize("spec", ["gpu", "mps", "cuda:x", "cuda:7"])
+def test_bad_device_values_are_one_line(pair, tmp_path, capsys, spec):
+    a, b = pair
+    argv = ["merge", a, b, "--method", "linear", "-o", tmp_path / "o.safetensors", "-q"]
+    _refused([*argv, "--device", spec], capsys, tmp_path, f"--device {spec}")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        '{"a": {"dtype": "F32", "shape": [0, 1000000000000000000000000000000], "data_offsets": [0, 0]}}',
+        '{"a": {"dtype": "F32", "shape": [' + ",".join(["1"] * 200) + '], "data_offsets": [0, 4]}}',
+        '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + "9" * 5000 + "]}}",
+    ],
+)
+def test_headers_with_huge_numbers_fail_cleanly(tmp_path, header):
+    import struct
+
+    from metanet.shards import LazyWeights
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    with pytest.raises(CheckpointError) as err:
+        LazyWeights(path)
+    assert len(str(err.value)) < 400

@@ -81,23 +81,25 @@ def align_sources(
     from tasks import stream
     from tasks.align import MatchLog, weight_matching
 
-    wanted = {e.path for e in config.models if e.align == "weight"}
+    # in the config's order: a run is repeatable whatever the hash seed
+    wanted = list(dict.fromkeys(e.path for e in config.models if e.align == "weight"))
     others = {e.align for e in config.models} - {"none", "weight"}
     if others:
         raise AlignmentError(
             f"align: {sorted(others)[0]} runs the model on data; it is not a streaming stage"
         )
+    index = {s.ref: i for i, s in enumerate(plan.sources)}
+    wanted = [path for path in wanted if index[path] != plan.reference]
     if not wanted:
         return {}
-    index = {s.ref: i for i, s in enumerate(plan.sources)}
     reference = plan.sources[plan.reference]
     for path in wanted:
         check_same_layout(reference.path, plan.sources[index[path]].path)
     ref = stream.open_checkpoint(reference.path, build_model=reference.hf)
-    readers: dict[int, Callable[[str], Tensor]] = {}
+    matched = []
+    # every model is matched before any function check: a check streams the model's
+    # weights into the reference's model, whose tensors the matching reads
     for path in wanted:
-        if index[path] == plan.reference:
-            continue
         source = plan.sources[index[path]]
         if source.hf:
             ck = stream.open_checkpoint(
@@ -118,6 +120,9 @@ def align_sources(
             log=log,
             device=device,
         )
+        matched.append((path, source, ck, g, log))
+    readers: dict[int, Callable[[str], Tensor]] = {}
+    for path, source, ck, g, log in matched:
         if ref.model is not None:
             # the aligned model must compute what it computed before, on its own weights
             stream.load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))

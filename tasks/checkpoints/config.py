@@ -296,7 +296,7 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise ValueError(
-            f"unknown config key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})"
+            f"unknown config key {sorted(map(str, unknown))[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})"
         )
     if "merge_method" not in data:
         raise ValueError("missing key 'merge_method'")
@@ -327,7 +327,7 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
             extra = set(item) - _MODEL_KEYS
             if extra:
                 raise ValueError(
-                    f"models[{i}]: unknown key {sorted(extra)[0]!r} (allowed: model, parameters, align)"
+                    f"models[{i}]: unknown key {sorted(map(str, extra))[0]!r} (allowed: model, parameters, align)"
                 )
             path = _path(item["model"], folder, f"models[{i}].model")
             params = _params(item.get("parameters"), f"models[{i}]", allowed_models, ignored)
@@ -339,6 +339,11 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
         elif base is not None and not listed:
             # a method without a base (linear, passthrough) merges it as one more model
             models.append(ModelEntry(base))
+            if "weight" in m.model_params:
+                ignored.append(
+                    f"base_model: {method} takes no base; {base} is merged as one more model "
+                    "with weight 1 (mergekit asks for its weight)"
+                )
         sources = [SliceSource(e.path, None, e.parameters, e.align) for e in models]
         if base is not None and m.uses_base(True):
             base_params = listed[0].parameters if listed else {}
@@ -355,7 +360,7 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
             extra = set(sl) - _SLICE_KEYS
             if extra:
                 raise ValueError(
-                    f"{where}: unknown key {sorted(extra)[0]!r} (allowed: sources, parameters, base_model)"
+                    f"{where}: unknown key {sorted(map(str, extra))[0]!r} (allowed: sources, parameters, base_model)"
                 )
             if not isinstance(sl["sources"], list) or not sl["sources"]:
                 raise ValueError(f"{where}.sources: must be a non-empty list")
@@ -366,7 +371,7 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
                     raise ValueError(f"{w}: needs 'model' and 'layer_range'")
                 extra = set(src) - _SOURCE_KEYS
                 if extra:
-                    raise ValueError(f"{w}: unknown key {sorted(extra)[0]!r}")
+                    raise ValueError(f"{w}: unknown key {sorted(map(str, extra))[0]!r}")
                 srcs.append(
                     SliceSource(
                         _path(src["model"], folder, f"{w}.model"),
@@ -434,6 +439,9 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
     if chat is not None and not isinstance(chat, str):
         raise ValueError(f"chat_template: expected a template name or Jinja text, got {chat!r}")
     for where in ignored:
+        if where.startswith("base_model:"):
+            warnings.warn(where, stacklevel=2)
+            continue
         warnings.warn(
             f"{where}: merge method {method!r} does not use this parameter; ignored",
             stacklevel=2,
@@ -450,7 +458,7 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
         tsrc,
         None,
         chat,
-        tuple(ignored),
+        tuple(w for w in ignored if not w.startswith("base_model:")),
         data,
     )
 
@@ -466,4 +474,6 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply") from None
     return parse_config(data, folder=path.parent)

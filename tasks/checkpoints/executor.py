@@ -66,6 +66,19 @@ CHAT_TEMPLATES = {
 }
 
 
+_WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
+
+
+def _old_weights(name: str) -> bool:
+    """A file or folder of the reference's own weights (another format, an index of them,
+    mistral's ``original/`` or ``consolidated`` checkpoints)."""
+    return (
+        name.endswith(_WEIGHT_SUFFIXES)
+        or name.endswith(".index.json")
+        or name in ("original", "consolidated")
+    )
+
+
 def _chat_template(value: str) -> str:
     if value in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[value]
@@ -119,6 +132,8 @@ def execute(
                 )
             skip = {*ref.files, INDEX, "config.json", "README.md", "mergekit_config.yml"}
             skip |= {p.name for p in ref.path.glob("*.safetensors")}
+            # the reference's weights in other formats would load as the unmerged model
+            skip |= {p.name for p in ref.path.iterdir() if _old_weights(p.name)}
             copy_folder(ref.path, tmp, skip=skip)
             if config is not None:
                 _tokenizer(config, plan, tmp)
@@ -185,8 +200,9 @@ def _write_config(plan: MergePlan, folder: Path) -> None:
     if floating:
         written = max(set(floating), key=floating.count)
         if written in _NAMES:
-            key = "dtype" if "dtype" in cfg and "torch_dtype" not in cfg else "torch_dtype"
-            cfg[key] = _NAMES[written]
+            keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
+            for key in keys:  # transformers 5 reads dtype, 4 torch_dtype
+                cfg[key] = _NAMES[written]
     if plan.layers is not None:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in cfg:
@@ -201,23 +217,27 @@ def _tokenizer(config: MergeConfig, plan: MergePlan, folder: Path) -> None:
     src = config.tokenizer_source
     if src not in (None, "base"):
         from tasks.checkpoints.sources import resolve_model
+        from tasks.stream import cache_blobs, is_cache_blob
 
         path = resolve_model(src)
+        if not path.is_dir():
+            raise CheckpointError(f"tokenizer_source: {src} is not a model folder")
+        present = [n for n in _TOKENIZER_FILES if (path / n).is_file()]
+        if not present:
+            raise CheckpointError(f"tokenizer_source: {src} has no tokenizer files")
+        root, blobs = os.path.realpath(path), cache_blobs(path)
         for name in _TOKENIZER_FILES:
             if (folder / name).exists() or (folder / name).is_symlink():
                 (folder / name).unlink()
-        for name in _TOKENIZER_FILES:
-            f = path / name
-            if f.is_file():
-                real = os.path.realpath(f)
-                if (
-                    not real.startswith(os.path.realpath(path).rstrip(os.sep) + os.sep)
-                    and "blobs" not in Path(real).parts
-                ):
-                    raise CheckpointError(
-                        f"{f}: a symbolic link out of its folder; refusing to copy it"
-                    )
-                shutil.copyfile(f, folder / name)
+        for name in present:
+            real = os.path.realpath(path / name)
+            # as copy_folder: never a file from outside the source (a cache's blobs aside)
+            if os.path.dirname(real) != root and not is_cache_blob(real, blobs):
+                raise CheckpointError(
+                    f"{path / name}: a symbolic link to {real}, outside its folder; refusing "
+                    "to copy it"
+                )
+            shutil.copyfile(real, folder / name)
     if config.chat_template is not None:
         template = _chat_template(config.chat_template)
         tc = folder / "tokenizer_config.json"
