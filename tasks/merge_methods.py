@@ -692,14 +692,16 @@ def merge_tensor(
 
     if m.name == "linear":
         w = torch.tensor([mp["weight"] for mp in per_model], dtype=work, device=xs[0].device)
-        out = torch.zeros_like(xs[0], dtype=work)
-        for wi, x in zip(w, tensors):  # fused multiply-adds from the inputs, as mergekit
+        # mergekit's sum (zeros, then a fused multiply-add per model), one pass fewer: the
+        # first product is the first multiply-add onto zeros, bit for bit
+        out = torch.mul(xs[0], w[0])
+        for wi, x in zip(w[1:], tensors[1:]):
             out.addcmul_(x.to(xs[0].device), wi)
         if glob["normalize"]:
             total = w.sum()
             if total.abs() < 1e-12:
                 raise ValueError(f"linear merge of {name!r}: weights sum to zero, cannot normalize")
-            out = out / total
+            out.div_(total)
     elif m.name == "slerp":
         if len(xs) != 1:
             raise ValueError(

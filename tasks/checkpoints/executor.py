@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -146,13 +147,23 @@ def execute(
             torch.Size(t.shape).numel() * torch.empty((), dtype=t.dtype).element_size()
             for t in plan.tensors
         )
-        with _bar(total, f"{plan.method} merge", progress) as bar:
-            for t in plan.tensors:
+
+        def load(t):
+            return [(readers.get(i) or plan.sources[i].read)(key) for i, key in t.inputs]
+
+        # the next tensor's inputs are read while this one is merged and written: the
+        # disk stays busy (two tensors' inputs in memory at most)
+        with _bar(total, f"{plan.method} merge", progress) as bar, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(load, plan.tensors[0]) if plan.tensors else None
+            for n, t in enumerate(plan.tensors):
+                raw = pending.result()
+                if n + 1 < len(plan.tensors):
+                    pending = pool.submit(load, plan.tensors[n + 1])
                 values = []
-                for i, key in t.inputs:
-                    read = readers.get(i) or plan.sources[i].read
-                    v = read(key).to(device)
+                for v in raw:
+                    v = v.to(device)
                     values.append(v.to(t.compute_dtype) if t.compute_dtype is not None else v)
+                del raw
                 if t.compute_dtype is None and any(not torch.equal(v, values[0]) for v in values):
                     raise CheckpointError(
                         f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "
