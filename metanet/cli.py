@@ -690,88 +690,42 @@ def _stream_align(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
-def _merge_fn(method: str, args: argparse.Namespace, n: int):
-    """``f(name, tensors) -> merged`` for the streaming merge; ``tensors[0]`` is the
-    reference / base, the others already aligned where asked. Computed in float32 (or
-    float64), returned in the first tensor's dtype by the writer."""
-    import torch
+def _legacy_config(method: str, args: argparse.Namespace):
+    """The engine's config for metanet's own merge flags: ``align`` (the aligned
+    interpolation at ``--alpha``), ``naive``, ``ties`` and ``task`` (the first checkpoint the
+    base, ``--density``/``--scale``, ``--align``)."""
+    from tasks.checkpoints.config import parse_config
 
-    from tasks import merge
-    from tasks.merge_methods import merge_tensor
-
-    coef = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
-    density = args.density if args.density is not None else 0.2
-
-    def up(t):
-        return t.to(torch.promote_types(t.dtype, torch.float32))
-
-    def f(name, tensors):
-        if not tensors[0].is_floating_point():
-            return tensors[0]
-        ts = [up(t) for t in tensors]
-        if method == "naive":
-            return sum(c * t for c, t in zip(coef, ts))
-        if method == "align":
-            return torch.lerp(ts[0], ts[1], args.alpha)
-        if method == "task":
-            return merge.task_arithmetic({name: ts[0]}, [{name: t} for t in ts[1:]],
-                                         scale=args.scale)[name]  # fmt: skip
-        # ties: trimmed per tensor, as mergekit does (a whole-model threshold needs every
-        # tensor at once); equal weights, so the disjoint mean of the agreeing deltas
-        return merge_tensor("ties", name, ts[1:], ts[0], params={"lambda": args.scale},
-                            model_params=[{"density": density}] * (n - 1))  # fmt: skip
-
-    return f
-
-
-def _stream_merge(args: argparse.Namespace, out: Path, method: str) -> int:
-    from tasks import stream
-    from tasks.align import AlignmentError
-
-    stages = stream.StageLog()
-    progress = not args.quiet
-    opts = _stream_options(args)
-    cks = _stream_open(args.paths, progress)
-    stages.done("load + check", args.quiet)
-    ref = cks[0]
-    elements = [None] * len(cks)
-    legacy = method == "align" or (method in ("ties", "task") and args.align)
-    aligns = [False] + [legacy] * (len(cks) - 1)
-    if any(aligns):
-        for i, ck in enumerate(cks):
-            if aligns[i]:
-                elements[i] = _stream_match(ref, ck, args, stages)
-        if ref.model is not None:
-            # each aligned model's function against its own, on the one model built
-            # (its weights streamed in place)
-            for i, ck in enumerate(cks):
-                if elements[i] is None:
-                    continue
-                stream.load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
-                want = stream.model_output(ref.model, ref.inputs)
-                err = stream.relative_error(ref, stream.permuted_reader(ck, elements[i]), want)
-                if not err < _function_tol(want):
-                    raise AlignmentError(
-                        f"aligning {ck.path} changes its function (max rel. error {err:.1e}); "
-                        "nothing written"
-                    )
-                if not args.quiet:
-                    print(f"aligned {ck.path.name}: same function (max rel. error {err:.1e})",
-                          file=sys.stderr)  # fmt: skip
-            stages.done("verify alignment", args.quiet)
-    readers = [stream.permuted_reader(ck, g) for ck, g in zip(cks, elements)]
-    combine = _merge_fn(method, args, len(cks))
-
-    def tensor(name):
-        if not all(name in ck.weights for ck in cks):
-            return readers[0](name)  # a buffer only the reference's files carry
-        return combine(name, [r(name) for r in readers])
-
-    stream.write_output(ref, out, tensor, progress=progress, **opts)
-    stages.done("merge + write", args.quiet)
-    _report_stages(args, stages)
-    print(f"wrote {out}: {method} merge of {len(cks)} checkpoints")
-    return 0
+    paths = list(args.paths)
+    if method in ("align", "naive"):
+        n = len(paths)
+        weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
+        aligned = "weight" if method == "align" else "none"
+        data = {
+            "merge_method": "linear",
+            "models": [
+                {"model": p, "parameters": {"weight": w}, "align": aligned if i else "none"}
+                for i, (p, w) in enumerate(zip(paths, weights))
+            ],
+        }
+    else:
+        kit = "ties" if method == "ties" else "task_arithmetic"
+        mp = {"weight": 1.0}
+        if kit == "ties":
+            mp["density"] = args.density if args.density is not None else 0.2
+        data = {
+            "merge_method": kit,
+            "base_model": paths[0],
+            "models": [
+                {"model": p, "parameters": dict(mp), "align": "weight" if args.align else "none"}
+                for p in paths[1:]
+            ],
+            "parameters": {"lambda": args.scale},
+        }
+    try:
+        return parse_config(data)
+    except ValueError as e:
+        raise UsageError(f"--method {method}: {e}") from None
 
 
 def _report_stages(args, stages) -> None:
@@ -1030,7 +984,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if method == "align" or (method in ("ties", "task") and args.align):
         _check_match_flags(args, args.paths)
     if method != "mergemany" and _streams(args, args.paths):
-        return _stream_merge(args, out, method)
+        args.config_obj = _legacy_config(method, args)
+        return _engine_merge(args, out)
     from tasks import merge
 
     cks = _load_all(args.paths, args)

@@ -159,16 +159,22 @@ def execute(
                 raw = pending.result()
                 if n + 1 < len(plan.tensors):
                     pending = pool.submit(load, plan.tensors[n + 1])
+                for (i, key), v in zip(t.inputs, raw):  # NaN/inf in an input: named there
+                    require_finite(plan.sources[i].ref, key, v)
                 values = []
                 for v in raw:
                     v = v.to(device)
                     values.append(v.to(t.compute_dtype) if t.compute_dtype is not None else v)
                 del raw
-                if t.compute_dtype is None and any(not torch.equal(v, values[0]) for v in values):
-                    raise CheckpointError(
-                        f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "
-                        "integer and bool tensors are carried through, never averaged"
-                    )
+                if t.compute_dtype is None:  # integer / bool: carried through, never averaged
+                    if any(not torch.equal(v, values[0]) for v in values):
+                        raise CheckpointError(
+                            f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "
+                            "integer and bool tensors are carried through, never averaged"
+                        )
+                    writer.write(t.name, values[0].to(t.dtype).cpu())
+                    bar.update(values[0].numel() * values[0].element_size())
+                    continue
                 base = values[t.base] if t.base is not None else None
                 others = [v for j, v in enumerate(values) if j != t.base]
                 try:

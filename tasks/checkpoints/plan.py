@@ -210,12 +210,20 @@ def plan_merge(config: MergeConfig, sources: dict[str, Source]) -> MergePlan:
         (slice_,) = config.slices
         positions = gradient_positions(first.keys)
         for key in first.keys:
-            inputs = []
-            for src in slice_.sources:
-                if key not in sources[src.model]:
-                    raise CheckpointError(f"{src.model}: has no tensor {key!r}")
-                inputs.append((index[src.model], key))
-            add(key, slice_, inputs, positions[key])
+            missing = [s.model for s in slice_.sources if key not in sources[s.model]]
+            if missing and not first.dtype(key).is_floating_point:
+                # a buffer (position ids, a counter) only some models' files carry: carried
+                # through from those that have it, all equal (the executor checks)
+                have = tuple(
+                    (index[s.model], key) for s in slice_.sources if key in sources[s.model]
+                )
+                plans.append(
+                    TensorPlan(key, have, None, {}, (), first.shape(key), first.dtype(key), None)
+                )
+                continue
+            if missing:
+                raise CheckpointError(f"{missing[0]}: has no tensor {key!r}")
+            add(key, slice_, [(index[s.model], key) for s in slice_.sources], positions[key])
         reference = config.base if config.base is not None else slice_.sources[0].model
         return MergePlan(config.method, [sources[r] for r in order], plans, None,
                          index[reference], out_dtype or compute)  # fmt: skip
