@@ -103,7 +103,7 @@ class StageLog:
             )
 
 
-def _bar(total: int | None, desc: str, enabled: bool, unit: str = "B"):
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "B"):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -279,7 +279,7 @@ def _raw(ck: Checkpoint, name: str) -> Tensor:
 def check_finite(cks: Sequence[Checkpoint], progress: bool = False) -> None:
     """Refuse NaN/inf before any work, naming the checkpoint and the first tensor."""
     total = sum(_nbytes(ck, list(ck.weights)) for ck in cks)
-    with _bar(total, "check finite", progress) as bar:
+    with progress_bar(total, "check finite", progress) as bar:
         for ck in cks:
             for name in ck.weights:
                 w = _raw(ck, name)
@@ -373,7 +373,7 @@ def write_output(
                 writers.append(ShardWriter(tmp, [planned(n) for n in names], max_shard=max_shard,
                                            metadata=meta))  # fmt: skip
         total = _nbytes(ref, names)
-        with _bar(total, "apply + write", progress) as bar:
+        with progress_bar(total, "apply + write", progress) as bar:
             for w in writers:
                 for shard in w.shards:
                     for key, _, dt, _ in shard:

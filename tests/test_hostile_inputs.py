@@ -351,9 +351,10 @@ def test_heads_layout_mismatch_is_refused_not_falsely_verified(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("command", ["align", "merge", "inr"])
-def test_device_cuda_without_cuda_is_refused_before_work(pair, tmp_path, capsys, command):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_device_cuda_without_cuda_is_refused_before_work(
+    pair, tmp_path, capsys, command, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
     a, b = pair
     argv = {
         "align": ["align", a, b, "-o", tmp_path / "o.safetensors"],

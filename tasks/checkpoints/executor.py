@@ -109,7 +109,7 @@ def execute(
     aligned model's permuted tensors); ``device`` is where each tensor is merged;
     ``check(written)`` runs on the complete temporary output before the rename.
     """
-    from tasks.stream import _bar, copy_folder, require_finite
+    from tasks.stream import copy_folder, progress_bar, require_finite
 
     out = Path(out)
     single = out.suffix == ".safetensors"
@@ -153,7 +153,10 @@ def execute(
 
         # the next tensor's inputs are read while this one is merged and written: the
         # disk stays busy (two tensors' inputs in memory at most)
-        with _bar(total, f"{plan.method} merge", progress) as bar, ThreadPoolExecutor(1) as pool:
+        with (
+            progress_bar(total, f"{plan.method} merge", progress) as bar,
+            ThreadPoolExecutor(1) as pool,
+        ):
             pending = pool.submit(load, plan.tensors[0]) if plan.tensors else None
             for n, t in enumerate(plan.tensors):
                 raw = pending.result()
