@@ -64,3 +64,33 @@ def test_merge_methods_stay_on_their_device(method, dtype):
     out = merge_tensor(method, "w", xs, base if m.needs_base else None, params=params,
                        compute_dtype=dtype)  # fmt: skip
     assert out.device == META and out.dtype == dtype and out.shape == (6, 5)
+
+
+def _mlp_space():
+    from converters import from_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    return from_state_dict(model.state_dict(), "mlp")
+
+
+@pytest.mark.parametrize("kind", ["unf", "flat", "statnn"])
+def test_metanetworks_forward_and_backward_stay_on_their_device(kind):
+    """Forward and backward on the meta device. (StatNN made its quantile levels on the
+    CPU: on a GPU it failed; this test found it.) GMN and the graph transformer read sizes
+    from their inputs' values (``.item()``), which the meta device cannot follow."""
+    from metanet.nn import UNFLinear
+    from metanet.nn.baselines import FlatMLP, StatNN
+
+    space = _mlp_space()
+    if kind == "unf":
+        layer = UNFLinear(space, 1, 2).to(META)
+        w = {n: torch.empty(2, 1, *t.shape, device=META) for n, t in space.tensors.items()}
+        out = layer(w)
+        loss = sum(v.sum() for v in out.values())
+        assert all(v.device == META for v in out.values())
+    else:
+        net = (FlatMLP if kind == "flat" else StatNN)(space, out_features=2).to(META)
+        w = {n: torch.empty(2, *t.shape, device=META) for n, t in space.tensors.items()}
+        loss = net(w).sum()
+    loss.backward()
+    assert loss.device == META

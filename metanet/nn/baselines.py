@@ -65,6 +65,7 @@ class StatNN(nn.Module):
         stats = []
         for n in self.names:
             w = weights[n].reshape(b, -1).float()
-            q = torch.quantile(w, torch.tensor(self.QUANTILES, dtype=w.dtype), dim=1).T
+            qs = torch.tensor(self.QUANTILES, dtype=w.dtype, device=w.device)
+            q = torch.quantile(w, qs, dim=1).T
             stats += [w.mean(1, keepdim=True), w.var(1, keepdim=True, unbiased=False), q]
         return self.net(torch.cat(stats, dim=1).to(next(self.parameters()).dtype))
