@@ -596,97 +596,27 @@ def _stream_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _stream_open(paths: Sequence[str], progress: bool):
-    """Open checkpoints for streaming: the first builds the model (HF), the others share
-    its space and tensor names; all are checked (shapes, finite values) before any work."""
-    from tasks import stream
-
-    first = paths[0]
-    ref = stream.open_checkpoint(first, build_model=Path(first).is_dir())
-    cks = [ref]
-    for p in paths[1:]:
-        if Path(p).is_dir():
-            from tasks.checkpoints.align_stage import check_same_layout
-
-            check_same_layout(Path(first), Path(p))  # its own config, not the first's
-            ck = stream.open_checkpoint(p, space=ref.space, names=ref.lazy.names, model=ref.model)
-        else:
-            ck = stream.open_checkpoint(p)
-        stream.check_compatible(ref, ck)
-        cks.append(ck)
-    stream.check_finite(cks, progress=progress)
-    return cks
-
-
-def _stream_match(ref, other, args, log_stages):
-    """Weight matching of ``other`` onto ``ref``, streaming; a message to stderr."""
-    from tasks import stream
-    from tasks.align import MatchLog, weight_matching
-
-    log = MatchLog()
-    wa, wb = stream.matching_inputs(ref, other, low_memory=args.low_memory)
-    g = weight_matching(
-        ref.space,
-        wa,
-        wb,
-        seed=args.seed,
-        max_sweeps=args.max_sweeps,
-        progress=not args.quiet,
-        log=log,
-        device=getattr(args, "device", None),
-    )
-    log_stages.done(f"match {other.path.name}", args.quiet)
-    import torch
-
-    moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
-    if not args.quiet:
-        print(
-            f"aligned {other.path} to {ref.path}: {moved}/{len(g)} groups permuted, "
-            f"{log.sweeps} sweeps, objective {log.objective[0]:.4g} -> {log.objective[-1]:.4g}, "
-            f"{log.seconds:.2f} s",
-            file=sys.stderr,
-        )
-    return g
-
-
-def _function_tol(output) -> float:
-    """The one tolerance of a "same function" check, by the dtype the model ran in."""
-    from tasks.align import FUNCTION_TOL
-
-    return FUNCTION_TOL.get(output.dtype, 1e-4)
-
-
 def _stream_align(args: argparse.Namespace, out: Path) -> int:
     from tasks import stream
-    from tasks.align import AlignmentError
+    from tasks.checkpoints.align_stage import align_checkpoint
 
     stages = stream.StageLog()
-    progress = not args.quiet
     opts = _stream_options(args)
-    # B is the checkpoint written, so B builds the model whose function is checked
-    b, a = _stream_open([args.b, args.a], progress)
-    stages.done("load + check", args.quiet)
-    reference = stream.model_output(b.model, b.inputs) if b.model is not None else None
-    g = _stream_match(a, b, args, stages)
-
-    def check(written: Path) -> None:
-        if reference is None:
-            return
-        err = stream.verify_written(b, written, reference)
-        if not err < _function_tol(reference):
-            raise AlignmentError(
-                f"the aligned weights change B's function (max rel. error {err:.1e}); "
-                "nothing written"
-            )
-        if not args.quiet:
-            print(f"same function as {b.path.name} (max rel. error {err:.1e})", file=sys.stderr)
-
-    stream.write_output(
-        b, out, stream.permuted_reader(b, g), progress=progress, check=check, **opts
+    align_checkpoint(
+        args.a,
+        args.b,
+        out,
+        seed=args.seed,
+        max_sweeps=args.max_sweeps,
+        low_memory=args.low_memory,
+        device=args.device,
+        progress=not args.quiet,
+        quiet=args.quiet,
+        stages=stages,
+        **opts,
     )
-    stages.done("apply + write + verify", args.quiet)
     _report_stages(args, stages)
-    print(f"wrote {out}: {b.path} aligned to {a.path}")
+    print(f"wrote {out}: {args.b} aligned to {args.a}")
     return 0
 
 

@@ -21,7 +21,7 @@ from tasks.align import FUNCTION_TOL, AlignmentError
 from tasks.checkpoints.config import MergeConfig
 from tasks.checkpoints.plan import MergePlan
 
-__all__ = ["align_sources", "check_same_layout"]
+__all__ = ["align_sources", "align_checkpoint", "check_same_layout"]
 
 # config.json fields that fix how a tensor's axes split into groups (heads, head_dim,
 # layers): two models whose tensors have equal shapes may still differ here
@@ -147,3 +147,79 @@ def align_sources(
             read(ours[key]) if key in ours else src.read(key)
         )
     return readers
+
+
+def align_checkpoint(
+    a: str | Path,
+    b: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    low_memory: bool = False,
+    device: str | torch.device | None = None,
+    max_shard: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    quiet: bool = True,
+    stages=None,
+) -> Path:
+    """Permute checkpoint ``b`` onto ``a`` (weight matching), streaming, and write it.
+
+    ``b`` builds the model whose function is checked (a Hugging Face folder: its own
+    config; ``a`` must have the same layout): its outputs before, and on the *written*
+    weights streamed back in, must agree to :data:`~tasks.align.FUNCTION_TOL` before the
+    output is renamed into place. A folder ``b`` gives a drop-in copy of its folder (its
+    shard layout unless ``max_shard``); ``out`` ending in ``.safetensors`` one checkpoint
+    carrying the space.
+    """
+    from tasks import stream
+    from tasks.align import MatchLog, weight_matching
+
+    stages = stages if stages is not None else stream.StageLog()
+    b, a = Path(b), Path(a)
+    ref = stream.open_checkpoint(b, build_model=b.is_dir())
+    if a.is_dir():
+        check_same_layout(b, a)  # a is read in b's space: it must split its axes alike
+        other = stream.open_checkpoint(a, space=ref.space, names=ref.lazy.names, model=ref.model)
+    else:
+        other = stream.open_checkpoint(a)
+    stream.check_compatible(ref, other)
+    stream.check_finite([ref, other], progress=progress)
+    stages.done("load + check", quiet)
+    reference = stream.model_output(ref.model, ref.inputs) if ref.model is not None else None
+    log = MatchLog()
+    wa, wb = stream.matching_inputs(other, ref, low_memory=low_memory)
+    g = weight_matching(
+        ref.space, wa, wb, seed=seed, max_sweeps=max_sweeps, progress=progress, log=log,
+        device=device,
+    )  # fmt: skip
+    stages.done(f"match {ref.path.name}", quiet)
+    if not quiet:
+        moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+        print(
+            f"aligned {ref.path} to {other.path}: {moved}/{len(g)} groups permuted, "
+            f"{log.sweeps} sweeps, objective {log.objective[0]:.4g} -> {log.objective[-1]:.4g}, "
+            f"{log.seconds:.2f} s",
+            file=sys.stderr,
+        )
+
+    def check(written: Path) -> None:
+        if reference is None:
+            return
+        err = stream.verify_written(ref, written, reference)
+        tol = FUNCTION_TOL.get(reference.dtype, 1e-4)
+        if not err < tol:
+            raise AlignmentError(
+                f"the aligned weights change B's function (max rel. error {err:.1e} > {tol:.0e}); "
+                "nothing written"
+            )
+        if not quiet:
+            print(f"same function as {ref.path.name} (max rel. error {err:.1e})", file=sys.stderr)
+
+    stream.write_output(
+        ref, Path(out), stream.permuted_reader(ref, g), progress=progress, check=check,
+        max_shard=max_shard, dtype=dtype,
+    )  # fmt: skip
+    stages.done("apply + write + verify", quiet)
+    return Path(out)
