@@ -526,11 +526,26 @@ class WeightSpace:
         for name, g in self.groups.items():
             if name not in element:
                 raise WeightSpaceError(f"element has no permutation for group {name!r}")
+            e = element[name]
             want = (self.groups[g.within].size, g.size) if g.within else (g.size,)
-            if tuple(element[name].shape) != want:
+            if tuple(e.shape) != want:
                 raise WeightSpaceError(
-                    f"element[{name!r}] has shape {tuple(element[name].shape)}, expected {want}"
+                    f"element[{name!r}] has shape {tuple(e.shape)}, expected {want}"
                 )
+            if e.dtype.is_floating_point or e.dtype.is_complex or e.dtype == torch.bool:
+                raise WeightSpaceError(
+                    f"element[{name!r}] has dtype {e.dtype}; a permutation is integer indices"
+                )
+            if e.device.type != "meta" and e.numel():
+                # one sort per group: indices 0..size-1, each once (a non-permutation would
+                # silently duplicate units; an index out of range would fail deep inside)
+                ok = torch.equal(e.sort(dim=-1).values, torch.arange(g.size, device=e.device)
+                                 .expand_as(e))  # fmt: skip
+                if not ok:
+                    raise WeightSpaceError(
+                        f"element[{name!r}] is not a permutation of 0..{g.size - 1}"
+                        + (" in every row" if g.within else "")
+                    )
 
     def invert(self, element: Mapping[str, Tensor]) -> Element:
         """The inverse: ``apply(apply(w, g), invert(g)) == w``."""

@@ -565,3 +565,24 @@ def test_headers_with_huge_numbers_fail_cleanly(tmp_path, header):
     with pytest.raises(CheckpointError) as err:
         LazyWeights(path)
     assert len(str(err.value)) < 400
+
+
+def test_space_apply_and_invert_check_the_element(pair):
+    """A non-permutation (zeros, floats, a repeated or out-of-range index) is refused,
+    naming the group, instead of silently duplicating units."""
+    from metanet.space import WeightSpaceError
+
+    weights, space = metanet.load(pair[0])
+    g = space.random_element(torch.Generator().manual_seed(0))
+    name = next(iter(g))
+    size = g[name].numel()
+    for bad, needle in (
+        (torch.zeros(size, dtype=torch.long), "not a permutation"),
+        (g[name].float(), "dtype"),
+        (torch.arange(size) + 1, "not a permutation"),
+    ):
+        broken = {**g, name: bad}
+        for call in (lambda: space.apply(weights, broken), lambda: space.invert(broken)):
+            with pytest.raises(WeightSpaceError, match=needle) as err:
+                call()
+            assert repr(name) in str(err.value)
