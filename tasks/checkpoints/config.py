@@ -133,7 +133,6 @@ class MergeConfig:
     slices: list[Slice] = field(default_factory=list)
     from_slices: bool = False
     tokenizer_source: str | None = None
-    tokenizer: dict | None = None
     chat_template: str | None = None
     ignored: tuple[str, ...] = ()
     source: dict | None = None  # the mapping it was parsed from (written beside outputs)
@@ -456,7 +455,6 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
         slices,
         "slices" in data,
         tsrc,
-        None,
         chat,
         tuple(w for w in ignored if not w.startswith("base_model:")),
         data,

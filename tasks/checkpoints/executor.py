@@ -101,13 +101,11 @@ def execute(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Run ``plan`` into ``out`` (a folder, or one ``.safetensors`` file).
 
     ``readers[i](key)`` replaces reading source ``i``'s tensor ``key`` from disk (an
-    aligned model's permuted tensors); ``device`` is where each tensor is merged;
-    ``check(written)`` runs on the complete temporary output before the rename.
+    aligned model's permuted tensors); ``device`` is where each tensor is merged.
     """
     from tasks.stream import copy_folder, progress_bar, require_finite
 
@@ -137,7 +135,7 @@ def execute(
             skip |= {p.name for p in ref.path.iterdir() if _old_weights(p.name)}
             copy_folder(ref.path, tmp, skip=skip)
             if config is not None:
-                _tokenizer(config, plan, tmp)
+                _tokenizer(config, tmp)
             _write_config(plan, tmp)
             _write_card(plan, config, tmp)
             writer = ShardWriter(tmp, entries, max_shard=max_shard or DEFAULT_SHARD,
@@ -198,8 +196,6 @@ def execute(
                 writer.write(t.name, merged.cpu())
                 bar.update(merged.numel() * merged.element_size())
         writer.close()
-        if check is not None:
-            check(tmp)
         move_into_place(tmp, out)
     except BaseException:
         if writer is not None:
@@ -231,7 +227,7 @@ def _write_config(plan: MergePlan, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _tokenizer(config: MergeConfig, plan: MergePlan, folder: Path) -> None:
+def _tokenizer(config: MergeConfig, folder: Path) -> None:
     """Tokenizer files from ``tokenizer_source`` (a model's folder replaces the reference's),
     and the chat template."""
     src = config.tokenizer_source
