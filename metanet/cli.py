@@ -199,78 +199,14 @@ def _check_runs(model, inputs: tuple, what: str) -> None:
         raise UsageError(f"{what} (input shape {shapes}): {e}") from None
 
 
-def _check_fits(model, weights: dict, path: Path, spec: str) -> None:
-    """The model a ``--model`` factory builds must have exactly the checkpoint's tensors."""
-    sd = model.state_dict()
-    for name, t in weights.items():
-        if name not in sd:
-            raise UsageError(
-                f"--model {spec} does not fit {path}: the model has no tensor {name!r}"
-            )
-        if tuple(sd[name].shape) != tuple(t.shape):
-            raise UsageError(
-                f"--model {spec} does not fit {path}: tensor {name!r} is "
-                f"{tuple(sd[name].shape)} in the model, {tuple(t.shape)} in the checkpoint"
-            )
-    extra = [n for n in sd if n not in weights]
-    if extra:
-        raise UsageError(
-            f"--model {spec} does not fit {path}: the model's tensor {extra[0]!r} is not in it"
-        )
-
-
-def _has_space(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file carrying a metanet WeightSpace."""
-    if path.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    from metanet.io import SPACE_KEY
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return SPACE_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - the loader reports the precise problem
-        return True
-
-
 def _space_and_weights(path: str, family: str | None, activation: str | None, input_shape=None):
     """``(weights, space)`` of a checkpoint, a Hugging Face folder, or a ``module:factory``."""
-    p = Path(path)
-    if not p.exists():
-        if ":" in path:
-            return _from_factory(path, input_shape)
-        raise UsageError(
-            f"{path}: no such file or folder (expected a checkpoint, a Hugging Face folder "
-            "or module:factory)"
-        )
-    if p.is_dir():
-        from converters import load_pretrained
+    if not Path(path).exists() and ":" in path:
+        return _from_factory(path, input_shape)
+    from tasks.checkpoints import load_checkpoint
 
-        return load_pretrained(p)
-    from metanet.io import SPACE_KEY, CheckpointError, load, load_state_dict
-
-    if family is None:
-        if p.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(p), framework="pt") as f:
-                    has_space = SPACE_KEY in (f.metadata() or {})
-            except Exception:  # noqa: BLE001 - load() below reports the precise problem
-                has_space = True
-            if has_space:
-                return load(p)
-        raise CheckpointError(
-            f"{p}: has no embedded WeightSpace; pass --family ({', '.join(FAMILIES)}) to "
-            "describe its plain state dict"
-        )
-    from converters import from_state_dict
-
-    sd = load_state_dict(p)
-    # a .safetensors file stores its tensors sorted: the modules' order comes from names
-    order = "natural" if p.suffix == ".safetensors" else "given"
-    return sd, from_state_dict(sd, family, activation=activation, order=order)
+    ck = load_checkpoint(path, family=family, activation=activation)
+    return ck.weights, ck.space
 
 
 def _from_factory(spec: str, input_shape: list[int] | None):
@@ -376,66 +312,26 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- align & merge
-class _Checkpoint:
-    """One input of align/merge/barrier: weights, space, and the model when one is at hand."""
+def _held(args: argparse.Namespace, paths: Sequence[str]) -> dict:
+    """The inputs held in memory (:func:`tasks.checkpoints.load_checkpoint`): plain state
+    dicts (``--family``, ``.pt`` files) and those ``--model`` describes. Folders,
+    safetensors files and hub ids are opened lazily by the engine."""
+    from tasks.checkpoints import load_checkpoint
 
-    def __init__(self, path: str, args: argparse.Namespace):
-        self.path = Path(path)
-        self.model = self.inputs = None
-        self.hf = self.path.is_dir()
-        if self.hf:
-            from converters import from_module
-            from converters.pretrained import hf_model
-
-            self.model, self.inputs = hf_model(self.path)
-            self.space = from_module(self.model, self.inputs)
-            # a copy: writing an output loads into this model, which must not alter inputs
-            self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        else:
-            if not self.path.exists():
-                raise UsageError(f"{path}: no such file or folder")
-            if getattr(args, "model", None) and args.family is None and not _has_space(self.path):
-                # a plain state dict and the model it belongs to: the space is the model's
-                from converters import from_module
-                from metanet.io import load_state_dict
-
-                self.model, self.inputs = _factory_model(args.model, args.input_shape, "--model")
-                self.weights = load_state_dict(self.path)
-                _check_fits(self.model, self.weights, self.path, args.model)
-                self.space = from_module(self.model, self.inputs)
-                return
-            self.weights, self.space = _space_and_weights(path, args.family, args.activation)
-        if getattr(args, "model", None) and self.model is None:
-            self.model, self.inputs = _factory_model(args.model, args.input_shape, "--model")
-            _check_fits(self.model, self.weights, self.path, args.model)
-
-
-def _load_all(paths: Sequence[str], args: argparse.Namespace) -> list[_Checkpoint]:
-    from tasks.align import AlignmentError, check_same_architecture
-
-    cks = [_Checkpoint(p, args) for p in paths]
-    for ck in cks:
-        _check_finite(ck)
-    first = cks[0]
-    for ck in cks[1:]:
-        try:
-            check_same_architecture(first.space, first.weights, ck.weights)
-        except AlignmentError as e:
-            raise AlignmentError(f"{first.path} and {ck.path} differ: {e}") from None
-        if ck.space != first.space:
-            raise AlignmentError(
-                f"{first.path} and {ck.path} have the same tensors but different symmetry "
-                "(WeightSpaces differ); were they converted with different settings?"
-            )
-    return cks
-
-
-def _check_finite(ck: _Checkpoint) -> None:
-    """NaN/inf refused before any work, naming the tensor (as the streaming path does)."""
-    from tasks.stream import require_finite
-
-    for name, w in ck.weights.items():
-        require_finite(ck.path, name, w)
+    family, spec = getattr(args, "family", None), getattr(args, "model", None)
+    held = {}
+    for p in paths:
+        path = Path(p)
+        if path.is_dir() or not path.exists():
+            continue
+        if family is None and spec is None and path.suffix == ".safetensors":
+            continue
+        model = inputs = None
+        if spec:
+            model, inputs = _factory_model(spec, args.input_shape, "--model")
+        held[p] = load_checkpoint(p, family=family, activation=args.activation, model=model,
+                                  inputs=inputs, model_name=f"--model {spec}")  # fmt: skip
+    return held
 
 
 def _check_match_flags(args: argparse.Namespace, paths: Sequence[str]) -> None:
@@ -452,172 +348,23 @@ def _check_match_flags(args: argparse.Namespace, paths: Sequence[str]) -> None:
         raise UsageError(f"--match {method} runs the model: pass --model module:factory")
 
 
-def _write(out: Path, weights: dict, ref: _Checkpoint) -> None:
-    """A metanet checkpoint, or (for Hugging Face inputs) a Hugging Face folder.
-
-    Both are written beside the target and renamed into place, so a failure leaves no
-    partial output.
-    """
-    import shutil
-    import tempfile
-
-    from metanet.io import save
-    from metanet.shards import INDEX, umask_mode
-    from tasks.stream import copy_folder, require_finite
-
-    for name, w in weights.items():  # before anything is written: no NaN model on disk
-        require_finite("the output", name, w)
-    if not ref.hf:
-        save(out, weights, ref.space)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would make the output private
-    try:
-        # tokenizer and friends, as what they are (no link followed out of the input)
-        weight_files = [f.name for f in ref.path.glob("*.safetensors")]
-        copy_folder(ref.path, tmp, skip={*weight_files, INDEX})
-        ref.model.load_state_dict(weights)
-        ref.model.save_pretrained(str(tmp), safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def _match_data(args: argparse.Namespace, held: dict) -> list | None:
+    """The batches ``--match activation|ste`` runs the model on (None for weight matching)."""
+    if getattr(args, "match", "weight") == "weight":
+        return None
+    model = next((ck.model for ck in held.values() if ck.model is not None), None)
+    return _data(args.match_data, model, split="train", flag="--match-data")
 
 
-def _match(ref: _Checkpoint, other: _Checkpoint, args, log) -> tuple[dict, str]:
-    """The element permuting ``other`` to ``ref`` by ``args.match``, and a summary."""
-    import copy
-
-    from tasks.align import activation_matching, ste_matching, weight_matching
-
-    method = getattr(args, "match", "weight")
-    if method == "weight":
-        g = weight_matching(
-            ref.space,
-            ref.weights,
-            other.weights,
-            seed=args.seed,
-            max_sweeps=args.max_sweeps,
-            progress=not args.quiet,
-            log=log,
-            device=getattr(args, "device", None),
-        )
-        return (
-            g,
-            f"{log.sweeps} sweeps, objective {log.objective[0]:.4g} -> {log.objective[-1]:.4g}",
-        )
-    model = other.model or ref.model
-    data = _data(args.match_data, model, split="train", flag="--match-data")
-    if method == "activation":
-        pair = []
-        for w in (ref.weights, other.weights):
-            m = copy.deepcopy(model)
-            m.load_state_dict(w)
-            pair.append(m)
-        g = activation_matching(*pair, ref.space, data, seed=args.seed, log=log)
-        return g, f"activation matching on {len(data)} batches"
-    g = ste_matching(
-        model,
-        ref.space,
-        ref.weights,
-        other.weights,
-        data,
-        epochs=args.ste_epochs,
-        lr=args.ste_lr,
-        seed=args.seed,
-        init="activation",
-        progress=not args.quiet,
-        log=log,
-    )
-    return g, (
-        f"STE from activation matching, {args.ste_epochs} epochs on {len(data)} batches, "
-        f"midpoint loss {log.objective[0]:.4g} -> {log.objective[-1]:.4g}"
-        if log.objective
-        else f"STE from activation matching, {args.ste_epochs} epochs"
-    )
-
-
-def _aligned(ref: _Checkpoint, other: _Checkpoint, args) -> tuple[dict, dict]:
-    """Match ``other`` to ``ref`` (``--match``); the result is checked before it is returned."""
-    import torch
-
-    from tasks.align import AlignmentError, MatchLog, verify_aligned
-
-    log = MatchLog()
-    g, summary = _match(ref, other, args, log)
-    aligned = ref.space.apply(other.weights, g)
-    back = ref.space.apply(aligned, ref.space.invert(g))
-    bad = next((k for k in other.weights if not torch.equal(back[k], other.weights[k])), None)
-    if bad is not None:
-        raise AlignmentError(f"aligned tensor {bad!r} is not a relabelling of {other.path}")
-    checked = ""
-    model = other.model or ref.model
-    if model is not None and (other.inputs or ref.inputs) is not None:
-        err = verify_aligned(model, other.weights, aligned, other.inputs or ref.inputs)
-        checked = f"; same function as {other.path.name} (max rel. error {err:.1e})"
-    moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
-    if not args.quiet:
-        print(
-            f"aligned {other.path} to {ref.path}: {moved}/{len(g)} groups permuted, "
-            f"{summary}, {log.seconds:.2f} s{checked}",
-            file=sys.stderr,
-        )
-    return aligned, g
-
-
-def _streams(args: argparse.Namespace, paths: Sequence[str]) -> bool:
-    """Weight matching on HF folders or metanet safetensors files runs streaming."""
-    if getattr(args, "match", "weight") != "weight" or getattr(args, "model", None):
-        return False
-    if args.family is not None:
-        return False
-    kinds = {Path(p).is_dir() for p in paths}
-    if len(kinds) != 1:
-        return False
-    return all(Path(p).is_dir() or Path(p).suffix == ".safetensors" for p in paths)
-
-
-def _stream_options(args: argparse.Namespace) -> dict:
-    import torch
-
+def _shard_size(args: argparse.Namespace) -> int | None:
     from metanet.shards import parse_size
 
-    opts = {"max_shard": None, "dtype": None}
-    if getattr(args, "out_shard_size", None):
-        try:
-            opts["max_shard"] = parse_size(args.out_shard_size)
-        except ValueError as e:
-            raise UsageError(f"--out-shard-size: {e}") from None
-    if getattr(args, "dtype", None):
-        opts["dtype"] = getattr(torch, args.dtype)
-    return opts
-
-
-def _stream_align(args: argparse.Namespace, out: Path) -> int:
-    from tasks import stream
-    from tasks.checkpoints.align_stage import align_checkpoint
-
-    stages = stream.StageLog()
-    opts = _stream_options(args)
-    align_checkpoint(
-        args.a,
-        args.b,
-        out,
-        seed=args.seed,
-        max_sweeps=args.max_sweeps,
-        low_memory=args.low_memory,
-        device=args.device,
-        progress=not args.quiet,
-        quiet=args.quiet,
-        stages=stages,
-        **opts,
-    )
-    _report_stages(args, stages)
-    print(f"wrote {out}: {args.b} aligned to {args.a}")
-    return 0
+    if not getattr(args, "out_shard_size", None):
+        return None
+    try:
+        return parse_size(args.out_shard_size)
+    except ValueError as e:
+        raise UsageError(f"--out-shard-size: {e}") from None
 
 
 def _legacy_config(method: str, args: argparse.Namespace):
@@ -630,7 +377,7 @@ def _legacy_config(method: str, args: argparse.Namespace):
     if method in ("align", "naive"):
         n = len(paths)
         weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
-        aligned = "weight" if method == "align" else "none"
+        aligned = args.match if method == "align" else "none"
         data = {
             "merge_method": "linear",
             "models": [
@@ -647,7 +394,7 @@ def _legacy_config(method: str, args: argparse.Namespace):
             "merge_method": kit,
             "base_model": paths[0],
             "models": [
-                {"model": p, "parameters": dict(mp), "align": "weight" if args.align else "none"}
+                {"model": p, "parameters": dict(mp), "align": args.match if args.align else "none"}
                 for p in paths[1:]
             ],
             "parameters": {"lambda": args.scale},
@@ -667,17 +414,38 @@ def _report_stages(args, stages) -> None:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    import torch
+
+    from tasks import stream
+    from tasks.checkpoints import align_checkpoint
+
     args.device = _device(args)
     out = Path(args.output)
     folder = Path(args.b).is_dir() and out.suffix != ".safetensors"
     _check_output(out, [args.a, args.b], args.force, folder=folder)
     _check_match_flags(args, [args.a, args.b])
-    if _streams(args, [args.a, args.b]):
-        return _stream_align(args, out)
-    a, b = _load_all([args.a, args.b], args)
-    aligned, _ = _aligned(a, b, args)
-    _write(out, aligned, b)
-    print(f"wrote {out}: {b.path} aligned to {a.path}")
+    held = _held(args, [args.a, args.b])
+    stages = stream.StageLog()
+    align_checkpoint(
+        held.get(args.a, args.a),
+        held.get(args.b, args.b),
+        out,
+        how=args.match,
+        data=_match_data(args, held),
+        seed=args.seed,
+        max_sweeps=args.max_sweeps,
+        low_memory=args.low_memory,
+        ste_epochs=args.ste_epochs,
+        ste_lr=args.ste_lr,
+        device=args.device,
+        max_shard=_shard_size(args),
+        dtype=getattr(torch, args.dtype) if getattr(args, "dtype", None) else None,
+        progress=not args.quiet,
+        quiet=args.quiet,
+        stages=stages,
+    )
+    _report_stages(args, stages)
+    print(f"wrote {out}: {args.b} aligned to {args.a}")
     return 0
 
 
@@ -786,77 +554,27 @@ def _merge_setup(args: argparse.Namespace) -> None:
     args.aligns = [how != "none" for how in args.align_methods]
 
 
-def _kit_in_memory(args: argparse.Namespace, out: Path) -> int:
-    """mergekit's methods on checkpoints held in memory: plain state dicts (``--family``),
-    ``--model``, and alignment that runs a model on data (``align: activation|ste``, per
-    model in a config). Each aligned model is checked (a relabelling with the same
-    function) before anything is written. Parameters resolve as the engine resolves them
-    (gradients over the layers of a ``models:`` config); layer slices need the engine."""
-    import torch
-
-    from tasks.checkpoints.plan import gradient_positions
-    from tasks.merge_methods import METHODS, merge_tensor
-
-    cfg = args.config_obj
-    if cfg.from_slices:
-        raise UsageError("slices: merged by the streaming engine; align: activation|ste "
-                         "and --family/--model take a models: config")  # fmt: skip
-    cks = _load_all(args.paths, args)
-    ref = cks[0]
-    tensors = []
-    for ck, how in zip(cks, args.align_methods):
-        if how == "none" or ck is ref:
-            tensors.append(ck.weights)
-            continue
-        args.match = how
-        tensors.append(_aligned(ref, ck, args)[0])
-    needs_base = METHODS[args.method].uses_base(cfg.base is not None)
-    compute = getattr(torch, cfg.dtype) if cfg.dtype else None
-    written = args.dtype or cfg.out_dtype
-    positions = gradient_positions(ref.weights)
-    merged = {}
-    for name, w in ref.weights.items():
-        if not w.is_floating_point() or not all(name in t for t in tensors):
-            merged[name] = w  # counters and buffers only the reference carries
-            continue
-        params, model_params = cfg.resolve(name, positions[name])
-        values = [t[name] if compute is None else t[name].to(compute) for t in tensors]
-        base, others = (values[0], values[1:]) if needs_base else (None, values)
-        try:
-            value = merge_tensor(args.method, name, others, base, params=params,
-                                 model_params=model_params, seed=args.seed,
-                                 compute_dtype=compute)  # fmt: skip
-        except ValueError as e:  # a parameter a filter resolves for this tensor only
-            raise UsageError(f"tensor {name!r}: {e}; nothing written") from None
-        merged[name] = value.to(getattr(torch, written) if written else value.dtype)
-    _write(out, merged, ref)  # refuses NaN/inf, naming the tensor
-    print(f"wrote {out}: {args.method} merge of {len(cks)} checkpoints")
-    return 0
-
-
 def _engine_merge(args: argparse.Namespace, out: Path) -> int:
-    """mergekit's methods on safetensors files, folders and cached hub ids: the checkpoint
-    engine (config → plan → executor), streaming, alignment where a model asks for it."""
-    from metanet.shards import parse_size
+    """The checkpoint engine (config → plan → executor) on the config ``_merge_setup``
+    built: streaming, inputs held in memory where they must be, alignment where asked."""
     from tasks.checkpoints import merge_checkpoints
 
     cfg = args.config_obj
     if args.dtype:
         cfg.out_dtype = args.dtype  # --dtype: the dtype written
-    max_shard = None
-    if args.out_shard_size:
-        try:
-            max_shard = parse_size(args.out_shard_size)
-        except ValueError as e:
-            raise UsageError(f"--out-shard-size: {e}") from None
+    held = _held(args, args.paths)
     merge_checkpoints(
         cfg,
         out,
+        checkpoints=held,
+        data=_match_data(args, held),
         seed=args.seed,
         device=args.device,
-        max_shard=max_shard,
+        max_shard=_shard_size(args),
         max_sweeps=args.max_sweeps,
         low_memory=args.low_memory,
+        ste_epochs=getattr(args, "ste_epochs", 1),
+        ste_lr=getattr(args, "ste_lr", 1e-3),
         progress=not args.quiet,
         quiet=args.quiet,
     )
@@ -888,62 +606,31 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if cfg is not None and cfg.tokenizer_source not in (None, "base"):
         inputs.append(cfg.tokenizer_source)
     _check_output(out, inputs, args.force, folder=folder)
-    args.kit = args.config_obj is not None or args.method not in (*_LEGACY_METHODS, None)
-    if args.kit:
+    if args.config_obj is None:  # metanet's own flags
+        method = args.method or ("align" if len(args.paths) == 2 else "mergemany")
+        if method == "align" and len(args.paths) != 2:
+            raise UsageError(
+                f"--method align merges two checkpoints, got {len(args.paths)}; use mergemany"
+            )
+        if method in ("ties", "task") and len(args.paths) < 2:
+            raise UsageError(f"--method {method} needs a base and fine-tuned checkpoints")
+        if method == "align" or (method in ("ties", "task") and args.align):
+            _check_match_flags(args, args.paths)
+        if method == "mergemany":
+            from tasks.checkpoints import merge_many_checkpoints
+
+            held = _held(args, args.paths)
+            refs = [held.get(p, p) for p in args.paths]
+            merge_many_checkpoints(refs, out, seed=args.seed, progress=not args.quiet)
+            print(f"wrote {out}: mergemany merge of {len(refs)} checkpoints")
+            return 0
+        args.config_obj = _legacy_config(method, args)
+    else:
         on_data = [how for how in args.align_methods if how in ("activation", "ste")]
         if on_data:
-            args.match = on_data[0]  # what the checks below name
+            args.match = on_data[0]  # what the checks name
             _check_match_flags(args, args.paths)
-        elif (
-            args.family is None
-            and not getattr(args, "model", None)
-            and all(
-                not Path(p).exists() or Path(p).is_dir() or Path(p).suffix == ".safetensors"
-                for p in args.paths
-            )
-        ):
-            return _engine_merge(args, out)
-        return _kit_in_memory(args, out)
-    method = args.method or ("align" if len(args.paths) == 2 else "mergemany")
-    if method == "align" and len(args.paths) != 2:
-        raise UsageError(
-            f"--method align merges two checkpoints, got {len(args.paths)}; use mergemany"
-        )
-    if method in ("ties", "task") and len(args.paths) < 2:
-        raise UsageError(f"--method {method} needs a base and fine-tuned checkpoints")
-    if method == "align" or (method in ("ties", "task") and args.align):
-        _check_match_flags(args, args.paths)
-    if method != "mergemany" and _streams(args, args.paths):
-        args.config_obj = _legacy_config(method, args)
-        return _engine_merge(args, out)
-    from tasks import merge
-
-    cks = _load_all(args.paths, args)
-    ref = cks[0]
-    if method == "naive":
-        coef = [1 - args.alpha, args.alpha] if len(cks) == 2 else None
-        merged = merge.average([c.weights for c in cks], coef)
-    elif method == "align":
-        aligned, _ = _aligned(ref, cks[1], args)
-        merged = merge.interpolate(ref.weights, aligned, args.alpha)
-    elif method == "mergemany":
-        merged, _ = merge.merge_many(
-            [c.weights for c in cks], ref.space, seed=args.seed, progress=not args.quiet
-        )
-    else:  # task arithmetic / TIES: the first checkpoint is the base
-        tuned = (
-            [_aligned(ref, c, args)[0] for c in cks[1:]]
-            if args.align
-            else [c.weights for c in cks[1:]]
-        )
-        if method == "ties":
-            density = args.density if args.density is not None else 0.2
-            merged = merge.ties_merge(ref.weights, tuned, density=density, scale=args.scale)
-        else:
-            merged = merge.task_arithmetic(ref.weights, tuned, scale=args.scale)
-    _write(out, merged, ref)
-    print(f"wrote {out}: {method} merge of {len(cks)} checkpoints")
-    return 0
+    return _engine_merge(args, out)
 
 
 def _data(spec: str, model, split: str = "test", flag: str = "--data") -> list:
@@ -962,7 +649,8 @@ def _data(spec: str, model, split: str = "test", flag: str = "--data") -> list:
         data = list(_imported(spec, flag)())
         if not data or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in data):
             raise UsageError(f"{flag} {spec}: expected a non-empty list of (inputs, targets)")
-    _check_runs(model, (data[0][0],), f"the model does not run on {flag} {spec}")
+    if model is not None:  # else the model is built later (a folder's), and runs then
+        _check_runs(model, (data[0][0],), f"the model does not run on {flag} {spec}")
     return data
 
 
@@ -979,14 +667,26 @@ def _cmd_barrier(args: argparse.Namespace) -> int:
     if args.plot:
         _check_output(Path(args.plot), [args.a, args.b], force=True, folder=False)
     _check_match_flags(args, [args.a, args.b])
-    from tasks.merge import evaluator, loss_barrier, plot_barriers
+    from tasks.checkpoints import barrier_curves, load_checkpoint
+    from tasks.merge import evaluator, plot_barriers
 
-    a, b = _load_all([args.a, args.b], args)
+    held = _held(args, [args.a, args.b])
+    a, b = (held.get(p) or load_checkpoint(p) for p in (args.a, args.b))
     evaluate = evaluator(a.model, _data(args.data, a.model), accuracy=True)
-    curves = {"naive": loss_barrier(evaluate, a.weights, b.weights, alphas=args.alphas)}
-    if not args.no_align:
-        aligned, _ = _aligned(a, b, args)
-        curves["aligned"] = loss_barrier(evaluate, a.weights, aligned, alphas=args.alphas)
+    curves = barrier_curves(
+        a,
+        b,
+        evaluate,
+        alphas=args.alphas,
+        align=None if args.no_align else args.match,
+        data=_match_data(args, {"a": a}),
+        seed=args.seed,
+        max_sweeps=args.max_sweeps,
+        ste_epochs=args.ste_epochs,
+        ste_lr=args.ste_lr,
+        progress=not args.quiet,
+        quiet=args.quiet,
+    )
     print("| alpha | " + " | ".join(f"{k} loss | {k} acc." for k in curves) + " |")
     print("|---:|" + "---:|---:|" * len(curves))
     first = next(iter(curves.values()))

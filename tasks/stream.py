@@ -42,13 +42,10 @@ from metanet.shards import (
     tmp_beside,
     umask_mode,
 )
-from metanet.space import Element, WeightSpace
-from tasks.align import AlignmentError
+from metanet.space import Element
+from tasks.checkpoints.checkpoint import Checkpoint
 
 __all__ = [
-    "Checkpoint",
-    "open_checkpoint",
-    "check_compatible",
     "check_finite",
     "write_output",
     "copy_folder",
@@ -118,171 +115,13 @@ def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "B"):
     )
 
 
-# --------------------------------------------------------------------------- inputs
-@dataclass
-class Checkpoint:
-    """One input: lazily read weights keyed by the space's names, and its layout.
-
-    ``weights`` maps every tensor of ``space`` (and every other tensor of the files) to a
-    read from disk; ``model`` is set only for the checkpoint a function check runs on.
-    """
-
-    path: Path
-    weights: Mapping[str, Tensor]
-    space: WeightSpace
-    hf: bool
-    model: nn.Module | None = None
-    inputs: tuple | None = None
-
-    @property
-    def lazy(self) -> LazyWeights | None:
-        return self.weights if isinstance(self.weights, LazyWeights) else None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        lazy = self.lazy
-        return lazy.shape(name) if lazy is not None else tuple(self.weights[name].shape)
-
-    def file_order(self) -> list[tuple[str, list[str]]]:
-        """``(file name, our tensor names in storage order)`` per weight file."""
-        lazy = self.lazy
-        if lazy is None:
-            return [("model.safetensors", list(self.weights))]
-        back: dict[str, list[str]] = {}
-        for ours, key in lazy.names.items():
-            back.setdefault(key, []).append(ours)
-        return [(f.name, [back[k][0] for k in keys if k in back]) for f, keys in lazy.order]
-
-
-def _names_for(model: nn.Module, keys: set[str]) -> dict[str, str]:
-    """Map the model's state-dict keys to the file's keys: equal, or differing by the
-    base-model prefix, or (tied weights) to the file key of the tensor sharing storage."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    sd = model.state_dict()
-    out: dict[str, str] = {}
-    by_ptr: dict[int, str] = {}
-    for k, v in sd.items():
-        for cand in (k, k.removeprefix(prefix + "."), f"{prefix}.{k}"):
-            if cand in keys:
-                out[k] = cand
-                by_ptr.setdefault(v.data_ptr(), cand)
-                break
-    for k, v in sd.items():
-        if k not in out and v.data_ptr() in by_ptr:
-            out[k] = by_ptr[v.data_ptr()]  # a tied weight saved once
-    return out
-
-
-def open_checkpoint(
-    path: str | os.PathLike,
-    *,
-    space: WeightSpace | None = None,
-    names: Mapping[str, str] | None = None,
-    model: nn.Module | None = None,
-    build_model: bool = False,
-    upcast: torch.dtype | None = torch.float32,
-    load_state: Callable | None = None,
-) -> Checkpoint:
-    """Open a Hugging Face folder or a safetensors file for streaming.
-
-    A folder's WeightSpace comes from its model (built only with ``build_model``; else
-    ``space`` and ``names`` of a checkpoint of the same architecture must be given, and
-    its ``model`` lets the names follow this folder's own keys). A
-    metanet ``.safetensors`` file carries its space. Other files (``.pt``) are read whole
-    by ``load_state(path) -> (weights, space)``.
-    """
-    from metanet.io import SPACE_KEY
-
-    path = Path(path)
-    if path.is_dir():
-        if build_model:
-            from converters import from_module
-            from converters.pretrained import hf_model
-
-            model, inputs = hf_model(path)
-            space = from_module(model, inputs)
-            probe = LazyWeights(path)
-            names = _names_for(model, set(probe.entries))
-            missing = [n for n in space.tensors if n not in names]
-            if missing:
-                raise AlignmentError(
-                    f"{path}: the model's tensor {missing[0]!r} is not in its weight files"
-                )
-            # every file tensor is carried to the output, also those outside the model
-            for key in probe.entries:
-                if key not in names.values():
-                    names[key] = key
-            return Checkpoint(path, LazyWeights(path, names, upcast), space, True, model, inputs)
-        if space is None or names is None:
-            raise ValueError("a folder without build_model needs the space and names of another")
-        if model is not None:  # this folder's own keys (prefixes may differ from the other's)
-            keys = set(LazyWeights(path).entries)
-            names = _names_for(model, keys)
-            names.update({k: k for k in keys if k not in names.values()})
-            missing = [n for n in space.tensors if n not in names]
-            if missing:
-                raise AlignmentError(
-                    f"{path}: has no tensor {missing[0]!r} (different architectures?)"
-                )
-        try:
-            weights = LazyWeights(path, names, upcast)
-        except KeyError as e:
-            raise AlignmentError(f"{path}: {e.args[0]} (different architectures?)") from None
-        return Checkpoint(path, weights, space, True)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors":
-        lazy = LazyWeights(path, upcast=upcast)
-        if SPACE_KEY in lazy.metadata:
-            own = WeightSpace.from_json(lazy.metadata[SPACE_KEY])
-            return Checkpoint(path, lazy, own, False)
-    if load_state is None:
-        raise ValueError(f"{path}: no embedded WeightSpace")
-    weights, own = load_state(path)
-    return Checkpoint(path, weights, own, False)
-
-
-def check_compatible(ref: Checkpoint, other: Checkpoint) -> None:
-    """Same tensors with the same shapes (read from headers), or an error naming the first."""
-    for name, t in ref.space.tensors.items():
-        for ck in (ref, other):
-            if name not in ck.weights:
-                raise AlignmentError(
-                    f"{ck.path}: has no tensor {name!r} (different architectures?)"
-                )
-            if ck.shape(name) != t.shape:
-                raise AlignmentError(
-                    f"tensor {name!r}: {ck.path} has shape {ck.shape(name)}, {ref.path} has "
-                    f"{t.shape} (different architectures?)"
-                )
-    if other.space != ref.space:
-        raise AlignmentError(
-            f"{ref.path} and {other.path} have the same tensors but different symmetry "
-            "(WeightSpaces differ); were they converted with different settings?"
-        )
-
-
-def _nbytes(ck: Checkpoint, names: Sequence[str]) -> int:
-    lazy = ck.lazy
-    total = 0
-    for n in names:
-        shape, dt = lazy.info(n) if lazy is not None else (ck.weights[n].shape, ck.weights[n].dtype)
-        total += int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
-    return total
-
-
-def _raw(ck: Checkpoint, name: str) -> Tensor:
-    """A tensor in its stored dtype (no matching cast)."""
-    lazy = ck.lazy
-    return lazy.read(lazy.names[name]) if lazy is not None else ck.weights[name]
-
-
 def check_finite(cks: Sequence[Checkpoint], progress: bool = False) -> None:
     """Refuse NaN/inf before any work, naming the checkpoint and the first tensor."""
-    total = sum(_nbytes(ck, list(ck.weights)) for ck in cks)
+    total = sum(ck.nbytes(list(ck.weights)) for ck in cks)
     with progress_bar(total, "check finite", progress) as bar:
         for ck in cks:
             for name in ck.weights:
-                w = _raw(ck, name)
+                w = ck.read(name)
                 require_finite(ck.path, name, w)
                 bar.update(w.numel() * w.element_size())
 
@@ -372,7 +211,7 @@ def write_output(
             else:
                 writers.append(ShardWriter(tmp, [planned(n) for n in names], max_shard=max_shard,
                                            metadata=meta))  # fmt: skip
-        total = _nbytes(ref, names)
+        total = ref.nbytes(names)
         with progress_bar(total, "apply + write", progress) as bar:
             for w in writers:
                 for shard in w.shards:
@@ -550,18 +389,16 @@ def matching_inputs(
     ``fraction`` of the available RAM, so each step is as fast as in-memory matching; else
     (or with ``low_memory``) every step reads its tensors from disk.
     """
-    from tasks.align import matchable
-
-    names = matchable(ref.space, ref.weights)
+    names = list(ref.space.tensors)  # all of them: weight matching checks the architecture
 
     def resident(ck):
-        if ck.model is None:
-            return None
+        if ck.model is None or ck.lazy is None:
+            return None  # an in-memory checkpoint's model may hold other weights
         sd = ck.model.state_dict()
         return {n: sd[n].detach() for n in names} if all(n in sd for n in names) else None
 
     sides = [resident(ref), resident(other)]
-    need = sum(_nbytes(ck, names) for ck, side in zip((ref, other), sides) if side is None)
+    need = sum(ck.nbytes(names) for ck, side in zip((ref, other), sides) if side is None)
     if low_memory or need > fraction * available_bytes():
         return ref.weights, other.weights
     out = []
@@ -575,7 +412,7 @@ def permuted_reader(ck: Checkpoint, g: Element | None) -> Callable[[str], Tensor
     space = ck.space
 
     def read(n: str) -> Tensor:
-        w = _raw(ck, n)
+        w = ck.read(n)
         if g is not None and n in space.tensors:
             w = space.apply_tensor(n, w, g)
         return w

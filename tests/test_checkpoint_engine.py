@@ -19,7 +19,13 @@ from safetensors.torch import load_file
 import metanet
 from converters import from_state_dict
 from metanet.cli import main
-from tasks.checkpoints import load_config, merge_checkpoints, open_source, parse_config, plan_merge
+from tasks.checkpoints import (
+    load_config,
+    merge_checkpoints,
+    open_checkpoint,
+    parse_config,
+    plan_merge,
+)
 from tasks.checkpoints.config import evaluate
 from tasks.merge_methods import METHODS, merge_state_dicts
 
@@ -123,7 +129,7 @@ def test_gradient_per_layer_and_head_at_t0(llamas, tmp_path):
             f"  - model: {llamas / 'a'}\nparameters:\n  t: [0.1, 0.9]\n",
         )
     )
-    plan = plan_merge(cfg, {r: open_source(r) for r in cfg.paths()})
+    plan = plan_merge(cfg, {r: open_checkpoint(r) for r in cfg.paths()})
     by_name = {t.name: t for t in plan.tensors}
     for i in range(LAYERS):
         t = by_name[f"model.layers.{i}.mlp.up_proj.weight"].params["t"]
@@ -199,14 +205,16 @@ def test_dtype_is_the_merge_dtype_and_out_dtype_the_written_one(llamas, tmp_path
 
 
 def test_merge_without_alignment_builds_no_weight_space(llamas, tmp_path, monkeypatch):
+    import converters
     import converters.module
-    import tasks.stream
+    import converters.pretrained
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a WeightSpace was built for a merge that aligns nothing")
+        raise AssertionError("a model or WeightSpace was built for a merge that aligns nothing")
 
+    monkeypatch.setattr(converters, "from_module", refuse)
     monkeypatch.setattr(converters.module, "from_module", refuse)
-    monkeypatch.setattr(tasks.stream, "open_checkpoint", refuse)
+    monkeypatch.setattr(converters.pretrained, "hf_model", refuse)
     out = tmp_path / "lin"
     argv = ["merge", llamas / "a", llamas / "b", "--method", "linear", "-o", out, "-q"]
     assert main([str(x) for x in argv]) == 0

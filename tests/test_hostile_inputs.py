@@ -169,8 +169,9 @@ def test_merge_that_overflows_writes_nothing(tmp_path, capsys, streaming):
 
 def test_write_output_refuses_non_finite_tensors(pair, tmp_path):
     from tasks import stream
+    from tasks.checkpoints import open_checkpoint
 
-    ck = stream.open_checkpoint(pair[0])
+    ck = open_checkpoint(pair[0])
     out = tmp_path / "out.safetensors"
 
     def tensor(name):

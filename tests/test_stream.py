@@ -278,7 +278,7 @@ def test_hf_reshard_and_metanet_file_output(minilm_pair, tmp_path):
 def test_file_order_and_tied_names(tmp_path):
     """A Llama with tied embeddings saves lm_head once: both names read the one tensor."""
     transformers = pytest.importorskip("transformers")
-    from tasks.stream import open_checkpoint
+    from tasks.checkpoints import open_checkpoint
 
     cfg = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

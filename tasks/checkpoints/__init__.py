@@ -1,43 +1,63 @@
 """One checkpoint engine: config → plan → executor, in mergekit's shape.
 
+* :mod:`~tasks.checkpoints.checkpoint`: the one :class:`Checkpoint` type: inputs read
+  from their headers (files, folders, hub ids in the local Hugging Face cache), or held
+  in memory (plain state dicts with ``--family`` or ``--model``); nothing is traced unless
+  a job asks;
 * :mod:`~tasks.checkpoints.config`: mergekit's YAML language (models or slices, scalar /
   gradient / filter parameters, dtype and out_dtype, tokenizer_source, chat_template),
   plus our ``align:`` stage per model; a config is also what CLI flags build;
-* :mod:`~tasks.checkpoints.sources`: inputs read from their headers (files, folders,
-  hub ids in the local Hugging Face cache); nothing is traced;
 * :mod:`~tasks.checkpoints.plan`: every output tensor with its inputs, method and
   parameters resolved, checked before any tensor is read;
 * :mod:`~tasks.checkpoints.align_stage`: the only place a WeightSpace is built, when a
-  model asks for ``align: weight``;
+  model asks for ``align: weight|activation|ste``;
 * :mod:`~tasks.checkpoints.executor`: lazy reads, one merge rule per method
   (:func:`tasks.merge_methods.merge_tensor`), a streaming writer into shards that checks
   every tensor finite, a drop-in Hugging Face folder.
 
-``merge_checkpoints(config, out)`` runs all of it.
+:func:`merge_checkpoints` runs all of it (``metanet merge``), :func:`align_checkpoint`
+writes one aligned checkpoint (``metanet align``), :func:`merge_many_checkpoints` runs
+Git Re-Basin's MergeMany, and :func:`barrier_curves` the loss barrier (``metanet
+barrier``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from metanet.io import CheckpointError
+from tasks.checkpoints.align_stage import align_checkpoint, align_sources, match_pair
+from tasks.checkpoints.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    load_checkpoint,
+    open_checkpoint,
+    resolve_model,
+)
 from tasks.checkpoints.config import MergeConfig, load_config, parse_config
 from tasks.checkpoints.executor import execute
 from tasks.checkpoints.plan import MergePlan, TensorPlan, plan_merge
-from tasks.checkpoints.sources import Source, open_source, resolve_model
 
 __all__ = [
+    "Checkpoint",
+    "open_checkpoint",
+    "load_checkpoint",
+    "resolve_model",
     "MergeConfig",
     "load_config",
     "parse_config",
-    "Source",
-    "open_source",
-    "resolve_model",
     "MergePlan",
     "TensorPlan",
     "plan_merge",
     "execute",
+    "align_sources",
+    "align_checkpoint",
+    "match_pair",
     "merge_checkpoints",
+    "merge_many_checkpoints",
+    "barrier_curves",
 ]
 
 
@@ -45,36 +65,121 @@ def merge_checkpoints(
     config: MergeConfig,
     out: str | os.PathLike,
     *,
+    checkpoints: Mapping[str, Checkpoint] | None = None,
+    data: list | None = None,
     seed: int = 0,
     device: str = "cpu",
     max_shard: int | None = None,
     max_sweeps: int = 100,
     low_memory: bool = False,
+    ste_epochs: int = 10,
+    ste_lr: float = 1e-2,
     progress: bool = False,
     quiet: bool = True,
 ) -> Path:
-    """Open the config's models, plan, align where asked, merge into ``out``."""
-    from tasks.checkpoints.align_stage import align_sources
+    """Open the config's models, plan, align where asked, merge into ``out``.
 
-    sources = {ref: open_source(ref) for ref in config.paths()}
+    ``checkpoints`` gives inputs already opened or held in memory (by the reference the
+    config names them with); the others are opened lazily. ``data``: the batches that
+    ``align: activation|ste`` run the model on.
+    """
+    given = dict(checkpoints or {})
+    sources = {ref: given.get(ref) or open_checkpoint(ref) for ref in config.paths()}
     plan = plan_merge(config, sources)
     readers = align_sources(
-        config,
-        plan,
-        seed=seed,
-        max_sweeps=max_sweeps,
-        low_memory=low_memory,
-        progress=progress,
-        quiet=quiet,
-        device=device,
-    )
-    return execute(
-        plan,
-        out,
-        config=config,
-        readers=readers,
-        max_shard=max_shard,
-        seed=seed,
-        device=device,
-        progress=progress,
-    )
+        config, plan, data=data, seed=seed, max_sweeps=max_sweeps, low_memory=low_memory,
+        ste_epochs=ste_epochs, ste_lr=ste_lr, progress=progress, quiet=quiet, device=device,
+    )  # fmt: skip
+    return execute(plan, out, config=config, readers=readers, max_shard=max_shard, seed=seed,
+                   device=device, progress=progress)  # fmt: skip
+
+
+def _held(ck: Checkpoint) -> Checkpoint:
+    """``ck`` in memory with its space: a lazy checkpoint's tensors read (a folder's
+    under its model's names, the model built)."""
+    if ck.lazy is None and ck.space is not None:
+        return ck
+    if ck.hf:
+        return load_checkpoint(ck.path)
+    opened = open_checkpoint(ck.path)
+    if opened.space is None:
+        raise CheckpointError(f"{ck.ref}: has no WeightSpace; pass --family or --model")
+    return Checkpoint(ck.ref, ck.path, dict(opened.weights), None, opened.space)
+
+
+def merge_many_checkpoints(
+    refs: Sequence[str | Checkpoint],
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    max_rounds: int = 20,
+    progress: bool = False,
+) -> Path:
+    """Git Re-Basin's MergeMany (:func:`tasks.merge.merge_many`): every model aligned to
+    the mean of the others, the average written as the first model's checkpoint."""
+    from tasks.merge import merge_many
+
+    cks = [_held(r if isinstance(r, Checkpoint) else open_checkpoint(r)) for r in refs]
+    ref = cks[0]
+    for ck in cks[1:]:
+        check_compatible(ref, ck)
+    for ck in cks:  # NaN/inf refused before any work, naming the tensor
+        from tasks.stream import require_finite
+
+        for name, w in ck.weights.items():
+            require_finite(ck.ref, name, w)
+    merged, _ = merge_many([ck.weights for ck in cks], ref.space, seed=seed,
+                           max_rounds=max_rounds, progress=progress)  # fmt: skip
+    if ref.hf:
+        # back to the folder's own keys (a tied tensor once), then through the executor
+        lazy = open_checkpoint(ref.path, build_model=True).lazy
+        by_key = {
+            key: merged[name] for name, key in reversed(list(lazy.names.items())) if name in merged
+        }
+        # file tensors outside the model are carried from the first model
+        merged = {key: by_key[key] if key in by_key else lazy.read(key) for key in lazy.entries}
+    result = Checkpoint(ref.ref, ref.path, merged, ref.config, ref.space)
+    config = parse_config({"merge_method": "passthrough", "models": [{"model": ref.ref}]})
+    return merge_checkpoints(config, out, checkpoints={ref.ref: result}, seed=seed)
+
+
+def barrier_curves(
+    a: Checkpoint,
+    b: Checkpoint,
+    evaluate: Callable,
+    *,
+    alphas: int = 11,
+    align: str | None = "weight",
+    data: list | None = None,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    ste_epochs: int = 10,
+    ste_lr: float = 1e-2,
+    progress: bool = False,
+    quiet: bool = True,
+) -> dict:
+    """Loss (and accuracy) along the straight line from ``a`` to ``b`` (``naive``), and,
+    with ``align``, to ``b`` permuted onto ``a`` (``aligned``; checked a relabelling with
+    the same function first): :class:`tasks.merge.Barrier` per curve."""
+    import sys
+
+    import torch
+
+    from tasks.checkpoints.align_stage import _check_function
+    from tasks.merge import loss_barrier
+
+    a, b = _held(a), _held(b)
+    check_compatible(a, b)
+    curves = {"naive": loss_barrier(evaluate, a.weights, b.weights, alphas=alphas)}
+    if align is not None:
+        g, summary = match_pair(a, b, align, data=data, seed=seed, max_sweeps=max_sweeps,
+                                ste_epochs=ste_epochs, ste_lr=ste_lr, progress=progress)  # fmt: skip
+        err = _check_function(a, b, g)
+        if not quiet:
+            moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+            checked = "" if err is None else f"; same function (max rel. error {err:.1e})"
+            print(f"aligned {b.ref} to {a.ref}: {moved}/{len(g)} groups permuted, "
+                  f"{summary}{checked}", file=sys.stderr)  # fmt: skip
+        aligned = a.space.apply(b.weights, g)
+        curves["aligned"] = loss_barrier(evaluate, a.weights, aligned, alphas=alphas)
+    return curves

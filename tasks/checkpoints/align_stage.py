@@ -1,11 +1,14 @@
-"""The alignment stage of a merge plan: permute models onto the reference before merging.
+"""The alignment stage: permute models onto a reference before they are merged or written.
 
 Only here is a WeightSpace built: the reference (the base, or the first model) is traced
-from its Hugging Face folder (or read from a metanet file's metadata), each model marked
-``align: weight`` is matched onto it by Git Re-Basin weight matching (streaming), and
-each aligned model is checked to compute the same function as before, on the one model
-built, with its own weights streamed in. The result is one reader per aligned source for
-the executor: file key -> permuted tensor.
+from its Hugging Face folder, read from a metanet file's metadata, or given by an
+in-memory checkpoint (``--family``, ``--model``). Each model marked ``align:`` is matched
+onto it, by Git Re-Basin weight matching (streaming), activation matching or the
+straight-through estimator (both run the model on data), and checked to compute the same
+function as before (:data:`~tasks.align.FUNCTION_TOL` for the model's dtype) before
+anything is written. :func:`align_sources` gives the executor one reader per aligned
+source (file key -> permuted tensor); :func:`align_checkpoint` writes one aligned
+checkpoint (``metanet align``).
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tasks.align import FUNCTION_TOL, AlignmentError
+from metanet.space import Element
+from tasks.align import FUNCTION_TOL, AlignmentError, MatchLog
+from tasks.checkpoints.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from tasks.checkpoints.config import MergeConfig
 from tasks.checkpoints.plan import MergePlan
 
-__all__ = ["align_sources", "align_checkpoint", "check_same_layout"]
+__all__ = ["align_sources", "align_checkpoint", "match_pair", "check_same_layout", "MATCHES"]
+
+MATCHES = ("weight", "activation", "ste")
 
 # config.json fields that fix how a tensor's axes split into groups (heads, head_dim,
 # layers): two models whose tensors have equal shapes may still differ here
@@ -66,97 +73,205 @@ def check_same_layout(reference: Path, other: Path) -> None:
             )
 
 
+def _in_memory(ck: Checkpoint, model: torch.nn.Module) -> dict[str, Tensor]:
+    """``ck``'s tensors under the model's state-dict names, read into memory."""
+    return {n: ck.weights[n] for n in model.state_dict() if n in ck.weights}
+
+
+def match_pair(
+    ref: Checkpoint,
+    other: Checkpoint,
+    how: str = "weight",
+    *,
+    data: list | None = None,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    low_memory: bool = False,
+    ste_epochs: int = 10,
+    ste_lr: float = 1e-2,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+    log: MatchLog | None = None,
+) -> tuple[Element, str]:
+    """The element of ``ref.space`` permuting ``other`` onto ``ref``, and a summary line.
+
+    ``how``: ``weight`` (Git Re-Basin weight matching, streaming from lazy checkpoints),
+    ``activation`` or ``ste`` (run the model, ``other``'s or ``ref``'s, on ``data``: a
+    list of ``(inputs, targets)`` batches).
+    """
+    import copy
+
+    from tasks import stream
+    from tasks.align import activation_matching, ste_matching, weight_matching
+
+    log = log if log is not None else MatchLog()
+    if how == "weight":
+        wa, wb = stream.matching_inputs(ref, other, low_memory=low_memory)
+        g = weight_matching(ref.space, wa, wb, seed=seed, max_sweeps=max_sweeps,
+                            progress=progress, log=log, device=device)  # fmt: skip
+        objective = log.objective
+        return g, f"{log.sweeps} sweeps, objective {objective[0]:.4g} -> {objective[-1]:.4g}"
+    if how not in MATCHES:
+        raise AlignmentError(f"align: {how!r} is not one of {', '.join(MATCHES)}")
+    model = other.model or ref.model
+    if model is None:
+        raise AlignmentError(
+            f"align: {how} runs the model on data, and {other.ref} has none (pass --model)"
+        )
+    if not data:
+        raise AlignmentError(f"align: {how} runs the model on data; none was given")
+    wa, wb = _in_memory(ref, model), _in_memory(other, model)
+    if how == "activation":
+        pair = []
+        for w in (wa, wb):
+            m = copy.deepcopy(model)
+            m.load_state_dict(w)
+            pair.append(m)
+        g = activation_matching(*pair, ref.space, data, seed=seed, log=log)
+        return g, f"activation matching on {len(data)} batches"
+    g = ste_matching(model, ref.space, wa, wb, data, epochs=ste_epochs, lr=ste_lr, seed=seed,
+                     init="activation", progress=progress, log=log)  # fmt: skip
+    summary = f"STE from activation matching, {ste_epochs} epochs on {len(data)} batches"
+    if log.objective:
+        summary += f", midpoint loss {log.objective[0]:.4g} -> {log.objective[-1]:.4g}"
+    return g, summary
+
+
+def _check_function(ref: Checkpoint, other: Checkpoint, g: Element) -> float | None:
+    """The max relative error of ``other``'s model output once permuted by ``g`` (None
+    when no model is at hand); :class:`AlignmentError` when it is not a relabelling or
+    not the same function, to the tolerance of the model's dtype."""
+    from tasks import stream
+
+    model = other.model or ref.model
+    inputs = other.inputs if other.model is not None else ref.inputs
+    if other.lazy is None:
+        # in memory: the permutation must be a relabelling, read back exactly
+        aligned = ref.space.apply(other.weights, g)
+        back = ref.space.apply(aligned, ref.space.invert(g))
+        bad = next((k for k in other.weights if not torch.equal(back[k], other.weights[k])), None)
+        if bad is not None:
+            raise AlignmentError(f"aligned tensor {bad!r} is not a relabelling of {other.ref}")
+    if model is None or inputs is None:
+        return None
+    if other.lazy is None:
+        from tasks.align import verify_aligned
+
+        # float64 copies, the model untouched
+        return verify_aligned(model, other.weights, aligned, inputs)
+    stream.load_into(model, stream.permuted_reader(other, None), list(other.weights))
+    want = stream.model_output(model, inputs)
+    err = stream.relative_error(other if other.model is not None else ref,
+                                stream.permuted_reader(other, g), want)  # fmt: skip
+    tol = FUNCTION_TOL.get(want.dtype, 1e-4)
+    if not err < tol:
+        raise AlignmentError(
+            f"aligning {other.ref} changes its function (max rel. error {err:.1e} > "
+            f"{tol:.0e} for {want.dtype}); nothing written"
+        )
+    return err
+
+
+def _for_matching(source: Checkpoint, ref: Checkpoint | None = None) -> Checkpoint:
+    """``source`` opened for matching: lazy reads upcast to float32, a folder read in the
+    reference's space (its model built when it is the reference)."""
+    if source.lazy is None:
+        return source  # in memory, with its space (and model)
+    if ref is None:
+        ck = open_checkpoint(source.path, build_model=source.hf, upcast=torch.float32)
+        if ck.space is None:
+            raise AlignmentError(
+                f"{source.ref}: aligning needs its WeightSpace: a Hugging Face folder, a "
+                "metanet checkpoint, or a plain state dict with --family or --model"
+            )
+        return ck
+    if source.hf:
+        names = ref.lazy.names if ref.lazy is not None else None
+        if names is None:
+            raise AlignmentError(f"{source.ref}: a folder cannot be aligned to the file {ref.ref}")
+        return open_checkpoint(source.path, space=ref.space, names=names, model=ref.model,
+                               upcast=torch.float32)  # fmt: skip
+    return open_checkpoint(source.path, upcast=torch.float32)
+
+
 def align_sources(
     config: MergeConfig,
     plan: MergePlan,
     *,
+    data: list | None = None,
     seed: int = 0,
     max_sweeps: int = 100,
     low_memory: bool = False,
+    ste_epochs: int = 10,
+    ste_lr: float = 1e-2,
     progress: bool = False,
     quiet: bool = True,
     device: str | torch.device | None = None,
 ) -> dict[int, Callable[[str], Tensor]]:
-    """Readers for the sources marked ``align: weight``, permuted onto the reference."""
+    """Readers for the sources marked ``align:``, permuted onto the plan's reference.
+
+    Every model is matched before any function check: a check streams a model's weights
+    into the reference's model, whose tensors the matching may read."""
     from tasks import stream
-    from tasks.align import MatchLog, weight_matching
 
     # in the config's order: a run is repeatable whatever the hash seed
-    wanted = list(dict.fromkeys(e.path for e in config.models if e.align == "weight"))
-    others = {e.align for e in config.models} - {"none", "weight"}
-    if others:
-        raise AlignmentError(
-            f"align: {sorted(others)[0]} runs the model on data; it is not a streaming stage"
-        )
+    wanted = list(dict.fromkeys((e.path, e.align) for e in config.models if e.align != "none"))
     index = {s.ref: i for i, s in enumerate(plan.sources)}
-    wanted = [path for path in wanted if index[path] != plan.reference]
+    wanted = [(path, how) for path, how in wanted if index[path] != plan.reference]
     if not wanted:
         return {}
     reference = plan.sources[plan.reference]
-    for path in wanted:
-        check_same_layout(reference.path, plan.sources[index[path]].path)
-    ref = stream.open_checkpoint(reference.path, build_model=reference.hf)
-    matched = []
-    # every model is matched before any function check: a check streams the model's
-    # weights into the reference's model, whose tensors the matching reads
-    for path in wanted:
+    for path, _ in wanted:
         source = plan.sources[index[path]]
-        if source.hf:
-            ck = stream.open_checkpoint(
-                source.path, space=ref.space, names=ref.lazy.names, model=ref.model
-            )
-        else:
-            ck = stream.open_checkpoint(source.path)
-        stream.check_compatible(ref, ck)
+        if reference.hf and source.hf:
+            check_same_layout(reference.path, source.path)
+    ref = _for_matching(reference)
+    matched = []
+    for path, how in wanted:
+        source = plan.sources[index[path]]
+        ck = _for_matching(source, ref)
+        check_compatible(ref, ck)
+        # NaN/inf refused before matching on them, naming the tensor
+        stream.check_finite([ref, ck] if not matched else [ck], progress=progress)
         log = MatchLog()
-        wa, wb = stream.matching_inputs(ref, ck, low_memory=low_memory)
-        g = weight_matching(
-            ref.space,
-            wa,
-            wb,
-            seed=seed,
-            max_sweeps=max_sweeps,
-            progress=progress,
-            log=log,
-            device=device,
-        )
-        matched.append((path, source, ck, g, log))
+        g, summary = match_pair(
+            ref, ck, how, data=data, seed=seed, max_sweeps=max_sweeps, low_memory=low_memory,
+            ste_epochs=ste_epochs, ste_lr=ste_lr, progress=progress, device=device, log=log,
+        )  # fmt: skip
+        matched.append((source, ck, g, log, summary))
     readers: dict[int, Callable[[str], Tensor]] = {}
-    for path, source, ck, g, log in matched:
-        if ref.model is not None:
-            # the aligned model must compute what it computed before, on its own weights
-            stream.load_into(ref.model, stream.permuted_reader(ck, None), list(ck.weights))
-            want = stream.model_output(ref.model, ref.inputs)
-            err = stream.relative_error(ref, stream.permuted_reader(ck, g), want)
-            tol = FUNCTION_TOL.get(want.dtype, 1e-4)
-            if not err < tol:
-                raise AlignmentError(
-                    f"aligning {source.ref} changes its function (max rel. error {err:.1e} > "
-                    f"{tol:.0e} for {want.dtype}); nothing written"
-                )
-        moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+    for source, ck, g, log, summary in matched:
+        err = _check_function(ref, ck, g)
         if not quiet:
+            moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+            checked = "" if err is None else f"; same function (max rel. error {err:.1e})"
             print(
-                f"aligned {Path(source.ref).name} to {Path(reference.ref).name}: {moved}/{len(g)} "
-                f"groups permuted, {log.sweeps} sweeps, {log.seconds:.2f} s",
+                f"aligned {Path(source.ref).name} to {Path(reference.ref).name}: "
+                f"{moved}/{len(g)} groups permuted, {summary}, {log.seconds:.2f} s{checked}",
                 file=sys.stderr,
             )
         read = stream.permuted_reader(ck, g)
-        ours = {key: name for name, key in ck.lazy.names.items()} if ck.lazy else {}
-        readers[index[path]] = lambda key, read=read, ours=ours, src=source: (
+        ours = (
+            {key: n for n, key in ck.lazy.names.items()} if ck.lazy else {n: n for n in ck.weights}
+        )
+        readers[index[source.ref]] = lambda key, read=read, ours=ours, src=source: (
             read(ours[key]) if key in ours else src.read(key)
         )
     return readers
 
 
 def align_checkpoint(
-    a: str | Path,
-    b: str | Path,
+    a: str | Path | Checkpoint,
+    b: str | Path | Checkpoint,
     out: str | Path,
     *,
+    how: str = "weight",
+    data: list | None = None,
     seed: int = 0,
     max_sweeps: int = 100,
     low_memory: bool = False,
+    ste_epochs: int = 10,
+    ste_lr: float = 1e-2,
     device: str | torch.device | None = None,
     max_shard: int | None = None,
     dtype: torch.dtype | None = None,
@@ -164,45 +279,50 @@ def align_checkpoint(
     quiet: bool = True,
     stages=None,
 ) -> Path:
-    """Permute checkpoint ``b`` onto ``a`` (weight matching), streaming, and write it.
+    """Permute checkpoint ``b`` onto ``a`` and write it: ``metanet align``.
 
-    ``b`` builds the model whose function is checked (a Hugging Face folder: its own
-    config; ``a`` must have the same layout): its outputs before, and on the *written*
-    weights streamed back in, must agree to :data:`~tasks.align.FUNCTION_TOL` before the
-    output is renamed into place. A folder ``b`` gives a drop-in copy of its folder (its
-    shard layout unless ``max_shard``); ``out`` ending in ``.safetensors`` one checkpoint
-    carrying the space.
+    ``a``/``b``: paths (read lazily, streaming) or checkpoints held in memory
+    (:func:`~tasks.checkpoints.checkpoint.load_checkpoint`). ``b`` gives the model whose
+    function is checked (a Hugging Face folder: its own config; ``a`` must have the same
+    layout): its outputs before, and on the *written* weights streamed back in, must
+    agree to :data:`~tasks.align.FUNCTION_TOL` before the output is renamed into place.
+    A folder ``b`` gives a drop-in copy of its folder (its shard layout unless
+    ``max_shard``); ``out`` ending in ``.safetensors`` (or any ``out`` for a file ``b``)
+    one checkpoint carrying the space.
     """
     from tasks import stream
-    from tasks.align import MatchLog, weight_matching
 
     stages = stages if stages is not None else stream.StageLog()
-    b, a = Path(b), Path(a)
-    ref = stream.open_checkpoint(b, build_model=b.is_dir())
-    if a.is_dir():
-        check_same_layout(b, a)  # a is read in b's space: it must split its axes alike
-        other = stream.open_checkpoint(a, space=ref.space, names=ref.lazy.names, model=ref.model)
-    else:
-        other = stream.open_checkpoint(a)
-    stream.check_compatible(ref, other)
+    if not isinstance(b, Checkpoint):
+        b = open_checkpoint(b)
+    if not isinstance(a, Checkpoint):
+        a = open_checkpoint(a)
+    if a.hf and b.hf:
+        check_same_layout(b.path, a.path)  # a is read in b's space: it must split its axes alike
+    ref = _for_matching(b)
+    other = _for_matching(a, ref)
+    check_compatible(ref, other)
     stream.check_finite([ref, other], progress=progress)
     stages.done("load + check", quiet)
+    if ref.model is not None and ref.lazy is None:
+        stream.load_into(ref.model, ref.read, list(ref.weights))  # the model holds b
     reference = stream.model_output(ref.model, ref.inputs) if ref.model is not None else None
     log = MatchLog()
-    wa, wb = stream.matching_inputs(other, ref, low_memory=low_memory)
-    g = weight_matching(
-        ref.space, wa, wb, seed=seed, max_sweeps=max_sweeps, progress=progress, log=log,
-        device=device,
+    # b permuted onto a: match a's side as the reference of the matching
+    g, summary = match_pair(
+        other, ref, how, data=data, seed=seed, max_sweeps=max_sweeps, low_memory=low_memory,
+        ste_epochs=ste_epochs, ste_lr=ste_lr, progress=progress, device=device, log=log,
     )  # fmt: skip
     stages.done(f"match {ref.path.name}", quiet)
     if not quiet:
         moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
         print(
             f"aligned {ref.path} to {other.path}: {moved}/{len(g)} groups permuted, "
-            f"{log.sweeps} sweeps, objective {log.objective[0]:.4g} -> {log.objective[-1]:.4g}, "
-            f"{log.seconds:.2f} s",
+            f"{summary}, {log.seconds:.2f} s",
             file=sys.stderr,
         )
+    if ref.lazy is None:
+        _check_function(other, ref, g)  # relabelling + float64 check before writing
 
     def check(written: Path) -> None:
         if reference is None:

@@ -110,8 +110,8 @@ def execute(
     from tasks.stream import copy_folder, progress_bar, require_finite
 
     out = Path(out)
-    single = out.suffix == ".safetensors"
     ref = plan.sources[plan.reference]
+    single = out.suffix == ".safetensors" or not ref.hf
     remove_stale(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     entries = [(t.name, t.shape, t.dtype) for t in plan.tensors]
@@ -120,15 +120,11 @@ def execute(
     try:
         if single:
             meta = {"format": "pt"}
-            space = ref.weights.metadata.get(SPACE_KEY)
+            space = ref.metadata.get(SPACE_KEY)
             if space and [t.name for t in plan.tensors] == list(ref.keys):
                 meta[SPACE_KEY] = space  # same tensors, same shapes: the space still holds
             writer = ShardWriter(tmp, entries, single_file=True, metadata=meta)
         else:
-            if not ref.hf:
-                raise CheckpointError(
-                    f"{ref.ref} is a file: write the merge to a .safetensors file (-o x.safetensors)"
-                )
             skip = {*ref.files, INDEX, "config.json", "README.md", "mergekit_config.yml"}
             skip |= {p.name for p in ref.path.glob("*.safetensors")}
             # the reference's weights in other formats would load as the unmerged model
@@ -232,7 +228,7 @@ def _tokenizer(config: MergeConfig, folder: Path) -> None:
     and the chat template."""
     src = config.tokenizer_source
     if src not in (None, "base"):
-        from tasks.checkpoints.sources import resolve_model
+        from tasks.checkpoints.checkpoint import resolve_model
         from tasks.stream import cache_blobs, is_cache_blob
 
         path = resolve_model(src)

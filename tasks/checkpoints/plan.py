@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from metanet.io import CheckpointError
+from tasks.checkpoints.checkpoint import Checkpoint
 from tasks.checkpoints.config import MergeConfig, Slice, evaluate
-from tasks.checkpoints.sources import Source
 from tasks.merge_methods import METHODS, resolve_parameters
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "layer_of", "gradient_positions"]
@@ -86,7 +86,7 @@ class TensorPlan:
 @dataclass
 class MergePlan:
     method: str
-    sources: list[Source]
+    sources: list[Checkpoint]
     tensors: list[TensorPlan]
     layers: int | None  # output layer count (None: the inputs have no layer stack)
     reference: int  # the source whose folder (config, tokenizer) the output copies
@@ -101,7 +101,7 @@ def _settings(value_scopes: Sequence[dict], key: str, name: str, t: float):
     return None
 
 
-def _layers(source: Source) -> tuple[str | None, int]:
+def _layers(source: Checkpoint) -> tuple[str | None, int]:
     stacks = {}
     for key in source.keys:
         found = layer_of(key)
@@ -116,8 +116,8 @@ def _layers(source: Source) -> tuple[str | None, int]:
     return stack, max(idx) + 1
 
 
-def plan_merge(config: MergeConfig, sources: dict[str, Source]) -> MergePlan:
-    """The plan for ``config`` over opened ``sources`` (reference as written -> Source).
+def plan_merge(config: MergeConfig, sources: dict[str, Checkpoint]) -> MergePlan:
+    """The plan for ``config`` over opened ``sources`` (reference as written -> Checkpoint).
 
     Raises :class:`~metanet.io.CheckpointError` naming the model and tensor when the
     inputs do not fit the config (a missing tensor, a layer range past the end, shapes
