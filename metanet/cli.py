@@ -603,7 +603,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     cfg = args.config_obj
     if args.config:
         inputs.append(args.config)
-    if cfg is not None and cfg.tokenizer_source not in (None, "base"):
+    if cfg is not None and cfg.tokenizer_source not in (None, "base", "union"):
         inputs.append(cfg.tokenizer_source)
     _check_output(out, inputs, args.force, folder=folder)
     if args.config_obj is None:  # metanet's own flags

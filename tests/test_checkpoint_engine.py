@@ -431,3 +431,125 @@ def test_several_aligned_models_are_each_matched_to_the_reference(tmp_path):
         want = (v + aligned[0][k] + aligned[1][k]) / 3
         key = k if k in got else k.removeprefix(prefix)
         torch.testing.assert_close(got[key], want, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- vocabularies
+def _vocab_llama(folder: Path, vocab: dict, seed: int, special: tuple = ()) -> dict:
+    """A tiny Llama with its own word-level tokenizer (``vocab`` plus ``special`` tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    if special:
+        fast.add_special_tokens({"additional_special_tokens": list(special)})
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def vocab_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab")
+    a = _vocab_llama(root / "a", {"<unk>": 0, "the": 1, "cat": 2, "sat": 3, "on": 4}, 1,
+                     special=("<|im_start|>",))  # fmt: skip
+    b = _vocab_llama(root / "b", {"<unk>": 0, "sat": 1, "the": 2, "dog": 3, "mat": 4, "on": 5}, 2)
+    return root, a, b
+
+
+EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def test_union_tokenizer_merges_rows_by_token(vocab_pair, tmp_path):
+    """mergekit's rules: the union vocabulary (base's, then the others' new tokens, then the
+    added ones); a token both models have is merged from both rows, one only a model has
+    takes that model's row in every model. The output loads in the dtype written."""
+    root, a, b = vocab_pair
+    cfg = parse_config({
+        "merge_method": "linear",
+        "models": [{"model": str(root / "a"), "parameters": {"weight": 0.5}},
+                   {"model": str(root / "b"), "parameters": {"weight": 0.5}}],
+        "tokenizer_source": "union",
+        "out_dtype": "bfloat16",
+    })  # fmt: skip
+    out = merge_checkpoints(cfg, tmp_path / "union")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    want = ["<unk>", "the", "cat", "sat", "on", "<|im_start|>", "dog", "mat"]
+    assert sorted(tok.get_vocab(), key=tok.get_vocab().get) == want
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16 and model.config.vocab_size == 8
+    got = _weights(out)
+    ia = {t: i for i, t in enumerate(["<unk>", "the", "cat", "sat", "on", "<|im_start|>"])}
+    ib = {"<unk>": 0, "sat": 1, "the": 2, "dog": 3, "mat": 4, "on": 5}
+    for name in EMBEDDINGS:
+        for i, token in enumerate(want):
+            if token in ia and token in ib:
+                expect = (a[name][ia[token]] + b[name][ib[token]]) / 2
+            else:
+                expect = a[name][ia[token]] if token in ia else b[name][ib[token]]
+            torch.testing.assert_close(got[name][i], expect.to(torch.bfloat16), rtol=0, atol=0)
+    # the rest of the model merges as usual
+    expect = ((a["model.norm.weight"] + b["model.norm.weight"]) / 2).to(torch.bfloat16)
+    assert torch.equal(got["model.norm.weight"], expect)
+
+
+def test_tokenizer_block_sets_token_rows_and_pads(vocab_pair, tmp_path):
+    root, a, b = vocab_pair
+    cfg = parse_config({
+        "merge_method": "task_arithmetic",
+        "base_model": str(root / "a"),
+        "models": [{"model": str(root / "b"), "parameters": {"weight": 1.0}}],
+        "tokenizer": {
+            "source": "union",
+            "pad_to_multiple_of": 5,
+            "tokens": {
+                "dog": {"source": {"kind": "zero"}},
+                "<|im_start|>": {"source": {"kind": "model_token", "model": str(root / "b"),
+                                            "token": "sat"}, "force": True},
+            },
+        },
+    })  # fmt: skip
+    got = _weights(merge_checkpoints(cfg, tmp_path / "block"))
+    name = "model.embed_tokens.weight"
+    assert got[name].shape == (10, 16)  # 8 tokens, padded to a multiple of 5
+    # task arithmetic: base + (b - base). dog: the base lacks it, so its row is the zero
+    # default and b's own row comes through whole
+    torch.testing.assert_close(got[name][6], b[name][3], rtol=0, atol=0)
+    torch.testing.assert_close(got[name][5], b[name][1], rtol=0, atol=0)  # b's "sat" row
+    assert torch.allclose(got[name][8], got[name][:8].mean(0), atol=1e-6)  # padding
+    torch.testing.assert_close(got[name][3], b[name][1], rtol=0, atol=1e-6)  # sat: b's own
+
+
+def test_tokenizer_config_errors_are_one_line():
+    for data, what in [
+        ({"tokenizer_source": "union", "tokenizer": {"source": "union"}}, "give one"),
+        (
+            {"tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "m"}}}}},
+            "exactly one of token",
+        ),
+        ({"tokenizer": {"tokens": {"x": {"source": "elsewhere"}}}}, "not one of the merged"),
+        ({"tokenizer": {"pad_to_multiple_of": 0}}, "positive integer"),
+        ({"tokenizer": {"sauce": "union"}}, "expected a mapping of source"),
+    ]:
+        with pytest.raises(ValueError, match=what) as e:
+            parse_config({"merge_method": "linear", "models": [{"model": "m"}], **data})
+        assert "\n" not in str(e.value)
+
+
+def test_union_of_models_without_tokenizers_is_refused_naming_the_model(llamas, tmp_path, capsys):
+    cfg = _yaml(
+        tmp_path / "u.yml",
+        f"merge_method: linear\nmodels:\n  - model: {llamas / 'a'}\n  - model: {llamas / 'b'}\n"
+        "tokenizer_source: union\n",
+    )
+    assert main(["merge", "--config", str(cfg), "-o", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tokenizer does not load" in err and str(llamas / "a") in err and "\n" not in err
+    assert not (tmp_path / "o").exists()

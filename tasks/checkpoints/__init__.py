@@ -85,7 +85,14 @@ def merge_checkpoints(
     """
     given = dict(checkpoints or {})
     sources = {ref: given.get(ref) or open_checkpoint(ref) for ref in config.paths()}
-    plan = plan_merge(config, sources)
+    vocab = None
+    if config.tokenizer is not None:
+        from tasks.checkpoints.vocab import build_vocab
+
+        vocab = build_vocab(config.tokenizer, sources, config.base)
+        if vocab is not None and vocab.identity:
+            vocab = None  # one vocabulary: the embeddings merge as they are
+    plan = plan_merge(config, sources, vocab)
     readers = align_sources(
         config, plan, data=data, seed=seed, max_sweeps=max_sweeps, low_memory=low_memory,
         ste_epochs=ste_epochs, ste_lr=ste_lr, progress=progress, quiet=quiet, device=device,

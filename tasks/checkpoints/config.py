@@ -14,7 +14,7 @@ models:
 parameters:
   t: [0, 0.5, 0.3, 0.7, 1]        # a gradient over the layers
 dtype: bfloat16                   # compute dtype; out_dtype: the written one
-tokenizer_source: base            # base | a model | union (refused for now)
+tokenizer_source: union           # base | union | a model; or a tokenizer: block
 chat_template: chatml
 ```
 
@@ -49,6 +49,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.checkpoints.vocab import TokenizerSpec, TokenSource
 from tasks.merge_methods import METHODS, check_parameter
 
 __all__ = [
@@ -136,6 +137,7 @@ class MergeConfig:
     chat_template: str | None = None
     ignored: tuple[str, ...] = ()
     source: dict | None = None  # the mapping it was parsed from (written beside outputs)
+    tokenizer: TokenizerSpec | None = None  # tokenizer_source or the tokenizer: block
 
     def paths(self) -> list[str]:
         """Every model the config reads, base first, each once."""
@@ -417,23 +419,9 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
     for key, default in m.params.items():
         if default is None and key not in params and not any(key in s.parameters for s in slices):
             raise ValueError(f"parameters: missing key {key!r} (needed by merge method {method!r})")
-    tsrc = data.get("tokenizer_source")
-    if tsrc is not None:
-        if not isinstance(tsrc, str):
-            raise ValueError(f"tokenizer_source: expected base, union or a model, got {tsrc!r}")
-        if tsrc == "union":
-            raise ValueError(
-                "tokenizer_source: union (a merged vocabulary) is not supported yet; "
-                "use base or a model whose tokenizer to keep"
-            )
-        if tsrc != "base":
-            tsrc = _path(tsrc, folder, "tokenizer_source")
-    tok = data.get("tokenizer")
-    if tok is not None:
-        raise ValueError(
-            "tokenizer: the tokenizer block (vocabulary surgery) is not supported yet; "
-            "use tokenizer_source: base or a model"
-        )
+    refs = {m.path for m in models} | {src.model for sl in slices for src in sl.sources}
+    tokenizer = _tokenizer_spec(data, folder, refs | ({base} if base else set()))
+    tsrc = tokenizer.source if tokenizer is not None else None
     chat = data.get("chat_template")
     if chat is not None and not isinstance(chat, str):
         raise ValueError(f"chat_template: expected a template name or Jinja text, got {chat!r}")
@@ -458,7 +446,78 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
         chat,
         tuple(w for w in ignored if not w.startswith("base_model:")),
         data,
+        tokenizer,
     )
+
+
+def _model_ref(value, folder: Path | None, where: str) -> str:
+    if value in ("base", "union"):
+        return value
+    return _path(value, folder, where)
+
+
+def _token_source(token: str, raw, folder: Path | None, refs: set[str]) -> TokenSource:
+    where = f"tokenizer.tokens.{token}"
+    if not isinstance(raw, dict) or not set(raw) <= {"source", "force"}:
+        raise ValueError(f"{where}: expected a mapping with source (and force), got {raw!r}")
+    force = raw.get("force", False)
+    if not isinstance(force, bool):
+        raise ValueError(f"{where}.force: expected true or false, got {force!r}")
+    src = raw.get("source")
+    if isinstance(src, str):
+        out = TokenSource("model", model=_path(src, folder, f"{where}.source"), force=force)
+    elif isinstance(src, dict) and src.get("kind") == "zero" and set(src) == {"kind"}:
+        out = TokenSource("zero", force=force)
+    elif isinstance(src, dict) and src.get("kind") == "model_token":
+        if not set(src) <= {"kind", "model", "token", "token_id"} or "model" not in src:
+            raise ValueError(f"{where}.source: model_token takes model and token or token_id")
+        tok, tid = src.get("token"), src.get("token_id")
+        if (tok is None) == (tid is None):
+            raise ValueError(f"{where}.source: give exactly one of token and token_id")
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0):
+            raise ValueError(f"{where}.source.token_id: expected a token index, got {tid!r}")
+        if tok is not None and not isinstance(tok, str):
+            raise ValueError(f"{where}.source.token: expected a string, got {tok!r}")
+        model = _path(src["model"], folder, f"{where}.source.model")
+        out = TokenSource("model_token", model=model, token=tok, token_id=tid, force=force)
+    else:
+        raise ValueError(
+            f"{where}.source: expected a model, {{kind: zero}} or {{kind: model_token, ...}}, "
+            f"got {src!r}"
+        )
+    if out.model is not None and not any(_same(out.model, r) for r in refs):
+        raise ValueError(f"{where}.source: {out.model} is not one of the merged models")
+    return out
+
+
+def _tokenizer_spec(data: dict, folder: Path | None, refs: set[str]) -> TokenizerSpec | None:
+    """``tokenizer_source`` or the ``tokenizer:`` block (mergekit refuses both at once)."""
+    tsrc, block = data.get("tokenizer_source"), data.get("tokenizer")
+    if tsrc is not None and block is not None:
+        raise ValueError("tokenizer_source and tokenizer: give one (tokenizer.source is the same)")
+    if tsrc is not None:
+        if not isinstance(tsrc, str):
+            raise ValueError(f"tokenizer_source: expected base, union or a model, got {tsrc!r}")
+        return TokenizerSpec(_model_ref(tsrc, folder, "tokenizer_source"))
+    if block is None:
+        return None
+    if not isinstance(block, dict) or not set(block) <= {"source", "tokens", "pad_to_multiple_of"}:
+        raise ValueError(
+            f"tokenizer: expected a mapping of source, tokens, pad_to_multiple_of, got {block!r}"
+        )
+    source = block.get("source", "union")  # mergekit's default
+    if not isinstance(source, str):
+        raise ValueError(f"tokenizer.source: expected base, union or a model, got {source!r}")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise ValueError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise ValueError(
+            f"tokenizer.tokens: expected a mapping of token -> settings, got {tokens!r}"
+        )
+    parsed = {str(t): _token_source(str(t), raw, folder, refs) for t, raw in tokens.items()}
+    return TokenizerSpec(_model_ref(source, folder, "tokenizer.source"), parsed, pad)
 
 
 def _same(a: str, b: str) -> bool:

@@ -131,7 +131,7 @@ def execute(
             skip |= {p.name for p in ref.path.iterdir() if _old_weights(p.name)}
             copy_folder(ref.path, tmp, skip=skip)
             if config is not None:
-                _tokenizer(config, tmp)
+                _tokenizer(config, tmp, plan.vocab)
             _write_config(plan, tmp)
             _write_card(plan, config, tmp)
             writer = ShardWriter(tmp, entries, max_shard=max_shard or DEFAULT_SHARD,
@@ -163,6 +163,9 @@ def execute(
                     v = v.to(device)
                     values.append(v.to(t.compute_dtype) if t.compute_dtype is not None else v)
                 del raw
+                if t.vocab:  # each model's rows, reindexed into the output vocabulary
+                    refs = [plan.sources[i].ref for i, _ in t.inputs]
+                    values = plan.vocab.reindex(t.name, refs, values)
                 if t.compute_dtype is None:  # integer / bool: carried through, never averaged
                     if any(not torch.equal(v, values[0]) for v in values):
                         raise CheckpointError(
@@ -215,6 +218,8 @@ def _write_config(plan: MergePlan, folder: Path) -> None:
             keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
             for key in keys:  # transformers 5 reads dtype, 4 torch_dtype
                 cfg[key] = _NAMES[written]
+    if plan.vocab is not None:
+        cfg["vocab_size"] = plan.vocab.size
     if plan.layers is not None:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in cfg:
@@ -223,11 +228,16 @@ def _write_config(plan: MergePlan, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _tokenizer(config: MergeConfig, folder: Path) -> None:
-    """Tokenizer files from ``tokenizer_source`` (a model's folder replaces the reference's),
-    and the chat template."""
+def _tokenizer(config: MergeConfig, folder: Path, vocab=None) -> None:
+    """The tokenizer of ``tokenizer_source`` (a merged vocabulary's, or a model's files in
+    place of the reference's), and the chat template."""
     src = config.tokenizer_source
-    if src not in (None, "base"):
+    if vocab is not None:
+        for name in _TOKENIZER_FILES:
+            if (folder / name).exists() or (folder / name).is_symlink():
+                (folder / name).unlink()
+        vocab.tokenizer.save_pretrained(str(folder))
+    elif src not in (None, "base", "union"):
         from tasks.checkpoints.checkpoint import resolve_model
         from tasks.stream import cache_blobs, is_cache_blob
 

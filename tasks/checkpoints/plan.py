@@ -29,6 +29,7 @@ import torch
 from metanet.io import CheckpointError
 from tasks.checkpoints.checkpoint import Checkpoint
 from tasks.checkpoints.config import MergeConfig, Slice, evaluate
+from tasks.checkpoints.vocab import Vocab, is_embedding
 from tasks.merge_methods import METHODS, resolve_parameters
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "layer_of", "gradient_positions"]
@@ -81,6 +82,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     dtype: torch.dtype
     compute_dtype: torch.dtype | None  # None: not floating, carried through unchanged
+    vocab: bool = False  # an embedding, its rows reindexed into the output vocabulary
 
 
 @dataclass
@@ -91,6 +93,7 @@ class MergePlan:
     layers: int | None  # output layer count (None: the inputs have no layer stack)
     reference: int  # the source whose folder (config, tokenizer) the output copies
     out_dtype: torch.dtype | None
+    vocab: Vocab | None = None  # the output vocabulary, when the models' differ
 
 
 def _settings(value_scopes: Sequence[dict], key: str, name: str, t: float):
@@ -116,8 +119,11 @@ def _layers(source: Checkpoint) -> tuple[str | None, int]:
     return stack, max(idx) + 1
 
 
-def plan_merge(config: MergeConfig, sources: dict[str, Checkpoint]) -> MergePlan:
-    """The plan for ``config`` over opened ``sources`` (reference as written -> Checkpoint).
+def plan_merge(
+    config: MergeConfig, sources: dict[str, Checkpoint], vocab: Vocab | None = None
+) -> MergePlan:
+    """The plan for ``config`` over opened ``sources`` (reference as written -> Checkpoint);
+    with ``vocab``, embeddings are written with one row per output token.
 
     Raises :class:`~metanet.io.CheckpointError` naming the model and tensor when the
     inputs do not fit the config (a missing tensor, a layer range past the end, shapes
@@ -136,6 +142,14 @@ def plan_merge(config: MergeConfig, sources: dict[str, Checkpoint]) -> MergePlan
         seen.add(name)
         srcs = [sources[order[i]] for i, _ in inputs]
         shapes = {srcs[j].shape(k) for j, (_, k) in enumerate(inputs)}
+        embedding = vocab is not None and all(is_embedding(k, s) for s, (_, k) in zip(srcs, inputs))
+        if embedding:  # rows become the output vocabulary's; widths must agree
+            widths = {shape[1] for shape in shapes}
+            if len(widths) != 1:
+                raise CheckpointError(
+                    f"tensor {name!r}: embedding widths differ ({sorted(widths)})"
+                )
+            shapes = {(vocab.size, widths.pop())}
         if len(shapes) != 1:
             desc = ", ".join(f"{s.ref}: {s.shape(k)}" for s, (_, k) in zip(srcs, inputs))
             raise CheckpointError(f"tensor {name!r} has different shapes ({desc})")
@@ -200,6 +214,7 @@ def plan_merge(config: MergeConfig, sources: dict[str, Checkpoint]) -> MergePlan
                 next(iter(shapes)),
                 written,
                 work,
+                embedding,
             )
         )
 
@@ -226,7 +241,7 @@ def plan_merge(config: MergeConfig, sources: dict[str, Checkpoint]) -> MergePlan
             add(key, slice_, [(index[s.model], key) for s in slice_.sources], positions[key])
         reference = config.base if config.base is not None else slice_.sources[0].model
         return MergePlan(config.method, [sources[r] for r in order], plans, None,
-                         index[reference], out_dtype or compute)  # fmt: skip
+                         index[reference], out_dtype or compute, vocab)  # fmt: skip
     stack, n_first = _layers(first)
     if n_first < 0:
         raise CheckpointError(
@@ -296,4 +311,5 @@ def plan_merge(config: MergeConfig, sources: dict[str, Checkpoint]) -> MergePlan
         out_layers if stack is not None else None,
         index[reference],
         out_dtype or compute,
+        vocab,
     )
