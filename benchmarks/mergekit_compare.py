@@ -191,6 +191,90 @@ def test_configs() -> dict[str, dict]:
     return out
 
 
+def tokenizer_configs() -> dict[str, dict]:
+    """Models with different vocabularies: ``tokenizer_source`` and the ``tokenizer:``
+    block of mergekit's docs (union, base, a model; token sources, force, padding)."""
+    t = "tokenizers::"
+    two = [{"model": "vocab_a", "parameters": {"weight": 0.6}},
+           {"model": "vocab_b", "parameters": {"weight": 0.4}}]  # fmt: skip
+    return {
+        t + "union linear": {"merge_method": "linear", "models": two,
+                             "tokenizer_source": "union", "dtype": "float32"},
+        t + "union ties with a base": {
+            "merge_method": "ties", "base_model": "vocab_base",
+            "models": [{"model": "vocab_a", "parameters": {"weight": 1.0, "density": 0.5}},
+                       {"model": "vocab_b", "parameters": {"weight": 0.5, "density": 0.5}}],
+            "tokenizer_source": "union", "dtype": "float32"},
+        t + "tokenizer block: tokens, force, pad": {
+            "merge_method": "task_arithmetic", "base_model": "vocab_base", "models": two,
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 64, "tokens": {
+                "<|im_start|>": {"source": {"kind": "model_token", "model": "vocab_base",
+                                            "token": "w0"}},
+                "w50": {"source": "vocab_a", "force": True},
+                "new3": {"source": {"kind": "zero"}}}},
+            "dtype": "float32"},
+        t + "base slerp": {"merge_method": "slerp", "base_model": "vocab_base",
+                           "models": [{"model": "vocab_b"}], "parameters": {"t": 0.3},
+                           "tokenizer_source": "base", "dtype": "float32"},
+        t + "a model's tokenizer": {"merge_method": "linear", "models": two,
+                                    "tokenizer_source": "vocab_b", "dtype": "bfloat16"},
+    }  # fmt: skip
+
+
+def make_vocab_models(root: Path) -> None:
+    """Three 4-layer Llamas with word-level tokenizers: a base of 100 words; ``a`` drops 10
+    of them and adds 12 new ones; ``b`` has the base's words in another order plus a
+    special token."""
+    import random
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(100)]
+    rng = random.Random(0)
+    shuffled = words[:]
+    rng.shuffle(shuffled)
+    vocabs = {
+        "vocab_base": (["<unk>", *words], ()),
+        "vocab_a": (["<unk>", *words[10:], *(f"new{i}" for i in range(12))], ()),
+        "vocab_b": (["<unk>", *shuffled], ("<|im_start|>",)),
+    }
+    for seed, (name, (tokens, special)) in enumerate(vocabs.items()):
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+        if special:
+            fast.add_special_tokens({"additional_special_tokens": list(special)})
+        cfg = transformers.LlamaConfig(
+            vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(root / name)
+        fast.save_pretrained(root / name)
+
+
+def by_token(mk_out: Path, ours_out: Path, mk_sd: dict) -> bool:
+    """Whether both outputs have the same vocabulary; if so, reorder mergekit's embedding
+    rows (``mk_sd``, in place) into our token order. mergekit's union appends the other
+    models' tokens in their tokenizer's hash-map order, which changes from run to run, so
+    the two are compared token by token."""
+    import transformers
+
+    mk = transformers.AutoTokenizer.from_pretrained(str(mk_out)).get_vocab()
+    ours = transformers.AutoTokenizer.from_pretrained(str(ours_out)).get_vocab()
+    if set(mk) != set(ours):
+        return False
+    order = [mk[t] for t in sorted(ours, key=ours.get)]
+    for key, t in mk_sd.items():
+        if t.dim() == 2 and t.shape[0] >= len(order) and ("embed" in key or "lm_head" in key):
+            rest = list(range(len(order), t.shape[0]))  # padding rows stay where they are
+            mk_sd[key] = t[order + rest]
+    return True
+
+
 RANDOM = ("dare_ties", "della")
 
 _TIMER = (
@@ -252,6 +336,13 @@ def localize(cfg: dict, root: Path) -> dict:
     for s in cfg.get("slices", []):
         for src in s["sources"]:
             src["model"] = fix(src["model"])
+    if cfg.get("tokenizer_source") not in (None, "base", "union"):
+        cfg["tokenizer_source"] = fix(cfg["tokenizer_source"])
+    for tok in (cfg.get("tokenizer") or {}).get("tokens", {}).values():
+        if isinstance(tok["source"], str):
+            tok["source"] = fix(tok["source"])
+        elif "model" in tok["source"]:
+            tok["source"]["model"] = fix(tok["source"]["model"])
     return cfg
 
 
@@ -311,13 +402,14 @@ def main(argv=None) -> None:
                PYTHONPATH=str(ROOT))  # fmt: skip
     import yaml
 
-    configs = {**EXAMPLES, **test_configs()}
+    configs = {**EXAMPLES, **test_configs(), **tokenizer_configs()}
     if args.only:
         configs = {k: v for k, v in configs.items() if args.only in k}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_models(tmp)
+        make_vocab_models(tmp)
         for name, raw in configs.items():
             cfg = localize(raw, tmp)
             path = tmp / "config.yml"
@@ -358,6 +450,10 @@ def main(argv=None) -> None:
                     }  # fmt: skip
                 else:
                     a, b = load_sd(runs["mk"][0]["out"]), load_sd(runs["ours"][0]["out"])
+                    if "tokenizer" in cfg or "tokenizer_source" in cfg:
+                        row["same_vocab"] = by_token(
+                            runs["mk"][0]["out"], runs["ours"][0]["out"], a
+                        )
                     row["same_keys"] = set(a) == set(b)
                     worst, unit, dtypes = 0.0, "abs", set()
                     for k in set(a) & set(b):
@@ -371,6 +467,7 @@ def main(argv=None) -> None:
                         else:
                             worst = max(worst, float((x.double() - y.double()).abs().max()))
                     row["diff"], row["unit"], row["dtypes"] = worst, unit, sorted(dtypes)
+
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
 
@@ -382,7 +479,8 @@ def main(argv=None) -> None:
         f"{torch.__version__}, CPU, one thread each, on the same YAML files: mergekit's "
         "`examples/*.yml` and the configs of its `tests/test_basic_merges.py` (model names "
         "replaced by small local models: a 40-layer Llama base and three fine-tunes of it, a "
-        "12-layer GPT-2, two Granites). Each run is a fresh process: time and peak RSS include "
+        "12-layer GPT-2, two Granites; three 4-layer Llamas with different word-level "
+        "vocabularies for the tokenizer configs). Each run is a fresh process: time and peak RSS include "
         "start-up. `python benchmarks/mergekit_compare.py` regenerates this file.",
         "",
         f"Configs run: **ours {n_ours} / {len(rows)}, mergekit {n_mk} / {len(rows)}** "
@@ -404,6 +502,12 @@ def main(argv=None) -> None:
                     else f"{r['diff']:.2g}")  # fmt: skip
             diff += f" ({cast})" if cast else ""
             diff += "" if r["same_keys"] else " (tensor names differ)"
+            if "same_vocab" in r:
+                diff += (
+                    "; same vocabulary, rows compared by token"
+                    if r["same_vocab"]
+                    else "; VOCABULARIES DIFFER"
+                )
         else:
             diff = "–"
         ours = "runs" if r["ours_ok"] else "refused: " + " ".join(r.get("ours_err", []))[:90]
