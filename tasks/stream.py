@@ -1,21 +1,21 @@
-"""Align and merge checkpoints one tensor at a time: billion-parameter pairs on a laptop.
+"""What streaming checkpoint jobs share: billion-parameter pairs on a laptop.
 
-What is held in memory at once:
+The engine (:mod:`tasks.checkpoints`) holds about one model plus a few tensors at once,
+not several copies of the pair:
 
-* **matching** reads each tensor from disk when a group's step needs it (plain reads of
-  safetensors files, cast to float32 per tensor for bf16/fp16 inputs) and keeps only the
-  cost matrices; the permutations found are small;
-* **apply / merge / write** go through the output's tensors in storage order: each is read
-  from every input, permuted, combined, and written straight into its shard;
+* **matching** reads each tensor from disk when a group's step needs it
+  (:func:`matching_inputs`: plain reads of safetensors files, cast to float32 per
+  tensor for bf16/fp16 inputs, or in memory when they fit) and keeps only the cost
+  matrices; the permutations found are small (:func:`permuted_reader` applies them);
+* **apply / merge / write** go through the output's tensors in storage order, each
+  checked finite (:func:`require_finite`) and written straight into its shard by
+  :mod:`tasks.checkpoints.writer`; a Hugging Face output copies the input folder as what
+  it is (:func:`copy_folder`: no link followed out of it);
 * **verify** runs the one model that is built (from the reference folder, once): its
-  outputs on B's weights, then on the written file's, streamed into it in place.
+  outputs on B's weights, then on the written file's, streamed into it in place
+  (:func:`verify_written`, :func:`relative_error`).
 
-So the peak is about one model plus a few tensors, not several copies of the pair.
-Outputs are written beside the target under a temporary name (``metanet.shards.TMP_MARK``)
-and renamed into place; an interrupted run leaves the previous output intact and its
-temporary files are removed by the next run writing the same output. A Hugging Face
-output is a copy of the input folder (every file and subfolder, byte for byte, the config
-untouched) with only the weight files (and their index) rewritten.
+Also here: the stage log and peak-RSS readings the benchmarks record, and progress bars.
 """
 
 from __future__ import annotations
@@ -32,14 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from metanet.shards import (
-    INDEX,
     TMP_MARK,
     LazyWeights,
-    ShardWriter,
-    move_into_place,
-    read_index,
-    remove_stale,
-    tmp_beside,
     umask_mode,
 )
 from metanet.space import Element
@@ -47,7 +41,6 @@ from tasks.checkpoints.checkpoint import Checkpoint
 
 __all__ = [
     "check_finite",
-    "write_output",
     "copy_folder",
     "cache_blobs",
     "is_cache_blob",
@@ -145,103 +138,6 @@ def require_finite(path, name: str, w: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- outputs
-def write_output(
-    ref: Checkpoint,
-    out: Path,
-    tensor: Callable[[str], Tensor],
-    *,
-    max_shard: int | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
-    metadata: Mapping[str, str] | None = None,
-    check: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write ``tensor(name)`` for every tensor of ``ref``, streaming, into ``out``.
-
-    ``out`` ending in ``.safetensors`` (or any ``out`` for a file ``ref``): one metanet
-    checkpoint (the space in its metadata); otherwise (a Hugging Face ``ref``) a copy of ``ref``'s folder with the weights
-    rewritten, in ``ref``'s shard layout unless ``max_shard`` is given. ``dtype`` casts the
-    floating tensors of the output. ``check(written)`` runs on the complete temporary
-    output before it is renamed into place: if it raises, nothing is replaced.
-    """
-    from metanet.io import SPACE_KEY
-
-    out = Path(out)
-    single = out.suffix == ".safetensors" or not ref.hf
-    remove_stale(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    order = ref.file_order()
-    names = [n for _, ns in order for n in ns]
-
-    # a copied folder keeps the file's tensor names (ours are the model's state-dict keys)
-    keep_keys = ref.lazy is not None and not single
-    ours: dict[str, str] = {}
-
-    def planned(n):
-        shape = ref.shape(n)
-        lazy = ref.lazy
-        dt = lazy.info(n)[1] if lazy is not None else ref.weights[n].dtype
-        if dtype is not None and dt.is_floating_point:
-            dt = dtype
-        key = lazy.names[n] if keep_keys else n
-        ours[key] = n
-        return (key, shape, dt)
-
-    tmp = tmp_beside(out)
-    writers: list[ShardWriter] = []
-    try:
-        if single:
-            meta = {"format": "pt", SPACE_KEY: ref.space.to_json(), **(metadata or {})}
-            if set(names) != set(ref.space.tensors):
-                # a metanet checkpoint holds exactly the space's tensors
-                names = [n for n in names if n in ref.space.tensors]
-            writers.append(ShardWriter(tmp, [planned(n) for n in names], single_file=True,
-                                       metadata=meta))  # fmt: skip
-        else:
-            copy_folder(ref.path, tmp, skip=set(_weight_names(ref.path)))
-            lazy_meta = ref.lazy.metadata if ref.lazy is not None else {}
-            meta = {"format": "pt", **{k: v for k, v in lazy_meta.items() if k != SPACE_KEY}}
-            if max_shard is None:
-                for fname, ns in order:
-                    w = ShardWriter(tmp / fname, [planned(n) for n in ns], single_file=True,
-                                    metadata=meta)  # fmt: skip
-                    writers.append(w)
-                if read_index(ref.path) is not None:  # checked: its files stay inside
-                    (tmp / INDEX).write_bytes((ref.path / INDEX).read_bytes())
-            else:
-                writers.append(ShardWriter(tmp, [planned(n) for n in names], max_shard=max_shard,
-                                           metadata=meta))  # fmt: skip
-        total = ref.nbytes(names)
-        with progress_bar(total, "apply + write", progress) as bar:
-            for w in writers:
-                for shard in w.shards:
-                    for key, _, dt, _ in shard:
-                        t = tensor(ours[key])
-                        if t.dtype != dt:
-                            t = t.to(dt)
-                        # every written tensor, on every path: a NaN/inf output is refused
-                        # before it is renamed into place
-                        require_finite("the output", ours[key], t)
-                        w.write(key, t)
-                        bar.update(t.numel() * t.element_size())
-                w.close()
-        if check is not None:
-            check(tmp)
-        move_into_place(tmp, out)
-    except BaseException:
-        for w in writers:
-            w.abort()
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-        raise
-    return out
-
-
-def _weight_names(folder: Path) -> list[str]:
-    names = [p.name for p in folder.glob("*.safetensors")]
-    return names + ([INDEX] if (folder / INDEX).is_file() else [])
-
-
 def cache_blobs(folder: Path) -> str | None:
     """The real path of ``.../models--org--name/blobs`` when ``folder`` is a snapshot of
     the Hugging Face cache (``.../models--org--name/snapshots/<revision>``), whose files are

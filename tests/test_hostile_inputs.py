@@ -168,8 +168,8 @@ def test_merge_that_overflows_writes_nothing(tmp_path, capsys, streaming):
 
 
 def test_write_output_refuses_non_finite_tensors(pair, tmp_path):
-    from tasks import stream
     from tasks.checkpoints import open_checkpoint
+    from tasks.checkpoints.writer import write_checkpoint
 
     ck = open_checkpoint(pair[0])
     out = tmp_path / "out.safetensors"
@@ -179,7 +179,7 @@ def test_write_output_refuses_non_finite_tensors(pair, tmp_path):
         return t.fill_(float("nan")) if name == "2.weight" else t
 
     with pytest.raises(NonFiniteError, match="'2.weight'"):
-        stream.write_output(ck, out, tensor)
+        write_checkpoint(ck, out, tensor)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
 
 

@@ -337,7 +337,9 @@ def align_checkpoint(
         if not quiet:
             print(f"same function as {ref.path.name} (max rel. error {err:.1e})", file=sys.stderr)
 
-    stream.write_output(
+    from tasks.checkpoints.writer import write_checkpoint
+
+    write_checkpoint(
         ref, Path(out), stream.permuted_reader(ref, g), progress=progress, check=check,
         max_shard=max_shard, dtype=dtype,
     )  # fmt: skip

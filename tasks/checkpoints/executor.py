@@ -27,7 +27,7 @@ import yaml
 from torch import Tensor
 
 from metanet.io import SPACE_KEY, CheckpointError
-from metanet.shards import INDEX, ShardWriter, move_into_place, remove_stale, tmp_beside
+from metanet.shards import INDEX
 from tasks.checkpoints.config import MergeConfig
 from tasks.checkpoints.plan import MergePlan
 from tasks.merge_methods import merge_tensor
@@ -107,50 +107,44 @@ def execute(
     ``readers[i](key)`` replaces reading source ``i``'s tensor ``key`` from disk (an
     aligned model's permuted tensors); ``device`` is where each tensor is merged.
     """
-    from tasks.stream import copy_folder, progress_bar, require_finite
+    from tasks.checkpoints.writer import Output
+    from tasks.stream import require_finite
 
     out = Path(out)
     ref = plan.sources[plan.reference]
     single = out.suffix == ".safetensors" or not ref.hf
-    remove_stale(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     entries = [(t.name, t.shape, t.dtype) for t in plan.tensors]
-    tmp = tmp_beside(out)
-    writer = None
-    try:
+    total = sum(
+        torch.Size(t.shape).numel() * torch.empty((), dtype=t.dtype).element_size()
+        for t in plan.tensors
+    )
+    readers = dict(readers or {})
+
+    def load(t):
+        return [(readers.get(i) or plan.sources[i].read)(key) for i, key in t.inputs]
+
+    with Output(out, progress=progress, desc=f"{plan.method} merge", total=total) as o:
         if single:
             meta = {"format": "pt"}
             space = ref.metadata.get(SPACE_KEY)
             if space and [t.name for t in plan.tensors] == list(ref.keys):
                 meta[SPACE_KEY] = space  # same tensors, same shapes: the space still holds
-            writer = ShardWriter(tmp, entries, single_file=True, metadata=meta)
+            writer = o.shards(entries, single_file=True, metadata=meta)
         else:
             skip = {*ref.files, INDEX, "config.json", "README.md", "mergekit_config.yml"}
             skip |= {p.name for p in ref.path.glob("*.safetensors")}
             # the reference's weights in other formats would load as the unmerged model
             skip |= {p.name for p in ref.path.iterdir() if _old_weights(p.name)}
-            copy_folder(ref.path, tmp, skip=skip)
+            o.copy_folder(ref.path, skip=skip)
             if config is not None:
-                _tokenizer(config, tmp, plan.vocab)
-            _write_config(plan, tmp)
-            _write_card(plan, config, tmp)
-            writer = ShardWriter(tmp, entries, max_shard=max_shard or DEFAULT_SHARD,
-                                 metadata={"format": "pt"})  # fmt: skip
-        readers = dict(readers or {})
-        total = sum(
-            torch.Size(t.shape).numel() * torch.empty((), dtype=t.dtype).element_size()
-            for t in plan.tensors
-        )
-
-        def load(t):
-            return [(readers.get(i) or plan.sources[i].read)(key) for i, key in t.inputs]
-
+                _tokenizer(config, o.tmp, plan.vocab)
+            _write_config(plan, o.tmp)
+            _write_card(plan, config, o.tmp)
+            writer = o.shards(entries, max_shard=max_shard or DEFAULT_SHARD,
+                              metadata={"format": "pt"})  # fmt: skip
         # the next tensor's inputs are read while this one is merged and written: the
         # disk stays busy (two tensors' inputs in memory at most)
-        with (
-            progress_bar(total, f"{plan.method} merge", progress) as bar,
-            ThreadPoolExecutor(1) as pool,
-        ):
+        with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(load, plan.tensors[0]) if plan.tensors else None
             for n, t in enumerate(plan.tensors):
                 raw = pending.result()
@@ -172,8 +166,7 @@ def execute(
                             f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "
                             "integer and bool tensors are carried through, never averaged"
                         )
-                    writer.write(t.name, values[0].to(t.dtype).cpu())
-                    bar.update(values[0].numel() * values[0].element_size())
+                    o.write(writer, t.name, values[0].to(t.dtype))
                     continue
                 base = values[t.base] if t.base is not None else None
                 others = [v for j, v in enumerate(values) if j != t.base]
@@ -190,19 +183,8 @@ def execute(
                     )
                 except ValueError as e:  # e.g. della's density +- epsilon on this tensor
                     raise CheckpointError(f"tensor {t.name!r}: {e}; nothing written") from None
-                merged = merged.to(t.dtype)
-                require_finite("the output", t.name, merged)
-                writer.write(t.name, merged.cpu())
-                bar.update(merged.numel() * merged.element_size())
-        writer.close()
-        move_into_place(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        if tmp.exists() or tmp.is_symlink():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-        raise
-    return out
+                o.write(writer, t.name, merged.to(t.dtype))
+        return o.commit()
 
 
 def _write_config(plan: MergePlan, folder: Path) -> None:
