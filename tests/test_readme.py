@@ -7,7 +7,11 @@ blocks run in README order, each in fresh globals; a ``print(...)  # text`` (or 
 followed by a ``# text`` line) claims ``text`` as a printed line, and the claim is
 checked. Bash blocks (all but the install and test commands, which ``.ci/run`` runs) run
 line by line: ``metanet ...`` through the CLI's ``main`` as the console script would,
-anything else through bash.
+anything else through bash. A ``yaml`` (or other) block preceded by ``<!-- file: NAME -->``
+is written to ``NAME`` in the folder when its turn comes, for the commands after it.
+
+The machinery (:func:`run_outside`, :func:`page_jobs`, :func:`check_claims`) is shared
+with ``tests/test_docs.py``, which runs every page of ``docs/`` the same way.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ for job in jobs:
     ok = True
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            if job["kind"] == "python":
-                code = "\n" * (job["line"] - 1) + job["code"]  # tracebacks give README lines
-                exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+            if job["kind"] == "file":
+                Path(job["path"]).write_text(job["code"])
+            elif job["kind"] == "python":
+                code = "\n" * (job["line"] - 1) + job["code"]  # tracebacks give page lines
+                exec(compile(code, job["source"], "exec"), {"__name__": "snippet"})
             elif job["code"].startswith("metanet "):
                 from metanet.cli import main
                 try:
@@ -62,16 +68,24 @@ for job in jobs:
 Path(results_path).write_text(json.dumps(results))
 """
 
+# A block that cannot run here (it reads published releases, or trains for hours) says so
+# on the line before its fence: <!-- not run: the reason -->
+NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\n```\w*\n(.*?)```", flags=re.S)
+# A block that is a file the commands after it read: <!-- file: merge.yml -->
+FILE = re.compile(r"<!-- file: ([\w.-]+) -->\n```\w*\n(.*?)```", flags=re.S)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", flags=re.S | re.M)
 
-def _blocks(lang: str) -> list[tuple[int, str]]:
+
+def blocks(text: str, lang: str) -> list[tuple[int, str]]:
     """``(line of the block's first code line, code)`` of every ```lang block."""
     return [
-        (README[: m.start(1)].count("\n") + 1, m.group(1))
-        for m in re.finditer(rf"```{lang}\n(.*?)```", README, flags=re.S)
+        (text[: m.start(2)].count("\n") + 1, m.group(2))
+        for m in FENCE.finditer(text)
+        if m.group(1) == lang
     ]
 
 
-def _claims(code: str) -> list[str]:
+def claims(code: str) -> list[str]:
     """What the snippet says it prints: ``print(...)  # text``, or a print line followed
     by a ``# text`` line."""
     lines = code.splitlines()
@@ -87,7 +101,7 @@ def _claims(code: str) -> list[str]:
     return found
 
 
-def _shows(claim: str, printed: str) -> bool:
+def shows(claim: str, printed: str) -> bool:
     """A comment claims a printed line when it is that line, or starts with it and goes
     on to explain (``# torch.Size([4, 16]): one row per INR``)."""
     if not printed or not claim.startswith(printed):
@@ -95,9 +109,56 @@ def _shows(claim: str, printed: str) -> bool:
     return len(claim) == len(printed) or claim[len(printed)] in " :;,("
 
 
-def _run_outside(jobs: list[dict], folder: Path) -> list[dict]:
+def page_jobs(text: str, source: str, skip: set[str] = frozenset()) -> list[dict]:
+    """Every runnable block of a Markdown page, in page order: python blocks whole, bash
+    blocks line by line, ``<!-- file: NAME -->`` blocks as files to write. Blocks marked
+    ``<!-- not run: reason -->`` and blocks whose code is in ``skip`` are left out."""
+    not_run = {m.group(2).strip() for m in NOT_RUN.finditer(text)} | set(skip)
+    files = {m.start(2): m.group(1) for m in FILE.finditer(text)}
+    jobs = []
+    for m in FENCE.finditer(text):
+        lang, code = m.group(1), m.group(2)
+        line = text[: m.start(2)].count("\n") + 1
+        if code.strip() in not_run:
+            continue
+        if m.start(2) in files:
+            jobs.append({"kind": "file", "path": files[m.start(2)], "line": line, "code": code})
+        elif lang == "python":
+            jobs.append({"kind": "python", "line": line, "code": code})
+        elif lang == "bash":
+            for k, row in enumerate(code.splitlines()):
+                words = row.split("  #")[0].strip()
+                # [--flag] marks an optional flag: the line runs without it
+                words = re.sub(r"\s\[[^\]]*\]", "", words)
+                if words:
+                    jobs.append({"kind": "bash", "line": line + k, "code": words})
+    return [{**j, "source": source} for j in jobs]
+
+
+def main_job_checkpoints(folder: Path) -> None:
+    """``folder/align_out`` shaped like the main job's output: the first MLP pair of the
+    example's architecture (untrained: the commands only need the shapes) and B
+    relabelled by a random group element as its "aligned" copy."""
+    import torch
+
+    import metanet
+    from converters import from_module
+    from tasks import digits
+
+    out = folder / "align_out"
+    for name, seed in (("mlp_a", 0), ("mlp_b", 1)):
+        torch.manual_seed(seed)
+        model = digits.mlp()
+        space = from_module(model, torch.randn(2, 64))
+        metanet.save(out / f"{name}.safetensors", model.state_dict(), space)
+    b, space = metanet.load(out / "mlp_b.safetensors")
+    g = space.random_element(generator=torch.Generator().manual_seed(0))
+    metanet.save(out / "mlp_b_aligned.safetensors", space.apply(b, g), space)
+
+
+def run_outside(jobs: list[dict], folder: Path) -> list[dict]:
     """Run ``jobs`` with RUNNER in ``folder``; returns the results, failing on the first
-    job that did not succeed (its README line, output and traceback in the message)."""
+    job that did not succeed (its page line, output and traceback in the message)."""
     assert ROOT not in folder.resolve().parents
     (folder / "jobs.json").write_text(json.dumps(jobs))
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # python = this venv's
@@ -114,105 +175,101 @@ def _run_outside(jobs: list[dict], folder: Path) -> list[dict]:
     results = json.loads((folder / "results.json").read_text())
     for r in results:
         assert r["ok"], (
-            f"README.md line {r['line']}: {r['code'].splitlines()[0]!r} failed:\n"
+            f"{r['source']} line {r['line']}: {r['code'].splitlines()[0]!r} failed:\n"
             f"{r['stdout'][-2000:]}\n{r['stderr'][-4000:]}"
         )
     assert len(results) == len(jobs)
     return results
 
 
-def test_python_snippets_run_outside_the_repo(tmp_path):
-    blocks = _blocks("python")
-    assert blocks
-    results = _run_outside(
-        [{"kind": "python", "line": line, "code": code} for line, code in blocks], tmp_path
-    )
+def check_claims(results: list[dict]) -> None:
+    """Every ``print(...)  # text`` claim of a python job holds in what it printed."""
     for r in results:
+        if r["kind"] != "python":
+            continue
         printed = [p.strip() for p in r["stdout"].splitlines()]
-        for claim in _claims(r["code"]):
-            assert any(_shows(claim, p) for p in printed), (
-                f"README.md line {r['line']}: the snippet says it prints {claim!r}; it printed "
-                f"{printed}"
+        for claim in claims(r["code"]):
+            assert any(shows(claim, p) for p in printed), (
+                f"{r['source']} line {r['line']}: the snippet says it prints {claim!r}; it "
+                f"printed {printed}"
             )
-        if "print(space.summary())" in r["code"] and "from_state_dict(sd" in r["code"]:
-            # the README shows what the tour's summary() prints: keep it true
-            shown = re.search(r"`summary\(\)` prints:\n\n```\n(.*?)```", README, flags=re.S)
-            assert shown and shown.group(1).strip() == r["stdout"].strip()
+
+
+def _commands() -> set[str]:
+    """README's install and test commands (``.ci/run`` runs them, not this test)."""
+    return {
+        m.group(1).strip()
+        for m in re.finditer(r"<!-- (?:install|test) -->\n```bash\n(.*?)```", README, flags=re.S)
+    }
+
+
+def test_python_snippets_run_outside_the_repo(tmp_path):
+    jobs = [j for j in page_jobs(README, "README.md") if j["kind"] == "python"]
+    assert len(jobs) >= 2
+    check_claims(run_outside(jobs, tmp_path))
 
 
 def test_claims_are_read_from_comments():
     """The claim parser sees both comment styles, and only on print lines; a claim may
     explain itself after the printed text, but must start with all of it."""
     code = "x = 1  # not a claim\nprint(x)  # 1\nprint([x])\n# [1]\nprint(2)\n\ny = 3\n"
-    assert _claims(code) == ["1", "[1]"]
-    assert _shows("torch.Size([1, 40]): pooled", "torch.Size([1, 40])")
-    assert not _shows("torch.Size([1, 24])", "torch.Size([1, 40])")
-    assert not _shows("10", "1") and not _shows("True", "")
+    assert claims(code) == ["1", "[1]"]
+    assert shows("torch.Size([1, 40]): pooled", "torch.Size([1, 40])")
+    assert not shows("torch.Size([1, 24])", "torch.Size([1, 40])")
+    assert not shows("10", "1") and not shows("True", "")
 
 
-# A bash block that cannot run here (it reads published releases, or trains for hours)
-# says so on the line before its fence: <!-- not run: the reason -->
-NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\n```bash\n(.*?)```", flags=re.S)
-
-
-def _bash_jobs() -> list[dict]:
-    """Each line of every bash block except README's install and test commands and the
-    blocks marked ``<!-- not run: reason -->``."""
-    commands = {
-        m.group(1).strip()
-        for m in re.finditer(r"<!-- (?:install|test) -->\n```bash\n(.*?)```", README, flags=re.S)
-    }
-    commands |= {m.group(2).strip() for m in NOT_RUN.finditer(README)}
-    jobs = []
-    for line, code in _blocks("bash"):
-        if code.strip() in commands:
-            continue
-        for k, text in enumerate(code.splitlines()):
-            words = text.split("  #")[0].strip()
-            # [--flag] marks an optional flag: the line runs without it
-            words = re.sub(r"\s\[[^\]]*\]", "", words)
-            if words:
-                jobs.append({"kind": "bash", "line": line + k, "code": words})
-    return jobs
+def test_page_jobs_read_blocks_in_order():
+    """Python blocks whole, bash lines one by one (comments and ``[--optional]`` flags
+    dropped), files written where they stand; not-run blocks and skipped commands out."""
+    page = (
+        "```python\nprint(1)  # 1\n```\n\n<!-- file: a.yml -->\n```yaml\nk: v\n```\n\n"
+        "```bash\nmetanet inspect a.yml [--json]  # look\n\nls\n```\n\n"
+        "<!-- not run: needs a GPU for hours -->\n```bash\nmetanet train x\n```\n\n"
+        "```bash\npip install x\n```\n\n```text\nout\n```\n"
+    )
+    jobs = page_jobs(page, "p.md", skip={"pip install x"})
+    assert [(j["kind"], j["code"].strip(), j["line"]) for j in jobs] == [
+        ("python", "print(1)  # 1", 2),
+        ("file", "k: v", 7),
+        ("bash", "metanet inspect a.yml", 11),
+        ("bash", "ls", 13),
+    ]
+    assert jobs[1]["path"] == "a.yml"
 
 
 def test_cli_snippets_run_outside_the_repo(tmp_path):
-    """README's CLI lines, on checkpoints shaped like the main job's (align_out/ holds
-    two digit MLPs of the example's architecture, untrained: the commands only need the
-    shapes)."""
-    import torch
-
-    import metanet
-    from converters import from_module
-    from tasks import digits
-
-    for name, seed in (("mlp_a", 0), ("mlp_b", 1)):
-        torch.manual_seed(seed)
-        model = digits.mlp()
-        metanet.save(
-            tmp_path / "align_out" / f"{name}.safetensors",
-            model.state_dict(),
-            from_module(model, torch.randn(2, 64)),
-        )
-    jobs = _bash_jobs()
+    """README's CLI lines, on checkpoints shaped like the main job's."""
+    main_job_checkpoints(tmp_path)
+    jobs = [j for j in page_jobs(README, "README.md", skip=_commands()) if j["kind"] == "bash"]
     assert any(j["code"].startswith("metanet align") for j in jobs)
-    results = _run_outside(jobs, tmp_path)
+    results = run_outside(jobs, tmp_path)
     out = "".join(r["stdout"] for r in results)
     assert "aligned: barrier" in out and "free permutation dims" in out
     assert (tmp_path / "b_aligned.safetensors").exists() and (tmp_path / "barrier.png").exists()
+    assert (tmp_path / "slerp.safetensors").exists()
 
 
 def test_blocks_not_run_say_why():
-    """Every skipped block gives a reason, and the rest still include the CLI tour."""
+    """Every skipped block gives a reason; README runs all of its blocks but its two
+    commands."""
     for m in NOT_RUN.finditer(README):
         assert len(m.group(1).split()) >= 3, m.group(0)[:200]
-    assert any(j["code"].startswith("metanet create") for j in _bash_jobs())
+    assert not list(NOT_RUN.finditer(README))
+
+
+def test_readme_is_a_front_door():
+    """README stays short (the manual is docs/), and links only to files that exist."""
+    assert len(README.splitlines()) <= 300
+    for target in re.findall(r"\]\(((?!https?:|#)[^)#]+)", README):
+        assert (ROOT / target).exists(), target
 
 
 def test_ci_runs_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- install -->" in ci and "<!-- test -->" in ci
     assert ".ci/readme_table.py" in ci
+    assert "mkdocs build --strict" in ci and ".[docs]" in ci
     for marker in ("install", "test"):
         block = re.search(
             rf"<!-- {marker} -->\n```bash\n(.*?)\n```\n<!-- /{marker} -->", README, flags=re.S
