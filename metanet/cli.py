@@ -97,6 +97,25 @@ def _finite(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    """argparse type: a positive integer (a size, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate, a frequency)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
 def _fraction(text: str) -> float:
     """argparse type: a number in (0, 1] (a share of entries kept)."""
     value = _finite(text)
@@ -764,10 +783,20 @@ def _cmd_inr(args: argparse.Namespace) -> int:
     cfg = inr.INRConfig(**{k: v for k, v in given.items() if v is not None})
     if cfg.target_psnr == 0:
         cfg = dataclasses.replace(cfg, target_psnr=None)
+    inputs = [args.images] if args.images else []
+    for place in filter(None, (args.out, args.dwsnets)):
+        for src in inputs:
+            if Path(src).is_dir() and Path(src).resolve() in [
+                Path(place).resolve(),
+                *Path(place).resolve().parents,
+            ]:
+                raise UsageError(f"{place}: is inside the input {src}; write it elsewhere")
     paths = inr.make_dataset(
         args.out,
         per_image=args.per_image,
         cfg=cfg,
+        images=args.images,
+        dwsnets=args.dwsnets,
         resolution=args.resolution,
         shard=args.shard,
         num_shards=args.shard[1] if args.shard else args.num_shards,
@@ -1094,24 +1123,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-align", action="store_true", help="only the naive interpolation")
     p.add_argument("--plot", metavar="PNG", help="save the curves to this image")
 
-    p = command("inr", "INR weight datasets: fit SIRENs to sklearn's digits, or info", _cmd_inr)
+    p = command(
+        "inr",
+        "INR weight datasets: fit SIRENs to images (sklearn's digits, or yours), or info",
+        _cmd_inr,
+    )
     p.add_argument("action", choices=["make", "info"], help="make a dataset, or summarise one")
     p.add_argument("out", metavar="DIR", help="dataset folder")
-    p.add_argument("--per-image", type=int, default=10, help="INRs per image (seeds)")
+    p.add_argument("--per-image", type=_positive, default=10, help="INRs per image (seeds)")
     p.add_argument(
         "--shard", type=_shard, metavar="I/N", help="make only shard I of N (shards run anywhere)"
     )
-    p.add_argument("--num-shards", type=int, default=10, help="shards of the whole dataset")
-    p.add_argument("--resolution", type=int, default=8, help="image side: 8 native, 28 upsampled")
+    p.add_argument("--num-shards", type=_positive, default=10, help="shards of the whole dataset")
+    p.add_argument(
+        "--images",
+        metavar="PATH",
+        help="fit these images instead of sklearn's digits: a folder of class subfolders of "
+        "image files, or an .npz with images (N,H,W[,C]) and labels (or an .npy of images)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=_positive,
+        help="resize the images to this side (digits: 8 native, default; 28 upsampled)",
+    )
+    p.add_argument(
+        "--dwsnets",
+        metavar="DIR",
+        help="also write the INRs in DWSNets' published layout (one .pth per INR + "
+        "mnist_splits.json; 28x28 grayscale, labels 0-9)",
+    )
     # defaults: tasks.inr.INRConfig (the DWSNets recipe), read there (tests check the text)
-    p.add_argument("--width", type=int, help="hidden width (default 32)")
-    p.add_argument("--depth", type=int, help="hidden layers (default 2)")
-    p.add_argument("--steps", type=int, help="most fitting steps (default 1000)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 0.0005)")
-    p.add_argument("--w0", type=float, help="sine frequency factor (default 30.0)")
+    p.add_argument("--width", type=_positive, help="hidden width (default 32)")
+    p.add_argument("--depth", type=_positive, help="hidden layers (default 2)")
+    p.add_argument("--steps", type=_positive, help="most fitting steps (default 1000)")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.0005)")
+    p.add_argument("--w0", type=_positive_float, help="sine frequency factor (default 30.0)")
     p.add_argument("--variant", choices=["siren", "dws"], help="initialisation (default dws)")
     p.add_argument(
-        "--target-psnr", type=float, help="stop each INR at this PSNR; 0: never (default 40.0)"
+        "--target-psnr", type=_finite, help="stop each INR at this PSNR; 0: never (default 40.0)"
     )
     p.add_argument("--seed", type=int, default=0, help="base seed of the INRs")
     device_flag(p, "the SIRENs are fitted")

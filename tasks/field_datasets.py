@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from metanet.io import CheckpointError, atomic_write
 from metanet.space import WeightSpace
-from tasks.inr import INRConfig, _save_shard, _shard_path, _write_json
+from tasks.inr import XY, INRConfig, _save_shard, _shard_path, _write_json
 
 __all__ = [
     "import_dwsnets_mnist",
@@ -368,7 +368,7 @@ def import_dwsnets_mnist(
         splits=str(Path(splits).resolve()) if splits else None,
         val_size=None if splits else val_size,
         seed=None if splits else seed,
-        coordinates="input 0 is the column (x), input 1 the row (y): np.meshgrid 'xy'",
+        coordinates=XY,
     )
     meta["splits"] = _split_counts(items)
     return _write(dst, meta, reader.space(), items, reader.load, shard_size, progress, "INRs")
@@ -423,7 +423,7 @@ def import_dwsnets_fmnist(
         reader,
         28,
         splits=str(splits_path.resolve()),
-        coordinates="input 0 is the column (x), input 1 the row (y): np.meshgrid 'xy'",
+        coordinates=XY,
     )
     meta["splits"] = _split_counts(items)
 

@@ -37,6 +37,8 @@ __all__ = [
     "image_grid",
     "INRItem",
     "digits_items",
+    "image_items",
+    "load_images",
     "make_dataset",
     "sine_targets",
     "WeightDataset",
@@ -127,11 +129,29 @@ def siren_space(cfg: INRConfig = INRConfig()) -> WeightSpace:
     return from_state_dict(Siren(cfg).state_dict(), "siren")
 
 
-def image_grid(height: int, width: int) -> Tensor:
-    """Pixel-centre coordinates in [-1, 1]², row-major, shape ``(height * width, 2)``."""
+XY = "input 0 is the column (x), input 1 the row (y): np.meshgrid 'xy'"  # DWSNets' INRs
+
+
+def image_grid(height: int, width: int, order: str = "ij") -> Tensor:
+    """Pixel-centre coordinates in [-1, 1]², row-major, shape ``(height * width, 2)``:
+    ``(row, column)`` per pixel (``order="ij"``, metanet's), or ``(column, row)``
+    (``"xy"``, DWSNets')."""
     ys = torch.linspace(-1, 1, height)
     xs = torch.linspace(-1, 1, width)
-    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    if order == "xy":
+        return grid.flip(-1)
+    if order != "ij":
+        raise ValueError(f"order must be 'ij' or 'xy', got {order!r}")
+    return grid
+
+
+def _grid_order(meta: dict) -> str:
+    """The coordinate order a dataset's INRs were fitted on (imported DWSNets sets record
+    theirs under ``source``)."""
+    src = meta.get("source")
+    found = meta.get("coordinates") or (src.get("coordinates") if isinstance(src, dict) else None)
+    return "xy" if found == XY else "ij"
 
 
 def _init(cfg: INRConfig, seeds: Sequence[int]) -> dict[str, Tensor]:
@@ -405,22 +425,156 @@ def digits_items(
 
     d = load_digits()
     images = torch.tensor(d.images, dtype=torch.float32) / 16.0
-    labels = d.target.tolist()
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test, n_val = round(test * len(labels)), round(val * len(labels))
+    return images, image_items(d.target.tolist(), per_image, seed, val, test)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _as_unit(x, where: str) -> Tensor:
+    """Pixel values as float32 in [0, 1]: integers scaled by their type's maximum,
+    floats checked to lie in [0, 1]."""
+    import numpy as np
+
+    if x.dtype == np.bool_:
+        return torch.from_numpy(x.astype(np.float32))
+    if np.issubdtype(x.dtype, np.integer):
+        info = np.iinfo(x.dtype)
+        if info.min < 0 and x.min() < 0:
+            raise CheckpointError(
+                f"{where}: negative pixel values ({x.min()}); expected 0..{info.max}"
+            )
+        return torch.from_numpy(x.astype(np.float32) / float(info.max))
+    if np.issubdtype(x.dtype, np.floating):
+        if x.size and not np.isfinite(x).all():
+            raise CheckpointError(f"{where}: has NaN or inf pixel values")
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if lo < 0 or hi > 1:
+            raise CheckpointError(
+                f"{where}: float pixels span [{lo:g}, {hi:g}]; expected [0, 1] (or integers)"
+            )
+        return torch.from_numpy(x.astype(np.float32))
+    raise CheckpointError(f"{where}: pixel dtype {x.dtype} is not a number type")
+
+
+def load_images(
+    path: str | os.PathLike, resolution: int | None = None
+) -> tuple[Tensor, list[int], list[str]]:
+    """Images to fit INRs to: ``(images (N, H, W, C) float32 in [0, 1], labels, classes)``.
+
+    ``path`` is a folder of class subfolders of image files (``classes`` the subfolder
+    names, sorted; labels their indices; RGBA and palette images become RGB, and a set
+    with any colour image is read as RGB throughout), or an ``.npz`` with ``images``
+    (``N×H×W`` or ``N×H×W×C``, integers or floats in [0, 1]) and ``labels`` (``N``
+    integers), or an ``.npy`` of images alone (labels -1). All images must have one size,
+    unless ``resolution`` resizes each to ``resolution × resolution`` (bilinear).
+    """
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir():
+        from PIL import Image
+
+        classes = sorted(
+            p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        files = [
+            (k, f)
+            for k, c in enumerate(classes)
+            for f in sorted((path / c).iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+        ]
+        if not files:
+            raise CheckpointError(
+                f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in class subfolders "
+                "(expected PATH/<class>/<image>)"
+            )
+        opened = []
+        for _, f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    opened.append(im.copy())
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{f}: not a readable image ({e})") from None
+        colour = any(im.mode not in ("1", "L", "LA", "I", "I;16", "F") for im in opened)
+        arrays = []
+        size = None
+        for (_, f), im in zip(files, opened):
+            im = im.convert("RGB" if colour else "L")
+            if resolution is not None:
+                im = im.resize((resolution, resolution), Image.BILINEAR)
+            if size is None:
+                size = im.size
+            elif im.size != size:
+                raise CheckpointError(
+                    f"{f}: is {im.size[0]}x{im.size[1]}, the first image {size[0]}x{size[1]}; "
+                    "pass --resolution to resize every image"
+                )
+            a = np.asarray(im)
+            arrays.append(a if a.ndim == 3 else a[..., None])
+        images = _as_unit(np.stack(arrays), str(path))
+        return images, [k for k, _ in files], classes
+    if path.suffix not in (".npz", ".npy"):
+        raise CheckpointError(
+            f"{path}: expected a folder of class subfolders of images, an .npz (images, "
+            "labels) or an .npy of images"
+        )
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable {path.suffix} ({e})") from None
+    if path.suffix == ".npz":
+        missing = [k for k in ("images", "labels") if k not in data.files]
+        if missing:
+            raise CheckpointError(f"{path}: has no {missing[0]!r} array (it has {data.files})")
+        x, y = data["images"], data["labels"]
+    else:
+        x, y = data, None
+    if x.ndim not in (3, 4) or 0 in x.shape:
+        raise CheckpointError(f"{path}: images have shape {x.shape}; expected N×H×W or N×H×W×C")
+    if y is not None:
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise CheckpointError(
+                f"{path}: labels have shape {y.shape} and dtype {y.dtype}; expected {len(x)} integers"
+            )
+    images = _as_unit(x if x.ndim == 4 else x[..., None], str(path))
+    if resolution is not None and images.shape[1:3] != (resolution, resolution):
+        images = nn.functional.interpolate(
+            images.permute(0, 3, 1, 2), size=(resolution, resolution), mode="bilinear",
+            align_corners=True,
+        ).permute(0, 2, 3, 1).contiguous()  # fmt: skip
+    labels = y.tolist() if y is not None else [-1] * len(x)
+    classes = [str(c) for c in sorted(set(labels))]
+    return images, labels, classes
+
+
+def image_items(
+    labels: Sequence[int], per_image: int, seed: int = 0, val: float = 0.1, test: float = 0.2
+) -> list[INRItem]:
+    """``per_image`` items per image, each with its own fitting seed, split by image (all
+    INRs of an image share a split; ``val``/``test`` fractions, the order drawn from
+    ``seed``)."""
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test, n_val = round(test * n), round(val * n)
     split = {}
-    for k, i in enumerate(order):  # split by image: all INRs of an image share a split
+    for k, i in enumerate(order):
         split[i] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
-    items = [
+    return [
         INRItem(i, int(labels[i]), seed * 1_000_003 + i * per_image + r, split[i])
-        for i in range(len(labels))
+        for i in range(n)
         for r in range(per_image)
     ]
-    return images, items
 
 
 def _shard_path(root: Path, i: int, n: int) -> Path:
     return root / f"shard-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    p, r = path.resolve(), root.resolve()
+    return p == r or r in p.parents
 
 
 def make_dataset(
@@ -428,46 +582,95 @@ def make_dataset(
     *,
     per_image: int = 10,
     cfg: INRConfig = INRConfig(),
-    resolution: int = 8,
+    images: str | os.PathLike | None = None,
+    resolution: int | None = None,
     shard: tuple[int, int] | None = None,
     num_shards: int = 10,
     batch: int = 2048,
     seed: int = 0,
     val: float = 0.1,
     test: float = 0.2,
+    dwsnets: str | os.PathLike | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> list[Path]:
-    """Fit ``per_image`` SIRENs to every image of scikit-learn's digits and store them.
+    """Fit ``per_image`` SIRENs to every image and store them.
 
-    ``resolution`` 8 fits the native 8×8 images; larger values upsample them (bilinear,
-    e.g. 28 as in MNIST INR datasets). The dataset is cut into ``num_shards`` shards;
+    The images are scikit-learn's digits (default), or ``images``: a folder of class
+    subfolders of image files, or an ``.npz``/``.npy`` (see :func:`load_images`); any size
+    and channel count (the SIREN's outputs are the channels). ``resolution`` resizes them
+    (digits: 8 native, larger values upsample, e.g. 28 as in MNIST INR datasets; other
+    images: their own size by default). The dataset is cut into ``num_shards`` shards;
     ``shard=(i, n)`` makes only shard ``i`` (``n`` must equal ``num_shards``), so shards can
     run on different machines into one folder. Existing shards are skipped (resume).
+
+    ``dwsnets``: also write the INRs in the layout DWSNets publishes its MNIST INRs in
+    (``mnist_png_{training|testing}_{label}_{index}/checkpoints/model_final.pth`` holding
+    ``seq.{0,1,2}.{weight,bias}``, and ``mnist_splits.json``), fitted on their coordinate
+    convention; :func:`tasks.field_datasets.import_dwsnets_mnist` reads it back. It needs
+    their setting: 28×28 grayscale images, labels 0-9, the ``dws`` SIREN at ``w0`` 30.
     Returns the shard paths written or found.
     """
+    import dataclasses
+
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    images, items = digits_items(per_image, seed, val, test)
-    if resolution != 8:
-        images = nn.functional.interpolate(
-            images[:, None], size=(resolution, resolution), mode="bilinear", align_corners=True
-        )[:, 0]
-    coords = image_grid(resolution, resolution)
+    if shard is not None and shard[1] != num_shards:
+        raise ValueError(f"--shard {shard[0]}/{shard[1]}: this dataset has {num_shards} shards")
+    if images is None:
+        resolution = resolution or 8
+        pixels, items = digits_items(per_image, seed, val, test)
+        if resolution != 8:
+            pixels = nn.functional.interpolate(
+                pixels[:, None], size=(resolution, resolution), mode="bilinear", align_corners=True
+            )[:, 0]
+        pixels = pixels[..., None]
+        source, extra = "sklearn.datasets.load_digits", {}
+    else:
+        src = Path(images)
+        for place in (root, Path(dwsnets) if dwsnets else None):
+            if place is not None and _inside(place, src):
+                raise CheckpointError(f"{place}: is inside the input {src}; write it elsewhere")
+        pixels, labels, classes = load_images(src, resolution)
+        items = image_items(labels, per_image, seed, val, test)
+        source = {"path": str(src.resolve()), "kind": "images"}
+        extra = {"classes": classes}
+    height, width, channels = pixels.shape[1:]
+    if cfg.out_features != channels:
+        cfg = dataclasses.replace(cfg, out_features=channels)
+    order = "ij"
+    if dwsnets is not None:
+        problems = [
+            (height, width) != (28, 28) and f"images are {height}x{width}, not 28x28",
+            channels != 1 and f"images have {channels} channels, not 1",
+            any(not 0 <= it.label <= 9 for it in items) and "labels are not all 0-9",
+            cfg.variant != "dws" and f"the SIREN is {cfg.variant!r}, not 'dws'",
+            cfg.w0 != 30.0 and f"w0 is {cfg.w0:g}, not 30",
+        ]
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise CheckpointError(
+                f"--dwsnets {dwsnets}: DWSNets' layout holds MNIST INRs; {problem}"
+            )
+        order = "xy"  # their coordinates: the column first
+    coords = image_grid(height, width, order)
     meta = {
         "config": asdict(cfg),
         "per_image": per_image,
-        "resolution": resolution,
+        "resolution": height if height == width else [height, width],
         "seed": seed,
         "num_shards": num_shards,
-        "source": "sklearn.datasets.load_digits",
+        "source": source,
+        **extra,
     }
+    if order == "xy":
+        meta["coordinates"] = XY
+    root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "dataset.json", meta, check_same=True)
     space_path = root / "space.json"
     if not space_path.exists():
         atomic_write(space_path, lambda tmp: Path(tmp).write_text(siren_space(cfg).to_json(2)))
-    if shard is not None and shard[1] != num_shards:
-        raise ValueError(f"--shard {shard[0]}/{shard[1]}: this dataset has {num_shards} shards")
+    if dwsnets is not None:
+        _write_dwsnets_splits(Path(dwsnets), items)
     wanted = [shard[0]] if shard is not None else range(num_shards)
     per_shard = math.ceil(len(items) / num_shards)
     paths = []
@@ -480,7 +683,7 @@ def make_dataset(
         parts: dict[str, list[Tensor]] = {}
         for start in range(0, len(chunk), batch):
             sub = chunk[start : start + batch]
-            targets = images[[it.image for it in sub]].reshape(len(sub), -1, 1)
+            targets = pixels[[it.image for it in sub]].reshape(len(sub), -1, channels)
             w, psnr = fit_sirens(targets, coords, [it.seed for it in sub], cfg, progress, device)
             for it, p in zip(sub, psnr.tolist()):
                 it.psnr = round(p, 4)
@@ -488,11 +691,43 @@ def make_dataset(
                 parts.setdefault(n, []).append(t.cpu())
         tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
         rows = [asdict(it) for it in chunk]
+        if dwsnets is not None:
+            _write_dwsnets(Path(dwsnets), i * per_shard, chunk, tensors, cfg)
         _save_shard(path, tensors, rows)
         if progress:
             mean = sum(r["psnr"] for r in rows) / max(1, len(rows))
             print(f"wrote {path.name}: {len(rows)} INRs, mean PSNR {mean:.2f} dB")
     return paths
+
+
+def _dwsnets_path(index: int, item: INRItem) -> str:
+    kind = "testing" if item.split == "test" else "training"
+    return f"mnist_png_{kind}_{item.label}_{index}/checkpoints/model_final.pth"
+
+
+def _write_dwsnets_splits(folder: Path, items: Sequence[INRItem]) -> None:
+    """``mnist_splits.json`` as DWSNets' ``generate_data_splits.py`` writes it."""
+    splits = {s: {"path": [], "label": []} for s in ("train", "val", "test")}
+    for k, it in enumerate(items):
+        splits[it.split]["path"].append(_dwsnets_path(k, it))
+        splits[it.split]["label"].append(it.label)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "mnist_splits.json", splits)
+
+
+def _write_dwsnets(
+    folder: Path, first: int, chunk: Sequence[INRItem], tensors: dict[str, Tensor], cfg: INRConfig
+) -> None:
+    """One ``.pth`` per INR (their ``seq.{k}`` names for our ``net.{2k}``)."""
+    names = cfg.names()
+    for j, it in enumerate(chunk):
+        target = folder / _dwsnets_path(first + j, it)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sd = {f"seq.{int(n.split('.')[1]) // 2}.{n.split('.')[2]}": tensors[n][j].clone()
+              for n in names}  # fmt: skip
+        atomic_write(target, lambda tmp, sd=sd: torch.save(sd, tmp))
 
 
 def _save_shard(path: Path, tensors: dict[str, Tensor], rows: list[dict]) -> None:
@@ -727,19 +962,22 @@ class WeightDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def render(ds: WeightDataset, resolution: int | None = None, chunk: int = 2048) -> Tensor:
-    """The images the INRs of ``ds`` draw, ``(len(ds), r, r)`` at their pixel centres
-    (``r``: the dataset's resolution by default). ``ds`` must hold the raw weights (no
+    """The images the INRs of ``ds`` draw, ``(len(ds), H, W)`` (``(len(ds), H, W, C)``
+    for colour) at their pixel centres (the dataset's resolution, or ``resolution``). ``ds`` must hold the raw weights (no
     ``standardize``); canonical or permuted weights draw the same images."""
     if ds.stats:
         raise ValueError("render needs the raw weights: open the dataset without standardize")
     cfg = INRConfig(**ds.meta["config"])
     r = resolution or ds.meta.get("resolution", 8)
-    coords = image_grid(r, r)
+    h, w_ = (r, r) if isinstance(r, int) else tuple(r)
+    coords = image_grid(h, w_, _grid_order(ds.meta))
+    shape = (h, w_) if cfg.out_features == 1 else (h, w_, cfg.out_features)
     out = []
     for a in range(0, len(ds), chunk):
         w = {n: t[a : a + chunk].float() for n, t in ds.tensors.items() if n in ds.space.tensors}
-        out.append(siren_forward(cfg, w, coords)[..., 0].reshape(-1, r, r))
-    return torch.cat(out) if out else torch.zeros(0, r, r)
+        y = siren_forward(cfg, w, coords)
+        out.append((y[..., 0] if cfg.out_features == 1 else y).reshape(-1, *shape))
+    return torch.cat(out) if out else torch.zeros(0, *shape)
 
 
 def collate_features(batch: list) -> tuple[dict[str, Tensor], Tensor]:
