@@ -865,6 +865,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out {out}: is inside the dataset {args.dataset}; write the model somewhere else"
         )
+    device = _device(args)
     from tasks.train import train
 
     coords = None
@@ -895,6 +896,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         probes=args.probes,
         patience=args.patience,
         coords=coords,
+        device=device,
     )
     if r.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
         if target == "accuracy":
@@ -1253,6 +1255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "optionally CoordAugment fields, e.g. rotate=20,contrast=0.2,brightness=0.1 (the "
         "last two also change the values drawn, in the output layer)",
     )
+    device_flag(p, "training")
     p.add_argument(
         "--patience",
         type=int,

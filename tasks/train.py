@@ -289,6 +289,36 @@ def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
     return w, torch.stack([it[1] for it in items])
 
 
+def _to(x, device: torch.device | None):
+    """A batch (a dict of tensors, a tensor, a PyG batch) on ``device``: on a GPU from
+    pinned memory, without waiting for the copy."""
+    if device is None or device.type == "cpu":
+        return x
+    fast = device.type == "cuda"
+    if isinstance(x, dict):
+        return {
+            k: (v.pin_memory() if fast else v).to(device, non_blocking=fast) for k, v in x.items()
+        }
+    if isinstance(x, Tensor):
+        return (x.pin_memory() if fast else x).to(device, non_blocking=fast)
+    return x.to(device, non_blocking=fast)
+
+
+def _step(net, opt, sched, x, y, regress: bool) -> Tensor:
+    """One optimizer step on a batch already on the model's device; the loss, detached
+    (nothing read back to the host)."""
+    if regress:
+        loss = nn.functional.mse_loss(net(x).reshape(-1), y)
+    else:
+        loss = nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return loss.detach()
+
+
 def _eval_batch(kind: str, batch: int) -> int:
     # GMN's per-edge states of 512 graphs (~37 MB a tensor) spill the CPU caches: it
     # evaluates ~3x faster per graph in batches of 64 (the graphs do not interact)
@@ -296,19 +326,21 @@ def _eval_batch(kind: str, batch: int) -> int:
 
 
 @torch.no_grad()
-def _accuracy(model, ds, kind: str, batch: int = 512, cache: dict | None = None) -> float:
+def _accuracy(
+    model, ds, kind: str, batch: int = 512, cache: dict | None = None, device=None
+) -> float:
     model.eval()
     batch = _eval_batch(kind, batch)
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device
     for start in range(0, len(ds), batch):
         x, y = _batches(ds, kind, list(range(start, min(len(ds), start + batch))), cache)
-        correct += int((model(x).argmax(-1) == y).sum())
+        correct += (model(_to(x, device)).argmax(-1) == _to(y, device)).sum()
     model.train()
-    return correct / max(1, len(ds))
+    return int(correct) / max(1, len(ds))
 
 
 @torch.no_grad()
-def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = None):
+def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = None, device=None):
     """``(kendall_tau, mse)`` of the model's predictions against ``ds.labels``."""
     from scipy.stats import kendalltau
 
@@ -317,9 +349,9 @@ def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = Non
     preds = []
     for start in range(0, len(ds), batch):
         x, _ = _batches(ds, kind, list(range(start, min(len(ds), start + batch))), cache)
-        preds.append(model(x).reshape(-1))
+        preds.append(model(_to(x, device)).reshape(-1))
     model.train()
-    p = torch.cat(preds).double()
+    p = torch.cat(preds).double().cpu()
     y = ds.labels.double()
     tau = float(kendalltau(p.numpy(), y.numpy()).statistic) if len(y) > 1 else float("nan")
     return tau, float((p - y).pow(2).mean())
@@ -393,6 +425,7 @@ def train(
     probes: int = 0,
     patience: int | None = None,
     coords: CoordAugment | bool | None = None,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train ``kind`` on the INR dataset at ``root`` (train split), report val/test accuracy.
 
@@ -417,7 +450,9 @@ def train(
     or ``True`` for its defaults) augments every training INR with a fresh random affine
     map of its input coordinates, applied to its first layer (the image it draws rotated,
     scaled, sheared, shifted; the label is kept), for every model. Run under ``torchrun
-    --nproc_per_node N`` for data parallelism.
+    --nproc_per_node N`` for data parallelism. ``device``: where the model trains (the
+    batches are built on the CPU and copied there; the loss is summed on the device, so a
+    step does not wait for the host).
     """
     from tasks.inr import CoordAugment, WeightDataset
 
@@ -480,6 +515,9 @@ def train(
         example_graph=train_ds[0] if kind in GRAPH_KINDS else None,
         frequencies=frequencies,
     )
+    device = torch.device(device) if device is not None else None
+    if device is not None:
+        model.to(device)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
@@ -504,21 +542,14 @@ def train(
         epochs_iter = tqdm(epochs_iter, desc=f"train {kind}", unit="epoch")
     for epoch in epochs_iter:
         order = torch.randperm(n_train, generator=gen).tolist()  # same on every rank
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for b in range(0, n_train - batch_size + 1, batch_size):
             mine = [pool[k] for k in order[b + rank * per_rank : b + (rank + 1) * per_rank]]
             x, y = _batches(train_ds, kind, mine, caches["train"])
-            if regress:
-                loss = nn.functional.mse_loss(net(x).reshape(-1), y)
-            else:
-                loss = nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            total += float(loss.detach()) * len(mine)
+            loss = _step(net, opt, sched, _to(x, device), _to(y, device), regress)
+            total += loss.double() * len(mine)
             count += len(mine)
+        total = float(total)  # once an epoch
         if world > 1:  # the loss of the global batches, not of this rank's half
             import torch.distributed as dist
 
@@ -532,16 +563,18 @@ def train(
         }
         if rank == 0 and regress:
             row["val_kendall_tau"], row["val_mse"] = _regression(
-                model, val_ds, kind, cache=caches["val"]
+                model, val_ds, kind, cache=caches["val"], device=device
             )
             if track_test:
                 row["test_kendall_tau"], row["test_mse"] = _regression(
-                    model, test_ds, kind, cache=caches["test"]
+                    model, test_ds, kind, cache=caches["test"], device=device
                 )
         elif rank == 0:
-            row["val_accuracy"] = _accuracy(model, val_ds, kind, cache=caches["val"])
+            row["val_accuracy"] = _accuracy(model, val_ds, kind, cache=caches["val"], device=device)
             if track_test:
-                row["test_accuracy"] = _accuracy(model, test_ds, kind, cache=caches["test"])
+                row["test_accuracy"] = _accuracy(
+                    model, test_ds, kind, cache=caches["test"], device=device
+                )
         history.append(row)
         if progress and rank == 0:
             epochs_iter.write(_epoch_line(row, epochs))
@@ -558,7 +591,7 @@ def train(
     test_acc = float("nan")
     extra: dict[str, float] = {}
     if rank == 0 and regress:
-        tau, mse = _regression(model, test_ds, kind, cache=caches["test"])
+        tau, mse = _regression(model, test_ds, kind, cache=caches["test"], device=device)
         extra = {
             "test_kendall_tau": tau,
             "val_kendall_tau": final.get("val_kendall_tau", float("nan")),
@@ -568,7 +601,7 @@ def train(
         test_acc = (
             final["test_accuracy"]
             if track_test
-            else _accuracy(model, test_ds, kind, cache=caches["test"])
+            else _accuracy(model, test_ds, kind, cache=caches["test"], device=device)
         )
     result = TrainResult(
         kind,
@@ -621,7 +654,7 @@ def _log(out: Path, history: list[dict]) -> None:
 def _finish(out: Path, model: nn.Module, result: TrainResult) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
     text = json.dumps(_json_safe(asdict(result)), indent=2, allow_nan=False)
     atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(text))

@@ -94,3 +94,33 @@ def test_metanetworks_forward_and_backward_stay_on_their_device(kind):
         loss = net(w).sum()
     loss.backward()
     assert loss.device == META
+
+
+@pytest.fixture(scope="module")
+def tiny_inrs(tmp_path_factory):
+    from tasks.inr import make_dataset
+
+    root = tmp_path_factory.mktemp("inrs")
+    make_dataset(root, per_image=1, cfg=replace(INRConfig(), steps=2, target_psnr=None),
+                 num_shards=1, progress=False)  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize("kind", ["unf", "nfn", "statnn", "flat"])
+@pytest.mark.parametrize("regress", [False, True])
+def test_one_training_step_stays_on_its_device(tiny_inrs, kind, regress):
+    """``tasks.train``'s step on the meta device: the batch copied by ``_to``, the
+    forward, the loss, the backward and Adam's update never touch a CPU tensor, and the
+    loss comes back detached on the device (it is summed there, read once an epoch)."""
+    from tasks.inr import WeightDataset
+    from tasks.train import _batches, _step, _to, build_model
+
+    ds = WeightDataset(tiny_inrs, "train", "weights", standardize=True)
+    x, y = _batches(ds, kind, list(range(8)))
+    if regress:
+        y = y.float()
+    model = build_model(kind, ds.space, 1 if regress else 10, hidden=8).to(META)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = _step(model, opt, None, _to(x, META), _to(y, META), regress)
+    assert loss.device == META and not loss.requires_grad
+    assert all(p.device == META for p in model.parameters())

@@ -68,6 +68,15 @@ class FourierEncoding(nn.Module):
         return n * (1 + 2 * self.scales.numel())
 
 
+def _num_graphs(graph, batch: Tensor) -> int:
+    """How many graphs a batch holds: PyG's count when it kept one (no host sync on a
+    GPU), else from the batch vector."""
+    n = getattr(graph, "num_graphs", None)
+    if isinstance(n, int) and getattr(graph, "batch", None) is not None:
+        return n
+    return int(batch.max()) + 1 if batch.numel() else 1
+
+
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(i, h), nn.SiLU(), nn.Linear(h, o))
 
@@ -255,7 +264,7 @@ class GMN(nn.Module):
             if getattr(graph, "batch", None) is not None
             else x.new_zeros(x.shape[0], dtype=torch.long)
         )
-        n_graphs = int(batch.max()) + 1 if batch.numel() else 1
+        n_graphs = _num_graphs(graph, batch)
         if graph.edge_index.shape[1] > self.edge_chunk:
             x, e_pool, edge_out = self._chunked(graph, x, code, batch, n_graphs)
             if self.equivariant:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter, to_dense_batch
 
-from metanet.nn.gmn import FourierEncoding
+from metanet.nn.gmn import FourierEncoding, _num_graphs
 
 __all__ = ["GraphTransformer", "GraphTransformerLayer"]
 
@@ -152,7 +152,7 @@ class GraphTransformer(nn.Module):
         for block in self.blocks:
             x, e = block(x, e, graph.edge_index, batch)
         x = self.norm(x)
-        n = int(batch.max()) + 1 if batch.numel() else 1
+        n = _num_graphs(graph, batch)
         eb = batch[graph.edge_index[1]]
         pooled = torch.cat(
             [
