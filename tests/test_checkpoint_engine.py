@@ -22,6 +22,7 @@ from metanet.cli import main
 from tasks.checkpoints import (
     load_config,
     merge_checkpoints,
+    merge_weights,
     open_checkpoint,
     parse_config,
     plan_merge,
@@ -260,8 +261,9 @@ def test_integer_tensors_are_carried_never_averaged(tmp_path):
 # --------------------------------------------------------------------------- in memory = streaming
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_cli_equals_the_library_bit_for_bit(tmp_path, method):
-    """Every method: ``metanet merge`` (the engine, streaming from files) and
-    ``merge_state_dicts`` (in memory) give the same bits, random masks included."""
+    """Every method: ``metanet merge`` (the engine, streaming from files),
+    ``merge_weights`` (the engine on dicts in memory) and ``merge_state_dicts`` (the
+    per-tensor rules alone) give the same bits, random masks included."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
     base = model.state_dict()
@@ -290,6 +292,16 @@ def test_cli_equals_the_library_bit_for_bit(tmp_path, method):
     got, _ = metanet.load(out)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+    # the engine's Python face on the same dicts: the same bits again
+    cfg = {"merge_method": method, "parameters": params,
+           "models": [{"model": f"m{i + 1}", "parameters": p} for i, p in enumerate(mp)]}  # fmt: skip
+    named = {f"m{i + 1}": sd for i, sd in enumerate(others)}
+    if m.needs_base:
+        cfg["base_model"], named["m0"] = "m0", base_sd
+    mem = merge_weights(cfg, named, seed=3)
+    assert set(mem) == set(got)
+    for k in mem:
+        assert torch.equal(mem[k], got[k]), k
 
 
 # --------------------------------------------------------------------------- hub ids
@@ -553,3 +565,22 @@ def test_union_of_models_without_tokenizers_is_refused_naming_the_model(llamas, 
     err = capsys.readouterr().err.strip()
     assert "tokenizer does not load" in err and str(llamas / "a") in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_weights_aligns_in_memory():
+    """``align: weight`` on dicts in memory: a network and a permuted copy of it merge
+    back into the network (the copy matched onto it first); unaligned, they do not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    a = {k: v.double() for k, v in model.state_dict().items()}
+    space = from_state_dict(a, "mlp")
+    b = space.apply(a, space.random_element(torch.Generator().manual_seed(1)))
+    cfg = {"merge_method": "linear", "dtype": "float64",
+           "models": [{"model": "a", "parameters": {"weight": 0.5}},
+                      {"model": "b", "parameters": {"weight": 0.5}, "align": "weight"}]}  # fmt: skip
+    merged = merge_weights(cfg, {"a": a, "b": b}, spaces={"a": space})
+    for k in a:
+        torch.testing.assert_close(merged[k], a[k], rtol=0, atol=1e-12)
+    cfg["models"][1]["align"] = "none"
+    naive = merge_weights(cfg, {"a": a, "b": b})
+    assert not torch.allclose(naive["0.weight"], a["0.weight"])

@@ -15,7 +15,8 @@
   (:func:`tasks.merge_methods.merge_tensor`), a streaming writer into shards that checks
   every tensor finite, a drop-in Hugging Face folder.
 
-:func:`merge_checkpoints` runs all of it (``metanet merge``), :func:`align_checkpoint`
+:func:`merge_checkpoints` runs all of it (``metanet merge``), :func:`merge_weights` the
+same on state dicts in memory, :func:`align_checkpoint`
 writes one aligned checkpoint (``metanet align``), :func:`merge_many_checkpoints` runs
 Git Re-Basin's MergeMany, and :func:`barrier_curves` the loss barrier (``metanet
 barrier``).
@@ -27,7 +28,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from torch import Tensor
+
 from metanet.io import CheckpointError
+from metanet.space import WeightSpace
 from tasks.checkpoints.align_stage import align_checkpoint, align_sources, match_pair
 from tasks.checkpoints.checkpoint import (
     Checkpoint,
@@ -37,7 +41,7 @@ from tasks.checkpoints.checkpoint import (
     resolve_model,
 )
 from tasks.checkpoints.config import MergeConfig, load_config, parse_config
-from tasks.checkpoints.executor import execute
+from tasks.checkpoints.executor import execute, merged_tensors
 from tasks.checkpoints.plan import MergePlan, TensorPlan, plan_merge
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "align_checkpoint",
     "match_pair",
     "merge_checkpoints",
+    "merge_weights",
     "merge_many_checkpoints",
     "barrier_curves",
 ]
@@ -99,6 +104,41 @@ def merge_checkpoints(
     )  # fmt: skip
     return execute(plan, out, config=config, readers=readers, max_shard=max_shard, seed=seed,
                    device=device, progress=progress)  # fmt: skip
+
+
+def merge_weights(
+    config: MergeConfig | dict,
+    weights: Mapping[str, Mapping[str, Tensor]],
+    *,
+    spaces: Mapping[str, WeightSpace] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    max_sweeps: int = 100,
+) -> dict[str, Tensor]:
+    """The engine on state dicts held in memory: the Python face of ``metanet merge``.
+
+    ``config`` (a :class:`MergeConfig` or the mapping a YAML file holds) names its models;
+    ``weights`` maps each name to its state dict. Models marked ``align: weight`` are
+    matched onto the reference first, which needs the reference's WeightSpace in
+    ``spaces``. Returns the merged state dict (on the CPU), the same tensors, bit for bit,
+    that ``metanet merge`` writes for the same inputs.
+    """
+    from metanet.io import CheckpointError
+
+    if not isinstance(config, MergeConfig):
+        config = parse_config(config)
+    sources = {}
+    for ref in config.paths():
+        if ref not in weights:
+            raise CheckpointError(f"{ref}: the config merges it, and weights has no such model")
+        space = (spaces or {}).get(ref)
+        sources[ref] = Checkpoint(ref, Path("<in memory>") / ref, dict(weights[ref]), None, space)
+    plan = plan_merge(config, sources)
+    readers = align_sources(config, plan, seed=seed, max_sweeps=max_sweeps, device=device)
+    return {
+        t.name: merged.cpu()
+        for t, merged in merged_tensors(plan, readers=readers, seed=seed, device=device)
+    }
 
 
 def _held(ck: Checkpoint) -> Checkpoint:

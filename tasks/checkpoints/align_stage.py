@@ -13,6 +13,7 @@ checkpoint (``metanet align``).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -175,8 +176,15 @@ def _check_function(ref: Checkpoint, other: Checkpoint, g: Element) -> float | N
 def _for_matching(source: Checkpoint, ref: Checkpoint | None = None) -> Checkpoint:
     """``source`` opened for matching: lazy reads upcast to float32, a folder read in the
     reference's space (its model built when it is the reference)."""
-    if source.lazy is None:
-        return source  # in memory, with its space (and model)
+    if source.lazy is None:  # in memory: its own space, else the reference's
+        if source.space is not None:
+            return source
+        if ref is None:
+            raise AlignmentError(
+                f"{source.ref}: aligning onto it needs its WeightSpace (give it one: "
+                "--family, --model, or spaces= in the Python API)"
+            )
+        return dataclasses.replace(source, space=ref.space)
     if ref is None:
         ck = open_checkpoint(source.path, build_model=source.hf, upcast=torch.float32)
         if ck.space is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,10 +29,10 @@ from torch import Tensor
 from metanet.io import SPACE_KEY, CheckpointError
 from metanet.shards import INDEX
 from tasks.checkpoints.config import MergeConfig
-from tasks.checkpoints.plan import MergePlan
+from tasks.checkpoints.plan import MergePlan, TensorPlan
 from tasks.merge_methods import merge_tensor
 
-__all__ = ["execute", "CHAT_TEMPLATES", "DEFAULT_SHARD"]
+__all__ = ["execute", "merged_tensors", "CHAT_TEMPLATES", "DEFAULT_SHARD"]
 
 DEFAULT_SHARD = 5_000_000_000  # mergekit's default --out-shard-size (5B)
 _NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -91,6 +91,67 @@ def _chat_template(value: str) -> str:
     )
 
 
+def merged_tensors(
+    plan: MergePlan,
+    *,
+    readers: Mapping[int, Callable[[str], Tensor]] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[TensorPlan, Tensor]]:
+    """``(tensor plan, merged tensor in its written dtype)`` for every output tensor, in
+    write order: each input read (``readers[i](key)`` in place of source ``i``'s, e.g. an
+    aligned model's permuted tensors), checked finite, merged on ``device`` by the
+    method's rule. The next tensor's inputs are read while this one is merged: the disk
+    stays busy, and two tensors' inputs are in memory at most."""
+    from tasks.stream import require_finite
+
+    readers = dict(readers or {})
+
+    def load(t):
+        return [(readers.get(i) or plan.sources[i].read)(key) for i, key in t.inputs]
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, plan.tensors[0]) if plan.tensors else None
+        for n, t in enumerate(plan.tensors):
+            raw = pending.result()
+            if n + 1 < len(plan.tensors):
+                pending = pool.submit(load, plan.tensors[n + 1])
+            for (i, key), v in zip(t.inputs, raw):  # NaN/inf in an input: named there
+                require_finite(plan.sources[i].ref, key, v)
+            values = []
+            for v in raw:
+                v = v.to(device)
+                values.append(v.to(t.compute_dtype) if t.compute_dtype is not None else v)
+            del raw
+            if t.vocab:  # each model's rows, reindexed into the output vocabulary
+                refs = [plan.sources[i].ref for i, _ in t.inputs]
+                values = plan.vocab.reindex(t.name, refs, values)
+            if t.compute_dtype is None:  # integer / bool: carried through, never averaged
+                if any(not torch.equal(v, values[0]) for v in values):
+                    raise CheckpointError(
+                        f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "
+                        "integer and bool tensors are carried through, never averaged"
+                    )
+                yield t, values[0].to(t.dtype)
+                continue
+            base = values[t.base] if t.base is not None else None
+            others = [v for j, v in enumerate(values) if j != t.base]
+            try:
+                merged = merge_tensor(
+                    plan.method,
+                    t.name,
+                    others,
+                    base,
+                    params=t.params,
+                    model_params=list(t.model_params),
+                    seed=seed,
+                    compute_dtype=t.compute_dtype,
+                )
+            except ValueError as e:  # e.g. della's density +- epsilon on this tensor
+                raise CheckpointError(f"tensor {t.name!r}: {e}; nothing written") from None
+            yield t, merged.to(t.dtype)
+
+
 def execute(
     plan: MergePlan,
     out: str | os.PathLike,
@@ -102,13 +163,10 @@ def execute(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Path:
-    """Run ``plan`` into ``out`` (a folder, or one ``.safetensors`` file).
-
-    ``readers[i](key)`` replaces reading source ``i``'s tensor ``key`` from disk (an
-    aligned model's permuted tensors); ``device`` is where each tensor is merged.
-    """
+    """Run ``plan`` into ``out`` (a folder, or one ``.safetensors`` file) through
+    :class:`~tasks.checkpoints.writer.Output` (see :func:`merged_tensors` for
+    ``readers`` and ``device``)."""
     from tasks.checkpoints.writer import Output
-    from tasks.stream import require_finite
 
     out = Path(out)
     ref = plan.sources[plan.reference]
@@ -118,11 +176,6 @@ def execute(
         torch.Size(t.shape).numel() * torch.empty((), dtype=t.dtype).element_size()
         for t in plan.tensors
     )
-    readers = dict(readers or {})
-
-    def load(t):
-        return [(readers.get(i) or plan.sources[i].read)(key) for i, key in t.inputs]
-
     with Output(out, progress=progress, desc=f"{plan.method} merge", total=total) as o:
         if single:
             meta = {"format": "pt"}
@@ -142,48 +195,8 @@ def execute(
             _write_card(plan, config, o.tmp)
             writer = o.shards(entries, max_shard=max_shard or DEFAULT_SHARD,
                               metadata={"format": "pt"})  # fmt: skip
-        # the next tensor's inputs are read while this one is merged and written: the
-        # disk stays busy (two tensors' inputs in memory at most)
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(load, plan.tensors[0]) if plan.tensors else None
-            for n, t in enumerate(plan.tensors):
-                raw = pending.result()
-                if n + 1 < len(plan.tensors):
-                    pending = pool.submit(load, plan.tensors[n + 1])
-                for (i, key), v in zip(t.inputs, raw):  # NaN/inf in an input: named there
-                    require_finite(plan.sources[i].ref, key, v)
-                values = []
-                for v in raw:
-                    v = v.to(device)
-                    values.append(v.to(t.compute_dtype) if t.compute_dtype is not None else v)
-                del raw
-                if t.vocab:  # each model's rows, reindexed into the output vocabulary
-                    refs = [plan.sources[i].ref for i, _ in t.inputs]
-                    values = plan.vocab.reindex(t.name, refs, values)
-                if t.compute_dtype is None:  # integer / bool: carried through, never averaged
-                    if any(not torch.equal(v, values[0]) for v in values):
-                        raise CheckpointError(
-                            f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "
-                            "integer and bool tensors are carried through, never averaged"
-                        )
-                    o.write(writer, t.name, values[0].to(t.dtype))
-                    continue
-                base = values[t.base] if t.base is not None else None
-                others = [v for j, v in enumerate(values) if j != t.base]
-                try:
-                    merged = merge_tensor(
-                        plan.method,
-                        t.name,
-                        others,
-                        base,
-                        params=t.params,
-                        model_params=list(t.model_params),
-                        seed=seed,
-                        compute_dtype=t.compute_dtype,
-                    )
-                except ValueError as e:  # e.g. della's density +- epsilon on this tensor
-                    raise CheckpointError(f"tensor {t.name!r}: {e}; nothing written") from None
-                o.write(writer, t.name, merged.to(t.dtype))
+        for t, merged in merged_tensors(plan, readers=readers, seed=seed, device=device):
+            o.write(writer, t.name, merged)
         return o.commit()
 
 
