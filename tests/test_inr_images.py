@@ -139,3 +139,30 @@ def test_dwsnets_layout_reads_back_bit_for_bit(tmp_path):
             assert torch.equal(back.weights(k)[name], ours.weights(mine)[name]), name
     # both render the same images (DWSNets' coordinates: the column first)
     assert torch.equal(inr.render(back), inr.render(ours)[[index[r["image"]] for r in back.rows]])
+
+
+def test_28x28_folder_and_32x32_colour_npz(tmp_path):
+    """The issue's two settings on a few real images: digits upsampled to 28×28 as PNG
+    files in class folders, and 32×32 RGB patches of scikit-learn's sample photographs
+    in an .npz."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    images, labels = _digits(12)
+    for k, (x, y) in enumerate(zip(images, labels)):
+        (tmp_path / "mnist" / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x).resize((28, 28), Image.BILINEAR).save(
+            tmp_path / "mnist" / str(y) / f"{k}.png"
+        )
+    photos = load_sample_images().images
+    patches = np.stack(
+        [p[r : r + 32, c : c + 32] for p in photos for r, c in [(100, 200), (300, 50)]]
+    )
+    np.savez(tmp_path / "photos.npz", images=patches, labels=np.array([0, 0, 1, 1]))
+    cfg = inr.INRConfig(steps=10, target_psnr=None)
+    for src, shape in [("mnist", (12, 28, 28)), ("photos.npz", (4, 32, 32, 3))]:
+        out = tmp_path / f"inrs-{src}"
+        inr.make_dataset(out, images=tmp_path / src, per_image=1, cfg=cfg, num_shards=1,
+                         progress=False)  # fmt: skip
+        ds = inr.WeightDataset(out)
+        assert inr.render(ds).shape == shape and ds.psnr.isfinite().all()
