@@ -15,7 +15,7 @@ from converters import from_module, from_state_dict
 from metanet import GraphGather, WeightSpace, node_permutation, to_graph, to_weights
 from metanet.graph import GraphLayout, feature_tensors
 from metanet.nn import GMN, FlatMLP, StatNN, UNFLinear, UNFPool, basis_terms
-from metanet.nn.unf import _cosine_basis, _decode, _encode
+from metanet.nn.unf import _cosine_basis, _decode, _encode, cosine_ranks
 from metanet.testing import assert_equivariant, assert_function_preserved
 from tests.fixtures.architectures import vit_tiny
 from tests.fixtures.large import LARGE, SwinTransformer, _randomize
@@ -283,9 +283,29 @@ def test_cosine_encoding_is_a_projection():
     basis = _cosine_basis(5, 12).double()  # stored in float32
     assert torch.allclose(basis @ basis.T / 12, torch.eye(5, dtype=torch.float64), atol=1e-6)
     c = torch.randn(2, 3 * 5, 4, dtype=torch.float64)
-    assert torch.allclose(_encode(_decode(c, basis, 12), basis, 12), c, atol=1e-6)
+    assert torch.allclose(_encode(_decode(c, [basis], [12]), [basis], [12]), c, atol=1e-6)
     x = torch.randn(2, 3 * 12, 4, dtype=torch.float64)
-    assert torch.allclose(_encode(x, basis, 12)[:, ::5], x.view(2, 3, 12, 4).mean(2))
+    assert torch.allclose(_encode(x, [basis], [12])[:, ::5], x.view(2, 3, 12, 4).mean(2))
+
+
+def test_tensor_product_cosines_over_several_fixed_axes():
+    """A piece with several fixed axes (a vocabulary × width embedding) is encoded axis by
+    axis: the same as the dense tensor-product basis, a projection, its first row the
+    mean, and never a (K × fold) matrix. The ranks go to the coarsest axis first."""
+    assert cosine_ranks((30522, 384), 64) == (64, 1)
+    assert cosine_ranks((100, 90), 64) == (8, 8)
+    assert cosine_ranks((3, 4), 64) == (3, 4)  # small enough: every value kept
+    sizes, ranks = (10, 6), cosine_ranks((10, 6), 12)
+    assert ranks == (4, 3)
+    bases = [_cosine_basis(k, n).double() for k, n in zip(ranks, sizes)]
+    dense = torch.einsum("ai,bj->abij", *bases).reshape(12, 60)
+    x = torch.randn(2, 3 * 60, 5, dtype=torch.float64)
+    want = torch.einsum("bcfn,kf->bckn", x.reshape(2, 3, 60, 5), dense / 60).reshape(2, 36, 5)
+    got = _encode(x, bases, sizes)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(got[:, ::12], x.view(2, 3, 60, 5).mean(2), atol=1e-12)
+    c = torch.randn(2, 3 * 12, 5, dtype=torch.float64)
+    assert torch.allclose(_encode(_decode(c, bases, sizes), bases, sizes), c, atol=1e-6)  # float32 basis
 
 
 @pytest.mark.parametrize("basis", ["full", "nfn"])

@@ -33,7 +33,10 @@ through unchanged when given (so outputs still cover the whole space).
 
 * *bounded folds.* A piece whose fixed factors hold ``fold > max_fold`` values (a logit
   layer's 1000 classes, a patch conv's ``3 * 16 * 16`` taps, a tensor with no permuted axis
-  at all) is encoded along them by the first ``max_fold`` rows of a cosine (DCT-II) basis
+  at all) is encoded along them by at most ``max_fold`` cosines: the first rows of a DCT-II basis
+  on each fixed axis, their tensor product over several (a vocabulary × width embedding is
+  never one dense basis over its values: each new cosine goes to the axis with the most
+  values per cosine, and the encoding runs axis by axis),
   :math:`P \\in \\mathbb{R}^{K \\times f}` before the layer and decoded by :math:`P^\\top`
   after it; a per-position channel map :math:`A \\in \\mathbb{R}^{C_o \\times C_i}` keeps
   full resolution there. The group does not act on fixed factors, so this is exactly
@@ -68,7 +71,7 @@ from __future__ import annotations
 import itertools
 import math
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -190,22 +193,81 @@ def _cosine_basis(k: int, n: int) -> Tensor:
     return rows.float()
 
 
-def _encode(x: Tensor, basis: Tensor, fold: int) -> Tensor:
+def fixed_sizes(piece: Piece) -> tuple[int, ...]:
+    """The sizes of a piece's fixed factors, in the order they are folded into channels."""
+    return tuple(n for fs in piece.factors for g, n in fs if g is None)
+
+
+def cosine_ranks(sizes: Sequence[int], max_fold: int) -> tuple[int, ...]:
+    """How many cosines each fixed axis of a piece gets: all of its values when the piece
+    has at most ``max_fold``; else a tensor-product basis of at most ``max_fold`` rows,
+    each new cosine going to the axis with the coarsest resolution (most values per
+    cosine). A single axis gets ``max_fold``."""
+    if math.prod(sizes) <= max_fold:
+        return tuple(sizes)
+    ranks = [1] * len(sizes)
+    while True:
+        order = sorted(range(len(sizes)), key=lambda i: -sizes[i] / ranks[i])
+        for i in order:
+            grown = math.prod(ranks) // ranks[i] * (ranks[i] + 1)
+            if ranks[i] < sizes[i] and grown <= max_fold:
+                ranks[i] += 1
+                break
+        else:
+            return tuple(ranks)
+
+
+def _encode(x: Tensor, bases: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
     """``(B, C * fold, *idx)`` -> ``(B, C * K, *idx)``: each channel's fixed values replaced
-    by their means against the ``K`` cosines of ``basis`` (row 0: the plain mean)."""
+    by their means against a tensor-product cosine basis (``bases[i]``: ``(k_i, n_i)`` for
+    fixed axis ``i``; ``K`` the product of the ``k_i``; the first row: the plain mean). One
+    axis at a time, so no ``K × fold`` matrix is ever formed."""
     b, _, *idx = x.shape
-    scaled = basis.to(x.dtype) / fold
-    z = torch.einsum("bcfn,kf->bckn", x.reshape(b, -1, fold, math.prod(idx)), scaled)
+    z = x.reshape(b, -1, *sizes, math.prod(idx))
+    for i, basis in enumerate(bases):
+        z = torch.tensordot(z, basis.to(x.dtype) / sizes[i], dims=([2 + i], [1])).movedim(-1, 2 + i)
     return z.reshape(b, -1, *idx)
 
 
-def _decode(y: Tensor, basis: Tensor, fold: int) -> Tensor:
+def _decode(y: Tensor, bases: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
     """``(B, C * K, *idx)`` -> ``(B, C * fold, *idx)``: the cosine series of the ``K``
     coefficients at every fixed position (adjoint of :func:`_encode` up to scale)."""
     b, _, *idx = y.shape
-    k = basis.shape[0]
-    z = torch.einsum("bckn,kf->bcfn", y.reshape(b, -1, k, math.prod(idx)), basis.to(y.dtype))
+    z = y.reshape(b, -1, *[basis.shape[0] for basis in bases], math.prod(idx))
+    for i, basis in enumerate(bases):
+        z = torch.tensordot(z, basis.to(y.dtype), dims=([2 + i], [0])).movedim(-1, 2 + i)
     return z.reshape(b, -1, *idx)
+
+
+class _Cosines(nn.Module):
+    """The per-axis cosine bases of the projected pieces, each ``(k, n)`` built once and
+    shared (buffers, not saved: they are a function of the sizes)."""
+
+    def __init__(self, pieces: Sequence[Piece], max_fold: int):
+        super().__init__()
+        self.plan: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for i, p in enumerate(pieces):
+            if p.fold <= max_fold:
+                continue
+            sizes = fixed_sizes(p)
+            ranks = cosine_ranks(sizes, max_fold)
+            self.plan[i] = sizes, ranks
+            for k, n in zip(ranks, sizes):
+                if not hasattr(self, f"c{k}_{n}"):
+                    self.register_buffer(f"c{k}_{n}", _cosine_basis(k, n), persistent=False)
+
+    def width(self, i: int, piece: Piece) -> int:
+        return math.prod(self.plan[i][1]) if i in self.plan else piece.fold
+
+    def bases(self, i: int) -> list[Tensor]:
+        sizes, ranks = self.plan[i]
+        return [getattr(self, f"c{k}_{n}") for k, n in zip(ranks, sizes)]
+
+    def encode(self, i: int, x: Tensor) -> Tensor:
+        return _encode(x, self.bases(i), self.plan[i][0])
+
+    def decode(self, i: int, y: Tensor) -> Tensor:
+        return _decode(y, self.bases(i), self.plan[i][0])
 
 
 def _set_partitions(items: list[int]) -> Iterator[list[list[int]]]:
@@ -575,10 +637,9 @@ class UNFLinear(nn.Module):
         )
         self.pieces = pieces_of(space)
         self._bookkeeping = [n for n, t in space.tensors.items() if not is_feature(t)]
-        self.widths = [min(p.fold, max_fold) for p in self.pieces]
+        self.cosines = _Cosines(self.pieces, max_fold)
+        self.widths = [self.cosines.width(i, p) for i, p in enumerate(self.pieces)]
         self._projected = [i for i, p in enumerate(self.pieces) if p.fold > max_fold]
-        for fold in {self.pieces[i].fold for i in self._projected}:
-            self.register_buffer(f"cosine_{fold}", _cosine_basis(max_fold, fold), persistent=False)
 
         cache: dict[tuple, list[list[list[int]]]] = {}
 
@@ -730,14 +791,11 @@ class UNFLinear(nn.Module):
             if self.bias is not None:
                 self.bias.zero_()
 
-    def _cosines(self, piece: int) -> Tensor:
-        return getattr(self, f"cosine_{self.pieces[piece].fold}")
-
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         full = [_split_piece(features[p.tensor], p) for p in self.pieces]
         xs = list(full)
         for i in self._projected:
-            xs[i] = _encode(full[i], self._cosines(i), self.pieces[i].fold)
+            xs[i] = self.cosines.encode(i, full[i])
         b = next(iter(features.values())).shape[0]
         # every input piece reduced to the shared blocks the terms keep, keyed by
         # (piece, kept indices in input order) for means (all of them: the piece itself),
@@ -779,7 +837,7 @@ class UNFLinear(nn.Module):
         for i, a in zip(self._projected, self.weights[len(self._maps) + 1 :]):
             p = self.pieces[i]
             local = _channel_map(full[i].reshape(b, self.in_channels, -1), a, None)
-            ys[i] = _decode(ys[i], self._cosines(i), p.fold) + local.reshape(
+            ys[i] = self.cosines.decode(i, ys[i]) + local.reshape(
                 b, self.out_channels * p.fold, *p.index_sizes
             )
         out = _assemble(self.space, self.pieces, ys, b, self.out_channels)
@@ -804,17 +862,18 @@ class UNFPool(nn.Module):
         super().__init__()
         self.space, self.channels, self.max_fold = space, channels, max_fold
         self.pieces = pieces_of(space)
-        for fold in {p.fold for p in self.pieces if p.fold > max_fold}:
-            self.register_buffer(f"cosine_{fold}", _cosine_basis(max_fold, fold), persistent=False)
-        self.out_features = channels * sum(min(p.fold, max_fold) for p in self.pieces)
+        self.cosines = _Cosines(self.pieces, max_fold)
+        self.out_features = channels * sum(
+            self.cosines.width(i, p) for i, p in enumerate(self.pieces)
+        )
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         outs = []
-        for p in self.pieces:
+        for i, p in enumerate(self.pieces):
             x = _split_piece(features[p.tensor], p)
             x = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
             if p.fold > self.max_fold:
-                x = _encode(x, getattr(self, f"cosine_{p.fold}"), p.fold)
+                x = self.cosines.encode(i, x)
             outs.append(x)
         return torch.cat(outs, dim=1)
 
