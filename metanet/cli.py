@@ -298,6 +298,9 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+_CREATE_LIMIT = 100_000_000  # values: 400 MB of float32
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
     out = Path(args.output)
     _check_output(out, [], args.force, folder=False)
@@ -307,6 +310,16 @@ def _cmd_create(args: argparse.Namespace) -> int:
             f"--sizes {','.join(map(str, args.sizes))}: a {args.family} needs at least {least} "
             + ("sizes (in,conv...,classes)" if args.family == "cnn" else "layer widths")
         )
+    if args.sizes:
+        n = sum(a * b + b for a, b in zip(args.sizes[:-1], args.sizes[1:]))
+        if args.family == "cnn":
+            n = sum(9 * a * b + 2 * b for a, b in zip(args.sizes[:-2], args.sizes[1:-1]))
+            n += args.sizes[-2] * args.sizes[-1] + args.sizes[-1]
+        if n > _CREATE_LIMIT:
+            raise UsageError(
+                f"--sizes {','.join(map(str, args.sizes))}: {n:,} values, more than create "
+                f"makes ({_CREATE_LIMIT:,}); it writes small random networks"
+            )
     import torch
     from torch import nn
 
@@ -1120,7 +1133,10 @@ def build_parser() -> argparse.ArgumentParser:
         "batches",
     )
     p.add_argument(
-        "--alphas", type=int, default=11, help="interpolation points from A to B, ends included"
+        "--alphas",
+        type=_positive,
+        default=11,
+        help="interpolation points from A to B, ends included",
     )
     p.add_argument("--no-align", action="store_true", help="only the naive interpolation")
     p.add_argument("--plot", metavar="PNG", help="save the curves to this image")
@@ -1170,12 +1186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("zoo", "CNN zoo: train small CNNs on sklearn's digits", _cmd_zoo)
     p.add_argument("action", choices=["make"], help="make the zoo (resumes an interrupted one)")
     p.add_argument("out", metavar="DIR", help="dataset folder")
-    p.add_argument("--n", type=int, default=1000, help="number of CNNs")
+    p.add_argument("--n", type=_positive, default=1000, help="number of CNNs")
     p.add_argument(
         "--shard", type=_shard, metavar="I/N", help="make only shard I of N (shards run anywhere)"
     )
-    p.add_argument("--num-shards", type=int, default=4, help="shards of the whole zoo")
-    p.add_argument("--max-steps", type=int, help="cap every CNN's training steps")
+    p.add_argument("--num-shards", type=_positive, default=4, help="shards of the whole zoo")
+    p.add_argument("--max-steps", type=_positive, help="cap every CNN's training steps")
     p.add_argument("--seed", type=int, default=0, help="base seed of the recipes")
 
     p = command(
@@ -1208,14 +1224,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder made by metanet inr make, zoo make or datasets import",
     )
     p.add_argument("--out", default="train_out", metavar="DIR", help="metrics, curves, model")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    p.add_argument("--epochs", type=_positive, default=10, help="passes over the training split")
     p.add_argument(
-        "--batch-size", type=int, default=64, help="networks per step (over all processes)"
+        "--batch-size", type=_positive, default=64, help="networks per step (over all processes)"
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--hidden", type=int, default=16, help="channels / hidden width of the model")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument(
+        "--hidden", type=_positive, default=16, help="channels / hidden width of the model"
+    )
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
-    p.add_argument("--limit", type=int, help="at most this many training networks")
+    p.add_argument("--limit", type=_positive, help="at most this many training networks")
     p.add_argument(
         "--no-augment",
         action="store_true",
@@ -1258,7 +1276,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_flag(p, "training")
     p.add_argument(
         "--patience",
-        type=int,
+        type=_positive,
         default=None,
         metavar="K",
         help="early stopping: stop after K epochs without a better validation score and "

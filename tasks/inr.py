@@ -736,9 +736,30 @@ def _save_shard(path: Path, tensors: dict[str, Tensor], rows: list[dict]) -> Non
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={INDEX_KEY: json.dumps(rows)}))
 
 
+def _read_meta(path: Path) -> dict:
+    """A dataset's ``dataset.json``: an object with a positive ``num_shards``, or a
+    :class:`CheckpointError` naming the file."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    n = meta.get("num_shards")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"{path}: 'num_shards' is {n!r}; expected a positive integer")
+    return meta
+
+
 def _write_json(path: Path, data: dict, check_same: bool = False) -> None:
     if path.exists() and check_same:
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: not readable JSON ({e}); the folder is not a dataset of these "
+                "settings: use a new folder"
+            ) from None
         if old != data:
             raise CheckpointError(
                 f"{path}: the folder holds a dataset made with other settings ({old}); "
@@ -806,8 +827,14 @@ class WeightDataset(torch.utils.data.Dataset):
         meta_path = self.root / "dataset.json"
         if not meta_path.exists():
             raise CheckpointError(f"{self.root}: no dataset.json; not a weight dataset folder")
-        self.meta = json.loads(meta_path.read_text())
-        self.space = WeightSpace.from_json((self.root / "space.json").read_text())
+        self.meta = _read_meta(meta_path)
+        space_path = self.root / "space.json"
+        try:
+            self.space = WeightSpace.from_json(space_path.read_text())
+        except OSError as e:
+            raise CheckpointError(f"{space_path}: unreadable ({e.strerror or e})") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{space_path}: not a WeightSpace ({e})") from None
         n = self.meta["num_shards"]
         missing = [i for i in range(n) if not _shard_path(self.root, i, n).exists()]
         if missing:
@@ -821,11 +848,22 @@ class WeightDataset(torch.utils.data.Dataset):
             path = _shard_path(self.root, i, n)
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    rows += json.loads(f.metadata()[INDEX_KEY])
-                    for name in self.space.tensors:
-                        parts.setdefault(name, []).append(f.get_tensor(name))
+                    these = json.loads(f.metadata()[INDEX_KEY])
+                    got = {name: f.get_tensor(name) for name in self.space.tensors}
             except Exception as e:  # noqa: BLE001 - name the file at fault
                 raise CheckpointError(f"{path}: unreadable shard ({e})") from None
+            if not isinstance(these, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("split"), str) for r in these
+            ):
+                raise CheckpointError(f"{path}: its index is not a list of rows with a 'split'")
+            for name, t in got.items():
+                if t.dim() == 0 or t.shape[0] != len(these):
+                    raise CheckpointError(
+                        f"{path}: {len(these)} index rows but tensor {name!r} holds "
+                        f"{t.shape[0] if t.dim() else 0} networks"
+                    )
+                parts.setdefault(name, []).append(t)
+            rows += these
         keep = [k for k, r in enumerate(rows) if split is None or r["split"] == split]
         idx = torch.tensor(keep, dtype=torch.long)
         full = {n: torch.cat(v) for n, v in parts.items()}

@@ -587,3 +587,78 @@ def test_space_apply_and_invert_check_the_element(pair):
             with pytest.raises(WeightSpaceError, match=needle) as err:
                 call(*args)
             assert repr(name) in str(err.value)
+
+
+# --------------------------------------------------------------------------- weight datasets
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from dataclasses import replace
+
+    from tasks.inr import INRConfig, make_dataset
+
+    root = tmp_path_factory.mktemp("ds") / "inrs"
+    make_dataset(root, per_image=1, cfg=replace(INRConfig(), steps=2, target_psnr=None),
+                 num_shards=1, progress=False)  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize(
+    "spoil, what",
+    [
+        (lambda d: (d / "dataset.json").write_text("not json{"), "not readable JSON"),
+        (lambda d: (d / "dataset.json").write_text("{}"), "'num_shards' is None"),
+        (lambda d: (d / "dataset.json").write_text("[1, 2]"), "expected a JSON object"),
+        (lambda d: (d / "space.json").write_text('{"tensors": 3}'), "not a WeightSpace"),
+        (lambda d: _extra_row(d), "index rows but tensor"),
+    ],
+)
+def test_broken_weight_datasets_are_named_in_one_line(tiny_dataset, tmp_path, capsys, spoil, what):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, d)
+    spoil(d)
+    for argv in (["inr", "info", str(d)], ["train", "unf", str(d), "--epochs", "1", "--out",
+                                           str(tmp_path / "run"), "-q"]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert what in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def _extra_row(folder):
+    """The shard's index claims one network more than its tensors hold."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tasks.inr import INDEX_KEY
+
+    (shard,) = folder.glob("shard-*.safetensors")
+    with safe_open(str(shard), framework="pt") as f:
+        rows = json.loads(f.metadata()[INDEX_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(shard), metadata={INDEX_KEY: json.dumps(rows + rows[:1])})
+
+
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["inr", "make", "{tmp}/d", "--resolution", "0"], "--resolution"),
+        (["inr", "make", "{tmp}/d", "--width", "-4"], "--width"),
+        (["inr", "make", "{tmp}/d", "--lr", "nan"], "--lr"),
+        (["inr", "make", "{tmp}/d", "--target-psnr", "inf"], "--target-psnr"),
+        (["zoo", "make", "{tmp}/d", "--n", "-5"], "--n"),
+        (["train", "unf", "{tmp}/d", "--batch-size", "0"], "--batch-size"),
+        (["train", "unf", "{tmp}/d", "--lr", "nan"], "--lr"),
+        (["train", "unf", "{tmp}/d", "--epochs", "0"], "--epochs"),
+        (["create", "mlp", "-o", "{tmp}/x.safetensors", "--sizes", "1000000,1000000,10"],
+         "more than create makes"),
+    ],
+)  # fmt: skip
+def test_sizes_and_rates_are_checked_before_any_work(tmp_path, capsys, argv, what):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert what in err and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []
