@@ -822,6 +822,7 @@ def _cmd_inr(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
+    device = _device(args)
     from tasks import zoo
 
     paths = zoo.make_zoo(
@@ -832,6 +833,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         num_shards=args.shard[1] if args.shard else args.num_shards,
         max_steps=args.max_steps,
         progress=not args.quiet,
+        device=device,
     )
     print(f"{args.out}: {len(paths)} shard(s) present")
     return 0
@@ -1193,6 +1195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=_positive, default=4, help="shards of the whole zoo")
     p.add_argument("--max-steps", type=_positive, help="cap every CNN's training steps")
     p.add_argument("--seed", type=int, default=0, help="base seed of the recipes")
+    device_flag(p, "the CNNs train")
 
     p = command(
         "datasets", "import a published weight dataset into a metanet dataset", _cmd_datasets

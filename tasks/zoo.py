@@ -257,13 +257,20 @@ def _bc(v: Tensor, like: Tensor) -> Tensor:
 
 
 def train_cnns(
-    hps: list[HParams], data, progress: bool = False, family: Family = BASE
+    hps: list[HParams],
+    data,
+    progress: bool = False,
+    family: Family = BASE,
+    device: str | torch.device | None = None,
 ) -> dict[str, Tensor]:
     """Train one ``family`` CNN per recipe (all the same batch size), together.
 
-    Returns the stacked weights. Each model draws its mini-batches (with replacement) and
-    its noisy labels from its own generator and uses its own activation; Adam (β
-    0.9/0.999, ε 1e-8) with decoupled weight decay, per model."""
+    Returns the stacked weights (on ``device``, default the CPU). Each model draws its
+    mini-batches (with replacement) and its noisy labels from its own generator (on the
+    CPU, so a recipe draws the same batches on every device) and uses its own activation;
+    Adam (β 0.9/0.999, ε 1e-8) with decoupled weight decay, per model. Which models are
+    still training is decided on the host from their step counts: no per-step sync."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if len({h.batch_size for h in hps}) != 1:
         raise ValueError("train_cnns trains models of one batch size at a time")
     bad = {h.activation for h in hps} - set(family.activations)
@@ -272,10 +279,10 @@ def train_cnns(
     names = family.names
     n_b, bs = len(hps), hps[0].batch_size
     inits = [_init(h, family) for h in hps]
-    w = {k: torch.stack([i[k] for i in inits]) for k in names}
+    w = {k: torch.stack([i[k] for i in inits]).to(device) for k in names}
     m = {k: torch.zeros_like(v) for k, v in w.items()}
     v2 = {k: torch.zeros_like(v) for k, v in w.items()}
-    x_train, y_train = data.x_train[:, 0], data.y_train
+    x_train, y_train = data.x_train[:, 0].to(device), data.y_train
     n = len(y_train)
     gens, labels = [], []
     for h in hps:
@@ -284,10 +291,10 @@ def train_cnns(
         y = torch.where(noisy, torch.randint(0, CLASSES, (n,), generator=g), y_train)
         labels.append(y)
         gens.append(g)
-    labels_t = torch.stack(labels)  # (B, n)
-    lr = torch.tensor([h.lr for h in hps])
-    wd = torch.tensor([h.weight_decay for h in hps])
-    steps = torch.tensor([h.steps for h in hps])
+    labels_t = torch.stack(labels).to(device)  # (B, n)
+    lr = torch.tensor([h.lr for h in hps], device=device)
+    wd = torch.tensor([h.weight_decay for h in hps], device=device)
+    steps = torch.tensor([h.steps for h in hps])  # on the host: it steers the loop
     acts_all = [h.activation for h in hps]
     live = torch.arange(n_b)  # positions (in hps) of the models still training
     final = {k: torch.empty_like(v) for k, v in w.items()}
@@ -302,22 +309,26 @@ def train_cnns(
     for t in it:
         done = steps[live] <= t
         if done.any():  # models that finished leave the batch
-            keep = ~done
+            # positions as indices made on the host (a mask would be read back on a GPU)
+            keep = (~done).nonzero().squeeze(1).to(device)
+            ended = done.nonzero().squeeze(1).to(device)
+            gone = live[done].to(device)
             for k in names:
-                final[k][live[done]] = w[k][done]
+                final[k][gone] = w[k][ended]
                 w[k], m[k], v2[k] = w[k][keep], m[k][keep], v2[k][keep]
-            live = live[keep]
+            live = live[~done]
             acts = tuple(acts_all[int(i)] for i in live)
         idx = torch.stack([torch.randint(0, n, (bs,), generator=gens[int(i)]) for i in live], 1)
+        live_d, idx = live.to(device), idx.to(device)
         x = x_train[idx]  # (N, B, 8, 8)
-        y = labels_t[live[None, :], idx]  # (N, B)
+        y = labels_t[live_d[None, :], idx]  # (N, B)
         params = {k: v.requires_grad_() for k, v in w.items()}
         logits = _forward(params, x, family, acts)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / bs
         grads = torch.autograd.grad(loss, list(params.values()))
         with torch.no_grad():
             c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-            lr_l, wd_l = lr[live], wd[live]
+            lr_l, wd_l = lr[live_d], wd[live_d]
             for k, g in zip(names, grads):
                 p = w[k].detach()
                 m[k].mul_(b1).add_(g, alpha=1 - b1)
@@ -327,7 +338,7 @@ def train_cnns(
                 w[k] = p
     for k in names:
         if len(live):
-            final[k][live] = w[k].detach()
+            final[k][live.to(device)] = w[k].detach()
     return final
 
 
@@ -390,6 +401,7 @@ def make_zoo(
     max_steps: int | None = None,
     progress: bool = True,
     family: Family = BASE,
+    device: str | torch.device | None = None,
 ) -> list[Path]:
     """Train ``n`` zoo CNNs (model ``i`` seeded by ``seed * 1_000_003 + i``) and store them.
 
@@ -397,10 +409,13 @@ def make_zoo(
     ``max_steps`` caps every model's step count (quick zoos for tests). Training runs on
     one thread (restored afterwards): CPU kernels' reduction order depends on the thread
     count, and one thread makes every shard bit-identical on any machine; run shards in
-    parallel processes (``--shard``) to use more cores. Returns the shard paths written or found."""
+    parallel processes (``--shard``) to use more cores. ``device``: where the CNNs train
+    (a GPU's kernels are not the CPU's: its zoo is not bit-identical to a CPU one). Returns
+    the shard paths written or found."""
     return _one_thread(
-        _make_zoo, Path(root), n, seed, shard, num_shards, val, test, max_steps, progress, family
-    )
+        _make_zoo, Path(root), n, seed, shard, num_shards, val, test, max_steps, progress, family,
+        0, device,
+    )  # fmt: skip
 
 
 def make_varied_zoo(
@@ -454,8 +469,9 @@ def make_varied_zoo(
 
 
 def _make_zoo(
-    root: Path, n, seed, shard, num_shards, val, test, max_steps, progress, family, offset=0
-) -> list[Path]:
+    root: Path, n, seed, shard, num_shards, val, test, max_steps, progress, family, offset=0,
+    device=None,
+) -> list[Path]:  # fmt: skip
     from tasks import digits
 
     root.mkdir(parents=True, exist_ok=True)
@@ -502,9 +518,9 @@ def _make_zoo(
                 (j for j, h in enumerate(hps) if h.batch_size == bs),
                 key=lambda j: (hps[j].activation, j),
             )
-            w = train_cnns([hps[j] for j in pos], data, progress, family)
+            w = train_cnns([hps[j] for j in pos], data, progress, family, device)
             for k in family.names:
-                stacked[k][pos] = w[k]
+                stacked[k][pos] = w[k].cpu()
         rows = []
         if ids:
             acts = tuple(h.activation for h in hps)

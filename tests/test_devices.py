@@ -124,3 +124,16 @@ def test_one_training_step_stays_on_its_device(tiny_inrs, kind, regress):
     loss = _step(model, opt, None, _to(x, META), _to(y, META), regress)
     assert loss.device == META and not loss.requires_grad
     assert all(p.device == META for p in model.parameters())
+
+
+def test_zoo_training_stays_on_its_device():
+    """The batched CNN trainer of ``metanet zoo make`` on the meta device: weights, Adam's
+    moments, batches and labels on the device; the batch draws and which models still
+    train stay on the host (their values are not needed there)."""
+    from dataclasses import replace as with_
+
+    from tasks import digits, zoo
+
+    hps = [with_(zoo.sample_hparams(i), batch_size=8, steps=3 + i) for i in range(3)]
+    w = zoo.train_cnns(hps, digits.load(0.25, seed=0), device=META)
+    assert all(t.device == META and t.shape[0] == 3 for t in w.values())
