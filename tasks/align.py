@@ -625,10 +625,12 @@ def weight_matching(
     )
 
     def descend(g: dict[str, Tensor], value: float, visit, sweeps: int, done):
-        """Sweeps until ``done(gain, value)``; returns (element, objective)."""
+        """Sweeps until ``done(gain, value)``: (element, objective, last gain, sweeps)."""
         stale = set(todo)
         best = {k: v.clone() for k, v in g.items()}
+        gain, done_sweeps = math.inf, 0
         for _ in range(sweeps):
+            done_sweeps += 1
             gain = 0.0
             for name in visit():
                 name = str(name)
@@ -647,7 +649,7 @@ def weight_matching(
                 gain = new - value
                 if gain <= 0:
                     record(value)
-                    return best, value
+                    return best, value, 0.0, done_sweeps
                 best = {k: v.clone() for k, v in g.items()}
                 value = new
             else:
@@ -655,11 +657,11 @@ def weight_matching(
             record(value)
             if done(gain, value):
                 break
-        return g, value
+        return g, value, gain, done_sweeps
 
     if schedule == "random" or not todo:
         # the previous loop: from init, a random order every sweep, until no gain
-        g, _ = descend(
+        g, *_ = descend(
             g,
             base,
             lambda: rng.permutation(todo),
@@ -690,7 +692,7 @@ def weight_matching(
             # no tensor ties two groups (activation matching's space): one construction is
             # the optimum, whatever the order
             starts = starts[:1]
-        best_g, best = g, base  # never below where it started
+        best_g, best, last, used = g, base, 0.0, 0  # never below where it started
         race = max(tol, _RACE_TOL) if len(starts) > 1 else tol
 
         def loose(gain: float, value: float) -> bool:
@@ -719,14 +721,20 @@ def weight_matching(
                          for key, t in g.items()}  # fmt: skip
                 value = matcher.objective(trial)
             # several starts race to a loose tolerance; the best is then descended to tol
-            trial, value = descend(trial, value, lambda: order, sweeps, loose)
+            trial, value, gain, n = descend(trial, value, lambda: order, sweeps, loose)
             if value > best:
                 if k:
                     log.notes.append(f"start {k + 1} ({how}) kept: objective {value:.6g}")
-                best_g, best = trial, value
+                best_g, best, last, used = trial, value, gain, max_sweeps - sweeps + n
+        if best_g is g and "init" not in starts and max_sweeps > 0:
+            # every start ended below init's objective: descend from init after all
+            trial = {key: t.clone() for key, t in g.items()}
+            best_g, best, last, used = descend(trial, base, lambda: order, max_sweeps, loose)
         g = best_g
-        if len(starts) > 1 and tol < _RACE_TOL and max_sweeps > 0:
-            g, _ = descend(g, best, lambda: order, max_sweeps, lambda gain, v: gain <= tol * abs(v))
+        if last > tol * abs(best) and used < max_sweeps:  # the race stopped short of tol
+            g, *_ = descend(
+                g, best, lambda: order, max_sweeps - used, lambda gain, v: gain <= tol * abs(v)
+            )
     if bar is not None:
         bar.close()
     log.seconds = time.perf_counter() - start
