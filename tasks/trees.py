@@ -125,10 +125,12 @@ class SoftTreeEnsemble(nn.Module):
         oblivious: one split per level (NODE-style) instead of one per node.
         step: ``"sigmoid"`` or ``"erf"`` (see :data:`STEPS`); ``alpha`` its sharpness.
         reduction: ``"mean"`` (default) or ``"sum"`` over the trees.
+        split_init: ``"uniform"`` (default: ``±1/sqrt(F)``, as ``nn.Linear``) or
+            ``"normal"`` (``N(0, 1)``, the NTK-style initialization of the soft-tree
+            literature: sharp splits from the start).
 
     Parameters are ``split_weight`` ``(M, N, F)``, ``split_bias`` ``(M, N)`` and ``leaf``
-    ``(M, 2^D, C)`` (layout in the module docstring). Initialization: splits uniform in
-    ``±1/sqrt(F)`` (as ``nn.Linear``), leaves standard normal.
+    ``(M, 2^D, C)`` (layout in the module docstring). Leaves start standard normal.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class SoftTreeEnsemble(nn.Module):
         step: str = "sigmoid",
         alpha: float = 1.0,
         reduction: str = "mean",
+        split_init: str = "uniform",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -152,6 +155,9 @@ class SoftTreeEnsemble(nn.Module):
             raise ValueError(f"step={step!r}: expected one of {STEPS}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+        if split_init not in ("uniform", "normal"):
+            raise ValueError(f"split_init={split_init!r}: expected 'uniform' or 'normal'")
+        self.split_init = split_init
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.n_trees, self.depth, self.oblivious = int(n_trees), int(depth), bool(oblivious)
         self.step, self.alpha, self.reduction = step, float(alpha), reduction
@@ -175,8 +181,11 @@ class SoftTreeEnsemble(nn.Module):
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
             for p in (self.split_weight, self.split_bias):
-                p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) * 2 - 1)
-                p.mul_(bound)
+                if self.split_init == "normal":
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+                else:
+                    p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) * 2 - 1)
+                    p.mul_(bound)
             self.leaf.copy_(
                 torch.randn(self.leaf.shape, generator=generator, dtype=self.leaf.dtype)
             )

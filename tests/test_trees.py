@@ -293,4 +293,4 @@ def test_barrier_ordering_on_wine():
             r = interpolation(models[0], wa, w2, data.x_test, data.y_test, data.task)
             barrier[label] = r["loss_barrier"]
         assert barrier["tree"] < barrier["perm"] < barrier["none"], (oblivious, barrier)
-        assert barrier["tree"] < 0.6 * barrier["perm"] and barrier["perm"] < 0.3 * barrier["none"]
+        assert barrier["tree"] < 0.75 * barrier["perm"] and barrier["perm"] < 0.3 * barrier["none"]
