@@ -23,8 +23,8 @@ Every aligned model is checked to compute b's function. Barriers along ``(1 - λ
 regression), and ``max_λ [((1 - λ) A(0) + λ A(1)) - A(λ)]`` for accuracy in percentage
 points (the paper's measure).
 
-    python benchmarks/trees.py              # about 15 minutes on 2 busy cores
-    python benchmarks/trees.py --quick      # 2 datasets, 1 seed, 64 trees: a minute
+    python benchmarks/trees.py              # about 10 minutes on 2 busy cores
+    python benchmarks/trees.py --quick      # 2 datasets, 1 seed, 64 trees: seconds
 """
 
 from __future__ import annotations
