@@ -210,9 +210,7 @@ def barrier_curves(
     the same function first): :class:`tasks.merge.Barrier` per curve."""
     import sys
 
-    import torch
-
-    from tasks.checkpoints.align_stage import _check_function
+    from tasks.checkpoints.align_stage import _check_function, moved_groups, symmetry
     from tasks.merge import loss_barrier
 
     a, b = _held(a), _held(b)
@@ -223,10 +221,10 @@ def barrier_curves(
                                 ste_epochs=ste_epochs, ste_lr=ste_lr, progress=progress)  # fmt: skip
         err = _check_function(a, b, g)
         if not quiet:
-            moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+            moved, total = moved_groups(a.space, g)
             checked = "" if err is None else f"; same function (max rel. error {err:.1e})"
-            print(f"aligned {b.ref} to {a.ref}: {moved}/{len(g)} groups permuted, "
+            print(f"aligned {b.ref} to {a.ref}: {moved}/{total} groups permuted, "
                   f"{summary}{checked}", file=sys.stderr)  # fmt: skip
-        aligned = a.space.apply(b.weights, g)
+        aligned = symmetry(a.space).apply(b.weights, g)
         curves["aligned"] = loss_barrier(evaluate, a.weights, aligned, alphas=alphas)
     return curves

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,50 @@ def check_same_layout(reference: Path, other: Path) -> None:
             )
 
 
+def tree_space(space):
+    """The :class:`tasks.trees.TreeSpace` of a space made of soft tree ensembles alone
+    (every group a tree permutation), else None: such models are matched with their
+    subtree flips and level orders as well."""
+    from metanet.space import WeightSpaceError
+    from tasks.trees import TreeSpace
+
+    if not any(name.endswith("split_weight") for name in space.tensors):
+        return None
+    try:
+        trees = TreeSpace.from_space(space)
+    except WeightSpaceError:
+        return None
+    outer = {n for n, grp in space.groups.items() if grp.within is None}
+    return trees if outer <= {lay.group for lay in trees.layouts} else None
+
+
+def symmetry(space):
+    """What acts on a space's weights: its :class:`tasks.trees.TreeSpace` for soft tree
+    ensembles, else the WeightSpace (both have ``apply`` and ``invert``)."""
+    return tree_space(space) or space
+
+
+def moved_groups(space, g) -> tuple[int, int]:
+    """How many of the space's groups ``g`` moves, of how many."""
+    keys = [k for k in space.groups if k in g]
+    moved = sum(int((g[k] != torch.arange(g[k].shape[-1])).any()) for k in keys)
+    return moved, len(keys)
+
+
+def element_reader(ck: Checkpoint, g) -> Callable[[str], Tensor]:
+    """``name -> ck's tensor (stored dtype) with g applied``: per tensor for a WeightSpace;
+    a tree ensemble's three tensors together (a flip moves a split's weights and its
+    subtrees' leaves at once; the trees are small)."""
+    from tasks import stream
+
+    trees = tree_space(ck.space) if g is not None else None
+    if trees is None:
+        return stream.permuted_reader(ck, g)
+    names = [n for lay in trees.layouts for n in (lay.weight, lay.bias, lay.leaf)]
+    moved = trees.apply({n: ck.read(n) for n in ck.space.tensors}, g)
+    return lambda n: moved[n] if n in names else stream.permuted_reader(ck, g)(n)
+
+
 def _in_memory(ck: Checkpoint, model: torch.nn.Module) -> dict[str, Tensor]:
     """``ck``'s tensors under the model's state-dict names, read into memory."""
     return {n: ck.weights[n] for n in model.state_dict() if n in ck.weights}
@@ -108,6 +153,14 @@ def match_pair(
     log = log if log is not None else MatchLog()
     if how == "weight":
         wa, wb = stream.matching_inputs(ref, other, low_memory=low_memory)
+        trees = tree_space(ref.space)
+        if trees is not None:  # soft tree ensembles: flips and level orders too
+            from tasks.trees import match_trees
+
+            start = time.perf_counter()
+            g = match_trees(trees, wa, wb)
+            log.seconds = time.perf_counter() - start
+            return g, "tree matching (permutation, subtree flips, level orders)"
         g = weight_matching(ref.space, wa, wb, seed=seed, max_sweeps=max_sweeps,
                             progress=progress, log=log, device=device)  # fmt: skip
         objective = log.objective
@@ -146,10 +199,11 @@ def _check_function(ref: Checkpoint, other: Checkpoint, g: Element) -> float | N
 
     model = other.model or ref.model
     inputs = other.inputs if other.model is not None else ref.inputs
+    sym = symmetry(ref.space)
     if other.lazy is None:
         # in memory: the permutation must be a relabelling, read back exactly
-        aligned = ref.space.apply(other.weights, g)
-        back = ref.space.apply(aligned, ref.space.invert(g))
+        aligned = sym.apply(other.weights, g)
+        back = sym.apply(aligned, sym.invert(g))
         bad = next((k for k in other.weights if not torch.equal(back[k], other.weights[k])), None)
         if bad is not None:
             raise AlignmentError(f"aligned tensor {bad!r} is not a relabelling of {other.ref}")
@@ -163,7 +217,7 @@ def _check_function(ref: Checkpoint, other: Checkpoint, g: Element) -> float | N
     stream.load_into(model, stream.permuted_reader(other, None), list(other.weights))
     want = stream.model_output(model, inputs)
     err = stream.relative_error(other if other.model is not None else ref,
-                                stream.permuted_reader(other, g), want)  # fmt: skip
+                                element_reader(other, g), want)  # fmt: skip
     tol = FUNCTION_TOL.get(want.dtype, 1e-4)
     if not err < tol:
         raise AlignmentError(
@@ -251,14 +305,14 @@ def align_sources(
     for source, ck, g, log, summary in matched:
         err = _check_function(ref, ck, g)
         if not quiet:
-            moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+            moved, total = moved_groups(ref.space, g)
             checked = "" if err is None else f"; same function (max rel. error {err:.1e})"
             print(
                 f"aligned {Path(source.ref).name} to {Path(reference.ref).name}: "
-                f"{moved}/{len(g)} groups permuted, {summary}, {log.seconds:.2f} s{checked}",
+                f"{moved}/{total} groups permuted, {summary}, {log.seconds:.2f} s{checked}",
                 file=sys.stderr,
             )
-        read = stream.permuted_reader(ck, g)
+        read = element_reader(ck, g)
         ours = (
             {key: n for n, key in ck.lazy.names.items()} if ck.lazy else {n: n for n in ck.weights}
         )
@@ -323,9 +377,9 @@ def align_checkpoint(
     )  # fmt: skip
     stages.done(f"match {ref.path.name}", quiet)
     if not quiet:
-        moved = sum(int((v != torch.arange(v.shape[-1])).any()) for v in g.values())
+        moved, total = moved_groups(ref.space, g)
         print(
-            f"aligned {ref.path} to {other.path}: {moved}/{len(g)} groups permuted, "
+            f"aligned {ref.path} to {other.path}: {moved}/{total} groups permuted, "
             f"{summary}, {log.seconds:.2f} s",
             file=sys.stderr,
         )
@@ -348,7 +402,7 @@ def align_checkpoint(
     from tasks.checkpoints.writer import write_checkpoint
 
     write_checkpoint(
-        ref, Path(out), stream.permuted_reader(ref, g), progress=progress, check=check,
+        ref, Path(out), element_reader(ref, g), progress=progress, check=check,
         max_shard=max_shard, dtype=dtype,
     )  # fmt: skip
     stages.done("apply + write + verify", quiet)
