@@ -137,3 +137,24 @@ def test_zoo_training_stays_on_its_device():
     hps = [with_(zoo.sample_hparams(i), batch_size=8, steps=3 + i) for i in range(3)]
     w = zoo.train_cnns(hps, digits.load(0.25, seed=0), device=META)
     assert all(t.device == META and t.shape[0] == 3 for t in w.values())
+
+
+@pytest.mark.parametrize("net", ["unf", "mlp"])
+@pytest.mark.parametrize("fam", ["mlp", "cnn", "lm"])
+def test_learned_optimizer_unroll_stays_on_its_device(net, fam):
+    """Meta-training's inner loop on the meta device: the task (model, data) and its
+    weights moved by ``Task.to``, batches indexed there, the rule's update and the
+    differentiable meta-loss on the device. (The per-meta-step finiteness check reads
+    the loss on the host: the meta device cannot follow that part.)"""
+    from tasks.learned_opt.families import family
+    from tasks.learned_opt.meta import unroll
+    from tasks.learned_opt.rule import PerParameterMLP, UNFUpdate, UpdateRule, init_state
+
+    task = family(fam).task(3, {"mlp": 8, "cnn": 4, "lm": 8}[fam]).to(META)
+    rule = UpdateRule(UNFUpdate(task.space) if net == "unf" else PerParameterMLP()).to(META)
+    w = task.init()
+    assert all(v.device == META for v in w.values())
+    loss, w, state = unroll(rule, task, w, init_state(w), 0, 2, differentiable=True)
+    loss.backward()
+    assert loss.device == META and all(v.device == META for v in w.values())
+    assert all(p.grad is not None and p.grad.device == META for p in rule.parameters())

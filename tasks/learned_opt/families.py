@@ -14,7 +14,7 @@ randomized seed and width; ``held_out_width`` is a width meta-training never see
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch
@@ -49,10 +49,21 @@ class Task:
             return {k: v.detach().clone().to(dtype) for k, v in self.model.named_parameters()}
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """The minibatch of ``step`` (a fixed function of the task seed and the step)."""
+        """The minibatch of ``step`` (a fixed function of the task seed and the step, drawn
+        on the CPU: the same batches on every device)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        i = torch.randint(len(self.y), (self.batch_size,), generator=g)
+        i = torch.randint(len(self.y), (self.batch_size,), generator=g).to(self.x.device)
         return self.x[i], self.y[i]
+
+    def to(self, device: str | torch.device | None) -> Task:
+        """The task with its model and data on ``device`` (the model copied: architectures
+        are shared between tasks)."""
+        if device is None or torch.device(device) == self.x.device:
+            return self
+        import copy
+
+        return replace(self, model=copy.deepcopy(self.model).to(device), x=self.x.to(device),
+                       y=self.y.to(device))  # fmt: skip
 
     def loss(self, weights: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
@@ -71,14 +82,15 @@ class Family:
     widths: tuple[int, ...]
     held_out_width: int
 
-    def task(self, seed: int, width: int | None = None) -> Task:
-        """The task of ``seed`` (its width drawn from ``widths`` unless given)."""
+    def task(self, seed: int, width: int | None = None, device=None) -> Task:
+        """The task of ``seed`` (its width drawn from ``widths`` unless given), on
+        ``device`` (default the CPU)."""
         if width is None:
             width = random.Random(seed).choice(self.widths)
-        return _build(self.name, width, seed)
+        return _build(self.name, width, seed).to(device)
 
-    def sample(self, rng: random.Random) -> Task:
-        return self.task(rng.randrange(2**31))
+    def sample(self, rng: random.Random, device=None) -> Task:
+        return self.task(rng.randrange(2**31), device=device)
 
 
 FAMILIES = {

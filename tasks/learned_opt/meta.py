@@ -111,8 +111,9 @@ class _Slot:
     end: int | None = None  # this episode's last step (None: the horizon)
 
     def get_task(self, fam: Family) -> Task:
-        if self.task is None:
-            self.task = fam.task(self.seed, self.width)
+        if self.task is None:  # on the device of the slot's weights
+            device = next(iter(self.weights.values())).device if self.weights else None
+            self.task = fam.task(self.seed, self.width, device)
         return self.task
 
 
@@ -124,8 +125,8 @@ def _clone(s: _Slot) -> _Slot:
     )  # fmt: skip
 
 
-def _new_slot(fam: Family, rng: random.Random) -> _Slot:
-    task = fam.sample(rng)
+def _new_slot(fam: Family, rng: random.Random, device=None) -> _Slot:
+    task = fam.sample(rng, device)
     w = task.init()
     return _Slot(task.seed, task.width, 0, w, init_state(w), task)
 
@@ -162,12 +163,19 @@ def meta_train(
     every: int = 10,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> MetaResult:
     """Meta-train ``rule`` in place on task family ``fam`` (see the module docstring).
 
     Returns a :class:`MetaResult`; with ``checkpoint``, resumes from the file when it
     exists (the settings must match) and writes it every ``every`` meta-steps.
+    ``device``: where the rule, the inner tasks and their weights live (batches and ES
+    noise are drawn on the CPU, so a run draws the same ones on every device); the host
+    reads one loss per task and meta-step.
     """
+    if device is not None:
+        rule.to(device)
+    device = next(rule.parameters()).device
     if method not in ("tbptt", "es", "pes"):
         raise ValueError(f"method must be 'tbptt', 'es' or 'pes', not {method!r}")
     fam = get_family(fam) if isinstance(fam, str) else fam
@@ -184,10 +192,10 @@ def meta_train(
     slots: list[list[_Slot]] = []
     xi: list[Tensor] = []
     if checkpoint is not None and Path(checkpoint).exists():
-        slots, xi = _load(checkpoint, rule, opt, rng, noise, config, result, fam)
+        slots, xi = _load(checkpoint, rule, opt, rng, noise, config, result, fam, device)
     if not slots:
         for i in range(n_slots):
-            s = _new_slot(fam, rng)
+            s = _new_slot(fam, rng, device)
             # staggered: slot i's first episode is shorter, so the slots sit at different
             # points of their runs and every meta-step sees early and late training alike
             s.end = max(min(unroll_steps, horizon), horizon - i * horizon // n_slots)
@@ -244,7 +252,8 @@ def _advance_slot(slot: _Slot, fam: Family, rng: random.Random, k: int, horizon:
     """Move the slot's step on by ``k``; at the horizon, a fresh task (returns True)."""
     slot.step += k
     if slot.step >= (slot.end or horizon):
-        fresh = _new_slot(fam, rng)
+        device = next(iter(slot.weights.values())).device if slot.weights else None
+        fresh = _new_slot(fam, rng, device)
         slot.__dict__.update(fresh.__dict__)
         return True
     return False
@@ -288,7 +297,7 @@ def _es_step(
     grad = torch.zeros_like(theta)
     total = 0.0
     for i, pair in enumerate(slots):
-        eps = torch.randn(theta.shape, generator=noise, dtype=theta.dtype)
+        eps = torch.randn(theta.shape, generator=noise, dtype=theta.dtype).to(theta.device)
         slot = pair[0]
         task = slot.get_task(fam)
         k_here = min(k, (slot.end or horizon) - slot.step)
@@ -416,7 +425,7 @@ def _rng_to_json(state) -> list:
     return [version, list(internal), gauss]
 
 
-def _load(path, rule, opt, rng, noise, config, result, fam):
+def _load(path, rule, opt, rng, noise, config, result, fam, device=None):
     try:
         tensors, _ = load(path)
         from safetensors import safe_open
@@ -441,6 +450,8 @@ def _load(path, rule, opt, rng, noise, config, result, fam):
     version, internal, gauss = meta["rng"]
     rng.setstate((version, tuple(internal), gauss))
     noise.set_state(tensors["noise"])
+    if device is not None:  # the rule's device: slots, ES perturbations (the noise state stays)
+        tensors = {k: v if k == "noise" else v.to(device) for k, v in tensors.items()}
     slots = []
     for i, rows in enumerate(meta["slots"]):
         pair = []
@@ -455,7 +466,7 @@ def _load(path, rule, opt, rng, noise, config, result, fam):
                 for k, v in tensors.items()
                 if k.startswith(f"slot/{i}/{j}/s/")
             }
-            task = fam.task(r["seed"], r["width"])
+            task = fam.task(r["seed"], r["width"], device)
             w = {n: w[n] for n in task.space.tensors if n in w}
             pair.append(_Slot(r["seed"], r["width"], r["step"], w, s, task, r.get("end")))
         slots.append(pair)

@@ -70,7 +70,7 @@ def init_state(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
             state[f"m{b}/{name}"] = torch.zeros_like(w)
         state[f"v/{name}"] = torch.zeros_like(w)
     first = next(iter(weights.values()))
-    state["t"] = torch.zeros((), dtype=first.dtype)
+    state["t"] = torch.zeros((), dtype=first.dtype, device=first.device)
     return state
 
 
