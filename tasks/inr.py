@@ -737,7 +737,7 @@ def _save_shard(path: Path, tensors: dict[str, Tensor], rows: list[dict]) -> Non
 
 
 def _read_meta(path: Path) -> dict:
-    """A dataset's ``dataset.json``: an object with a positive ``num_shards``, or a
+    """A dataset's ``dataset.json``: an object with a ``num_shards`` count, or a
     :class:`CheckpointError` naming the file."""
     try:
         meta = json.loads(path.read_text())
@@ -746,8 +746,8 @@ def _read_meta(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     n = meta.get("num_shards")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise CheckpointError(f"{path}: 'num_shards' is {n!r}; expected a positive integer")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise CheckpointError(f"{path}: 'num_shards' is {n!r}; expected a shard count")
     return meta
 
 

@@ -487,8 +487,9 @@ def test_config_filter_without_default_leaves_parameter_unset():
                 "base_model": "b",
                 "models": ["a"],
                 "tokenizer_source": "union",
+                "tokenizer": {"source": "base"},
             },
-            "union",
+            "tokenizer_source and tokenizer",
         ),
         (
             {
