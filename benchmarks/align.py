@@ -63,7 +63,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from converters import from_module  # noqa: E402
-from tasks import digits  # noqa: E402
 from tasks.align import (  # noqa: E402
     AlignmentError,
     MatchLog,
@@ -72,6 +71,7 @@ from tasks.align import (  # noqa: E402
     verify_aligned,
     weight_matching,
 )
+from tasks.datasets import digits  # noqa: E402
 from tasks.merge import (  # noqa: E402
     evaluator,
     loss_barrier,

@@ -207,8 +207,8 @@ def rebasin_worker(name: str, folder: str) -> None:
 def trained_pairs(repeats: int, n_models: int = 6) -> list[dict]:
     """The main job's pairs: barrier, objective and time, before and now."""
     from converters import from_module
-    from tasks import digits
     from tasks.align import MatchLog, weight_matching
+    from tasks.datasets import digits
     from tasks.merge import evaluator, loss_barrier
 
     torch.set_num_threads(1)
@@ -269,7 +269,7 @@ The depthwise convolution is not the obstacle: the converter stores it as it is,
 so its kernel is a per-channel clue for its group and ties nothing. Nor is a gate as
 such: once its input group is solved, the squeeze group is solved exactly from fc1.
 
-The fix is the construction (``tasks/align.py``, ``_Matcher.construct``): every group is
+The fix is the construction (``tasks/align/__init__.py``, ``_Matcher.construct``): every group is
 solved once, in input-to-output order, from the tensors whose other groups are fixed or
 already solved, so no step reads a neighbour that is still wrong. A relabelled copy is
 then recovered in one pass; sweeps in the same order, a second start built from the

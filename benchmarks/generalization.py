@@ -1,14 +1,14 @@
 """Generalization prediction on CNN zoos: Kendall τ of predicted vs true test accuracy.
 
-The zoo is ``tasks.zoo.make_varied_zoo``'s (made first if missing): four CNN families on
+The zoo is ``tasks.datasets.zoo.make_varied_zoo``'s (made first if missing): four CNN families on
 scikit-learn's digits (depth 2–3, width 6–12, ReLU/tanh/GELU drawn per model), 1,250 CNNs
 each with varied training recipes; ``--zoo base`` uses the original one-architecture zoo
-(``tasks.zoo.make_zoo``). Every predictor (``tasks.generalization.fit``: MSE on the
+(``tasks.datasets.zoo.make_zoo``). Every predictor (``tasks.learn.generalization.fit``: MSE on the
 recorded test accuracy, Adam + cosine, early stopping on validation τ) is trained on each
 family's train split for several seeds and scored by Kendall τ on its test split. Tables:
 per family, and the mean over families (mean ± std over seeds), with wall time per run;
 the verdict lines name the predictors that beat StatNN by ≥ 0.02 τ and ``nfn``'s best.
-``--mixed`` adds one GMN trained on all families at once (``tasks.mixed_zoo``), with the
+``--mixed`` adds one GMN trained on all families at once (``tasks.datasets.mixed_zoo``), with the
 ResNet-like and ViT-like families of ``--mixed-data`` if present. Written atomically to
 ``benchmarks/results/generalization.md``.
 
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     # families, other models) can fill it at once; the table is made from all of it
     runs_path = args.out.with_name(args.out.stem + "_runs.jsonl")
 
-    from tasks.generalization import fit, probe_features
-    from tasks.zoo import make_varied_zoo, make_zoo
+    from tasks.datasets.zoo import make_varied_zoo, make_zoo
+    from tasks.learn.generalization import fit, probe_features
 
     families = _families(args.data)
     wanted = args.families.split(",") if args.families else [f.name for f in families]
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args, families: list[Path], kinds: list[str], settings: dict, runs_path: Path) -> None:
-    from tasks.inr import WeightDataset
+    from tasks.datasets.inr import WeightDataset
 
     runs = [r for r in _read_runs(runs_path) if r["settings"] == settings]
     # every predictor with runs, not only this invocation's: a run of one model (or of
@@ -337,7 +337,7 @@ def _verdict(kinds: list[str], covered, score) -> list[str]:
 
 def _mixed(args, families: list[Path], runs_path: Path, settings: dict) -> None:
     """One GMN on every finished family (and the mixed zoo's ResNet/ViT families)."""
-    from tasks.mixed_zoo import fit_mixed
+    from tasks.datasets.mixed_zoo import fit_mixed
 
     roots = [f for f in families if _complete(f)]
     if args.mixed_data.exists():

@@ -7,7 +7,7 @@ the same inputs, and the table gives both rates and their ratio:
 
 * **INR fitting**: SIRENs 2-32-32-1 (the DWSNets recipe) fitted to generated 8×8 images,
   a fixed number of Adam steps (no early stop, so both sides do the same work);
-  ``tasks.inr.fit_sirens(device=)``;
+  ``tasks.datasets.inr.fit_sirens(device=)``;
 * **weight matching**: two random-init Llama blocks at TinyLlama-1.1B's widths (hidden
   2048, MLP 5632, 32 heads of 64; 2 layers), one sweep over every group;
   ``tasks.align.weight_matching(device=)``: cost matrices on the device, each assignment
@@ -58,7 +58,7 @@ def timed(fn, device, repeat: int = 1) -> float:
 
 def inr_fitting(device: torch.device, n: int, steps: int) -> float:
     """INRs fitted per second (``steps`` Adam steps each)."""
-    from tasks.inr import INRConfig, fit_sirens, image_grid
+    from tasks.datasets.inr import INRConfig, fit_sirens, image_grid
 
     g = torch.Generator().manual_seed(0)
     # smooth generated images: a few random Gaussian bumps each
@@ -98,7 +98,7 @@ def matching_seconds(space, a, b, device: torch.device) -> float:
 
 def merge_rate(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> float:
     """TIES merges of one 5632 × 2048 tensor per second."""
-    from tasks.merge_methods import merge_tensor
+    from tasks.merge.methods import merge_tensor
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(5632, 2048, generator=g)

@@ -1,6 +1,6 @@
 """INR classification: which digit does a SIREN draw? Metanetworks read only its weights.
 
-Models (``tasks.train.build_model``), all trained by ``tasks.train.train`` on the same
+Models (``tasks.learn.train.build_model``), all trained by ``tasks.learn.train.train`` on the same
 dataset, split and training subset, with the same optimizer settings:
 
 * ``gmn`` — metanet's graph metanetwork on ``ParamGraph`` batches;
@@ -30,7 +30,7 @@ weight-space counterpart of image augmentation (exact; the label is kept);
 ``--coords contrast=0.2,brightness=0.1`` also changes the values drawn (``f -> a f + c``,
 in the output layer).
 
-The dataset is ``tasks.inr.make_dataset``'s default: 10 SIRENs per image of scikit-learn's
+The dataset is ``tasks.datasets.inr.make_dataset``'s default: 10 SIRENs per image of scikit-learn's
 8×8 digits (17,970 INRs, split by image 70/10/20), the DWSNets recipe (2-32-32-1, w0 30,
 Adam 5e-4, up to 1,000 steps, each INR stopped at 40 dB). ``--data`` points at a folder
 made by ``metanet inr make`` or ``make_dataset``; a missing one is made first (about
@@ -66,8 +66,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from metanet.io import atomic_write  # noqa: E402
-from tasks.inr import CoordAugment, INRConfig, WeightDataset, make_dataset, render  # noqa: E402
-from tasks.train import GRAPH_KINDS, build_model, train  # noqa: E402
+from tasks.datasets.inr import CoordAugment, INRConfig, WeightDataset, make_dataset, render  # noqa: E402
+from tasks.learn.train import GRAPH_KINDS, build_model, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = ROOT / "out" / "inr-digits"
@@ -122,7 +122,7 @@ def render_ceiling(
     data: Path, seed: int, epochs: int = 60, patience: int = 8, batch: int = 64, lr: float = 1e-3
 ) -> dict:
     """The accuracy the INRs' own images allow: a small CNN trained on the images the
-    INRs draw (:func:`tasks.inr.render`, same split), early stopping on validation."""
+    INRs draw (:func:`tasks.datasets.inr.render`, same split), early stopping on validation."""
     from torch import nn
 
     t0 = time.perf_counter()

@@ -1,10 +1,10 @@
 """INR editing (dilation): a metanetwork edits a SIREN's weights so it draws the dilated digit.
 
-Data: ``tasks.inr_edit.make_edit_pairs`` — one (original, dilated) INR pair per image of
+Data: ``tasks.learn.inr_edit.make_edit_pairs`` — one (original, dilated) INR pair per image of
 scikit-learn's 8×8 digits (1,797 pairs; dilation = 3×3 max-pool, stride 1, padding 1),
 both fitted with the default ``INRConfig`` (the DWSNets recipe) from the same init seed;
-split by image 70/10/20 as ``tasks.inr.make_dataset`` splits. Editors
-(``tasks.inr_edit.build_editor``) predict the residual Δ added to the input weights:
+split by image 70/10/20 as ``tasks.datasets.inr.make_dataset`` splits. Editors
+(``tasks.learn.inr_edit.build_editor``) predict the residual Δ added to the input weights:
 ``identity`` (Δ = 0), ``flat`` (MLP on the flattened weights), ``unf`` (UNFLinear stack,
 full basis), ``gmn`` (equivariant GMN). Trained on the image MSE of the rendered edited
 INR against the dilated image; test image MSE and weight MSE of the model after the last
@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from metanet.io import atomic_write  # noqa: E402
-from tasks.inr import INRConfig  # noqa: E402
-from tasks.inr_edit import EDITORS, make_edit_pairs, render, train_editor  # noqa: E402
+from tasks.datasets.inr import INRConfig  # noqa: E402
+from tasks.learn.inr_edit import EDITORS, make_edit_pairs, render, train_editor  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = ROOT / "out" / "inr-edit-pairs.safetensors"

@@ -1,6 +1,6 @@
 """Learned optimizers vs tuned Adam and SGD with momentum, on held-out tasks.
 
-For each task family (MLP, small CNN, character LM; see ``tasks.learned_opt.families``):
+For each task family (MLP, small CNN, character LM; see ``tasks.optim.learned_opt.families``):
 
 1. meta-train three learned optimizers with truncated backpropagation on tasks of the
    family's training widths: the per-parameter MLP (DeepSet-style), UNF and GMN update
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from metanet.io import atomic_write
-from tasks.learned_opt import (
+from tasks.optim.learned_opt import (
     GMNUpdate,
     PerParameterMLP,
     UNFUpdate,

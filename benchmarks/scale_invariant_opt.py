@@ -1,6 +1,6 @@
 """Radial projection on norm-scale-invariant weights: ``NormProjected`` vs ``adamp``.
 
-A BatchNorm CNN on scikit-learn's 8×8 digits (``tasks.digits.small_cnn(16, norm="batch")``:
+A BatchNorm CNN on scikit-learn's 8×8 digits (``tasks.datasets.digits.small_cnn(16, norm="batch")``:
 three 3×3 conv → BN → ReLU layers of 16/32/32 channels, global pool, linear head;
 1,347 train / 450 test), cross-entropy, minibatches of 64, ``--epochs`` epochs, no weight
 decay. Six optimizers, each from the same initialization and minibatch order per seed:
@@ -9,7 +9,7 @@ decay. Six optimizers, each from the same initialization and minibatch order per
 * ``SGDP`` / ``AdamP`` from PyPI's ``adamp`` (Heo et al., ICLR 2021; same
   hyperparameters, their default ``delta=0.1``): the radial part of the update is removed
   on weights whose gradient looks orthogonal to them (a cosine test, per channel or layer);
-* ``SGD+proj`` / ``Adam+proj``: ``tasks.scale_invariant.NormProjected`` around the plain
+* ``SGD+proj`` / ``Adam+proj``: ``tasks.optim.scale_invariant.NormProjected`` around the plain
   optimizer: the same projection, exactly on the conv channels the WeightSpace knows are
   followed by BatchNorm (``space.norm_scales``), no test.
 
@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from converters import from_module  # noqa: E402
-from tasks import digits  # noqa: E402
-from tasks.scale_invariant import NormProjected  # noqa: E402
+from tasks.datasets import digits  # noqa: E402
+from tasks.optim.scale_invariant import NormProjected  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LR = {"sgd": 0.03, "adam": 3e-3}

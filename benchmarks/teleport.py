@@ -1,6 +1,6 @@
-"""Symmetry teleportation (``tasks.teleport.Teleport``): optimizer steps to a target loss.
+"""Symmetry teleportation (``tasks.optim.teleport.Teleport``): optimizer steps to a target loss.
 
-Two tasks, small ReLU MLPs (``tasks.digits.mlp(32, 3)``: three hidden layers of 32):
+Two tasks, small ReLU MLPs (``tasks.datasets.digits.mlp(32, 3)``: three hidden layers of 32):
 
 * ``digits`` — scikit-learn's 8×8 digits (1,347 train / 450 test), cross-entropy,
   target full-training-set loss 0.05, test accuracy reported.
@@ -60,8 +60,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from converters import from_module  # noqa: E402
-from tasks import digits  # noqa: E402
-from tasks.teleport import Teleport, act, group_actions  # noqa: E402
+from tasks.datasets import digits  # noqa: E402
+from tasks.optim.teleport import Teleport, act, group_actions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRID = {"sgd": (0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "adam": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2)}

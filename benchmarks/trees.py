@@ -2,7 +2,7 @@
 
 Reproduces Kanoh & Sugiyama, "Linear Mode Connectivity in Differentiable Tree Ensembles"
 (ICLR 2025), Table/Figure "barrier by invariance", on the real tabular datasets that
-scikit-learn ships (:data:`tasks.trees.TABULAR`; nothing downloads): depth 2, 256 trees,
+scikit-learn ships (:data:`tasks.align.trees.TABULAR`; nothing downloads): depth 2, 256 trees,
 3 seeds, oblivious and non-oblivious soft trees and an MLP.
 
 Per dataset and seed ``s``: one train/test split (seed ``s``), two models of each
@@ -10,7 +10,7 @@ architecture trained from different initializations and minibatch orders, then m
 aligned to model a by
 
 * ``none``: no alignment;
-* ``perm``: tree permutation only (``tasks.trees.match_trees(..., symmetries=())``; the
+* ``perm``: tree permutation only (``tasks.align.trees.match_trees(..., symmetries=())``; the
   same answer as ``tasks.align.weight_matching`` on the traced WeightSpace, checked);
 * ``perm+flip``, ``perm+order`` (oblivious only), ``perm+flip+order``: the tree
   symmetries (the paper's "Ours": flip for non-oblivious trees, flip and order for
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from converters import from_module  # noqa: E402
 from tasks.align import weight_matching  # noqa: E402
-from tasks.trees import (  # noqa: E402
+from tasks.align.trees import (  # noqa: E402
     TABULAR,
     SoftTreeEnsemble,
     TreeSpace,
@@ -228,7 +228,7 @@ def report(rows: list[dict], args, out: Path, seconds: float, timed: str = "in a
         f"Barrier = `max_λ [L(λ) - ((1-λ) L(0) + λ L(1))]` over {args.alphas} values of λ "
         "(loss), and `max_λ [((1-λ) A(0) + λ A(1)) - A(λ)]` in percentage points (accuracy, "
         "the paper's measure). Every aligned model computes b's function (largest relative "
-        "output change below). `perm` uses `tasks.trees.match_trees(symmetries=())`; "
+        "output change below). `perm` uses `tasks.align.trees.match_trees(symmetries=())`; "
         "`tasks.align.weight_matching` on the traced WeightSpace gave the same tree "
         "permutation in "
         f"{sum(bool(r['wm_agrees']) for r in rows if r['wm_agrees'] is not None)}/"
@@ -316,7 +316,7 @@ def report(rows: list[dict], args, out: Path, seconds: float, timed: str = "in a
         "inner product over the flip patterns (and level orders), then one linear assignment "
         "over the trees. For oblivious trees the 2^D·D! patterns are enumerated; for "
         "non-oblivious ones the 2^(2^D-1) flip patterns are solved exactly by a dynamic "
-        "program (`tasks.trees.tree_similarity`, equal to the enumeration: a test checks).",
+        "program (`tasks.align.trees.tree_similarity`, equal to the enumeration: a test checks).",
     ]
     lines += [
         "",

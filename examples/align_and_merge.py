@@ -30,8 +30,8 @@ import torch
 
 import metanet
 from converters import from_module
-from tasks import digits
 from tasks.align import activation_matching, ste_matching, verify_aligned, weight_matching
+from tasks.datasets import digits
 from tasks.merge import Barrier, evaluator, loss_barrier, plot_barriers
 
 

@@ -4,7 +4,7 @@
     python examples/learned_optimizer.py --out lo_out --steps 800  # longer; resumes
 
 1. Meta-training: truncated backpropagation through 20-step unrolls of 100-step runs on
-   MLPs of width 16 or 32 with random seeds (``tasks.learned_opt.meta_train``), checkpointed
+   MLPs of width 16 or 32 with random seeds (``tasks.optim.learned_opt.meta_train``), checkpointed
    to ``OUT/unf_lo.safetensors``: stop it any time, and the same command resumes.
 2. Fresh networks (new seeds, and the unseen width 48) are trained for 100 steps by the
    learned optimizer, a plain ``torch.optim`` optimizer like any other, and by Adam with
@@ -22,7 +22,7 @@ import torch
 
 from converters import from_module
 from metanet.io import atomic_write
-from tasks.learned_opt import (
+from tasks.optim.learned_opt import (
     LearnedOptimizer,
     UNFUpdate,
     UpdateRule,

@@ -17,8 +17,8 @@ from torch import nn
 
 from converters import from_module
 from metanet.io import atomic_write
-from tasks import digits
-from tasks.teleport import Teleport
+from tasks.datasets import digits
+from tasks.optim.teleport import Teleport
 
 
 def train(d, teleporting: bool, steps: int = 1500, seed: int = 0, lr: float = 0.05):

@@ -37,7 +37,7 @@ DESCRIPTION = (
     "metanetworks on them. 'metanet COMMAND --help' lists a command's options."
 )
 FAMILIES = ("mlp", "siren", "cnn")
-# metanet train's model kinds (tasks.train.build_model), with what each one is
+# metanet train's model kinds (tasks.learn.train.build_model), with what each one is
 TRAIN_KINDS = {
     "unf": "UNF layers (metanet, full basis of equivariant maps)",
     "nfn": "metanet's UNF layers restricted to NFN's cheaper basis",
@@ -65,7 +65,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("metanet.io", "CheckpointError"),
         ("metanet.space", "WeightSpaceError"),
         ("converters.module", "ConverterError"),
-        ("tasks.stream", "NonFiniteError"),
+        ("tasks.checkpoints.stream", "NonFiniteError"),
     ):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
@@ -169,7 +169,9 @@ def _imported(spec: str, flag: str) -> Any:
 
     mod_name, sep, attr = spec.partition(":")
     if not (sep and mod_name and attr):
-        raise UsageError(f"{flag} {spec!r}: expected module:function, e.g. tasks.digits:mlp")
+        raise UsageError(
+            f"{flag} {spec!r}: expected module:function, e.g. tasks.datasets.digits:mlp"
+        )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     try:
@@ -448,8 +450,7 @@ def _report_stages(args, stages) -> None:
 def _cmd_align(args: argparse.Namespace) -> int:
     import torch
 
-    from tasks import stream
-    from tasks.checkpoints import align_checkpoint
+    from tasks.checkpoints import align_checkpoint, stream
 
     args.device = _device(args)
     out = Path(args.output)
@@ -482,7 +483,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 _LEGACY_METHODS = ("align", "naive", "mergemany", "ties", "task")
-# tasks.merge_methods.METHODS, named here so that --help imports no torch (a test checks)
+# tasks.merge.methods.METHODS, named here so that --help imports no torch (a test checks)
 _KIT_METHODS = (
     "linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough", "nuslerp",
@@ -494,8 +495,8 @@ def _merge_setup(args: argparse.Namespace) -> None:
     """Fill ``args.config_obj`` (a :class:`~tasks.checkpoints.config.MergeConfig`) from
     ``--config`` or from the flags of a mergekit method (``--param``, ``--weights``), and
     ``args.paths``/``method``/``aligns``; legacy methods keep their flags."""
-    from tasks import merge_methods
     from tasks.checkpoints.config import parse_config
+    from tasks.merge import methods as merge_methods
 
     args.config_obj = None
     if args.config:
@@ -669,7 +670,7 @@ def _data(spec: str, model, split: str = "test", flag: str = "--data") -> list:
     """Batches of ``(inputs, targets)``: digits' test (or train) split, or a function's;
     the model must run on the first batch."""
     if spec in ("digits", "digits-flat"):
-        from tasks import digits
+        from tasks.datasets import digits
 
         d = digits.load()
         d = d.flat() if spec == "digits-flat" else d
@@ -742,7 +743,7 @@ def _row_fields(folder: Path) -> set[str]:
     from safetensors import safe_open
 
     from metanet.io import CheckpointError
-    from tasks.inr import INDEX_KEY
+    from tasks.datasets.inr import INDEX_KEY
 
     if not (folder / "dataset.json").is_file():
         raise CheckpointError(f"{folder}: no dataset.json; not a weight dataset folder")
@@ -768,7 +769,7 @@ def _cmd_inr(args: argparse.Namespace) -> int:
                 + ("; they have a test 'accuracy': a zoo" if "accuracy" in fields else "")
                 + "); metanet inr info reads INR datasets"
             )
-        from tasks import inr
+        from tasks.datasets import inr
 
         ds = inr.WeightDataset(args.out)
         splits = {s: sum(r["split"] == s for r in ds.rows) for s in ("train", "val", "test")}
@@ -785,7 +786,7 @@ def _cmd_inr(args: argparse.Namespace) -> int:
         return 0
     import dataclasses
 
-    from tasks import inr
+    from tasks.datasets import inr
 
     device = _device(args)
 
@@ -823,7 +824,7 @@ def _cmd_inr(args: argparse.Namespace) -> int:
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
     device = _device(args)
-    from tasks import zoo
+    from tasks.datasets import zoo
 
     paths = zoo.make_zoo(
         args.out,
@@ -839,7 +840,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-# published weight datasets metanet imports (tasks.field_datasets.IMPORTERS; a test
+# published weight datasets metanet imports (tasks.datasets.field.IMPORTERS; a test
 # keeps the two lists equal), and the importer options the CLI passes on
 DATASET_KINDS = ("dwsnets-mnist", "dwsnets-fmnist", "nfn-siren", "small-cnn-zoo")
 IMPORT_OPTIONS = ("splits", "order", "augmentations", "step", "prefix")
@@ -848,7 +849,7 @@ IMPORT_OPTIONS = ("splits", "order", "augmentations", "step", "prefix")
 def _cmd_datasets(args: argparse.Namespace) -> int:
     import inspect
 
-    from tasks.field_datasets import IMPORTERS, import_dataset
+    from tasks.datasets.field import IMPORTERS, import_dataset
 
     if not Path(args.src).exists():
         raise UsageError(f"{args.src}: no such file or folder (the unpacked release)")
@@ -881,11 +882,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"--out {out}: is inside the dataset {args.dataset}; write the model somewhere else"
         )
     device = _device(args)
-    from tasks.train import train
+    from tasks.learn.train import train
 
     coords = None
     if args.augment_coords is not None:
-        from tasks.inr import CoordAugment
+        from tasks.datasets.inr import CoordAugment
 
         try:
             coords = CoordAugment.parse(args.augment_coords)
@@ -1172,7 +1173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the INRs in DWSNets' published layout (one .pth per INR + "
         "mnist_splits.json; 28x28 grayscale, labels 0-9)",
     )
-    # defaults: tasks.inr.INRConfig (the DWSNets recipe), read there (tests check the text)
+    # defaults: tasks.datasets.inr.INRConfig (the DWSNets recipe), read there (tests check the text)
     p.add_argument("--width", type=_positive, help="hidden width (default 32)")
     p.add_argument("--depth", type=_positive, help="hidden layers (default 2)")
     p.add_argument("--steps", type=_positive, help="most fitting steps (default 1000)")

@@ -2,7 +2,7 @@
 
 import torch
 
-from tasks import digits
+from tasks.datasets import digits
 
 
 def digits_mlp():

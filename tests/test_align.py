@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from converters import from_module
-from tasks import digits
 from tasks.align import (
     AlignmentError,
     MatchLog,
@@ -20,6 +19,7 @@ from tasks.align import (
     verify_aligned,
     weight_matching,
 )
+from tasks.datasets import digits
 from tasks.merge import (
     average,
     evaluator,

@@ -20,7 +20,7 @@ from metanet import (
     sign_groups,
 )
 from metanet.canonical import _coords
-from tasks.inr import INRConfig, Siren, image_grid, siren_space
+from tasks.datasets.inr import INRConfig, Siren, image_grid, siren_space
 
 
 def _siren():

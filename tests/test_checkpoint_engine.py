@@ -28,7 +28,7 @@ from tasks.checkpoints import (
     plan_merge,
 )
 from tasks.checkpoints.config import evaluate
-from tasks.merge_methods import METHODS, merge_state_dicts
+from tasks.merge.methods import METHODS, merge_state_dicts
 
 transformers = pytest.importorskip("transformers", reason="needs the hf extra")
 
@@ -194,7 +194,7 @@ def test_dtype_is_the_merge_dtype_and_out_dtype_the_written_one(llamas, tmp_path
     got = _weights(out)
     sds = [_weights(llamas / n) for n in ("base", "a", "b")]
     bf = torch.bfloat16
-    from tasks.merge_methods import merge_tensor
+    from tasks.merge.methods import merge_tensor
 
     for name in ("model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
         want = merge_tensor("ties", name, [sds[1][name].to(bf), sds[2][name].to(bf)],
@@ -390,7 +390,7 @@ def test_model_flag_derives_the_space_of_plain_state_dicts(tmp_path, capsys):
     (no --family needed), and the aligned output computes what B computed."""
     from safetensors.torch import save_file
 
-    from tasks import digits
+    from tasks.datasets import digits
 
     paths = []
     for seed in (0, 1):

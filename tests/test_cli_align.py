@@ -8,7 +8,7 @@ import torch
 import metanet
 from converters import from_module
 from metanet.cli import main
-from tasks import digits
+from tasks.datasets import digits
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_merge_config_aligns_by_activations(pair, tmp_path, capsys):
     the aligned weights with mergekit's method: exactly the library's element and merge;
     without data it says what to pass and writes nothing."""
     from tasks.align import activation_matching
-    from tasks.merge_methods import merge_state_dicts
+    from tasks.merge.methods import merge_state_dicts
 
     a, b = pair
     cfg = tmp_path / "merge.yml"

@@ -19,7 +19,7 @@ import metanet
 from converters import from_module
 from metanet.cli import build_parser, main
 from metanet.io import SPACE_KEY
-from tasks import digits
+from tasks.datasets import digits
 
 MODEL = "tests.cli_models:digits_mlp"  # a 64-64-64-10 MLP, example input (4, 64)
 
@@ -137,8 +137,10 @@ def test_missing_path_and_unimportable_factory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _refused(["inspect", "does/not/exist"], capsys, tmp_path, "does/not/exist", "no such file")
     _refused(["inspect", "nomodule:build"], capsys, tmp_path, "nomodule", "cannot import")
-    _refused(["inspect", "tasks.digits:nothing"], capsys, tmp_path, "no attribute 'nothing'")
-    _refused(["graph", "tasks.digits:mlp"], capsys, tmp_path, "--input-shape")
+    _refused(
+        ["inspect", "tasks.datasets.digits:nothing"], capsys, tmp_path, "no attribute 'nothing'"
+    )
+    _refused(["graph", "tasks.datasets.digits:mlp"], capsys, tmp_path, "--input-shape")
 
 
 class Boom:
@@ -181,8 +183,8 @@ def test_pt_given_to_load_pretrained(tmp_path):
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     """A tiny CNN zoo (24 networks, 5 steps each) and a tiny INR dataset."""
-    from tasks.inr import INRConfig, make_dataset
-    from tasks.zoo import make_zoo
+    from tasks.datasets.inr import INRConfig, make_dataset
+    from tasks.datasets.zoo import make_zoo
 
     zoo = tmp_path_factory.mktemp("zoo")
     make_zoo(zoo, 24, max_steps=5, num_shards=1, progress=False)
@@ -229,7 +231,7 @@ def test_train_writes_valid_json_and_a_line_per_epoch(datasets, tmp_path, capsys
 
 
 def test_curves_have_labelled_axes_and_a_legend_clear_of_the_title():
-    from tasks.train import TrainResult, _plot_curves
+    from tasks.learn.train import TrainResult, _plot_curves
 
     history = [
         {"epoch": e, "train_loss": 2.0 / e, "val_accuracy": 0.1 * e, "seconds": e}
@@ -275,7 +277,7 @@ def test_every_flag_has_help_and_its_default():
 
 def test_inr_help_states_the_recipe_defaults():
     """The inr flags read their defaults from INRConfig; the help text must say the same."""
-    from tasks.inr import INRConfig
+    from tasks.datasets.inr import INRConfig
 
     text = _help_texts()["inr"]
     cfg = INRConfig()
@@ -341,10 +343,10 @@ def test_help_starts_without_torch(tmp_path):
 
 
 def test_datasets_import_kinds_and_options(tmp_path, capsys):
-    """The CLI offers exactly the importers tasks.field_datasets has; a missing release or
+    """The CLI offers exactly the importers tasks.datasets.field has; a missing release or
     an option the importer does not take is named before anything is read."""
     from metanet.cli import DATASET_KINDS
-    from tasks.field_datasets import IMPORTERS
+    from tasks.datasets.field import IMPORTERS
 
     assert set(DATASET_KINDS) == set(IMPORTERS)
     dst = tmp_path / "out"

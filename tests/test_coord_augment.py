@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from metanet import canonicalize_sign
-from tasks.inr import (
+from tasks.datasets.inr import (
     CoordAugment,
     INRConfig,
     Siren,
@@ -23,7 +23,7 @@ from tasks.inr import (
     transform_coords,
     transform_values,
 )
-from tasks.train import train
+from tasks.learn.train import train
 
 
 @pytest.fixture(scope="module")

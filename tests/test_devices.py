@@ -14,8 +14,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tasks.inr import INRConfig, fit_sirens, image_grid
-from tasks.merge_methods import METHODS, merge_tensor
+from tasks.datasets.inr import INRConfig, fit_sirens, image_grid
+from tasks.merge.methods import METHODS, merge_tensor
 
 META = torch.device("meta")
 
@@ -98,7 +98,7 @@ def test_metanetworks_forward_and_backward_stay_on_their_device(kind):
 
 @pytest.fixture(scope="module")
 def tiny_inrs(tmp_path_factory):
-    from tasks.inr import make_dataset
+    from tasks.datasets.inr import make_dataset
 
     root = tmp_path_factory.mktemp("inrs")
     make_dataset(root, per_image=1, cfg=replace(INRConfig(), steps=2, target_psnr=None),
@@ -109,11 +109,11 @@ def tiny_inrs(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["unf", "nfn", "statnn", "flat"])
 @pytest.mark.parametrize("regress", [False, True])
 def test_one_training_step_stays_on_its_device(tiny_inrs, kind, regress):
-    """``tasks.train``'s step on the meta device: the batch copied by ``_to``, the
+    """``tasks.learn.train``'s step on the meta device: the batch copied by ``_to``, the
     forward, the loss, the backward and Adam's update never touch a CPU tensor, and the
     loss comes back detached on the device (it is summed there, read once an epoch)."""
-    from tasks.inr import WeightDataset
-    from tasks.train import _batches, _step, _to, build_model
+    from tasks.datasets.inr import WeightDataset
+    from tasks.learn.train import _batches, _step, _to, build_model
 
     ds = WeightDataset(tiny_inrs, "train", "weights", standardize=True)
     x, y = _batches(ds, kind, list(range(8)))
@@ -132,7 +132,7 @@ def test_zoo_training_stays_on_its_device():
     train stay on the host (their values are not needed there)."""
     from dataclasses import replace as with_
 
-    from tasks import digits, zoo
+    from tasks.datasets import digits, zoo
 
     hps = [with_(zoo.sample_hparams(i), batch_size=8, steps=3 + i) for i in range(3)]
     w = zoo.train_cnns(hps, digits.load(0.25, seed=0), device=META)
@@ -146,9 +146,9 @@ def test_learned_optimizer_unroll_stays_on_its_device(net, fam):
     weights moved by ``Task.to``, batches indexed there, the rule's update and the
     differentiable meta-loss on the device. (The per-meta-step finiteness check reads
     the loss on the host: the meta device cannot follow that part.)"""
-    from tasks.learned_opt.families import family
-    from tasks.learned_opt.meta import unroll
-    from tasks.learned_opt.rule import PerParameterMLP, UNFUpdate, UpdateRule, init_state
+    from tasks.optim.learned_opt.families import family
+    from tasks.optim.learned_opt.meta import unroll
+    from tasks.optim.learned_opt.rule import PerParameterMLP, UNFUpdate, UpdateRule, init_state
 
     task = family(fam).task(3, {"mlp": 8, "cnn": 4, "lm": 8}[fam]).to(META)
     rule = UpdateRule(UNFUpdate(task.space) if net == "unf" else PerParameterMLP()).to(META)

@@ -24,7 +24,7 @@ from torch import nn
 
 from metanet.cli import main
 from metanet.io import CheckpointError
-from tasks.field_datasets import (
+from tasks.datasets.field import (
     IMPORTERS,
     import_dataset,
     import_dwsnets_fmnist,
@@ -33,8 +33,8 @@ from tasks.field_datasets import (
     import_small_cnn_zoo,
     small_cnn_zoo_model,
 )
-from tasks.inr import INRConfig, WeightDataset, siren_forward
-from tasks.train import TrainResult, train
+from tasks.datasets.inr import INRConfig, WeightDataset, siren_forward
+from tasks.learn.train import TrainResult, train
 
 SIREN_NAMES = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
 SIREN_NAMES += ["net.4.weight", "net.4.bias"]

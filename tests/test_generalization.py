@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 
-from tasks import digits
-from tasks.generalization import build_predictor, fit, probe_features, probe_inputs
-from tasks.inr import WeightDataset
-from tasks.zoo import Family, channel_activations, make_varied_zoo, sample_hparams, zoo_space
+from tasks.datasets import digits
+from tasks.datasets.inr import WeightDataset
+from tasks.datasets.zoo import (
+    Family,
+    channel_activations,
+    make_varied_zoo,
+    sample_hparams,
+    zoo_space,
+)
+from tasks.learn.generalization import build_predictor, fit, probe_features, probe_inputs
 
 FAMILY = Family("f", 3, 4, ("relu", "tanh", "gelu"), (5, 12))
 

@@ -21,7 +21,7 @@ from converters import from_state_dict
 from metanet.cli import main
 from metanet.io import CheckpointError
 from metanet.shards import INDEX, read_index
-from tasks.stream import NonFiniteError, copy_folder
+from tasks.checkpoints.stream import NonFiniteError, copy_folder
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -594,7 +594,7 @@ def test_space_apply_and_invert_check_the_element(pair):
 def tiny_dataset(tmp_path_factory):
     from dataclasses import replace
 
-    from tasks.inr import INRConfig, make_dataset
+    from tasks.datasets.inr import INRConfig, make_dataset
 
     root = tmp_path_factory.mktemp("ds") / "inrs"
     make_dataset(root, per_image=1, cfg=replace(INRConfig(), steps=2, target_psnr=None),
@@ -633,7 +633,7 @@ def _extra_row(folder):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from tasks.inr import INDEX_KEY
+    from tasks.datasets.inr import INDEX_KEY
 
     (shard,) = folder.glob("shard-*.safetensors")
     with safe_open(str(shard), framework="pt") as f:

@@ -10,7 +10,7 @@ from torch_geometric.loader import DataLoader
 
 from metanet.cli import main
 from metanet.io import CheckpointError
-from tasks.inr import (
+from tasks.datasets.inr import (
     INRConfig,
     Siren,
     WeightDataset,
@@ -72,7 +72,7 @@ def test_dws_variant_matches_the_module():
     with pytest.raises(ValueError, match="variant"):
         INRConfig(variant="nope")
     # the public batched forward draws what each module draws
-    from tasks.inr import siren_forward
+    from tasks.datasets.inr import siren_forward
 
     for b in range(2):
         model.load_state_dict({k: v[b] for k, v in w.items()})
@@ -167,7 +167,7 @@ def test_cli_inr_make_defaults_are_the_library_defaults(tmp_path):
     import json
 
     from metanet.cli import main
-    from tasks.inr import INRConfig
+    from tasks.datasets.inr import INRConfig
 
     root = tmp_path / "d"
     main(["inr", "make", str(root), "--per-image", "1", "--shard", "0/50", "--steps", "2", "-q"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tasks.inr import INRConfig, make_dataset
+from tasks.datasets.inr import INRConfig, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

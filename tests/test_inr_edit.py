@@ -10,8 +10,15 @@ import torch
 
 from metanet.graph import to_graph
 from metanet.testing import assert_equivariant
-from tasks.inr import INRConfig, Siren, image_grid
-from tasks.inr_edit import build_editor, dilate, evaluate, make_edit_pairs, render, train_editor
+from tasks.datasets.inr import INRConfig, Siren, image_grid
+from tasks.learn.inr_edit import (
+    build_editor,
+    dilate,
+    evaluate,
+    make_edit_pairs,
+    render,
+    train_editor,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = INRConfig(hidden=8, depth=2, steps=30)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from metanet.cli import main
-from tasks import inr
-from tasks.field_datasets import import_dwsnets_mnist
+from tasks.datasets import inr
+from tasks.datasets.field import import_dwsnets_mnist
 
 FAST = inr.INRConfig(steps=20, target_psnr=None)
 

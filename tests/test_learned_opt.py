@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metanet import CheckpointError
-from tasks.learned_opt import (
+from tasks.optim.learned_opt import (
     GMNUpdate,
     LearnedOptimizer,
     PerParameterMLP,
@@ -171,7 +171,7 @@ def test_features_are_scale_free():
     # ~1e-3 under a 10x gradient; noted as a lead to follow, not hidden by a looser atol)
     gen = torch.Generator().manual_seed(0)
     g = {n: torch.randn(v.shape, generator=gen, dtype=v.dtype) for n, v in w.items()}
-    from tasks.learned_opt.rule import advance
+    from tasks.optim.learned_opt.rule import advance
 
     s = advance(w, g, init_state(w))
     f1 = features(w, g, s)
@@ -240,7 +240,7 @@ def test_es_meta_training_runs_and_moves_the_rule():
 def test_meta_gradient_matches_finite_differences():
     """TBPTT's meta-gradient (second order: through the gradients the rule reads) equals
     central finite differences of the unrolled meta-loss, float64."""
-    from tasks.learned_opt.meta import unroll
+    from tasks.optim.learned_opt.meta import unroll
 
     task = _float64_task("mlp", 8)
     rule = _randomized(UpdateRule(PerParameterMLP(hidden=8)).double())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasks.checkpoints.config import load_config, parse_config
-from tasks.merge_methods import METHODS, merge_state_dicts, merge_tensor
+from tasks.merge.methods import METHODS, merge_state_dicts, merge_tensor
 
 D = torch.float64
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from tasks import digits
-from tasks.inr import WeightDataset
-from tasks.mixed_zoo import ARCHITECTURES, fit_mixed, make_mixed_zoo, train_batched
-from tasks.zoo import Family, make_varied_zoo, sample_hparams
+from tasks.datasets import digits
+from tasks.datasets.inr import WeightDataset
+from tasks.datasets.mixed_zoo import ARCHITECTURES, fit_mixed, make_mixed_zoo, train_batched
+from tasks.datasets.zoo import Family, make_varied_zoo, sample_hparams
 
 
 @pytest.fixture(scope="module")

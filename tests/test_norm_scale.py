@@ -204,7 +204,7 @@ def test_json_schema_norm_scales_shape():
 
 
 def _digits_cnn():
-    from tasks import digits
+    from tasks.datasets import digits
 
     torch.manual_seed(0)
     data = digits.load()
@@ -215,7 +215,7 @@ def _digits_cnn():
 
 @pytest.mark.slow  # ~50 s on two loaded cores: double backward through a BN CNN
 def test_teleport_norm_actions_raise_the_gradient_and_keep_the_loss():
-    from tasks.teleport import group_actions, teleport
+    from tasks.optim.teleport import group_actions, teleport
 
     model, space, data = _digits_cnn()
     acts = group_actions(model, space, data.x_train[:8], kinds=("norm",))
@@ -233,7 +233,7 @@ def test_teleport_norm_actions_raise_the_gradient_and_keep_the_loss():
 
 
 def test_norm_projected_removes_exactly_the_radial_part():
-    from tasks.scale_invariant import NormProjected
+    from tasks.optim.scale_invariant import NormProjected
 
     model, space, data = _digits_cnn()
     model.train()

@@ -10,7 +10,14 @@ from converters import from_module
 from metanet.nn import UNFLinear
 from metanet.probe import probe_features, probe_plan, probe_space, with_probes
 from metanet.testing import assert_equivariant
-from tasks.inr import INRConfig, Siren, WeightDataset, make_dataset, siren_forward, siren_space
+from tasks.datasets.inr import (
+    INRConfig,
+    Siren,
+    WeightDataset,
+    make_dataset,
+    siren_forward,
+    siren_space,
+)
 from tests.fixtures.architectures import entry
 
 # Linear/Conv models of the zoo (probe features read Linear/Conv layers' activations)
@@ -120,7 +127,7 @@ def test_train_with_probes_and_early_stopping(inrs, tmp_path, kind):
 
 
 def train_(kind, root, out):
-    from tasks.train import train
+    from tasks.learn.train import train
 
     return train(
         kind,
@@ -138,7 +145,7 @@ def train_(kind, root, out):
 
 def test_unf_classifier_with_probes_is_invariant():
     """The probe encoder (per-neuron MLP + DeepSets summary) keeps the classifier invariant."""
-    from tasks.train import build_model
+    from tasks.learn.train import build_model
 
     cfg = INRConfig(hidden=8)
     model = Siren(cfg).double()

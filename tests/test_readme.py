@@ -143,7 +143,7 @@ def main_job_checkpoints(folder: Path) -> None:
 
     import metanet
     from converters import from_module
-    from tasks import digits
+    from tasks.datasets import digits
 
     out = folder / "align_out"
     for name, seed in (("mlp_a", 0), ("mlp_b", 1)):

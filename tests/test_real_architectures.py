@@ -305,7 +305,9 @@ def test_tensor_product_cosines_over_several_fixed_axes():
     assert torch.allclose(got, want, atol=1e-12)
     assert torch.allclose(got[:, ::12], x.view(2, 3, 60, 5).mean(2), atol=1e-12)
     c = torch.randn(2, 3 * 12, 5, dtype=torch.float64)
-    assert torch.allclose(_encode(_decode(c, bases, sizes), bases, sizes), c, atol=1e-6)  # float32 basis
+    assert torch.allclose(
+        _encode(_decode(c, bases, sizes), bases, sizes), c, atol=1e-6
+    )  # float32 basis
 
 
 @pytest.mark.parametrize("basis", ["full", "nfn"])

@@ -1,4 +1,4 @@
-"""Streaming align/merge (``tasks.stream``, ``metanet.shards``): one tensor at a time,
+"""Streaming align/merge (``tasks.checkpoints.stream``, ``metanet.shards``): one tensor at a time,
 drop-in Hugging Face copies, clean failures."""
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def test_file_order_and_tied_names(tmp_path):
 
 # --------------------------------------------------------------------------- mergekit methods
 def test_cli_mergekit_methods_and_config_equal_the_library(tmp_path):
-    from tasks.merge_methods import merge_state_dicts, merge_tensor
+    from tasks.merge.methods import merge_state_dicts, merge_tensor
 
     base = _mlp_checkpoint(tmp_path / "base.safetensors", [10, 12, 4], 0)
     wb, space = metanet.load(base)

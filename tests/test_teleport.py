@@ -10,8 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 from converters import from_module
-from tasks import digits
-from tasks.teleport import (
+from tasks.datasets import digits
+from tasks.optim.teleport import (
     Action,
     Teleport,
     act,
@@ -296,7 +296,7 @@ def test_scaling_teleports_on_trained_zoo_cnns():
     < 1e-9 relative) and a grad-norm teleport raises the gradient at an unchanged loss."""
     import dataclasses
 
-    from tasks import zoo
+    from tasks.datasets import zoo
 
     d = digits.load()
     # recipes with lr <= 0.02 (the zoo's larger ones can kill every ReLU in 60 steps, and a

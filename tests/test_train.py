@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.inr import INRConfig, make_dataset
-from tasks.train import KINDS, train
+from tasks.datasets.inr import INRConfig, make_dataset
+from tasks.learn.train import KINDS, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = """
 import json, os, sys, torch
 torch.set_num_threads(1)
-from tasks.train import train
+from tasks.learn.train import train
 r = train(sys.argv[1], sys.argv[2], epochs=2, batch_size=32, limit=256, augment=False,
           progress=False)
 if int(os.environ.get("RANK", "0")) == 0:
@@ -80,7 +80,7 @@ def _run_args(cmd, args, tmp_path):
 
 def test_canonicalize_feeds_sign_canonical_weights(inrs, tmp_path):
     from metanet import apply_signs, canonicalize_sign, random_signs
-    from tasks.inr import WeightDataset
+    from tasks.datasets.inr import WeightDataset
 
     plain = WeightDataset(inrs, "train")
     canon = WeightDataset(inrs, "train", canonicalize=True)
@@ -107,7 +107,7 @@ def test_flip_signs_augments_with_random_sign_twins(inrs, tmp_path):
     from torch.func import functional_call
 
     from metanet import canonicalize_sign
-    from tasks.inr import Siren, WeightDataset, image_grid
+    from tasks.datasets.inr import Siren, WeightDataset, image_grid
 
     plain = WeightDataset(inrs, "train")
     aug = WeightDataset(inrs, "train", augment=True, flip_signs=True, seed=3)

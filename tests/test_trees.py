@@ -1,4 +1,4 @@
-"""Soft tree ensembles (tasks.trees): the three symmetries, their group laws, matching, and
+"""Soft tree ensembles (tasks.align.trees): the three symmetries, their group laws, matching, and
 the barrier ordering of Kanoh & Sugiyama (ICLR 2025) on one real dataset."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.func import functional_call
 from converters import from_module
 from metanet import WeightSpace, WeightSpaceError
 from tasks.align import weight_matching
-from tasks.trees import (
+from tasks.align.trees import (
     SoftTreeEnsemble,
     TreeSpace,
     interpolation,

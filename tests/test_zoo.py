@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from tasks import digits
-from tasks.inr import WeightDataset
-from tasks.train import train
-from tasks.zoo import (
+from tasks.datasets import digits
+from tasks.datasets.inr import WeightDataset
+from tasks.datasets.zoo import (
     VARIED,
     Family,
     accuracy,
@@ -22,6 +21,7 @@ from tasks.zoo import (
     zoo_cnn,
     zoo_space,
 )
+from tasks.learn.train import train
 
 SMALL = (Family("a", 2, 4, ("relu", "tanh", "gelu"), (5, 12)), Family("b", 3, 3, ("tanh",), (5, 9)))
 

@@ -12,7 +12,7 @@
 * :mod:`~tasks.checkpoints.align_stage`: the only place a WeightSpace is built, when a
   model asks for ``align: weight|activation|ste``;
 * :mod:`~tasks.checkpoints.executor`: lazy reads, one merge rule per method
-  (:func:`tasks.merge_methods.merge_tensor`), a streaming writer into shards that checks
+  (:func:`tasks.merge.methods.merge_tensor`), a streaming writer into shards that checks
   every tensor finite, a drop-in Hugging Face folder.
 
 :func:`merge_checkpoints` runs all of it (``metanet merge``), :func:`merge_weights` the
@@ -171,7 +171,7 @@ def merge_many_checkpoints(
     for ck in cks[1:]:
         check_compatible(ref, ck)
     for ck in cks:  # NaN/inf refused before any work, naming the tensor
-        from tasks.stream import require_finite
+        from tasks.checkpoints.stream import require_finite
 
         for name, w in ck.weights.items():
             require_finite(ck.ref, name, w)

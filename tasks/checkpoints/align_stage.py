@@ -76,11 +76,11 @@ def check_same_layout(reference: Path, other: Path) -> None:
 
 
 def tree_space(space):
-    """The :class:`tasks.trees.TreeSpace` of a space made of soft tree ensembles alone
+    """The :class:`tasks.align.trees.TreeSpace` of a space made of soft tree ensembles alone
     (every group a tree permutation), else None: such models are matched with their
     subtree flips and level orders as well."""
     from metanet.space import WeightSpaceError
-    from tasks.trees import TreeSpace
+    from tasks.align.trees import TreeSpace
 
     if not any(name.endswith("split_weight") for name in space.tensors):
         return None
@@ -93,7 +93,7 @@ def tree_space(space):
 
 
 def symmetry(space):
-    """What acts on a space's weights: its :class:`tasks.trees.TreeSpace` for soft tree
+    """What acts on a space's weights: its :class:`tasks.align.trees.TreeSpace` for soft tree
     ensembles, else the WeightSpace (both have ``apply`` and ``invert``)."""
     return tree_space(space) or space
 
@@ -109,7 +109,7 @@ def element_reader(ck: Checkpoint, g) -> Callable[[str], Tensor]:
     """``name -> ck's tensor (stored dtype) with g applied``: per tensor for a WeightSpace;
     a tree ensemble's three tensors together (a flip moves a split's weights and its
     subtrees' leaves at once; the trees are small)."""
-    from tasks import stream
+    from tasks.checkpoints import stream
 
     trees = tree_space(ck.space) if g is not None else None
     if trees is None:
@@ -147,15 +147,15 @@ def match_pair(
     """
     import copy
 
-    from tasks import stream
     from tasks.align import activation_matching, ste_matching, weight_matching
+    from tasks.checkpoints import stream
 
     log = log if log is not None else MatchLog()
     if how == "weight":
         wa, wb = stream.matching_inputs(ref, other, low_memory=low_memory)
         trees = tree_space(ref.space)
         if trees is not None:  # soft tree ensembles: flips and level orders too
-            from tasks.trees import match_trees
+            from tasks.align.trees import match_trees
 
             start = time.perf_counter()
             g = match_trees(trees, wa, wb)
@@ -195,7 +195,7 @@ def _check_function(ref: Checkpoint, other: Checkpoint, g: Element) -> float | N
     """The max relative error of ``other``'s model output once permuted by ``g`` (None
     when no model is at hand); :class:`AlignmentError` when it is not a relabelling or
     not the same function, to the tolerance of the model's dtype."""
-    from tasks import stream
+    from tasks.checkpoints import stream
 
     model = other.model or ref.model
     inputs = other.inputs if other.model is not None else ref.inputs
@@ -274,7 +274,7 @@ def align_sources(
 
     Every model is matched before any function check: a check streams a model's weights
     into the reference's model, whose tensors the matching may read."""
-    from tasks import stream
+    from tasks.checkpoints import stream
 
     # in the config's order: a run is repeatable whatever the hash seed
     wanted = list(dict.fromkeys((e.path, e.align) for e in config.models if e.align != "none"))
@@ -352,7 +352,7 @@ def align_checkpoint(
     ``max_shard``); ``out`` ending in ``.safetensors`` (or any ``out`` for a file ``b``)
     one checkpoint carrying the space.
     """
-    from tasks import stream
+    from tasks.checkpoints import stream
 
     stages = stages if stages is not None else stream.StageLog()
     if not isinstance(b, Checkpoint):

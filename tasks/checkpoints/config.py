@@ -50,7 +50,7 @@ from pathlib import Path
 import yaml
 
 from tasks.checkpoints.vocab import TokenizerSpec, TokenSource
-from tasks.merge_methods import METHODS, check_parameter
+from tasks.merge.methods import METHODS, check_parameter
 
 __all__ = [
     "ALIGN_CHOICES",

@@ -6,7 +6,7 @@ temporary name and renamed into place only when every tensor has been written an
 checked finite; a failure leaves nothing (and the previous output, if any, intact).
 
 A folder output is a drop-in Hugging Face folder: the reference model's folder copied as
-what it is (:func:`tasks.stream.copy_folder`: no link followed out of it), its weights
+what it is (:func:`tasks.checkpoints.stream.copy_folder`: no link followed out of it), its weights
 replaced by the merged shards with their index, ``config.json`` updated only where the
 tensors changed it (``torch_dtype``, the layer count), the tokenizer from
 ``tokenizer_source``, the ``chat_template`` set, and a model card naming the method and
@@ -30,7 +30,7 @@ from metanet.io import SPACE_KEY, CheckpointError
 from metanet.shards import INDEX
 from tasks.checkpoints.config import MergeConfig
 from tasks.checkpoints.plan import MergePlan, TensorPlan
-from tasks.merge_methods import merge_tensor
+from tasks.merge.methods import merge_tensor
 
 __all__ = ["execute", "merged_tensors", "CHAT_TEMPLATES", "DEFAULT_SHARD"]
 
@@ -103,7 +103,7 @@ def merged_tensors(
     aligned model's permuted tensors), checked finite, merged on ``device`` by the
     method's rule. The next tensor's inputs are read while this one is merged: the disk
     stays busy, and two tensors' inputs are in memory at most."""
-    from tasks.stream import require_finite
+    from tasks.checkpoints.stream import require_finite
 
     readers = dict(readers or {})
 
@@ -234,7 +234,7 @@ def _tokenizer(config: MergeConfig, folder: Path, vocab=None) -> None:
         vocab.tokenizer.save_pretrained(str(folder))
     elif src not in (None, "base", "union"):
         from tasks.checkpoints.checkpoint import resolve_model
-        from tasks.stream import cache_blobs, is_cache_blob
+        from tasks.checkpoints.stream import cache_blobs, is_cache_blob
 
         path = resolve_model(src)
         if not path.is_dir():

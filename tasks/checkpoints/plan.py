@@ -30,7 +30,7 @@ from metanet.io import CheckpointError
 from tasks.checkpoints.checkpoint import Checkpoint
 from tasks.checkpoints.config import MergeConfig, Slice, evaluate
 from tasks.checkpoints.vocab import Vocab, is_embedding
-from tasks.merge_methods import METHODS, resolve_parameters
+from tasks.merge.methods import METHODS, resolve_parameters
 
 __all__ = ["TensorPlan", "MergePlan", "plan_merge", "layer_of", "gradient_positions"]
 

@@ -51,7 +51,7 @@ class Output:
         self._done = False
 
     def __enter__(self) -> Output:
-        from tasks.stream import progress_bar
+        from tasks.checkpoints.stream import progress_bar
 
         remove_stale(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ class Output:
 
     def copy_folder(self, src: Path, skip: Iterable[str] = ()) -> Path:
         """``src``'s files and subfolders as what they are (no link followed out of it)."""
-        from tasks.stream import copy_folder
+        from tasks.checkpoints.stream import copy_folder
 
         copy_folder(src, self.tmp, skip=set(skip))
         return self.tmp
@@ -76,7 +76,7 @@ class Output:
 
     def write(self, writer: ShardWriter, key: str, tensor: Tensor, name: str | None = None) -> None:
         """Write one tensor (refused when it holds NaN/inf, naming ``name or key``)."""
-        from tasks.stream import require_finite
+        from tasks.checkpoints.stream import require_finite
 
         require_finite("the output", name or key, tensor)
         writer.write(key, tensor.cpu())

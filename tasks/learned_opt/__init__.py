@@ -1,36 +1,9 @@
-"""Learned optimizers whose update rule is a metanetwork (see :mod:`.rule`, :mod:`.meta`,
-:mod:`.families`)."""
+"""Moved to :mod:`tasks.optim.learned_opt`; this path and its submodules stay aliases of it."""
 
-from tasks.learned_opt.families import FAMILIES, Family, Task, family, generated_text
-from tasks.learned_opt.meta import MetaResult, meta_train, train_curve, tune_lr, unroll
-from tasks.learned_opt.rule import (
-    NUM_FEATURES,
-    GMNUpdate,
-    LearnedOptimizer,
-    PerParameterMLP,
-    UNFUpdate,
-    UpdateRule,
-    features,
-    init_state,
-)
+import importlib
+import sys
 
-__all__ = [
-    "FAMILIES",
-    "Family",
-    "GMNUpdate",
-    "LearnedOptimizer",
-    "MetaResult",
-    "NUM_FEATURES",
-    "PerParameterMLP",
-    "Task",
-    "UNFUpdate",
-    "UpdateRule",
-    "family",
-    "features",
-    "generated_text",
-    "init_state",
-    "meta_train",
-    "train_curve",
-    "tune_lr",
-    "unroll",
-]
+_moved = importlib.import_module("tasks.optim.learned_opt")
+sys.modules[__name__] = _moved
+for _sub in ("families", "meta", "rule"):
+    sys.modules[f"{__name__}.{_sub}"] = importlib.import_module(f"tasks.optim.learned_opt.{_sub}")

@@ -415,7 +415,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         space: the WeightSpace of the parameters (``converters.from_module(model, ...)``).
 
     The update network runs without gradients; its own parameters are not trained here
-    (see :func:`tasks.learned_opt.meta_train`).
+    (see :func:`tasks.optim.learned_opt.meta_train`).
     """
 
     def __init__(

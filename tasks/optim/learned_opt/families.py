@@ -153,7 +153,7 @@ def _lm_data() -> tuple[Tensor, Tensor, int]:
 
 @lru_cache(maxsize=2)
 def _digits(flat: bool) -> tuple[Tensor, Tensor]:
-    from tasks import digits
+    from tasks.datasets import digits
 
     d = digits.load()
     x = d.x_train.flatten(1) if flat else d.x_train

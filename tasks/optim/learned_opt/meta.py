@@ -1,6 +1,6 @@
 """Meta-training learned optimizers, and training networks with any optimizer.
 
-:func:`meta_train` trains an :class:`~tasks.learned_opt.UpdateRule` on a task family with
+:func:`meta_train` trains an :class:`~tasks.optim.learned_opt.UpdateRule` on a task family with
 truncated unrolls: ``tasks`` inner networks (slots) are trained side by side, each for
 ``horizon`` steps (then replaced by a fresh task; the first runs are staggered), and
 every meta-step advances each slot by ``unroll`` steps. The meta-loss is the mean log training loss over the unroll
@@ -37,9 +37,9 @@ from torch import Tensor
 
 from metanet.io import CheckpointError, load, save
 from metanet.space import Axis, TensorSpec, WeightSpace
-from tasks.learned_opt.families import Family, Task
-from tasks.learned_opt.families import family as get_family
-from tasks.learned_opt.rule import LearnedOptimizer, UpdateRule, init_state
+from tasks.optim.learned_opt.families import Family, Task
+from tasks.optim.learned_opt.families import family as get_family
+from tasks.optim.learned_opt.rule import LearnedOptimizer, UpdateRule, init_state
 
 __all__ = ["MetaResult", "meta_train", "unroll", "train_curve", "tune_lr"]
 
