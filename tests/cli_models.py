@@ -6,5 +6,5 @@ from tasks.datasets import digits
 
 
 def digits_mlp():
-    """The architecture of the checkpoints in tests/test_cli_align.py, with an example input."""
+    """The architecture of the checkpoints in tests/cli/test_cli_align.py, with an example input."""
     return digits.mlp(64, 2), (torch.randn(4, 64),)

@@ -11,7 +11,7 @@ anything else through bash. A ``yaml`` (or other) block preceded by ``<!-- file:
 is written to ``NAME`` in the folder when its turn comes, for the commands after it.
 
 The machinery (:func:`run_outside`, :func:`page_jobs`, :func:`check_claims`) is shared
-with ``tests/test_docs.py``, which runs every page of ``docs/`` the same way.
+with ``tests/docs/test_docs.py``, which runs every page of ``docs/`` the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 # Runs the jobs of argv[1] (JSON) in order and writes one result per job to argv[2]; stops

@@ -20,7 +20,7 @@ from metanet.testing import assert_equivariant, assert_function_preserved
 from tests.fixtures.architectures import vit_tiny
 from tests.fixtures.large import LARGE, SwinTransformer, _randomize
 from tests.fixtures.zoo import family_models
-from tests.test_space import attention_space
+from tests.helpers import attention_space
 
 
 def _float64(sd):

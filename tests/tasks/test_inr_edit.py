@@ -20,7 +20,7 @@ from tasks.learn.inr_edit import (
     train_editor,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = INRConfig(hidden=8, depth=2, steps=30)
 
 

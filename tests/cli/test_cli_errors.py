@@ -20,28 +20,9 @@ from converters import from_module
 from metanet.cli import build_parser, main
 from metanet.io import SPACE_KEY
 from tasks.datasets import digits
+from tests.helpers import refused
 
 MODEL = "tests.cli_models:digits_mlp"  # a 64-64-64-10 MLP, example input (4, 64)
-
-
-def _tree(folder):
-    return sorted((p.relative_to(folder), p.stat().st_size) for p in folder.rglob("*"))
-
-
-def _refused(argv, capsys, folder, *needles) -> str:
-    """``main(argv)`` exits 2 with one stderr line holding every needle; ``folder`` is
-    left exactly as it was."""
-    before = _tree(folder)
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    line = err[0]
-    assert line.startswith(f"metanet {argv[0]}: error: "), line
-    for needle in needles:
-        assert str(needle) in line, (needle, line)
-    assert _tree(folder) == before
-    return line
 
 
 @pytest.fixture(scope="module")
@@ -64,41 +45,41 @@ def test_existing_output_folder_is_refused_before_alignment(ckpts, tmp_path, cap
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     argv = ["align", ckpts["a"], ckpts["b"], "-o", out, "--force"]
-    _refused(argv, capsys, tmp_path, out, "is a folder")
+    refused(argv, capsys, tmp_path, out, "is a folder")
     argv = ["align", ckpts["a"], ckpts["b"], "-o", out / "keep.txt"]
-    _refused(argv, capsys, tmp_path, "keep.txt", "exists", "--force")
+    refused(argv, capsys, tmp_path, "keep.txt", "exists", "--force")
 
 
 def test_model_that_does_not_fit_the_checkpoint(ckpts, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     argv = ["align", ckpts["narrow"], ckpts["narrow"], "-o", out, "--model", MODEL]
-    _refused(argv, capsys, tmp_path, f"--model {MODEL}", "'0.weight'", "(64, 64)", "(32, 64)")
+    refused(argv, capsys, tmp_path, f"--model {MODEL}", "'0.weight'", "(64, 64)", "(32, 64)")
 
 
 def test_model_that_does_not_run_on_the_input_shape(ckpts, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     argv = ["align", ckpts["a"], ckpts["b"], "-o", out, "--model", MODEL, "--input-shape", "8,32"]
-    _refused(argv, capsys, tmp_path, "--input-shape 8,32", "does not run", "(8, 32)")
+    refused(argv, capsys, tmp_path, "--input-shape 8,32", "does not run", "(8, 32)")
 
 
 def test_data_the_model_cannot_read(ckpts, tmp_path, capsys):
     """digits (8×8 images) for an MLP on flat inputs: named before any interpolation."""
     argv = ["barrier", ckpts["a"], ckpts["b"], "--model", MODEL, "--data", "digits", "-q"]
-    _refused(argv, capsys, tmp_path, "--data digits", "(256, 1, 8, 8)")
+    refused(argv, capsys, tmp_path, "--data digits", "(256, 1, 8, 8)")
 
 
 def test_flags_checked_before_loading(ckpts, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
-    _refused(
+    refused(
         ["merge", ckpts["a"], ckpts["b"], ckpts["a"], "-o", out, "--method", "align"],
         capsys,
         tmp_path,
         "--method align",
         "got 3",
     )
-    _refused(["barrier", ckpts["a"], ckpts["b"], "--model", MODEL], capsys, tmp_path, "--data")
+    refused(["barrier", ckpts["a"], ckpts["b"], "--model", MODEL], capsys, tmp_path, "--data")
     argv = ["barrier", ckpts["a"], ckpts["b"], "--model", MODEL, "--data", "digits-flat"]
-    _refused([*argv, "--alphas", "1"], capsys, tmp_path, "--alphas 1")
+    refused([*argv, "--alphas", "1"], capsys, tmp_path, "--alphas 1")
     with pytest.raises(SystemExit) as e:  # argparse's own usage error, also exit 2
         main(["inspect", "x:y", "--input-shape", "8,x"])
     assert e.value.code == 2
@@ -128,19 +109,19 @@ def test_weight_space_metadata_of_the_wrong_type(ckpts, tmp_path, capsys, edit, 
     edit(doc, next(iter(doc["groups"])))
     bad = tmp_path / "edited.safetensors"
     save_file(tensors, str(bad), metadata={SPACE_KEY: json.dumps(doc)})
-    _refused(["inspect", bad], capsys, tmp_path, "edited.safetensors", "WeightSpace", *needles)
+    refused(["inspect", bad], capsys, tmp_path, "edited.safetensors", "WeightSpace", *needles)
     with pytest.raises(metanet.WeightSpaceError, match=needles[0].replace("[", r"\[")):
         metanet.WeightSpace.from_json(json.dumps(doc))
 
 
 def test_missing_path_and_unimportable_factory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _refused(["inspect", "does/not/exist"], capsys, tmp_path, "does/not/exist", "no such file")
-    _refused(["inspect", "nomodule:build"], capsys, tmp_path, "nomodule", "cannot import")
-    _refused(
+    refused(["inspect", "does/not/exist"], capsys, tmp_path, "does/not/exist", "no such file")
+    refused(["inspect", "nomodule:build"], capsys, tmp_path, "nomodule", "cannot import")
+    refused(
         ["inspect", "tasks.datasets.digits:nothing"], capsys, tmp_path, "no attribute 'nothing'"
     )
-    _refused(["graph", "tasks.datasets.digits:mlp"], capsys, tmp_path, "--input-shape")
+    refused(["graph", "tasks.datasets.digits:mlp"], capsys, tmp_path, "--input-shape")
 
 
 class Boom:
@@ -156,18 +137,18 @@ class Boom:
 def test_unreadable_pt_files(tmp_path, capsys):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    _refused(["inspect", empty, "--family", "mlp"], capsys, tmp_path, "empty.pt", "is empty")
+    refused(["inspect", empty, "--family", "mlp"], capsys, tmp_path, "empty.pt", "is empty")
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pt"
     torch.save({"0.weight": torch.zeros(2, 2), "x": Boom(str(marker))}, evil)
-    line = _refused(["inspect", evil, "--family", "mlp"], capsys, tmp_path, "evil.pt", "refused")
+    line = refused(["inspect", evil, "--family", "mlp"], capsys, tmp_path, "evil.pt", "refused")
     assert "weights_only=False" not in line and "open" in line and not marker.exists()
     good = tmp_path / "good.pt"
     torch.save(digits.mlp(8, 1).state_dict(), good)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
-    _refused(["inspect", truncated, "--family", "mlp"], capsys, tmp_path, "truncated or corrupt")
-    _refused(["inspect", good], capsys, tmp_path, "good.pt", "--family")
+    refused(["inspect", truncated, "--family", "mlp"], capsys, tmp_path, "truncated or corrupt")
+    refused(["inspect", good], capsys, tmp_path, "good.pt", "--family")
 
 
 def test_pt_given_to_load_pretrained(tmp_path):
@@ -196,7 +177,7 @@ def datasets(tmp_path_factory):
 
 def test_inr_info_on_a_zoo(datasets, capsys):
     zoo, inrs = datasets
-    _refused(["inr", "info", zoo], capsys, zoo, "not an INR dataset", "'psnr'", "zoo")
+    refused(["inr", "info", zoo], capsys, zoo, "not an INR dataset", "'psnr'", "zoo")
     assert main(["inr", "info", str(inrs)]) == 0
     assert "1,797 INRs" in capsys.readouterr().out
 
@@ -206,11 +187,11 @@ def test_train_without_the_target(datasets, tmp_path, capsys):
     training split: each refused before training, no --out folder made."""
     zoo, inrs = datasets
     out = tmp_path / "run"
-    _refused(["train", "statnn", zoo, "--out", out], capsys, tmp_path, "--target accuracy")
+    refused(["train", "statnn", zoo, "--out", out], capsys, tmp_path, "--target accuracy")
     argv = ["train", "statnn", inrs, "--out", out, "--target", "accuracy", "-q"]
-    _refused(argv, capsys, tmp_path, "'accuracy'", "--target accuracy", str(inrs))
+    refused(argv, capsys, tmp_path, "'accuracy'", "--target accuracy", str(inrs))
     argv = ["train", "statnn", zoo, "--out", out, "--target", "accuracy", "-q"]
-    _refused(argv, capsys, tmp_path, "fewer than batch_size=64", "--batch-size")
+    refused(argv, capsys, tmp_path, "fewer than batch_size=64", "--batch-size")
     assert not out.exists()
 
 
@@ -350,15 +331,15 @@ def test_datasets_import_kinds_and_options(tmp_path, capsys):
 
     assert set(DATASET_KINDS) == set(IMPORTERS)
     dst = tmp_path / "out"
-    _refused(["datasets", "import", "nfn-siren", tmp_path / "nope", dst], capsys, tmp_path, "nope")
+    refused(["datasets", "import", "nfn-siren", tmp_path / "nope", dst], capsys, tmp_path, "nope")
     argv = ["datasets", "import", "nfn-siren", tmp_path, dst, "--order", "x.csv"]
-    _refused(argv, capsys, tmp_path, "--order", "nfn-siren")
+    refused(argv, capsys, tmp_path, "--order", "nfn-siren")
 
 
+@pytest.mark.requires("transformers")
 def test_quiet_silences_transformers_bars(capfd):
     """Reading a Hugging Face folder draws transformers' weight-loading bar; -q hides it
     (and leaves the bar switched on afterwards for the rest of the process)."""
-    pytest.importorskip("transformers", reason="needs the hf extra")
     from tests.fixtures.architectures import minilm_dir
 
     folder = str(minilm_dir())

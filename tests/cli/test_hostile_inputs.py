@@ -6,7 +6,6 @@ nothing written, every input byte for byte as it was (sha256).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -22,38 +21,7 @@ from metanet.cli import main
 from metanet.io import CheckpointError
 from metanet.shards import INDEX, read_index
 from tasks.checkpoints.stream import NonFiniteError, copy_folder
-
-
-def _digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (links by their target path)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        key = str(p.relative_to(root))
-        if p.is_symlink():
-            out[key] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def _refused(argv, capsys, root: Path, *needles) -> str:
-    """``main(argv)``: exit 2 and one stderr line holding every needle; nothing under
-    ``root`` written or changed (flags argparse checks end in SystemExit(2), same line)."""
-    before = _digest(root)
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, (code, err)
-    assert len(err) == 1, err
-    line = err[0]
-    assert line.startswith(f"metanet {argv[0]}: error: "), line
-    for needle in needles:
-        assert str(needle) in line, (needle, line)
-    assert _digest(root) == before
-    return line
+from tests.helpers import refused
 
 
 def _mlp(path: Path, seed: int, fill: float | None = None) -> Path:
@@ -97,7 +65,7 @@ def test_bad_merge_flags_refused_before_work(pair, tmp_path, capsys, flags, need
     checkpoint with exit 0 before)."""
     a, b = pair
     out = tmp_path / "m.safetensors"
-    _refused(["merge", a, b, "-o", out, "-q", *flags], capsys, tmp_path, *needles)
+    refused(["merge", a, b, "-o", out, "-q", *flags], capsys, tmp_path, *needles)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +90,7 @@ def test_bad_config_values_refused(pair, tmp_path, capsys, yaml_params, needles)
         f"    parameters: {{{yaml_params}}}\n"
     )
     out = tmp_path / "m.safetensors"
-    _refused(["merge", "--config", config, "-o", out, "-q"], capsys, tmp_path, *needles)
+    refused(["merge", "--config", config, "-o", out, "-q"], capsys, tmp_path, *needles)
 
 
 @pytest.mark.parametrize(
@@ -141,7 +109,7 @@ def test_bad_global_config_values_refused(pair, tmp_path, capsys, params):
     )
     key = params.strip("{}").split(":")[0]
     out = tmp_path / "m.safetensors"
-    _refused(["merge", "--config", config, "-o", out, "-q"], capsys, tmp_path, f"'{key}'")
+    refused(["merge", "--config", config, "-o", out, "-q"], capsys, tmp_path, f"'{key}'")
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -164,9 +132,10 @@ def test_merge_that_overflows_writes_nothing(tmp_path, capsys, streaming):
     argv = ["merge", a, b, "--method", "linear", "--param", "normalize=false", "-o", out, "-q"]
     if not streaming:
         argv += ["--family", "mlp"]
-    _refused(argv, capsys, tmp_path, "the output", "tensor", "inf", "nothing written")
+    refused(argv, capsys, tmp_path, "the output", "tensor", "inf", "nothing written")
 
 
+@pytest.mark.requires("transformers")
 def test_write_output_refuses_non_finite_tensors(pair, tmp_path):
     from tasks.checkpoints import open_checkpoint
     from tasks.checkpoints.writer import write_checkpoint
@@ -186,7 +155,8 @@ def test_write_output_refuses_non_finite_tensors(pair, tmp_path):
 # --------------------------------------------------------------------------- folders
 def _hf_pair(root: Path) -> tuple[Path, Path]:
     """Two tiny Llama folders (different seeds) with a tokenizer config and a subfolder."""
-    transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+    import transformers
+
     cfg = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=16,
@@ -246,7 +216,7 @@ def test_symlinked_secret_never_reaches_the_output(hf_pair, tmp_path, capsys, co
         "merge": ["merge", a, b, "--method", "linear", "-o", out],
         "mergemany": ["merge", a, b, "--method", "mergemany", "-o", out],
     }[command]
-    _refused([*argv, "-q"], capsys, tmp_path, "tokenizer_config.json", "outside", str(secret))
+    refused([*argv, "-q"], capsys, tmp_path, "tokenizer_config.json", "outside", str(secret))
     assert not out.exists()
     _no_secret_anywhere(tmp_path)
 
@@ -260,14 +230,14 @@ def test_symlinked_system_folder_and_loops_refused_at_once(hf_pair, tmp_path, ca
         os.rename(folder / "1_Pooling", folder / "pooling_real")
         (folder / "1_Pooling").symlink_to(outside, target_is_directory=True)
     out = work / "out"
-    _refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, "1_Pooling", "outside")
+    refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, "1_Pooling", "outside")
     # a loop: refused at once, before the weights are copied over and over
     for folder in (a, b):
         (folder / "1_Pooling").unlink()
         (folder / "loop1").symlink_to(folder / "loop2")
         (folder / "loop2").symlink_to(folder / "loop1")
     start = time.perf_counter()
-    _refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path, "loop")
+    refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path, "loop")
     assert time.perf_counter() - start < 30
     assert not out.exists()
 
@@ -322,15 +292,17 @@ def test_escaping_index_entry_refused(hf_pair, tmp_path, capsys, entry):
     with pytest.raises(CheckpointError, match="stay inside their folder"):
         read_index(a)
     out = work / "out"
-    _refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path, INDEX)
-    _refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, INDEX, repr(entry))
+    refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path, INDEX)
+    refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, INDEX, repr(entry))
 
 
+@pytest.mark.requires("transformers")
 def test_heads_layout_mismatch_is_refused_not_falsely_verified(tmp_path, capsys):
     """A 4×16-head and an 8×8-head Llama have tensors of equal shapes: aligning B in A's
     head layout was "verified" on A's model before. Now every path that aligns refuses,
     naming the config field; a merge that aligns nothing still runs (elementwise)."""
-    transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+    import transformers
+
     folders = []
     for heads, name in ((4, "A"), (8, "B")):
         cfg = transformers.LlamaConfig(
@@ -342,12 +314,12 @@ def test_heads_layout_mismatch_is_refused_not_falsely_verified(tmp_path, capsys)
         folders.append(tmp_path / name)
     a, b = folders
     out = tmp_path / "out"
-    _refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, "num_attention_heads=8", "4")
+    refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, "num_attention_heads=8", "4")
     cfg = tmp_path / "m.yml"
     cfg.write_text(
         f"merge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\n    align: weight\n"
     )
-    _refused(["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "num_attention_heads")
+    refused(["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "num_attention_heads")
     assert main(["merge", str(a), str(b), "--method", "linear", "-o", str(out), "-q"]) == 0
 
 
@@ -362,7 +334,7 @@ def test_device_cuda_without_cuda_is_refused_before_work(
         "merge": ["merge", a, b, "--method", "linear", "-o", tmp_path / "o.safetensors"],
         "inr": ["inr", "make", tmp_path / "inrs"],
     }[command]
-    _refused([*argv, "--device", "cuda", "-q"], capsys, tmp_path, "--device cuda", "no CUDA")
+    refused([*argv, "--device", "cuda", "-q"], capsys, tmp_path, "--device cuda", "no CUDA")
     assert not (tmp_path / "inrs").exists()
 
 
@@ -472,10 +444,8 @@ def test_hostile_embedded_weight_space_is_bounded(pair, tmp_path, capsys):
     WeightSpace.from_json(json.dumps(small))
     bad = tmp_path / "hostile.safetensors"
     save_file(tensors, str(bad), metadata={SPACE_KEY: json.dumps(huge)})
-    _refused(["inspect", bad], capsys, tmp_path, "hostile.safetensors", "'unused'", "no tensor")
-    _refused(
-        ["align", bad, a, "-o", tmp_path / "o.safetensors", "-q"], capsys, tmp_path, "'unused'"
-    )
+    refused(["inspect", bad], capsys, tmp_path, "hostile.safetensors", "'unused'", "no tensor")
+    refused(["align", bad, a, "-o", tmp_path / "o.safetensors", "-q"], capsys, tmp_path, "'unused'")
     with pytest.raises(WeightSpaceError, match="nested too deeply"):
         WeightSpace.from_json("[" * 100_000 + "]" * 100_000)
 
@@ -485,7 +455,7 @@ def test_train_output_inside_its_dataset_is_refused(tmp_path, capsys):
     dataset.mkdir()
     (dataset / "dataset.json").write_text("{}\n")
     for out in (dataset, dataset / "model"):
-        _refused(["train", "unf", dataset, "--out", out, "-q"], capsys, tmp_path, "inside")
+        refused(["train", "unf", dataset, "--out", out, "-q"], capsys, tmp_path, "inside")
 
 
 def test_cache_whose_blobs_is_a_link_is_not_trusted(tmp_path):
@@ -513,11 +483,11 @@ def test_tokenizer_source_is_copied_by_the_same_rules(hf_pair, tmp_path, capsys)
     cfg = work / "m.yml"
     cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\n"
                    f"tokenizer_source: {tok}\n")  # fmt: skip
-    _refused(
+    refused(
         ["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "tokenizer.json", "outside"
     )
     (tok / "tokenizer.json").unlink()
-    _refused(["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "no tokenizer files")
+    refused(["merge", "--config", cfg, "-o", out, "-q"], capsys, tmp_path, "no tokenizer files")
     _no_secret_anywhere(tmp_path)
 
 
@@ -525,7 +495,7 @@ def test_output_that_holds_an_input_is_refused_even_with_force(hf_pair, tmp_path
     """``-o`` a folder that contains the inputs: with --force the old output (inputs and
     all) would have been moved aside and deleted."""
     a, b, _, work = hf_pair
-    _refused(["merge", a, b, "--method", "linear", "-o", work, "--force", "-q"], capsys,
+    refused(["merge", a, b, "--method", "linear", "-o", work, "--force", "-q"], capsys,
              tmp_path, "holds the input")  # fmt: skip
     assert a.is_dir() and b.is_dir()
 
@@ -545,7 +515,7 @@ def test_reference_weights_in_other_formats_are_not_copied(hf_pair, tmp_path):
 def test_bad_device_values_are_one_line(pair, tmp_path, capsys, spec):
     a, b = pair
     argv = ["merge", a, b, "--method", "linear", "-o", tmp_path / "o.safetensors", "-q"]
-    _refused([*argv, "--device", spec], capsys, tmp_path, f"--device {spec}")
+    refused([*argv, "--device", spec], capsys, tmp_path, f"--device {spec}")
 
 
 @pytest.mark.parametrize(

@@ -10,73 +10,11 @@ from hypothesis import strategies as st
 from converters import from_state_dict
 from metanet import Axis, Group, NeuronSet, TensorSpec, WeightSpace, WeightSpaceError
 from tests.fixtures.zoo import family_models
+from tests.helpers import attention_space
 
 
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def attention_space(d: int = 12, heads: int = 3, fused: bool = False) -> WeightSpace:
-    """Self-attention with a residual stream ``r``: heads permute as heads and, per head,
-    within q/k dims (shared by q and k) and within v dims (shared by v and the output)."""
-    hd = d // heads
-    groups = [
-        Group("r", d),
-        Group("heads", heads),
-        Group("qk", hd, within="heads"),
-        Group("v", hd, within="heads"),
-    ]
-    stream = Axis.of("r", d)
-    qk = Axis.product(("heads", heads), ("qk", hd))
-    v = Axis.product(("heads", heads), ("v", hd))
-    sets = [
-        NeuronSet("tokens", Axis.fixed(5), "input", 0),
-        NeuronSet("stream", stream, "residual", 1),
-        NeuronSet("q", qk, "hidden", 2),
-        NeuronSet("k", qk, "hidden", 2),
-        NeuronSet("v", v, "hidden", 2),
-        NeuronSet("stream_out", stream, "residual", 3),
-        NeuronSet("logits", Axis.fixed(4), "output", 4),
-    ]
-
-    def edge(name, shape, out_set, in_set):
-        axes = (
-            next(s.axis for s in sets if s.name == out_set),
-            next(s.axis for s in sets if s.name == in_set),
-        )
-        return TensorSpec(name, shape, axes, out_set=out_set, out_axis=0, in_set=in_set, in_axis=1)
-
-    def bias(name, on):
-        axis = next(s.axis for s in sets if s.name == on)
-        return TensorSpec(name, (axis.size,), (axis,), role="bias", out_set=on, out_axis=0)
-
-    # the embedding table is (tokens, d): its neuron axis is the second one
-    tensors = [
-        TensorSpec(
-            "embed",
-            (5, d),
-            (Axis.fixed(5), stream),
-            out_set="stream",
-            out_axis=1,
-            in_set="tokens",
-            in_axis=0,
-        )
-    ]
-    if fused:
-        qkv = Axis.concat(qk, qk, v)
-        tensors += [
-            TensorSpec("qkv.weight", (3 * d, d), (qkv, stream)),
-            TensorSpec("qkv.bias", (3 * d,), (qkv,), role="bias"),
-        ]
-    else:
-        for name in ("q", "k", "v"):
-            tensors += [edge(f"{name}.weight", (d, d), name, "stream"), bias(f"{name}.bias", name)]
-    tensors += [
-        edge("o.weight", (d, d), "stream_out", "v"),
-        bias("o.bias", "stream_out"),
-        edge("unembed", (4, d), "logits", "stream_out"),
-    ]
-    return WeightSpace.build(groups, tensors, sets, identities=[("stream", "stream_out")])
 
 
 class Attention(torch.nn.Module):

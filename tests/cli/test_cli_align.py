@@ -168,9 +168,9 @@ def test_barrier_without_a_model_says_what_to_pass(pair, capsys):
     assert "--model" in capsys.readouterr().err
 
 
+@pytest.mark.requires("transformers")
 def test_align_hugging_face_folders(tmp_path, capsys):
     """A relabelled copy of the real MiniLM checkpoint aligns back onto it, exactly."""
-    pytest.importorskip("transformers", reason="needs the hf extra")
     import shutil
     import warnings
 

@@ -10,7 +10,7 @@ from torch_geometric.loader import DataLoader
 from converters import from_state_dict
 from metanet import ParamGraph, WeightSpaceError, node_permutation, to_graph, to_weights
 from tests.fixtures.zoo import family_models
-from tests.test_space import attention_space
+from tests.helpers import attention_space
 
 
 def cases():

@@ -126,7 +126,7 @@ def test_attention_heads_claim_no_continuous_symmetry():
     """Heads permute as blocks; a GL across heads would mix their softmaxes. The GL that
     acts is inside each head: 4 heads x (8² for q/k + 8² for v) per layer."""
     from tests.fixtures.architectures import entry
-    from tests.test_from_module import converted
+    from tests.helpers import converted
 
     _, _, space = converted(entry("vit_tiny"))
     outer = {g.within for g in space.groups.values() if g.within}
@@ -174,7 +174,7 @@ def test_shufflenet_positive_scales_are_per_channel():
     again shuffled at the depthwise conv: counted once): 16 + 8 + 8 = 32, not the 14
     permuted points (2 + 8 + 2 + 2)."""
     from tests.fixtures.architectures import entry
-    from tests.test_from_module import converted
+    from tests.helpers import converted
 
     _, _, space = converted(entry("shufflenet_tiny"))
     assert claimed_continuous_dims(space)["positive_scale"] == 16 + 8 + 8

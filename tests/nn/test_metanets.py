@@ -24,8 +24,7 @@ from metanet.nn import (
 from metanet.testing import assert_equivariant
 from tests.fixtures.architectures import ZOO
 from tests.fixtures.zoo import MLP
-from tests.test_from_module import converted
-from tests.test_space import attention_space
+from tests.helpers import attention_space, converted
 
 # every zoo model but the 22M-parameter MiniLM (its graph alone has 22.7M edges)
 MODELS = [e for e in ZOO if not e.name.startswith("hf_minilm")]

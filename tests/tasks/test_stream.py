@@ -23,7 +23,7 @@ from metanet.cli import main
 from metanet.shards import INDEX, TMP_MARK, LazyWeights, ShardWriter, parse_size
 from tasks.align import weight_matching
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mlp_checkpoint(path: Path, sizes, seed: int, nan: str | None = None) -> Path:
@@ -191,7 +191,6 @@ def test_sigterm_mid_write_keeps_old_output_and_next_run_cleans(tmp_path):
 def minilm_pair(tmp_path_factory):
     """The real MiniLM folder as a sentence-transformers folder (subfolder, modules.json),
     and a relabelled copy of it saved sharded."""
-    pytest.importorskip("transformers", reason="needs the hf extra")
     from converters.pretrained import hf_model
     from tests.fixtures.architectures import minilm_dir
 
@@ -224,6 +223,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.requires("transformers")
 def test_hf_align_output_is_a_drop_in_copy(minilm_pair, tmp_path, capsys):
     import transformers
 
@@ -255,6 +255,7 @@ def test_hf_align_output_is_a_drop_in_copy(minilm_pair, tmp_path, capsys):
     torch.testing.assert_close(y, y_b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.requires("transformers")
 def test_hf_reshard_and_metanet_file_output(minilm_pair, tmp_path):
     import transformers
 
@@ -275,9 +276,11 @@ def test_hf_reshard_and_metanet_file_output(minilm_pair, tmp_path):
         assert torch.equal(weights[k], original[k]), k
 
 
+@pytest.mark.requires("transformers")
 def test_file_order_and_tied_names(tmp_path):
     """A Llama with tied embeddings saves lm_head once: both names read the one tensor."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from tasks.checkpoints import open_checkpoint
 
     cfg = transformers.LlamaConfig(

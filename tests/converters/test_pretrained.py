@@ -47,11 +47,11 @@ def model_only():
 
 
 def test_inspect_module_factory(capsys):
-    assert main(["inspect", "tests.test_pretrained:factory"]) == 0
+    assert main(["inspect", "tests.converters.test_pretrained:factory"]) == 0
     assert "448 free permutation dims" in capsys.readouterr().out
-    assert main(["inspect", "tests.test_pretrained:model_only"]) == 2
+    assert main(["inspect", "tests.converters.test_pretrained:model_only"]) == 2
     assert "--input-shape" in capsys.readouterr().err
-    assert main(["inspect", "tests.test_pretrained:model_only", "--input-shape", "1,3,9,9"]) == 0
+    assert main(["inspect", "tests.converters.test_pretrained:model_only", "--input-shape", "1,3,9,9"]) == 0
     assert "8 free permutation dims" in capsys.readouterr().out
 
 

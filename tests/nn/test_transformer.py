@@ -11,7 +11,7 @@ from metanet import to_graph
 from metanet.nn import GraphTransformer
 from metanet.testing import assert_equivariant
 from tests.fixtures.architectures import ZOO
-from tests.test_from_module import converted
+from tests.helpers import converted
 
 # graphs of up to a few thousand neurons (attention is dense within a graph)
 NAMES = ["mlp", "siren", "cnn_bn", "resnet20", "vit_tiny", "lstm_lm"] + [

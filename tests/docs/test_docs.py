@@ -3,7 +3,7 @@
 Each page runs as a reader follows it, top to bottom, in a fresh interpreter started in
 a temporary folder that holds what README's main job leaves in ``align_out/`` (the
 commands on the pages use it) and nothing else importable but the installed packages;
-the rules are README's (``tests/test_readme.py``): python blocks whole, bash blocks line
+the rules are README's (``tests/docs/test_readme.py``): python blocks whole, bash blocks line
 by line, ``<!-- file: NAME -->`` blocks written where they stand, ``print(...)  # text``
 claims checked, and a block that cannot run says why (``<!-- not run: reason -->``).
 Blocks of any other kind are output (```` ```text ````), never code.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_readme import (
+from tests.docs.test_readme import (
     FENCE,
     NOT_RUN,
     ROOT,
@@ -94,11 +94,11 @@ def test_cli_reference_renders_every_command():
     assert text.count("```text") == len(sub.choices) + 1
 
 
+@pytest.mark.requires("griffe")
 def test_docstrings_read_as_markdown():
     """The griffe extension turns the docstrings' reStructuredText into Markdown that
     mkdocstrings renders: math blocks and roles, Sphinx roles, simple tables, and Args
     entries that document several parameters at once."""
-    pytest.importorskip("griffe")
     import runpy
 
     to_markdown = runpy.run_path(str(DOCS / "_hooks" / "griffe_rst.py"))["to_markdown"]

@@ -14,7 +14,7 @@ import torch
 from tasks.datasets.inr import INRConfig, make_dataset
 from tasks.learn.train import KINDS, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN = """
 import json, os, sys, torch
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from converters import from_module
 from metanet import WeightSpace
 from metanet.space import NormScale, WeightSpaceError
 from tests.fixtures.architectures import entry
-from tests.test_from_module import converted
+from tests.helpers import converted
 
 
 def _zero_eps(model: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tasks.datasets.inr import INRConfig, make_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():

@@ -7,7 +7,7 @@ import torch
 
 from metanet import node_permutation, to_graph, to_weights
 from tests.fixtures.architectures import ZOO
-from tests.test_from_module import converted
+from tests.helpers import converted
 
 SMALL = [e for e in ZOO if not e.name.startswith("hf_minilm")]
 

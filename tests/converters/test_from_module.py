@@ -12,22 +12,9 @@ import converters
 from converters import ConverterWarning, from_module
 from metanet.testing import assert_function_preserved
 from tests.fixtures.architectures import ZOO
+from tests.helpers import converted
 
 IDS = [e.name for e in ZOO]
-_SPACES: dict[str, tuple] = {}
-
-
-def converted(entry):
-    if not entry.available():
-        pytest.skip(f"{entry.name} needs {entry.requires}")
-    if entry.name not in _SPACES:
-        model = entry.build(torch.float64)
-        inputs = entry.inputs(torch.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", ConverterWarning)
-            space = from_module(model, inputs)
-        _SPACES[entry.name] = (model, inputs, space)
-    return _SPACES[entry.name]
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=IDS)
