@@ -227,9 +227,8 @@ def make_vocab_models(root: Path) -> None:
     special token."""
     import random
 
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures.architectures import hf_llama_with_vocab
 
     words = [f"w{i}" for i in range(100)]
     rng = random.Random(0)
@@ -241,19 +240,7 @@ def make_vocab_models(root: Path) -> None:
         "vocab_b": (["<unk>", *shuffled], ("<|im_start|>",)),
     }
     for seed, (name, (tokens, special)) in enumerate(vocabs.items()):
-        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-        if special:
-            fast.add_special_tokens({"additional_special_tokens": list(special)})
-        cfg = transformers.LlamaConfig(
-            vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False,
-        )  # fmt: skip
-        torch.manual_seed(seed)
-        transformers.LlamaForCausalLM(cfg).save_pretrained(root / name)
-        fast.save_pretrained(root / name)
+        hf_llama_with_vocab(root / name, tokens, seed, special, hidden=32, layers=4)
 
 
 def by_token(mk_out: Path, ours_out: Path, mk_sd: dict) -> bool:

@@ -29,6 +29,7 @@ from tasks.checkpoints import (
 )
 from tasks.checkpoints.config import evaluate
 from tasks.merge.methods import METHODS, merge_state_dicts
+from tests.fixtures.architectures import hf_llama_with_vocab
 
 pytestmark = pytest.mark.requires("transformers")  # every test here builds HF models
 try:
@@ -450,33 +451,12 @@ def test_several_aligned_models_are_each_matched_to_the_reference(tmp_path):
 
 
 # --------------------------------------------------------------------------- vocabularies
-def _vocab_llama(folder: Path, vocab: dict, seed: int, special: tuple = ()) -> dict:
-    """A tiny Llama with its own word-level tokenizer (``vocab`` plus ``special`` tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    if special:
-        fast.add_special_tokens({"additional_special_tokens": list(special)})
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def vocab_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("vocab")
-    a = _vocab_llama(root / "a", {"<unk>": 0, "the": 1, "cat": 2, "sat": 3, "on": 4}, 1,
-                     special=("<|im_start|>",))  # fmt: skip
-    b = _vocab_llama(root / "b", {"<unk>": 0, "sat": 1, "the": 2, "dog": 3, "mat": 4, "on": 5}, 2)
+    a = hf_llama_with_vocab(root / "a", ["<unk>", "the", "cat", "sat", "on"], 1,
+                            special=("<|im_start|>",))  # fmt: skip
+    b = hf_llama_with_vocab(root / "b", ["<unk>", "sat", "the", "dog", "mat", "on"], 2)
     return root, a, b
 
 
