@@ -37,22 +37,43 @@ def hf_model(folder: str | os.PathLike) -> tuple[nn.Module, tuple]:
             f"{folder}: reading Hugging Face folders needs transformers (pip install 'metanet[hf]')"
         ) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    where = folder / "config.json"
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers' loaders raise many kinds
+        raise CheckpointError(f"{where}: transformers cannot read it ({_first_line(e)})") from None
     if hasattr(config, "use_cache"):
         config.use_cache = False  # a returned key/value cache would pin the heads
     arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is not None and not (
+        isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    ):
+        # "architectures" names a class to build: only models, never another attribute
+        raise CheckpointError(
+            f"{where}: architectures names {arch!r}, which is not a transformers model class"
+        )
     if cls is None:
         cls = transformers.AutoModel
-    model = cls.from_pretrained(
-        str(folder),
-        config=config,
-        local_files_only=True,
-        use_safetensors=True,
-        attn_implementation="eager",
-    )
+    try:
+        model = cls.from_pretrained(
+            str(folder),
+            config=config,
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation="eager",
+        )
+    except Exception as e:  # noqa: BLE001 - a config that disagrees with the weights, ...
+        raise CheckpointError(
+            f"{folder}: transformers cannot build its {cls.__name__} ({_first_line(e)})"
+        ) from None
     model.eval()
     return model, _dummy_inputs(config)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def _dummy_inputs(config) -> tuple:

@@ -636,3 +636,40 @@ def test_sizes_and_rates_are_checked_before_any_work(tmp_path, capsys, argv, wha
     err = capsys.readouterr().err.strip()
     assert what in err and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- HF configs
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    from tests.fixtures.architectures import hf_llama_with_vocab
+
+    root = tmp_path_factory.mktemp("llamas")
+    for i, name in enumerate("ab"):
+        hf_llama_with_vocab(root / name, ["<unk>", "x", "y"], i)
+    return root
+
+
+@pytest.mark.requires("transformers")
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        ({"model_type": "nonsense_model"}, "transformers cannot read it"),
+        ({"num_attention_heads": "two"}, "transformers cannot read it"),
+        ({"architectures": ["AutoTokenizer"]}, "not a transformers model class"),
+        ({"hidden_size": 64}, "cannot build its LlamaForCausalLM"),
+    ],
+)
+def test_broken_hf_configs_are_named_in_one_line(llama_pair, tmp_path, capsys, change, what):
+    """Both folders share one broken config.json (so the layout check passes and the model
+    is built): an unknown model_type, a field of the wrong type, ``architectures`` naming
+    a transformers attribute that is no model, a config that disagrees with the weights."""
+    import json
+    import shutil
+
+    for name in "ab":
+        shutil.copytree(llama_pair / name, tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cfg.update(change)
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    refused(["align", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "out", "-q"], capsys,
+            tmp_path, what)  # fmt: skip
