@@ -184,13 +184,7 @@ def probe_space(space: WeightSpace, features: Mapping[str, Tensor]) -> WeightSpa
             out_set=s,
             out_axis=0,
         )
-    return WeightSpace(
-        space.groups,
-        {**space.tensors, **extra},
-        space.neuron_sets,
-        space.identities,
-        space.notes,
-    )
+    return space.replace(tensors={**space.tensors, **extra})
 
 
 def with_probes(
@@ -246,9 +240,7 @@ class ProbeEncoder(nn.Module):
             self.summary.append(
                 nn.Sequential(nn.Linear(num, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
             )
-        self.space = WeightSpace(
-            space.groups, reduced, space.neuron_sets, space.identities, space.notes
-        )
+        self.space = space.replace(tensors=reduced)
         self.out_features = 2 * hidden * len(self.names)
 
     def forward(self, probes: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:

@@ -31,6 +31,7 @@ one of the *new* position of the outer factor. ``compose(g, h)`` is "first g, th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -321,9 +322,10 @@ def _torch_dtype(name: str) -> torch.dtype:
     return dt
 
 
-@dataclass
+@dataclass(frozen=True, eq=True)
 class WeightSpace:
-    """The structure and symmetry of a network's weights (no values).
+    """The structure and symmetry of a network's weights (no values). Immutable: derive a
+    changed one with :meth:`replace`.
 
     Args:
         groups: the permutation groups.
@@ -341,15 +343,26 @@ class WeightSpace:
     notes: tuple[str, ...] = ()
     norm_scales: tuple[NormScale, ...] = ()
 
+    __hash__ = None  # its dicts are not hashable; compare with ==
+
     def __post_init__(self) -> None:
-        self.groups = dict(self.groups)
-        self.tensors = dict(self.tensors)
-        self.neuron_sets = dict(self.neuron_sets)
-        self.identities = tuple(tuple(p) for p in self.identities)
-        self.notes = tuple(self.notes)
-        self.norm_scales = tuple(self.norm_scales)
+        normal = {
+            "groups": dict(self.groups),
+            "tensors": dict(self.tensors),
+            "neuron_sets": dict(self.neuron_sets),
+            "identities": tuple(tuple(p) for p in self.identities),
+            "notes": tuple(self.notes),
+            "norm_scales": tuple(self.norm_scales),
+        }
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
         self._check()
         self._check_norm_scales()
+
+    def replace(self, **changes) -> WeightSpace:
+        """A copy with ``changes`` (any of the fields), checked like any new space;
+        everything else, ``norm_scales`` included, carried over."""
+        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -826,12 +826,9 @@ def _zoo_space(named: list[tuple[str, _Var, _Var]], activations: set) -> WeightS
     (act,) = activations if len(activations) == 1 else (None,)
     space = from_state_dict(sd, "cnn", activation=str(act) if act is not None else "relu")
     if act is None:
-        space = WeightSpace(
-            {g: replace(grp, action=None) for g, grp in space.groups.items()},
-            space.tensors,
-            space.neuron_sets,
-            space.identities,
-            space.notes + ("activations mixed or unknown: permutation symmetry only",),
+        space = space.replace(
+            groups={g: replace(grp, action=None) for g, grp in space.groups.items()},
+            notes=space.notes + ("activations mixed or unknown: permutation symmetry only",),
         )
     return space
 

@@ -284,3 +284,26 @@ def test_a_constant_added_before_the_norm_is_not_invariant():
     w = dict(model.state_dict())
     w2 = dict(w, **{"conv.weight": 2.0 * w["conv.weight"]})
     assert _rel(_zero_eps(model), w, w2, x) > 1e-3
+
+
+def test_derived_spaces_keep_their_norm_scales():
+    """WeightSpace is immutable; ``replace`` derives one and carries ``norm_scales`` (a
+    space rebuilt field by field used to drop them: probe features, imported zoos)."""
+    import dataclasses
+
+    from metanet.probe import probe_space
+
+    _, _, space = converted(entry("cnn_bn"))
+    assert space.norm_scales
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        space.notes = ("changed",)
+    derived = space.replace(notes=("a note",))
+    assert derived.norm_scales == space.norm_scales and derived.notes == ("a note",)
+    import torch
+
+    from metanet.probe import PROBE_PREFIX
+
+    first = next(iter(space.neuron_sets))
+    n = space.neuron_sets[first].axis.size
+    feats = {f"{PROBE_PREFIX}{first}": torch.zeros(2, n, 4)}
+    assert probe_space(space, feats).norm_scales == space.norm_scales
