@@ -355,9 +355,9 @@ def _predict(model: nn.Module, graphs: list, batch: int = 64) -> Tensor:
 
 
 def _tau(p: Tensor, y: Tensor) -> float:
-    from scipy.stats import kendalltau
+    from tasks.learn.metrics import kendall_tau
 
-    return float(kendalltau(p.double().numpy(), y.double().numpy()).statistic)
+    return kendall_tau(p, y)
 
 
 def fit_mixed(

@@ -4,5 +4,6 @@
   weight dataset (classification or generalization regression), DDP, early stopping;
 * :mod:`tasks.learn.generalization` — predicting a network's test accuracy from its
   weights;
-* :mod:`tasks.learn.inr_edit` — editing INRs through their weights (equivariant outputs).
+* :mod:`tasks.learn.inr_edit` — editing INRs through their weights (equivariant outputs);
+* :mod:`tasks.learn.metrics` — what they report (Kendall's τ, one implementation).
 """

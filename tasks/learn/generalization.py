@@ -278,7 +278,7 @@ def _call(model: nn.Module, x: dict) -> Tensor:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, split: _Split, batch: int) -> tuple[float, float]:
-    from scipy.stats import kendalltau
+    from tasks.learn.metrics import kendall_tau
 
     model.eval()
     preds = [
@@ -287,8 +287,7 @@ def _evaluate(model: nn.Module, split: _Split, batch: int) -> tuple[float, float
     ]
     model.train()
     p, y = torch.cat(preds).double(), split.y.double()
-    tau = float(kendalltau(p.numpy(), y.numpy()).statistic)
-    return tau, float((p - y).pow(2).mean())
+    return kendall_tau(p, y), float((p - y).pow(2).mean())
 
 
 def fit(

@@ -342,7 +342,7 @@ def _accuracy(
 @torch.no_grad()
 def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = None, device=None):
     """``(kendall_tau, mse)`` of the model's predictions against ``ds.labels``."""
-    from scipy.stats import kendalltau
+    from tasks.learn.metrics import kendall_tau
 
     model.eval()
     batch = _eval_batch(kind, batch)
@@ -353,8 +353,7 @@ def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = Non
     model.train()
     p = torch.cat(preds).double().cpu()
     y = ds.labels.double()
-    tau = float(kendalltau(p.numpy(), y.numpy()).statistic) if len(y) > 1 else float("nan")
-    return tau, float((p - y).pow(2).mean())
+    return kendall_tau(p, y), float((p - y).pow(2).mean())
 
 
 def _use_target(ds, target: str) -> None:
