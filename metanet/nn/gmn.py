@@ -14,7 +14,6 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
 __all__ = ["GMN", "GMNLayer", "FourierEncoding"]
@@ -81,7 +80,7 @@ def _mlp(i: int, h: int, o: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(i, h), nn.SiLU(), nn.Linear(h, o))
 
 
-class GMNLayer(MessagePassing):
+class GMNLayer(nn.Module):
     r"""One GMN block with edge and node updates.
 
     .. math::
@@ -97,7 +96,7 @@ class GMNLayer(MessagePassing):
     """
 
     def __init__(self, hidden: int):
-        super().__init__(aggr="mean")
+        super().__init__()  # the means are scatter_means: no MessagePassing machinery
         self.edge_mlp = _mlp(3 * hidden, hidden, hidden)
         self.msg_fwd = _mlp(2 * hidden, hidden, hidden)
         self.msg_bwd = _mlp(2 * hidden, hidden, hidden)
@@ -311,10 +310,6 @@ class GMN(nn.Module):
         last = (graph.block_taps - 1).clamp(min=0)
         taps = torch.cat([graph.tap_pos[:, 0], graph.tap_pos[torch.arange(last.numel()), last]], 1)
         return self.edge_type(graph.block_type) + self.tap_code(taps.to(self.tap_code.weight))
-
-    def _block_code(self, graph) -> Tensor:
-        """Per edge ``(E, hidden)``: its block's code (:meth:`_block_codes`), repeated."""
-        return self._block_codes(graph).repeat_interleave(graph.block_size, dim=0)
 
     def _chunked(self, graph, x: Tensor, code: Tensor, batch: Tensor, n_graphs: int):
         """The blocks, ``edge_chunk`` edges at a time (see the class docstring): the last
