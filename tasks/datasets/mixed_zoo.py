@@ -137,7 +137,7 @@ def train_batched(arch: Architecture, hps: list, data, progress: bool = False) -
     CNN families. Returns the stacked final weights ``{name: (B, *shape)}``."""
     from torch.func import functional_call, vmap
 
-    from tasks.datasets.zoo import _bc
+    from tasks.datasets.zoo import adamw_step_
 
     if len({h.batch_size for h in hps}) != 1:
         raise ValueError("train_batched trains models of one batch size at a time")
@@ -161,7 +161,6 @@ def train_batched(arch: Architecture, hps: list, data, progress: bool = False) -
     live = torch.arange(len(hps))
     final = {k: torch.empty_like(v) for k, v in w.items()}
     forward = vmap(lambda p, x: functional_call(module, p, (x,)))
-    b1, b2, eps = 0.9, 0.999, 1e-8
     it = range(int(steps.max()))
     if progress:
         from tqdm.auto import tqdm
@@ -183,15 +182,7 @@ def train_batched(arch: Architecture, hps: list, data, progress: bool = False) -
         y = labels_t[live[:, None], idx]
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / bs
         grads = torch.autograd.grad(loss, list(params.values()))
-        with torch.no_grad():
-            c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-            lr_l, wd_l = lr[live], wd[live]
-            for k, g in zip(names, grads):
-                p = w[k].detach()
-                m[k].mul_(b1).add_(g, alpha=1 - b1)
-                v2[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                p = p * (1 - _bc(lr_l * wd_l, p))
-                w[k] = p - _bc(lr_l, p) * (m[k] / c1) / ((v2[k] / c2).sqrt() + eps)
+        adamw_step_(w, m, v2, dict(zip(names, grads)), t, lr[live], wd[live])
     for k in names:
         if len(live):
             final[k][live] = w[k].detach()

@@ -256,6 +256,31 @@ def _bc(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *[1] * (like.dim() - 1))
 
 
+@torch.no_grad()
+def adamw_step_(
+    w: dict[str, Tensor],
+    m: dict[str, Tensor],
+    v: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    t: int,
+    lr: Tensor,
+    wd: Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """Step ``t`` (from 0) of Adam with decoupled weight decay on stacked weights, each
+    model (leading axis) with its own ``lr`` and ``wd``: the moments ``m``/``v`` in place,
+    ``w``'s entries replaced. The zoos' trainers share it."""
+    b1, b2 = betas
+    c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    for k, g in grads.items():
+        p = w[k].detach()
+        m[k].mul_(b1).add_(g, alpha=1 - b1)
+        v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+        p = p * (1 - _bc(lr * wd, p))
+        w[k] = p - _bc(lr, p) * (m[k] / c1) / ((v[k] / c2).sqrt() + eps)
+
+
 def train_cnns(
     hps: list[HParams],
     data,
@@ -298,7 +323,6 @@ def train_cnns(
     acts_all = [h.activation for h in hps]
     live = torch.arange(n_b)  # positions (in hps) of the models still training
     final = {k: torch.empty_like(v) for k, v in w.items()}
-    b1, b2, eps = 0.9, 0.999, 1e-8
     it = range(int(steps.max()))
     if progress:
         from tqdm.auto import tqdm
@@ -326,16 +350,7 @@ def train_cnns(
         logits = _forward(params, x, family, acts)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / bs
         grads = torch.autograd.grad(loss, list(params.values()))
-        with torch.no_grad():
-            c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-            lr_l, wd_l = lr[live_d], wd[live_d]
-            for k, g in zip(names, grads):
-                p = w[k].detach()
-                m[k].mul_(b1).add_(g, alpha=1 - b1)
-                v2[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                p = p * (1 - _bc(lr_l * wd_l, p))
-                p = p - _bc(lr_l, p) * (m[k] / c1) / ((v2[k] / c2).sqrt() + eps)
-                w[k] = p
+        adamw_step_(w, m, v2, dict(zip(names, grads)), t, lr[live_d], wd[live_d])
     for k in names:
         if len(live):
             final[k][live.to(device)] = w[k].detach()
