@@ -641,6 +641,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     _check_output(out, inputs, args.force, folder=folder)
     if args.config_obj is None:  # metanet's own flags
         method = args.method or ("align" if len(args.paths) == 2 else "mergemany")
+        if method in ("align", "naive", "mergemany") and len(args.paths) < 2:
+            raise UsageError(
+                f"--method {method} merges at least two checkpoints, got {len(args.paths)}"
+            )
         if method == "align" and len(args.paths) != 2:
             raise UsageError(
                 f"--method align merges two checkpoints, got {len(args.paths)}; use mergemany"
@@ -843,7 +847,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 # published weight datasets metanet imports (tasks.datasets.field.IMPORTERS; a test
 # keeps the two lists equal), and the importer options the CLI passes on
 DATASET_KINDS = ("dwsnets-mnist", "dwsnets-fmnist", "nfn-siren", "small-cnn-zoo")
-IMPORT_OPTIONS = ("splits", "order", "augmentations", "step", "prefix")
+IMPORT_OPTIONS = ("splits", "order", "augmentations", "step", "prefix", "val_size")
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
@@ -857,7 +861,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     accepted = inspect.signature(IMPORTERS[args.kind]).parameters
     for key in options:
         if key not in accepted:
-            raise UsageError(f"--{key} does not apply to {args.kind} datasets")
+            raise UsageError(f"--{key.replace('_', '-')} does not apply to {args.kind} datasets")
     paths = import_dataset(args.kind, args.src, args.dst, progress=not args.quiet, **options)
     print(f"{args.dst}: {len(paths)} shard(s) present")
     return 0
@@ -1210,6 +1214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentations", type=int, help="nfn-siren: add NFN's _aug0..K-1 sets")
     p.add_argument("--step", type=int, help="small-cnn-zoo: the training step to read")
     p.add_argument("--prefix", help="nfn-siren: file prefix (default randinit_smaller)")
+    p.add_argument(
+        "--val-size",
+        type=_positive,
+        help="dwsnets-mnist without --splits: training INRs held out for validation "
+        "(default 5000, as DWSNets' script)",
+    )
 
     p = command(
         "train",

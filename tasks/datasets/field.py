@@ -339,7 +339,10 @@ def import_dwsnets_mnist(
     else:
         train = [r for r, (s, _, _) in found.items() if s == "training"]
         if val_size > len(train):
-            raise ValueError(f"val_size {val_size} > {len(train)} training INRs in {src}")
+            raise CheckpointError(
+                f"{src}: {len(train)} training INRs, fewer than the {val_size} to hold out "
+                "for validation; pass a smaller val_size (--val-size) or the release's splits"
+            )
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         val = {train[i] for i in order[:val_size].tolist()}
         assigned = [

@@ -625,6 +625,7 @@ def _extra_row(folder):
         (["train", "unf", "{tmp}/d", "--epochs", "0"], "--epochs"),
         (["create", "mlp", "-o", "{tmp}/x.safetensors", "--sizes", "1000000,1000000,10"],
          "more than create makes"),
+        (["merge", "{tmp}/only.safetensors", "-o", "{tmp}/m.safetensors"], "at least two"),
     ],
 )  # fmt: skip
 def test_sizes_and_rates_are_checked_before_any_work(tmp_path, capsys, argv, what):

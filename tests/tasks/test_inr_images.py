@@ -166,3 +166,21 @@ def test_28x28_folder_and_32x32_colour_npz(tmp_path):
                          progress=False)  # fmt: skip
         ds = inr.WeightDataset(out)
         assert inr.render(ds).shape == shape and ds.psnr.isfinite().all()
+
+
+def test_a_small_release_imports_with_val_size(tmp_path, capsys):
+    """A DWSNets-layout set of fewer than 5,000 training INRs and no splits file: the
+    importer's default hold-out does not fit, said in one line; --val-size makes it."""
+    images, labels = _digits(12)
+    big = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)[:, 2:30, 2:30]  # 28 x 28
+    np.savez(tmp_path / "mnist.npz", images=big, labels=labels)
+    inr.make_dataset(tmp_path / "ours", images=tmp_path / "mnist.npz", per_image=1,
+                     cfg=inr.INRConfig(steps=5, target_psnr=None), num_shards=1,
+                     dwsnets=tmp_path / "release", progress=False)  # fmt: skip
+    argv = ["datasets", "import", "dwsnets-mnist", str(tmp_path / "release"), str(tmp_path / "in")]
+    assert main([*argv, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--val-size" in err and "\n" not in err
+    assert main([*argv, "--val-size", "2", "-q"]) == 0
+    back = inr.WeightDataset(tmp_path / "in")
+    assert len(back) == 12 and sum(r["split"] == "val" for r in back.rows) == 2
