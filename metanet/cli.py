@@ -66,6 +66,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("metanet.space", "WeightSpaceError"),
         ("converters.module", "ConverterError"),
         ("tasks.checkpoints.stream", "NonFiniteError"),
+        ("tasks.learn.train", "TrainingDiverged"),
     ):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))

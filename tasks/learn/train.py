@@ -37,7 +37,7 @@ from metanet.space import WeightSpace
 if TYPE_CHECKING:
     from tasks.datasets.inr import CoordAugment
 
-__all__ = ["KINDS", "EXTERNAL_KINDS", "build_model", "train", "TrainResult"]
+__all__ = ["KINDS", "EXTERNAL_KINDS", "build_model", "train", "TrainResult", "TrainingDiverged"]
 
 KINDS = ("unf", "nfn", "gmn", "transformer", "statnn", "flat")
 # models that read parameter graphs (the others read weight dicts)
@@ -287,6 +287,10 @@ def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
     items = [ds[i] for i in indices]
     w = {n: torch.stack([it[0][n] for it in items]) for n in items[0][0]}
     return w, torch.stack([it[1] for it in items])
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite (too high a learning rate, most often)."""
 
 
 def _to(x, device: torch.device | None):
@@ -555,6 +559,12 @@ def train(
             sums = torch.tensor([total, float(count)], dtype=torch.float64)
             dist.all_reduce(sums)
             total, count = float(sums[0]), int(sums[1])
+        if not math.isfinite(total):
+            where = f"; the epochs before are logged in {out}" if out is not None and epoch else ""
+            raise TrainingDiverged(
+                f"training {kind} diverged in epoch {epoch + 1}: the loss is {total} (lr {lr:g}; "
+                f"try a lower --lr){where}"
+            )
         row = {
             "epoch": epoch + 1,
             "train_loss": total / max(1, count),

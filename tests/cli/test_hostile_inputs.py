@@ -674,3 +674,14 @@ def test_broken_hf_configs_are_named_in_one_line(llama_pair, tmp_path, capsys, c
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
     refused(["align", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "out", "-q"], capsys,
             tmp_path, what)  # fmt: skip
+
+
+def test_training_that_diverges_stops_in_one_line(tiny_dataset, tmp_path, capsys):
+    """A learning rate that sends the loss to NaN/inf stops the run at that epoch, with
+    one line saying so (exit 2), instead of training on NaN and reporting it."""
+    argv = ["train", "flat", str(tiny_dataset), "--epochs", "3", "--limit", "128",
+            "--batch-size", "32", "--lr", "1e30", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "diverged in epoch 1" in err and "--lr" in err and "\n" not in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
