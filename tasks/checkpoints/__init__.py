@@ -170,21 +170,21 @@ def merge_many_checkpoints(
     ref = cks[0]
     for ck in cks[1:]:
         check_compatible(ref, ck)
-    for ck in cks:  # NaN/inf refused before any work, naming the tensor
-        from tasks.checkpoints.stream import require_finite
+    from tasks.checkpoints.stream import check_finite
 
-        for name, w in ck.weights.items():
-            require_finite(ck.ref, name, w)
+    check_finite(cks)  # NaN/inf refused before any work, naming the tensor
     merged, _ = merge_many([ck.weights for ck in cks], ref.space, seed=seed,
                            max_rounds=max_rounds, progress=progress)  # fmt: skip
     if ref.hf:
         # back to the folder's own keys (a tied tensor once), then through the executor
-        lazy = open_checkpoint(ref.path, build_model=True).lazy
-        by_key = {
-            key: merged[name] for name, key in reversed(list(lazy.names.items())) if name in merged
-        }
+        from metanet.shards import LazyWeights
+        from tasks.checkpoints.checkpoint import _names_for
+
+        files = LazyWeights(ref.path)
+        names = _names_for(ref.model, set(files.entries))
+        by_key = {key: merged[name] for name, key in reversed(list(names.items()))}
         # file tensors outside the model are carried from the first model
-        merged = {key: by_key[key] if key in by_key else lazy.read(key) for key in lazy.entries}
+        merged = {key: by_key[key] if key in by_key else files.read(key) for key in files.entries}
     result = Checkpoint(ref.ref, ref.path, merged, ref.config, ref.space)
     config = parse_config({"merge_method": "passthrough", "models": [{"model": ref.ref}]})
     return merge_checkpoints(config, out, checkpoints={ref.ref: result}, seed=seed)
