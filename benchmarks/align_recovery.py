@@ -163,7 +163,7 @@ def run_rebasin(name, a, b, space, python: str, timeout: float) -> dict:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             return {"error": lines[-1][:300] if lines else f"exit {proc.returncode}"}
         info = json.loads(proc.stdout.strip().splitlines()[-1])
-        info["aligned"] = torch.load(f"{tmp}/aligned.pt")
+        info["aligned"] = torch.load(f"{tmp}/aligned.pt", weights_only=True)
         info["dist"] = distance(space, a, info["aligned"])
         return info
 
@@ -187,7 +187,7 @@ def rebasin_worker(name: str, folder: str) -> None:
     from rebasin import PermutationCoordinateDescent
 
     torch.set_num_threads(1)
-    pair = torch.load(f"{folder}/pair.pt")
+    pair = torch.load(f"{folder}/pair.pt", weights_only=True)
     model_a, x = build(name)
     model_b, _ = build(name)
     model_a.load_state_dict(pair["a"])
