@@ -216,12 +216,7 @@ def trained_pairs(repeats: int, n_models: int = 6) -> list[dict]:
     rows = []
     for kind in ("mlp", "cnn"):
         d = data.flat() if kind == "mlp" else data
-        models = []
-        for seed in range(n_models):
-            torch.manual_seed(seed)
-            model = digits.mlp(512, 3) if kind == "mlp" else digits.small_cnn(32)
-            lr = 1e-3 if kind == "mlp" else 3e-3
-            models.append(digits.train(model, d, epochs=15, lr=lr, batch_size=128, seed=seed))
+        models = digits.main_job_models(kind, d, n_models, epochs=15)
         space = from_module(models[0], d.x_train[:2])
         test = evaluator(models[0], digits.batches(d.x_test, d.y_test), accuracy=True)
         for i, j in itertools.combinations(range(n_models), 2):

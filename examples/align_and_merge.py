@@ -94,12 +94,7 @@ def _run(out: Path, n_models: int, epochs: int, ste_epochs: int, alphas: int):
     seconds: dict[str, list[float]] = {}
     for kind in ("mlp", "cnn"):
         d = data.flat() if kind == "mlp" else data
-        models = []
-        for seed in range(n_models):
-            torch.manual_seed(seed)
-            model = digits.mlp(512, 3) if kind == "mlp" else digits.small_cnn(32)
-            lr = 1e-3 if kind == "mlp" else 3e-3
-            models.append(digits.train(model, d, epochs=epochs, lr=lr, batch_size=128, seed=seed))
+        models = digits.main_job_models(kind, d, n_models, epochs=epochs)
         for i, j in itertools.combinations(range(n_models), 2):
             save = out if (i, j) == (0, 1) else None
             for name, curve, sec in compare(

@@ -114,9 +114,10 @@ def element_reader(ck: Checkpoint, g) -> Callable[[str], Tensor]:
     trees = tree_space(ck.space) if g is not None else None
     if trees is None:
         return stream.permuted_reader(ck, g)
-    names = [n for lay in trees.layouts for n in (lay.weight, lay.bias, lay.leaf)]
-    moved = trees.apply({n: ck.read(n) for n in ck.space.tensors}, g)
-    return lambda n: moved[n] if n in names else stream.permuted_reader(ck, g)(n)
+    names = {n for lay in trees.layouts for n in (lay.weight, lay.bias, lay.leaf)}
+    moved = trees.apply({n: ck.read(n) for n in ck.space.tensors}, g)  # apply wants them all
+    rest = stream.permuted_reader(ck, g)
+    return lambda n: moved[n] if n in names else rest(n)
 
 
 def _in_memory(ck: Checkpoint, model: torch.nn.Module) -> dict[str, Tensor]:

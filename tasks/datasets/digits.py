@@ -100,3 +100,18 @@ def train(
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def main_job_models(kind: str, data: Digits, n_models: int, epochs: int = 15) -> list[nn.Module]:
+    """The main job's networks (``examples/align_and_merge.py``): ``n_models`` of ``kind``
+    (``"mlp"``: 512 wide, 3 layers, on ``data.flat()``; ``"cnn"``: 32 channels), model
+    ``i`` seeded by ``i``. ``data`` is the split they train on (flat for the MLPs)."""
+    if kind not in ("mlp", "cnn"):
+        raise ValueError(f"kind must be 'mlp' or 'cnn', got {kind!r}")
+    models = []
+    for seed in range(n_models):
+        torch.manual_seed(seed)
+        model = mlp(512, 3) if kind == "mlp" else small_cnn(32)
+        lr = 1e-3 if kind == "mlp" else 3e-3
+        models.append(train(model, data, epochs=epochs, lr=lr, batch_size=128, seed=seed))
+    return models
