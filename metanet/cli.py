@@ -43,6 +43,7 @@ TRAIN_KINDS = {
     "nfn": "metanet's UNF layers restricted to NFN's cheaper basis",
     "gmn": "graph metanetwork on parameter graphs",
     "transformer": "transformer over parameter-graph tokens (neurons; weights as attention biases)",
+    "scalegmn": "graph metanetwork equivariant to sign flips and positive scaling too",
     "statnn": "per-tensor weight statistics + MLP",
     "flat": "MLP on the flattened weights (no symmetry; permutation augmentation)",
     "nfn-np": "the nfn package's NP classifier (pip install nfn)",

@@ -31,6 +31,9 @@ attribute           shape                 meaning
 ``node_pos``        ``(N,)``              index along the fixed factors of its set (so input
                                           and output neurons are distinguishable), -1 if
                                           every factor is permutable
+``node_action``     ``(N,)``              the continuous action on the neuron
+                                          (:func:`node_actions`): 0 none, 1 sign, 2
+                                          positive scale
 ``edge_index``      ``(2, E)``            ``[source (input neuron), target (output neuron)]``
 ``edge_attr``       ``(E, T)``            weight value, or ``T`` kernel taps (zero-padded)
 ``block_type``      ``(B,)``              0 dense weight, 1 kernel (has taps), 2 identity;
@@ -65,10 +68,21 @@ __all__ = [
     "GraphGather",
     "feature_tensors",
     "is_feature",
+    "node_actions",
+    "random_node_scales",
+    "scale_nodes",
+    "ACTION_NONE",
+    "ACTION_SIGN",
+    "ACTION_SCALE",
 ]
 
 NODE_TYPES = {"input": 0, "hidden": 1, "output": 2, "residual": 3}
 BLOCK_DENSE, BLOCK_KERNEL, BLOCK_IDENTITY = 0, 1, 2
+ACTION_NONE, ACTION_SIGN, ACTION_SCALE = 0, 1, 2
+_ACTION_CODES = {"sign": ACTION_SIGN, "positive_scale": ACTION_SCALE}
+# node tensors that follow their neuron's sign or positive scale: a bias, and the
+# neuron's activations at probe inputs (odd and positively homogeneous activations)
+_SCALED_NODE_ROLES = ("bias", "probe")
 
 
 class ParamGraph(Data):
@@ -249,6 +263,85 @@ class GraphLayout:
         )
 
 
+def _is_simple(axis, group: str) -> bool:
+    """Whether ``axis`` is exactly the points of ``group``: one segment of one factor."""
+    return len(axis.segments) == 1 and [f.group for f in axis.segments[0]] == [group]
+
+
+def node_actions(space: WeightSpace) -> dict[str, int]:
+    """Per neuron set, the continuous action on its neurons that the graph shows plainly
+    (:data:`ACTION_SIGN` or :data:`ACTION_SCALE`; sets missing from the result:
+    :data:`ACTION_NONE`).
+
+    Neuron ``i`` of such a set carries a factor ``q_i`` (``±1`` for a sign group, ``> 0``
+    for a positive-scale one; ``q = 1`` elsewhere) under which the network's function is
+    unchanged when every node feature of ``i`` is multiplied by ``q_i`` and every edge
+    ``j → i`` by ``q_i / q_j``: the group's ``action`` is kept only where that is the
+    whole action. That is, the group (not indexed by another) is the single factor of
+    its sets' axes; every tensor it acts on is a weight into or out of those sets (on
+    that axis) or a bias or probe feature on them; and no identity edge (a residual
+    add) touches them. Norm-scaled channels, residual streams, heads and
+    concatenations keep their permutations only. ``to_graph`` stores the result per
+    node as ``node_action``."""
+    out: dict[str, int] = {}
+    identity_sets = {s for pair in space.identities for s in pair}
+    for g in space.groups.values():
+        code = _ACTION_CODES.get(g.action or "")
+        if code is None or g.within is not None:
+            continue
+        sets = {s.name for s in space.neuron_sets.values() if _is_simple(s.axis, g.name)}
+        if not sets or sets & identity_sets:
+            continue
+        ok = True
+        for name in space.tensors_of(g.name):
+            t = space.tensors[name]
+            on = {i for i, a in enumerate(t.axes) if g.name in a.groups}
+            ends = set()
+            if t.out_set in sets:
+                ends.add(t.out_axis)
+            if t.is_edge and t.in_set in sets:
+                ends.add(t.in_axis)
+            simple = all(_is_simple(t.axes[i], g.name) for i in ends)
+            if not is_feature(t) or on != ends or not simple:
+                ok = False
+            elif not t.is_edge and (not _on_nodes(t) or t.role not in _SCALED_NODE_ROLES):
+                ok = False
+            if not ok:
+                break
+        if ok:
+            out.update(dict.fromkeys(sets, code))
+    return out
+
+
+def random_node_scales(
+    graph: Data, generator: torch.Generator | None = None, spread: float = 2.0
+) -> Tensor:
+    """A random factor per node of ``graph`` allowed by its ``node_action``: ``±1`` (sign),
+    ``exp(U(-log spread, log spread))`` (positive scale), ``1`` (none); ``(N,)``."""
+    a = graph.node_action
+    n = a.shape[0]
+    signs = torch.randint(0, 2, (n,), generator=generator).to(graph.x.dtype) * 2 - 1
+    logs = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.log(spread)
+    q = torch.ones(n, dtype=graph.x.dtype)
+    q = torch.where(a == ACTION_SIGN, signs, q)
+    return torch.where(a == ACTION_SCALE, logs.exp().to(q.dtype), q)
+
+
+def scale_nodes(graph: Data, q: Tensor) -> Data:
+    """``graph`` with neuron ``i`` scaled by ``q[i]``: its node features times ``q_i``,
+    every edge ``j → i`` times ``q_i / q_j`` (identity edges and ``rest`` unchanged). For
+    factors :func:`random_node_scales` draws, the weights :func:`to_weights` reads back
+    compute the same function (the sign and positive-scale symmetries)."""
+    out = graph.clone()
+    src, dst = graph.edge_index
+    q = q.to(graph.x.dtype)
+    out.x = graph.x * q.unsqueeze(-1)
+    ratio = (q[dst] / q[src]).unsqueeze(-1)
+    keep = (graph.edge_type() == BLOCK_IDENTITY).unsqueeze(-1)
+    out.edge_attr = torch.where(keep, graph.edge_attr, graph.edge_attr * ratio)
+    return out
+
+
 def _common_dtype(space: WeightSpace, weights: Mapping[str, Tensor]) -> torch.dtype:
     dtype = torch.float32
     for name in space.tensors:
@@ -317,11 +410,14 @@ def to_graph(
     node_type = torch.empty(layout.num_nodes, dtype=torch.long)
     node_layer = torch.empty(layout.num_nodes, dtype=torch.long)
     node_pos = torch.empty(layout.num_nodes, dtype=torch.long)
+    node_action = torch.zeros(layout.num_nodes, dtype=torch.long)
+    actions = node_actions(space)
     for s in sets.values():
         lo, hi = layout.set_offset[s.name], layout.set_offset[s.name] + s.axis.size
         node_type[lo:hi] = NODE_TYPES.get(s.kind, NODE_TYPES["hidden"])
         node_layer[lo:hi] = s.layer
         node_pos[lo:hi] = _fixed_position(space, s.axis)
+        node_action[lo:hi] = actions.get(s.name, ACTION_NONE)
 
     edge_index = torch.empty(2, layout.num_edges, dtype=torch.long)
     edge_attr = torch.empty(layout.num_edges, width, dtype=dtype)
@@ -392,6 +488,7 @@ def to_graph(
         node_type=node_type,
         node_layer=node_layer,
         node_pos=node_pos,
+        node_action=node_action,
         rest=rest,
         rest_int=rest_int,
         num_nodes=layout.num_nodes,

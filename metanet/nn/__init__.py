@@ -2,6 +2,7 @@
 
 from metanet.nn.baselines import FlatMLP, StatNN
 from metanet.nn.gmn import GMN, FourierEncoding, GMNLayer
+from metanet.nn.scalegmn import ScaleEquivariant, ScaleGMN, ScaleGMNLayer
 from metanet.nn.transformer import GraphTransformer, GraphTransformerLayer
 from metanet.nn.unf import UNFLinear, UNFPointwise, UNFPool, basis_terms, pieces_of
 
@@ -12,6 +13,9 @@ __all__ = [
     "GMNLayer",
     "GraphTransformer",
     "GraphTransformerLayer",
+    "ScaleEquivariant",
+    "ScaleGMN",
+    "ScaleGMNLayer",
     "StatNN",
     "UNFLinear",
     "UNFPointwise",

@@ -782,7 +782,9 @@ class WeightDataset(torch.utils.data.Dataset):
     ``augment=True`` applies a fresh random group element of the space to every sample
     drawn (permutations: a different but equivalent network each epoch).
     ``standardize=True`` shifts and scales each tensor by one mean/std measured on the
-    training split (a per-tensor scalar: every symmetry is kept).
+    training split (a per-tensor scalar: every permutation is kept);
+    ``standardize="scale"`` only divides by the root mean square, which also keeps the
+    sign and positive-scale symmetries (a shift does not: ``-w - m != -(w - m)``).
     ``canonicalize=True`` first maps every INR to its sign canonical form
     (:func:`metanet.canonicalize_sign`: odd activations such as ``sin`` let a hidden
     neuron's sign flip without changing the function), so only permutations remain.
@@ -810,7 +812,7 @@ class WeightDataset(torch.utils.data.Dataset):
         augment: bool = False,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
-        standardize: bool = False,
+        standardize: bool | str = False,
         canonicalize: bool = False,
         flip_signs: bool = False,
         probes: int = 0,
@@ -887,13 +889,18 @@ class WeightDataset(torch.utils.data.Dataset):
                 full, probes, probe_seed, probe_model, probe_inputs
             )
         self.stats: dict[str, tuple[float, float]] = {}
+        if standardize not in (False, True, "scale"):
+            raise ValueError(f"standardize must be True, False or 'scale', got {standardize!r}")
         if standardize:
             # one scale per tensor (a scalar commutes with every permutation), from the
             # training split only: SIREN layers differ in scale by ~w0
             train = torch.tensor([k for k, r in enumerate(rows) if r["split"] == "train"])
             for n, t in full.items():
                 ref = t[train].double()
-                self.stats[n] = (float(ref.mean()), float(ref.std()) or 1.0)
+                if standardize == "scale":
+                    self.stats[n] = (0.0, float(ref.pow(2).mean().sqrt()) or 1.0)
+                else:
+                    self.stats[n] = (float(ref.mean()), float(ref.std()) or 1.0)
                 full[n] = (t - self.stats[n][0]) / self.stats[n][1]
         self.tensors = {n: t[idx].to(dtype) for n, t in full.items()}
         self.rows = [rows[k] for k in keep]

@@ -8,6 +8,8 @@ does this INR draw?) with any of metanet's models on a :class:`tasks.datasets.in
 * ``gmn`` — graph metanetwork on ``ParamGraph`` batches;
 * ``transformer`` — :class:`metanet.nn.GraphTransformer`, attention over the same graphs
   (neurons as tokens, weights as attention biases and values; NG-T style);
+* ``scalegmn`` — :class:`metanet.nn.ScaleGMN`, message passing equivariant to the sign
+  and positive-scale actions as well (its weights are standardized by scale only);
 * ``statnn`` / ``flat`` — the baselines.
 
 Metrics go to ``out/metrics.jsonl`` (one line per epoch), curves to ``out/curves.png``,
@@ -39,15 +41,27 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "EXTERNAL_KINDS", "build_model", "train", "TrainResult", "TrainingDiverged"]
 
-KINDS = ("unf", "nfn", "gmn", "transformer", "statnn", "flat")
+KINDS = ("unf", "nfn", "gmn", "transformer", "scalegmn", "statnn", "flat")
 # models that read parameter graphs (the others read weight dicts)
-GRAPH_KINDS = ("gmn", "transformer")
+GRAPH_KINDS = ("gmn", "transformer", "scalegmn")
+# models invariant to the sign/scale actions too: their inputs are standardized by a scale
+# only (a shift would break those symmetries), and sign-flip augmentation is a no-op
+SCALE_KINDS = ("scalegmn",)
 # the ``nfn`` package's own invariant networks (Zhou et al. 2023), for comparison; they
 # need ``pip install nfn`` and an MLP-shaped space (``net.K.weight``/``net.K.bias`` pairs)
 EXTERNAL_KINDS = ("nfn-np", "nfn-hnp")
 # models whose output no permutation changes: permutation augmentation is a no-op for them
 # (sign flips of odd-activation neurons do change their output)
-PERMUTATION_INVARIANT_KINDS = ("unf", "nfn", "gmn", "transformer", "statnn", "nfn-np", "nfn-hnp")
+PERMUTATION_INVARIANT_KINDS = (
+    "unf",
+    "nfn",
+    "gmn",
+    "transformer",
+    "scalegmn",
+    "statnn",
+    "nfn-np",
+    "nfn-hnp",
+)
 
 
 class _Encode(nn.Module):
@@ -212,6 +226,17 @@ def build_model(
             hidden=max(hidden, 32),
             layers=3,
             out_features=out,
+        )
+    if kind == "scalegmn":
+        from metanet.nn import ScaleGMN
+
+        return ScaleGMN(
+            example_graph.x.shape[1],
+            example_graph.edge_attr.shape[1],
+            hidden=max(hidden, 32),
+            layers=3,
+            out_features=out,
+            head=128,
         )
     if kind == "gmn":
         # summary + head: the same DeepSets summary of node inputs (64) and head width
@@ -477,8 +502,10 @@ def train(
     # construction (flat): the others give the same output on every permutation, so it is
     # skipped for them (and their batches are gathered, GMN's graphs built once). Random
     # sign flips (``flip_signs``) change every model's output, so they are always drawn.
-    flips = flip_signs and not canonicalize
+    flips = flip_signs and not canonicalize and kind not in SCALE_KINDS
     augment = augment and (kind not in PERMUTATION_INVARIANT_KINDS or flips)
+    flip_signs = flips
+    scaling = "scale" if kind in SCALE_KINDS else True
     # every rank draws its own augmentations; the batches themselves are shared
     train_ds = WeightDataset(
         root,
@@ -486,7 +513,7 @@ def train(
         fmt,
         augment=augment,
         seed=seed * 1000 + rank,
-        standardize=True,
+        standardize=scaling,
         canonicalize=canonicalize,
         flip_signs=flip_signs,
         probes=probes,
@@ -498,7 +525,7 @@ def train(
         for s in ("train", "val", "test")
     }
     val_ds, test_ds = (
-        WeightDataset(root, s, fmt, standardize=True, canonicalize=canonicalize, probes=probes)
+        WeightDataset(root, s, fmt, standardize=scaling, canonicalize=canonicalize, probes=probes)
         for s in ("val", "test")
     )
     for ds in (train_ds, val_ds, test_ds):

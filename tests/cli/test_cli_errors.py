@@ -352,3 +352,13 @@ def test_quiet_silences_transformers_bars(capfd):
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_train_scalegmn_on_a_relu_zoo(datasets, tmp_path, capsys):
+    """``metanet train scalegmn``: the CNN zoo's ReLU channels scale positively; the model
+    regresses accuracy on them, and its inputs were standardized by scale only."""
+    zoo, _ = datasets
+    out = tmp_path / "run"
+    argv = ["train", "scalegmn", str(zoo), "--out", str(out), "--target", "accuracy"]
+    assert main([*argv, "--epochs", "1", "--batch-size", "4", "-q"]) == 0
+    assert json.loads((out / "result.json").read_text())["kind"] == "scalegmn"
