@@ -8,6 +8,8 @@ dataset, split and training subset, with the same optimizer settings:
 * ``nfn-hnp`` / ``nfn-np`` — the ``nfn`` package's ``HNPLinear``/``NPLinear`` layers with
   ReLU, ``HNPPool``/``NPPool`` and an MLP head, as nfn's INR-classification models are
   built (the same input encoding, channels and head width as ``unf``);
+* ``scalegmn`` — metanet's ScaleGMN-style graph metanetwork: layers equivariant to the
+  sign flips of the SIREN's hidden neurons (no canonicalization needed);
 * ``statnn`` — per-tensor statistics + MLP (Unterthiner et al. 2020);
 * ``flat`` — an MLP on the flattened weights, trained with random-permutation
   augmentation.
@@ -78,6 +80,7 @@ MODELS = (
     "unf+sign",
     "gmn+sign",
     "transformer+sign",
+    "scalegmn",
     "nfn-hnp",
     "nfn-np",
     "nfn-hnp+sign",
@@ -92,6 +95,7 @@ LABELS = {
     "nfn-hnp+flip": "NFN-HNP (`nfn`) + sign-flip augmentation",
     "gmn": "GMN (metanet)",
     "transformer": "graph transformer (metanet)",
+    "scalegmn": "ScaleGMN-style (metanet: sign-equivariant layers)",
     "unf": "UNF (metanet, full basis)",
     "nfn": "UNF (metanet, NFN basis)",
     "nfn-hnp": "NFN-HNP (`nfn` package)",
@@ -334,9 +338,15 @@ def _write(args, meta, full, n_split, n_train, ceiling, results, wall) -> None:
     """The table so far (rewritten after every model: a cut-short run keeps its rows)."""
     psnr = full.psnr
     cfg = meta["config"]
+    source = meta.get("source") or {}
+    images = (
+        f"`{Path(source['path']).name}`'s images"
+        if source.get("kind") == "images"
+        else "scikit-learn's digits"
+    )
     caption = (
         f"torch {torch.__version__}, {args.threads} thread(s). Data: {len(full):,} SIREN INRs "
-        f"({meta['per_image']} per image of scikit-learn's digits at {meta['resolution']}×"
+        f"({meta['per_image']} per image of {images} at {meta['resolution']}×"
         f"{meta['resolution']}; {cfg['in_features']}-"
         + "-".join([str(cfg["hidden"])] * cfg["depth"])
         + f"-{cfg['out_features']}, variant {cfg['variant']}, w0 {cfg['w0']:g}, "

@@ -1353,11 +1353,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     def _terminated(signum, _frame):
-        # SIGTERM (timeout, schedulers) unwinds like Ctrl-C: temporary outputs are removed
+        # SIGTERM (timeout, schedulers) unwinds like Ctrl-C: temporary outputs are removed.
+        # Signals that follow are ignored, so a second one (a scheduler's repeat, an
+        # impatient Ctrl-C) cannot cut that cleanup short with a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading_main():
         signal.signal(signal.SIGTERM, _terminated)
+        signal.signal(signal.SIGINT, _terminated)
     try:
         with _quiet_libraries(args.quiet):
             return args.run(args)
