@@ -59,6 +59,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ if str(ROOT) not in sys.path:
 
 from metanet.io import atomic_write  # noqa: E402
 from tasks.datasets.inr import CoordAugment, INRConfig, WeightDataset, make_dataset, render  # noqa: E402
-from tasks.learn.train import GRAPH_KINDS, build_model, train  # noqa: E402
+from tasks.learn.train import GRAPH_KINDS, TrainResult, build_model, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = ROOT / "out" / "inr-digits"
@@ -262,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-ceiling", dest="ceiling", action="store_false", help="skip the render ceiling"
     )
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        default=None,
+        help="a JSON-lines file of finished runs: each run is appended when it ends, runs "
+        "found there are not repeated (resume; several processes may share it), and the "
+        "table shows every model of --models found there",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "inr_classification.md")
     ap.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
     args = ap.parse_args(argv)
@@ -295,10 +304,14 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=2)))
             ceiling.append(known[str(seed)])
             print(f"render ceiling seed {seed}: test {ceiling[-1]['test']:.3f}", file=sys.stderr)
+    done = _load_runs(args.runs, args.data)
     for spec in models:
         kind, canonical, flip, probe, aug = _split(spec)
         runs = []
         for seed in range(args.seeds):
+            if (spec, seed) in done:
+                runs.append(done[spec, seed])
+                continue
             r = train(
                 kind,
                 args.data,
@@ -319,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                 coords=coords if aug else None,
             )
             runs.append(r)
+            done[spec, seed] = r
+            if args.runs is not None:
+                row = {"spec": spec, "seed": seed, "data": str(args.data), **asdict(r)}
+                with open(args.runs, "a") as f:  # one short line: appends do not interleave
+                    f.write(json.dumps(row) + "\n")
             print(
                 f"{spec} seed {seed}: test {r.test_accuracy:.3f} val {r.val_accuracy:.3f} "
                 f"epochs {r.epochs} ({r.seconds:.0f} s)",
@@ -334,14 +352,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write(args, meta, full, n_split, n_train, ceiling, results, wall) -> None:
+def _load_runs(path: Path | None, data: Path) -> dict[tuple[str, int], TrainResult]:
+    """The runs on ``data`` recorded in ``path`` (``--runs``), by ``(spec, seed)``."""
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            spec, seed = row.pop("spec"), row.pop("seed")
+            if row.pop("data", None) != str(data):
+                continue
+            row = {k: (float("nan") if v is None else v) for k, v in row.items()}
+            out[spec, seed] = TrainResult(**row)
+    return out
+
+
+def _write(args, meta, full, n_split, n_train, ceiling, results, wall=None) -> None:
     """The table so far (rewritten after every model: a cut-short run keeps its rows)."""
+    # the runs' own wall times (some may come from --runs, made by other processes)
+    wall = sum(r.seconds for runs in results.values() for r in runs)
+    wall += sum(c["seconds"] for c in ceiling)
     psnr = full.psnr
     cfg = meta["config"]
-    source = meta.get("source") or {}
+    source = meta.get("source")
     images = (
         f"`{Path(source['path']).name}`'s images"
-        if source.get("kind") == "images"
+        if isinstance(source, dict) and source.get("kind") == "images"
         else "scikit-learn's digits"
     )
     caption = (
@@ -372,7 +409,7 @@ def _write(args, meta, full, n_split, n_train, ceiling, results, wall) -> None:
         f"{args.probes} probe points; `+aug`: {_coord_augment(args.coords)} per training "
         f"draw; mean ± std over {args.seeds} seed(s). Render ceiling: "
         "a CNN trained on the images the INRs draw (same split); `of ceiling` = test accuracy "
-        f"/ the ceiling's. Wall time: per run, mean; whole benchmark {wall / 60:.1f} min."
+        f"/ the ceiling's. Wall time: per run, mean; all runs {wall / 60:.1f} min."
     )
     lines = [
         caption,

@@ -8,7 +8,8 @@ split's Kendall τ; it reports Kendall τ on the test split at the best validati
 A predictor is named ``base[+stats][+probe]``:
 
 * ``base``: any :func:`tasks.learn.train.build_model` kind (``statnn``, ``flat``, ``unf``,
-  ``nfn``, ``gmn``, ``nfn-np``, ``nfn-hnp``), or ``none`` (only what the suffixes add);
+  ``nfn``, ``gmn``, ``scalegmn``, ``nfn-np``, ``nfn-hnp``), or ``none`` (only what the
+  suffixes add);
 * ``+stats``: the base's invariant features (its pooled output, before its head) are
   concatenated with per-tensor weight statistics — StatNN's mean, variance and quantiles —
   and one MLP head reads both (:class:`InvariantConcat`);
@@ -105,13 +106,14 @@ class ProbeDeepSets(nn.Module):
 
 def _body(kind: str, space: WeightSpace, hidden: int, example_graph) -> tuple[nn.Module, int]:
     """A base model without its head: ``(module, width of its invariant features)``."""
-    from metanet.nn import GMN
+    from metanet.nn import GMN, ScaleGMN
     from tasks.learn.train import build_model
 
-    if kind == "gmn":
+    if kind in ("gmn", "scalegmn"):
         width = 4 * hidden
         g = example_graph
-        return GMN(g.x.shape[1], g.edge_attr.shape[1], hidden=hidden, out_features=width), width
+        net = GMN if kind == "gmn" else ScaleGMN
+        return net(g.x.shape[1], g.edge_attr.shape[1], hidden=hidden, out_features=width), width
     model = build_model(kind, space, 1, hidden)
     if not hasattr(model, "head"):
         raise ValueError(f"{kind!r} has no invariant features to share (use it alone)")
@@ -239,10 +241,17 @@ class FitResult:
 class _Split:
     """One split of a zoo: standardized weights, targets, probe features, graphs."""
 
-    def __init__(self, root, split: str, probe: dict[str, Tensor] | None, graphs: bool):
+    def __init__(
+        self,
+        root,
+        split: str,
+        probe: dict[str, Tensor] | None,
+        graphs: bool,
+        standardize: bool | str = True,
+    ):
         from tasks.datasets.inr import WeightDataset
 
-        ds = WeightDataset(root, split, standardize=True)
+        ds = WeightDataset(root, split, standardize=standardize)
         self.space = ds.space
         self.weights = ds.tensors
         self.y = torch.tensor([float(r["accuracy"]) for r in ds.rows])
@@ -309,12 +318,16 @@ def fit(
     ``patience`` epochs without a better validation τ. ``probe`` passes precomputed
     :func:`probe_features` (they are computed here otherwise, for ``+probe`` names)."""
     base, *extras = name.split("+")
-    graphs = base == "gmn"
+    graphs = base in ("gmn", "scalegmn")
     if "probe" in extras and probe is None:
         probe = probe_features(root, probes)
     elif "probe" not in extras:
         probe = None
-    train, val, test = (_Split(root, s, probe, graphs) for s in ("train", "val", "test"))
+    # ScaleGMN's sign/scale invariance holds for weights standardized by a scale only
+    scaling = "scale" if base == "scalegmn" else True
+    train, val, test = (
+        _Split(root, s, probe, graphs, scaling) for s in ("train", "val", "test")
+    )
     torch.manual_seed(seed)
     probe_shape = None
     if probe is not None:

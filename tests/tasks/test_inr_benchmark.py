@@ -43,3 +43,28 @@ def test_benchmark_writes_its_table_and_plot(tmp_path):
     assert "CoordAugment(rotate=5.0, scale=0.1, shear=0.1, shift=0.05, contrast=0.2)" in text
     assert out.with_suffix(".png").stat().st_size > 0
     assert not list(out.parent.glob("*.tmp*"))  # atomic writes leave nothing behind
+
+
+def test_benchmark_runs_file_resumes(tmp_path, monkeypatch):
+    """``--runs``: every finished run is recorded, and a second invocation (another
+    process, or a resumed one) reuses them instead of training again."""
+    data = tmp_path / "inrs"
+    make_dataset(
+        data, per_image=1, cfg=INRConfig(hidden=8, depth=1, steps=5), num_shards=1, progress=False
+    )
+    runs = tmp_path / "runs.jsonl"
+    bench = _bench()
+    argv = ["--data", str(data), "--epochs", "1", "--limit", "64", "--seeds", "2", "--no-ceiling"]
+    argv += ["--batch-size", "32", "--hidden", "4", "--models", "statnn,scalegmn"]
+    argv += ["--runs", str(runs)]
+    assert bench.main([*argv, "--out", str(tmp_path / "a.md")]) == 0
+    assert len(runs.read_text().splitlines()) == 4
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(bench, "train", no_training)
+    assert bench.main([*argv, "--out", str(tmp_path / "b.md")]) == 0
+    table = [s for s in (tmp_path / "b.md").read_text().splitlines() if s.startswith("| ")]
+    assert table == [s for s in (tmp_path / "a.md").read_text().splitlines() if s.startswith("| ")]
+    assert "ScaleGMN" in (tmp_path / "b.md").read_text()
