@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch_geometric.utils import scatter
 
-__all__ = ["GMN", "GMNLayer", "FourierEncoding"]
+__all__ = ["GMN", "GMNLayer", "GraphInputs", "FourierEncoding"]
 
 NODE_KINDS = 4  # graph.node_type: 0 input, 1 hidden, 2 output, 3 residual point
 
@@ -78,6 +78,63 @@ def _num_graphs(graph, batch: Tensor) -> int:
 
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(i, h), nn.SiLU(), nn.Linear(h, o))
+
+
+def tap_ends(graph) -> Tensor:
+    """Per block ``(B, 6)``: the positions of the first and last tap it holds."""
+    last = (graph.block_taps - 1).clamp(min=0)
+    return torch.cat([graph.tap_pos[:, 0], graph.tap_pos[torch.arange(last.numel()), last]], 1)
+
+
+class GraphInputs(nn.Module):
+    """The input embedding of the graph metanetworks (:class:`GMN`,
+    :class:`~metanet.nn.GraphTransformer`): one definition, so that both tell the same
+    things apart.
+
+    Nodes: Fourier-encoded features plus embeddings of node type, layer depth and (for
+    fixed neurons: inputs, outputs) position. Edges: Fourier-encoded values plus, per
+    block, an embedding of its type (dense weight, kernel, identity) and a linear code of
+    the positions of the first and last tap it holds (``graph.tap_pos``: a kernel cut into
+    chunks of ``edge_dim`` taps gives parallel edges, told apart by it; zero for dense
+    weights). Subclasses call :meth:`_init_inputs` in their ``__init__``."""
+
+    def _init_inputs(
+        self,
+        node_dim: int,
+        edge_dim: int,
+        hidden: int,
+        frequencies: int,
+        max_layer: int,
+        max_position: int,
+    ) -> None:
+        self.max_layer, self.max_position = max_layer, max_position
+        self.encode = FourierEncoding(frequencies)
+        self.node_in = nn.Linear(self.encode.out_features(node_dim), hidden)
+        self.edge_in = nn.Linear(self.encode.out_features(edge_dim), hidden)
+        self.node_type = nn.Embedding(NODE_KINDS, hidden)
+        self.layer_emb = nn.Embedding(max_layer + 1, hidden)
+        self.pos_emb = nn.Embedding(max_position + 1, hidden)  # 0: permutable neuron
+        self.edge_type = nn.Embedding(3, hidden)
+        self.tap_code = nn.Linear(6, hidden, bias=False)
+
+    def embed_nodes(self, graph) -> Tensor:
+        """``(N, hidden)``: the nodes' input states."""
+        x = self.node_in(self.encode(graph.x))
+        x = x + self.node_type(graph.node_type.clamp(0, NODE_KINDS - 1))
+        x = x + self.layer_emb(graph.node_layer.clamp(0, self.max_layer))
+        return x + self.pos_emb((graph.node_pos + 1).clamp(0, self.max_position))
+
+    def block_codes(self, graph) -> Tensor:
+        """Per block ``(B, hidden)``: its type embedding plus the code of its first and
+        last tap position (each edge adds its block's)."""
+        taps = tap_ends(graph).to(self.tap_code.weight)
+        return self.edge_type(graph.block_type) + self.tap_code(taps)
+
+    def embed_edges(self, graph, code: Tensor | None = None) -> Tensor:
+        """``(E, hidden)``: every edge's input state (``code``: :meth:`block_codes`)."""
+        code = self.block_codes(graph) if code is None else code
+        e = self.edge_in(self.encode(graph.edge_attr))
+        return e + code.repeat_interleave(graph.block_size, dim=0)
 
 
 class GMNLayer(nn.Module):
@@ -168,7 +225,7 @@ class GMNLayer(nn.Module):
         return mlp[2](total / count.clamp(min=1)) * (count > 0)
 
 
-class GMN(nn.Module):
+class GMN(GraphInputs):
     """Graph metanetwork over :class:`~metanet.ParamGraph` batches.
 
     Args:
@@ -183,12 +240,8 @@ class GMN(nn.Module):
         max_layer, max_position: sizes of the layer-depth and fixed-neuron-position
             embeddings (larger values are clamped).
 
-    Node inputs: Fourier-encoded features plus embeddings of node type, layer depth and
-    (for fixed neurons: inputs, outputs) position; edge inputs: Fourier-encoded values plus
-    an embedding of the edge type (dense weight, kernel, identity) and a linear code of the
-    positions of the first and last tap the edge holds (``graph.tap_pos``: a kernel cut
-    into chunks of ``edge_dim`` taps gives parallel edges, told apart by it; zero for
-    dense weights). Both are computed per block and repeated over its edges.
+    Inputs: :class:`GraphInputs` (Fourier-encoded values; node type, depth and fixed
+    position; each edge's block type and tap positions).
 
     Invariant readout: mean and max of the node and of the edge states, the mean node
     state of each node kind (input, hidden, output, residual point: a network's few
@@ -234,15 +287,7 @@ class GMN(nn.Module):
                 f"GMN: edge_chunk must be a positive number of edges, got {edge_chunk}"
             )
         self.edge_chunk = int(edge_chunk)
-        self.max_layer, self.max_position = max_layer, max_position
-        self.encode = FourierEncoding(frequencies)
-        self.node_in = nn.Linear(self.encode.out_features(node_dim), hidden)
-        self.edge_in = nn.Linear(self.encode.out_features(edge_dim), hidden)
-        self.node_type = nn.Embedding(4, hidden)
-        self.layer_emb = nn.Embedding(max_layer + 1, hidden)
-        self.pos_emb = nn.Embedding(max_position + 1, hidden)  # 0: permutable neuron
-        self.edge_type = nn.Embedding(3, hidden)
-        self.tap_code = nn.Linear(6, hidden, bias=False)
+        self._init_inputs(node_dim, edge_dim, hidden, frequencies, max_layer, max_position)
         self.blocks = nn.ModuleList([GMNLayer(hidden) for _ in range(layers)])
         if equivariant:
             self.node_out = _mlp(hidden, hidden, node_dim)
@@ -253,11 +298,8 @@ class GMN(nn.Module):
         self.summary = _mlp(node_dim, summary, summary) if summary and not equivariant else None
 
     def forward(self, graph) -> Tensor | tuple[Tensor, Tensor]:
-        x = self.node_in(self.encode(graph.x))
-        x = x + self.node_type(graph.node_type.clamp(0, 3))
-        x = x + self.layer_emb(graph.node_layer.clamp(0, self.max_layer))
-        x = x + self.pos_emb((graph.node_pos + 1).clamp(0, self.max_position))
-        code = self._block_codes(graph)
+        x = self.embed_nodes(graph)
+        code = self.block_codes(graph)
         batch = (
             graph.batch
             if getattr(graph, "batch", None) is not None
@@ -269,8 +311,7 @@ class GMN(nn.Module):
             if self.equivariant:
                 return self.node_out(x), edge_out
         else:
-            e = self.edge_in(self.encode(graph.edge_attr))
-            e = e + code.repeat_interleave(graph.block_size, dim=0)
+            e = self.embed_edges(graph, code)
             for block in self.blocks:
                 x, e = block(x, graph.edge_index, e)
             if self.equivariant:
@@ -303,13 +344,6 @@ class GMN(nn.Module):
                 per_kind = scatter(s, group, 0, dim_size=n_graphs * NODE_KINDS, reduce=reduce)
                 parts.append(per_kind.reshape(n_graphs, -1))
         return self.readout(torch.cat(parts, dim=-1))
-
-    def _block_codes(self, graph) -> Tensor:
-        """Per block ``(B, hidden)``: its type embedding plus the code of its first and
-        last tap position (each edge adds its block's)."""
-        last = (graph.block_taps - 1).clamp(min=0)
-        taps = torch.cat([graph.tap_pos[:, 0], graph.tap_pos[torch.arange(last.numel()), last]], 1)
-        return self.edge_type(graph.block_type) + self.tap_code(taps.to(self.tap_code.weight))
 
     def _chunked(self, graph, x: Tensor, code: Tensor, batch: Tensor, n_graphs: int):
         """The blocks, ``edge_chunk`` edges at a time (see the class docstring): the last

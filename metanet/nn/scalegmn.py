@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
 from metanet.graph import ACTION_NONE, ACTION_SCALE, ACTION_SIGN
-from metanet.nn.gmn import NODE_KINDS, FourierEncoding, _num_graphs
+from metanet.nn.gmn import NODE_KINDS, FourierEncoding, _num_graphs, tap_ends
 
 __all__ = ["ScaleGMN", "ScaleGMNLayer", "ScaleEquivariant"]
 
@@ -177,9 +177,7 @@ class ScaleGMN(nn.Module):
         plain = plain + self.pos_emb((graph.node_pos + 1).clamp(0, self.max_position))
         scaled = self.node_lin(x) * self.gate(layer)
         h = torch.where((action == ACTION_NONE).unsqueeze(-1), plain, scaled)
-        last = (graph.block_taps - 1).clamp(min=0)
-        taps = torch.cat([graph.tap_pos[:, 0], graph.tap_pos[torch.arange(last.numel()), last]], 1)
-        code = self.edge_type(graph.block_type) + self.tap_code(taps.to(x.dtype))
+        code = self.edge_type(graph.block_type) + self.tap_code(tap_ends(graph).to(x.dtype))
         edge = self.edge_lin(graph.edge_attr) * code.repeat_interleave(graph.block_size, dim=0)
         for block in self.blocks:
             h = block(h, graph.edge_index, edge, action)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter, to_dense_batch
 
-from metanet.nn.gmn import FourierEncoding, _num_graphs
+from metanet.nn.gmn import GraphInputs, _num_graphs
 
 __all__ = ["GraphTransformer", "GraphTransformerLayer"]
 
@@ -105,14 +105,16 @@ def _first_index(batch: Tensor, graphs: int) -> Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-class GraphTransformer(nn.Module):
+class GraphTransformer(GraphInputs):
     """Transformer over :class:`~metanet.ParamGraph` batches (neurons as tokens).
 
     Args:
         node_dim: width of ``graph.x``; edge_dim: width of ``graph.edge_attr``.
         hidden: token and edge state width; heads: attention heads; layers: blocks.
         out_features: width of the invariant output (mean/max pooled nodes and edges).
-        frequencies, max_layer, max_position: input encodings, as in :class:`GMN`.
+        frequencies, max_layer, max_position: input encodings, GMN's own
+            (:class:`~metanet.nn.gmn.GraphInputs`: kernel chunks told apart by their
+            tap positions).
     """
 
     def __init__(
@@ -128,24 +130,14 @@ class GraphTransformer(nn.Module):
         max_position: int = 1024,
     ):
         super().__init__()
-        self.max_layer, self.max_position = max_layer, max_position
-        self.encode = FourierEncoding(frequencies)
-        self.node_in = nn.Linear(self.encode.out_features(node_dim), hidden)
-        self.edge_in = nn.Linear(self.encode.out_features(edge_dim), hidden)
-        self.node_type = nn.Embedding(4, hidden)
-        self.layer_emb = nn.Embedding(max_layer + 1, hidden)
-        self.pos_emb = nn.Embedding(max_position + 1, hidden)  # 0: permutable neuron
-        self.edge_type = nn.Embedding(3, hidden)
+        self._init_inputs(node_dim, edge_dim, hidden, frequencies, max_layer, max_position)
         self.blocks = nn.ModuleList(GraphTransformerLayer(hidden, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.readout = _mlp(4 * hidden, hidden, out_features)
 
     def forward(self, graph) -> Tensor:
-        x = self.node_in(self.encode(graph.x))
-        x = x + self.node_type(graph.node_type.clamp(0, 3))
-        x = x + self.layer_emb(graph.node_layer.clamp(0, self.max_layer))
-        x = x + self.pos_emb((graph.node_pos + 1).clamp(0, self.max_position))
-        e = self.edge_in(self.encode(graph.edge_attr)) + self.edge_type(graph.edge_type())
+        x = self.embed_nodes(graph)
+        e = self.embed_edges(graph)
         batch = getattr(graph, "batch", None)
         if batch is None:
             batch = x.new_zeros(x.shape[0], dtype=torch.long)

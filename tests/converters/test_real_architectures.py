@@ -208,7 +208,7 @@ def test_gmn_equivariant_on_chunked_kernels(name):
     assert assert_equivariant(equivariant, space, w, n=3, atol=1e-8) < 1e-8
     assert assert_equivariant(lambda v: inv(to_graph(space, v, edge_dim=4)), space, w, n=3) < 1e-8
     # the chunks of one kernel are told apart: their tap codes differ
-    code = inv._block_codes(g).repeat_interleave(g.block_size, dim=0)  # per edge
+    code = inv.block_codes(g).repeat_interleave(g.block_size, dim=0)  # per edge
     kernel = g.block_size.cumsum(0)[(g.block_type == 1).nonzero()[:2, 0]] - 1
     assert not torch.allclose(code[kernel[0]], code[kernel[1]])
 
@@ -273,7 +273,7 @@ def test_gmn_tap_code_vanishes_on_dense_graphs():
     space, w = small("mlp")
     graph = to_graph(space, w)
     gmn = GMN(graph.x.shape[1], graph.edge_attr.shape[1], hidden=8).double()
-    per_edge = gmn._block_codes(graph).repeat_interleave(graph.block_size, dim=0)
+    per_edge = gmn.block_codes(graph).repeat_interleave(graph.block_size, dim=0)
     assert torch.equal(per_edge, gmn.edge_type(graph.edge_type()))
 
 

@@ -18,6 +18,7 @@ from metanet.graph import (
     scale_nodes,
 )
 from metanet.nn import ScaleGMN
+from metanet.nn.gmn import tap_ends
 from metanet.testing import assert_equivariant, max_error
 from tasks.datasets.zoo import VARIED, zoo_cnn, zoo_space
 from tests.fixtures.architectures import ZOO
@@ -121,9 +122,7 @@ def test_scalegmn_layers_equivariant(name):
         plain = net.node_plain(net.encode(g.x)) + net.node_type(g.node_type)  # none (q=1)
         plain = plain + net.layer_emb(g.node_layer) + net.pos_emb(g.node_pos + 1)
         h = torch.where((g.node_action == 0).unsqueeze(-1), plain, h)
-        last = (g.block_taps - 1).clamp(min=0)
-        taps = torch.cat([g.tap_pos[:, 0], g.tap_pos[torch.arange(last.numel()), last]], 1)
-        code = net.edge_type(g.block_type) + net.tap_code(taps.double())
+        code = net.edge_type(g.block_type) + net.tap_code(tap_ends(g).double())
         e = net.edge_lin(g.edge_attr) * code.repeat_interleave(g.block_size, dim=0)
         for block in net.blocks:
             h = block(h, g.edge_index, e, g.node_action)

@@ -70,4 +70,24 @@ def test_gradients_reach_every_parameter():
     g = to_graph(space, _weights64(model))
     net = _model(g)
     net(Batch.from_data_list([g, g])).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    for name, p in net.named_parameters():
+        if name != "tap_code.weight":  # a SIREN has no kernels: every tap position is 0
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_kernel_chunks_are_told_apart():
+    """A 3x3 kernel cut into chunks of 4 taps gives parallel edges per channel pair; the
+    transformer shares GMN's input embedding (``GraphInputs``), whose tap-position code
+    tells those chunks apart (it had none: swapping which chunk holds which taps did not
+    change its output)."""
+    model, _, space = converted(_entry("cnn_bn"))
+    w = _weights64(model)
+    graph = to_graph(space, w, edge_dim=4)
+    assert (graph.block_taps < 4).any()  # kernels were cut into chunks
+    net = _model(graph)
+    with torch.no_grad():
+        net.tap_code.weight.normal_()
+        swapped = graph.clone()
+        swapped.tap_pos = graph.tap_pos.flip(0)  # each chunk labelled with another's taps
+        swapped.block_taps = graph.block_taps.flip(0)
+        assert (net(graph) - net(swapped)).abs().max() > 1e-6
