@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_path = args.out.with_name(args.out.stem + "_runs.jsonl")
 
     from tasks.datasets.zoo import make_varied_zoo, make_zoo
-    from tasks.learn.generalization import fit, probe_features
+    from tasks.learn.generalization import fit, zoo_probe_features
 
     families = _families(args.data)
     wanted = args.families.split(",") if args.families else [f.name for f in families]
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             probe = None
             if any("probe" in k for k, _ in todo):
-                probe = probe_features(fam, args.probes)
+                probe = zoo_probe_features(fam, args.probes)
             for kind, seed in todo:
                 if any(
                     (r["family"], r["kind"], r["seed"]) == (fam.name, kind, seed)

@@ -42,7 +42,7 @@ __all__ = [
     "weight_statistics",
     "InvariantConcat",
     "ProbeDeepSets",
-    "probe_features",
+    "zoo_probe_features",
     "build_predictor",
     "fit",
     "FitResult",
@@ -195,8 +195,12 @@ def probe_inputs(probes: int, seed: int = 0) -> Tensor:
     return data.x_train[pick[:probes]]
 
 
-def probe_features(root: str | os.PathLike, probes: int = 16) -> dict[str, Tensor]:
+def zoo_probe_features(root: str | os.PathLike, probes: int = 16) -> dict[str, Tensor]:
     """Probe features of every network of the zoo at ``root`` (all splits, in its order).
+
+    (Not :func:`metanet.probe.probe_features`, the per-neuron features of any space that
+    graph and UNF models read as extra tensors: these are per-channel spatial means of a
+    zoo CNN run with each model's own activation, read by :class:`ProbeDeepSets`.)
 
     Returns ``{"hidden{ℓ}": (n, width, probes), "logits": (n, probes, 10)}`` from
     :func:`tasks.datasets.zoo.channel_activations` on the raw (unstandardized) weights."""
@@ -316,18 +320,16 @@ def fit(
 
     Adam ``lr`` with a cosine schedule over ``epochs``; training stops early after
     ``patience`` epochs without a better validation τ. ``probe`` passes precomputed
-    :func:`probe_features` (they are computed here otherwise, for ``+probe`` names)."""
+    :func:`zoo_probe_features` (they are computed here otherwise, for ``+probe`` names)."""
     base, *extras = name.split("+")
     graphs = base in ("gmn", "scalegmn")
     if "probe" in extras and probe is None:
-        probe = probe_features(root, probes)
+        probe = zoo_probe_features(root, probes)
     elif "probe" not in extras:
         probe = None
     # ScaleGMN's sign/scale invariance holds for weights standardized by a scale only
     scaling = "scale" if base == "scalegmn" else True
-    train, val, test = (
-        _Split(root, s, probe, graphs, scaling) for s in ("train", "val", "test")
-    )
+    train, val, test = (_Split(root, s, probe, graphs, scaling) for s in ("train", "val", "test"))
     torch.manual_seed(seed)
     probe_shape = None
     if probe is not None:

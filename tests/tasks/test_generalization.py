@@ -16,7 +16,7 @@ from tasks.datasets.zoo import (
     sample_hparams,
     zoo_space,
 )
-from tasks.learn.generalization import build_predictor, fit, probe_features, probe_inputs
+from tasks.learn.generalization import build_predictor, fit, probe_inputs, zoo_probe_features
 
 FAMILY = Family("f", 3, 4, ("relu", "tanh", "gelu"), (5, 12))
 
@@ -95,9 +95,9 @@ def small_zoo(tmp_path_factory):
 
 
 def test_probe_features_follow_each_models_activation(small_zoo):
-    """probe_features are the activations of each CNN (its own activation) on the probes."""
+    """zoo_probe_features are the activations of each CNN (its own activation) on the probes."""
     ds = WeightDataset(small_zoo)
-    pf = probe_features(small_zoo, probes=4)
+    pf = zoo_probe_features(small_zoo, probes=4)
     assert pf["hidden0"].shape == (len(ds), FAMILY.width, 4) and pf["logits"].shape == (
         len(ds),
         4,
