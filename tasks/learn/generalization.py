@@ -59,7 +59,7 @@ def weight_statistics(weights: dict[str, Tensor], names: list[str]) -> Tensor:
     out = []
     for n in names:
         w = weights[n].reshape(b, -1)
-        q = torch.quantile(w, torch.tensor(QUANTILES, dtype=w.dtype), dim=1).T
+        q = torch.quantile(w, w.new_tensor(QUANTILES), dim=1).T  # on w's device
         out += [w.mean(1, keepdim=True), w.var(1, keepdim=True, unbiased=False), q]
     return torch.cat(out, dim=1)
 
@@ -283,6 +283,15 @@ class _Split:
         return x
 
 
+def _on(x: dict, device) -> dict:
+    """A batch (weights, probe features, graph) on ``device`` (``None``: where it is)."""
+    if device is None:
+        return x
+    from tasks.learn.train import _to
+
+    return {k: _to(v, device) for k, v in x.items()}
+
+
 def _call(model: nn.Module, x: dict) -> Tensor:
     if isinstance(model, InvariantConcat):
         return model(x)
@@ -290,12 +299,14 @@ def _call(model: nn.Module, x: dict) -> Tensor:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, split: _Split, batch: int) -> tuple[float, float]:
+def _evaluate(model: nn.Module, split: _Split, batch: int, device=None) -> tuple[float, float]:
     from tasks.learn.metrics import kendall_tau
 
     model.eval()
     preds = [
-        _call(model, split.batch(torch.arange(s, min(len(split), s + batch)))).reshape(-1)
+        _call(model, _on(split.batch(torch.arange(s, min(len(split), s + batch))), device))
+        .reshape(-1)
+        .cpu()
         for s in range(0, len(split), batch)
     ]
     model.train()
@@ -315,12 +326,15 @@ def fit(
     seed: int = 0,
     probes: int = 16,
     probe: dict[str, Tensor] | None = None,
+    device: str | torch.device | None = None,
 ) -> FitResult:
     """Train predictor ``name`` on the zoo at ``root``; test Kendall τ at the best val epoch.
 
     Adam ``lr`` with a cosine schedule over ``epochs``; training stops early after
     ``patience`` epochs without a better validation τ. ``probe`` passes precomputed
-    :func:`zoo_probe_features` (they are computed here otherwise, for ``+probe`` names)."""
+    :func:`zoo_probe_features` (they are computed here otherwise, for ``+probe`` names).
+    ``device``: where the predictor trains (batches are built on the CPU and copied
+    there; the predictions come back for the metrics)."""
     base, *extras = name.split("+")
     graphs = base in ("gmn", "scalegmn")
     if "probe" in extras and probe is None:
@@ -342,6 +356,9 @@ def fit(
         example_graph=train.graphs[0] if graphs else None,
         probe_shape=probe_shape,
     )
+    device = torch.device(device) if device is not None else None
+    if device is not None:
+        model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * (len(train) // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -354,16 +371,18 @@ def fit(
     start = time.perf_counter()
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=gen)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once an epoch
         for b in range(0, len(train) - batch_size + 1, batch_size):
             idx = order[b : b + batch_size]
-            loss = nn.functional.mse_loss(_call(model, train.batch(idx)).reshape(-1), train.y[idx])
+            x, y = _on(train.batch(idx), device), train.y[idx].to(device or "cpu")
+            loss = nn.functional.mse_loss(_call(model, x).reshape(-1), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
-        tau, mse = _evaluate(model, val, eval_batch)
+            total += loss.detach().double() * len(idx)
+        total = float(total)
+        tau, mse = _evaluate(model, val, eval_batch, device)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -377,7 +396,7 @@ def fit(
         elif patience is not None and epoch + 1 - best[1] >= patience:
             break
     model.load_state_dict(best[2])
-    test_tau, test_mse = _evaluate(model, test, eval_batch)
+    test_tau, test_mse = _evaluate(model, test, eval_batch, device)
     return FitResult(
         name,
         test_tau,

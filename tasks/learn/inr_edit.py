@@ -33,7 +33,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,6 +103,17 @@ class EditPairs:
 
     def indices(self, split: str) -> Tensor:
         return (self.split == SPLITS.index(split)).nonzero()[:, 0]
+
+    def to(self, device: str | torch.device) -> EditPairs:
+        """The pairs with their weights and images on ``device`` (split codes and PSNRs,
+        bookkeeping, stay on the host)."""
+        return replace(
+            self,
+            orig={n: t.to(device) for n, t in self.orig.items()},
+            edit={n: t.to(device) for n, t in self.edit.items()},
+            image=self.image.to(device),
+            target=self.target.to(device),
+        )
 
     def subset(self, idx: Tensor) -> EditPairs:
         return EditPairs(
@@ -385,14 +396,20 @@ def train_editor(
     hidden: int | None = None,
     seed: int = 0,
     limit: int | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Editor, EditResult]:
     """Train one editor on the training split (image MSE to the dilated image, Adam with a
-    cosine schedule), report val/test metrics of the model after the last epoch."""
+    cosine schedule), report val/test metrics of the model after the last epoch.
+    ``device``: where the editor trains and the pairs live while it does (the loss is
+    summed there and read once an epoch)."""
     train_idx = pairs.indices("train")
     if limit is not None:
         train_idx = train_idx[:limit]
     torch.manual_seed(seed)
     editor = build_editor(kind, pairs, hidden, train_idx)
+    if device is not None:
+        editor.to(device)
+        pairs = pairs.to(device)
     params = [p for p in editor.parameters() if p.requires_grad]
     start = time.perf_counter()
     history = []
@@ -405,7 +422,7 @@ def train_editor(
         gen = torch.Generator().manual_seed(seed)
         for epoch in range(epochs):
             order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float64, device=device)
             n_batches = max(1, len(order) // batch_size)
             for b in range(n_batches):
                 loss = _loss(editor, pairs, order[b * batch_size : (b + 1) * batch_size])
@@ -413,8 +430,8 @@ def train_editor(
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss.detach())
-            history.append({"epoch": epoch + 1, "train_image_mse": total / n_batches})
+                total += loss.detach().double()
+            history.append({"epoch": epoch + 1, "train_image_mse": float(total) / n_batches})
     seconds = time.perf_counter() - start
     test, val = evaluate(editor, pairs, "test"), evaluate(editor, pairs, "val")
     return editor, EditResult(

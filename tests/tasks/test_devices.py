@@ -158,3 +158,40 @@ def test_learned_optimizer_unroll_stays_on_its_device(net, fam):
     loss.backward()
     assert loss.device == META and all(v.device == META for v in w.values())
     assert all(p.grad is not None and p.grad.device == META for p in rule.parameters())
+
+
+@pytest.mark.parametrize("name", ["statnn", "unf+stats+probe", "none+stats+probe"])
+def test_generalization_step_stays_on_its_device(name, tmp_path):
+    """``generalization.fit``'s step on the meta device: the batch (weights, probe
+    features) copied by ``_on``, the predictor's forward, the MSE and the backward.
+    (Its epoch ends read the validation τ on the host, which meta cannot follow.)"""
+    from tasks.datasets.zoo import make_zoo
+    from tasks.learn.generalization import _call, _on, _Split, build_predictor, zoo_probe_features
+
+    make_zoo(tmp_path, 12, max_steps=2, num_shards=1, progress=False)
+    probe = zoo_probe_features(tmp_path, 4) if "probe" in name else None
+    split = _Split(tmp_path, "train", probe, graphs=False)
+    shape = None
+    if probe is not None:
+        shape = (sum(k.startswith("hidden") for k in probe), 4, probe["logits"].shape[2])
+    model = build_predictor(name, split.space, 8, probe_shape=shape).to(META)
+    x = _on(split.batch(torch.arange(4)), META)
+    loss = torch.nn.functional.mse_loss(_call(model, x).reshape(-1), split.y[:4].to(META))
+    loss.backward()
+    assert loss.device == META
+    assert all(p.grad is None or p.grad.device == META for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["unf", "flat"])
+def test_inr_editor_step_stays_on_its_device(kind):
+    """``inr_edit.train_editor``'s step on the meta device: the pairs moved by
+    ``EditPairs.to``, the editor's scalers and core, the render and the image loss.
+    (The GMN editor reads graph sizes from values, which the meta device cannot follow.)"""
+    from tasks.learn.inr_edit import _loss, build_editor, make_edit_pairs
+
+    pairs = make_edit_pairs(cfg=INRConfig(hidden=8, steps=1), limit=8)
+    editor = build_editor(kind, pairs, 8, pairs.indices("train")).to(META)
+    loss = _loss(editor, pairs.to(META), torch.arange(4))
+    loss.backward()
+    assert loss.device == META
+    assert all(p.grad is None or p.grad.device == META for p in editor.parameters())
