@@ -128,26 +128,35 @@ def _init(arch: Architecture, seed: int, init_scale: float) -> dict[str, Tensor]
     }
 
 
-def train_batched(arch: Architecture, hps: list, data, progress: bool = False) -> dict[str, Tensor]:
+def train_batched(
+    arch: Architecture,
+    hps: list,
+    data,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> dict[str, Tensor]:
     """Train one ``arch`` network per recipe (all the same batch size), together.
 
     The stacked parameters go through ``torch.func.vmap(functional_call)``; each model draws
     its own batches and noisy labels and has its own Adam (β 0.9/0.999, ε 1e-8, decoupled
     weight decay, learning rate, step count), as :func:`tasks.datasets.zoo.train_cnns` does for the
-    CNN families. Returns the stacked final weights ``{name: (B, *shape)}``."""
+    CNN families. ``device``: where they train (weights, Adam's moments, data, labels; the
+    batch draws stay on the host). Returns the stacked final weights ``{name: (B, *shape)}``
+    on that device."""
     from torch.func import functional_call, vmap
 
     from tasks.datasets.zoo import adamw_step_
 
     if len({h.batch_size for h in hps}) != 1:
         raise ValueError("train_batched trains models of one batch size at a time")
-    module = arch.build()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    module = arch.build().to(device)
     inits = [_init(arch, h.seed, h.init_scale) for h in hps]
     names = list(inits[0])
-    w = {k: torch.stack([i[k] for i in inits]) for k in names}
+    w = {k: torch.stack([i[k] for i in inits]).to(device) for k in names}
     m = {k: torch.zeros_like(v) for k, v in w.items()}
     v2 = {k: torch.zeros_like(v) for k, v in w.items()}
-    x_train, y_train = data.x_train, data.y_train
+    x_train, y_train = data.x_train.to(device), data.y_train
     n, bs = len(y_train), hps[0].batch_size
     gens, labels = [], []
     for h in hps:
@@ -155,8 +164,9 @@ def train_batched(arch: Architecture, hps: list, data, progress: bool = False) -
         noisy = torch.rand(n, generator=g) < h.label_noise
         labels.append(torch.where(noisy, torch.randint(0, CLASSES, (n,), generator=g), y_train))
         gens.append(g)
-    labels_t = torch.stack(labels)
-    lr, wd = torch.tensor([h.lr for h in hps]), torch.tensor([h.weight_decay for h in hps])
+    labels_t = torch.stack(labels).to(device)
+    lr = torch.tensor([h.lr for h in hps], device=device)
+    wd = torch.tensor([h.weight_decay for h in hps], device=device)
     steps = torch.tensor([h.steps for h in hps])
     live = torch.arange(len(hps))
     final = {k: torch.empty_like(v) for k, v in w.items()}
@@ -169,23 +179,26 @@ def train_batched(arch: Architecture, hps: list, data, progress: bool = False) -
             it, desc=f"training {len(hps)} {arch.name} (batch {bs})", unit="step", leave=False
         )
     for t in it:
-        done = steps[live] <= t
+        done = steps[live] <= t  # host tensors: which models train is known there
         if done.any():
             keep = ~done
+            # positions, not boolean masks, on the device: a mask there needs nonzero
+            gone, kept = done.nonzero()[:, 0].to(device), keep.nonzero()[:, 0].to(device)
             for k in names:
-                final[k][live[done]] = w[k][done]
-                w[k], m[k], v2[k] = w[k][keep], m[k][keep], v2[k][keep]
+                final[k][live[done].to(device)] = w[k].index_select(0, gone)
+                w[k], m[k], v2[k] = (t.index_select(0, kept) for t in (w[k], m[k], v2[k]))
             live = live[keep]
         idx = torch.stack([torch.randint(0, n, (bs,), generator=gens[int(i)]) for i in live])
+        idx, rows = idx.to(device), live.to(device)
         params = {k: v.requires_grad_() for k, v in w.items()}
         logits = forward(params, x_train[idx])  # (B, bs, 10)
-        y = labels_t[live[:, None], idx]
+        y = labels_t[rows[:, None], idx]
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / bs
         grads = torch.autograd.grad(loss, list(params.values()))
-        adamw_step_(w, m, v2, dict(zip(names, grads)), t, lr[live], wd[live])
+        adamw_step_(w, m, v2, dict(zip(names, grads)), t, lr[rows], wd[rows])
     for k in names:
         if len(live):
-            final[k][live] = w[k].detach()
+            final[k][live.to(device)] = w[k].detach()
     return final
 
 
@@ -333,12 +346,14 @@ def _widths(roots: Sequence[Path]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, graphs: list, batch: int = 64) -> Tensor:
+def _predict(model: nn.Module, graphs: list, batch: int = 64, device=None) -> Tensor:
     from torch_geometric.data import Batch
+
+    from tasks.learn.train import _to
 
     model.eval()
     out = [
-        model(Batch.from_data_list(graphs[s : s + batch])).reshape(-1)
+        model(_to(Batch.from_data_list(graphs[s : s + batch]), device)).reshape(-1).cpu()
         for s in range(0, len(graphs), batch)
     ]
     model.train()
@@ -361,6 +376,7 @@ def fit_mixed(
     hidden: int = 16,
     seed: int = 0,
     limit: int | None = None,
+    device: str | torch.device | None = None,
 ) -> MixedResult:
     """One GMN trained on the union of the zoo folders ``roots`` (any architectures).
 
@@ -368,10 +384,12 @@ def fit_mixed(
     are built with the same ``node_dim``/``edge_dim`` and batch together. MSE on test
     accuracy, Adam + cosine, early stopping on the pooled validation τ; returns the
     pooled and per-family test τ at the best validation epoch. ``limit`` caps each
-    family's training networks (the first ``limit`` of its train split)."""
+    family's training networks (the first ``limit`` of its train split). ``device``: where
+    the GMN trains (graph batches are built on the host and copied there)."""
     from torch_geometric.data import Batch
 
     from metanet.nn import GMN
+    from tasks.learn.train import _to
 
     roots = [Path(r) for r in roots]
     node_dim, edge_dim = _widths(roots)
@@ -380,6 +398,9 @@ def fit_mixed(
     y_train = torch.cat([g.y for g in train])
     torch.manual_seed(seed)
     model = GMN(node_dim, edge_dim, hidden=hidden, layers=3, out_features=1)
+    device = torch.device(device) if device is not None else None
+    if device is not None:
+        model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * (len(train) // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -392,17 +413,18 @@ def fit_mixed(
     start = time.perf_counter()
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=gen).tolist()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once an epoch
         for b in range(0, len(train) - batch_size + 1, batch_size):
             idx = order[b : b + batch_size]
-            pred = model(Batch.from_data_list([train[i] for i in idx])).reshape(-1)
-            loss = F.mse_loss(pred, y_train[idx])
+            pred = model(_to(Batch.from_data_list([train[i] for i in idx]), device)).reshape(-1)
+            loss = F.mse_loss(pred, _to(y_train[idx], device))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
-        tau = _tau(_predict(model, val), y_val)
+            total += loss.detach().double() * len(idx)
+        total = float(total)
+        tau = _tau(_predict(model, val, device=device), y_val)
         history.append(
             {"epoch": epoch + 1, "train_loss": total / len(train), "val_kendall_tau": tau}
         )
@@ -411,7 +433,7 @@ def fit_mixed(
         elif patience is not None and epoch + 1 - best[1] >= patience:
             break
     model.load_state_dict(best[2])
-    p = _predict(model, test)
+    p = _predict(model, test, device=device)
     y = torch.cat([g.y for g in test])
     fam = torch.cat([g.family for g in test])
     per = {r.name: _tau(p[fam == k], y[fam == k]) for k, r in enumerate(roots)}

@@ -195,3 +195,20 @@ def test_inr_editor_step_stays_on_its_device(kind):
     loss.backward()
     assert loss.device == META
     assert all(p.grad is None or p.grad.device == META for p in editor.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_mixed_zoo_training_stays_on_its_device(name):
+    """``mixed_zoo.train_batched`` (the ResNet-like and ViT-like families) on the meta
+    device: weights, Adam's moments, images, labels and rows on the device; the batch
+    draws and which models still train on the host. (``fit_mixed`` trains a GMN, whose
+    graph sizes the meta device cannot follow.)"""
+    from tasks.datasets import digits
+    from tasks.datasets.mixed_zoo import ARCHITECTURES, train_batched
+    from tasks.datasets.zoo import sample_hparams
+
+    arch = next(a for a in ARCHITECTURES if name in a.name)
+    hps = [h for h in (sample_hparams(i, arch) for i in range(30)) if h.batch_size == 16][:3]
+    hps = [type(h)(**{**h.__dict__, "steps": 2 + k}) for k, h in enumerate(hps)]
+    w = train_batched(arch, hps, digits.load(0.25, seed=0), device=META)
+    assert all(t.device == META and t.shape[0] == 3 for t in w.values())
