@@ -32,6 +32,7 @@ one of the *new* position of the outer factor. ``compose(g, h)`` is "first g, th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -211,6 +212,24 @@ class TensorSpec:
         for a in self.axes:
             out += [g for g in a.groups if g not in out]
         return tuple(out)
+
+    def blocks(
+        self,
+    ) -> Iterator[tuple[tuple[tuple[int, int], ...], tuple[tuple[Factor, ...], ...]]]:
+        """Every choice of one segment per axis: ``(ranges, segments)``, with per axis the
+        ``(start, stop)`` of the segment and its factors, in row-major order of the
+        choices. A tensor whose axes are concatenations (``qkv``, a fire module's concat)
+        splits into these blocks; alignment's views and UNF's pieces are cut from them."""
+        per_axis = []
+        for axis in self.axes:
+            choices, start = [], 0
+            for seg in axis.segments:
+                n = math.prod(f.size for f in seg)
+                choices.append(((start, start + n), seg))
+                start += n
+            per_axis.append(choices)
+        for combo in itertools.product(*per_axis):
+            yield tuple(r for r, _ in combo), tuple(seg for _, seg in combo)
 
     @property
     def tap_shape(self) -> tuple[int, ...]:

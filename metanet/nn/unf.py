@@ -121,16 +121,8 @@ def pieces_of(space: WeightSpace) -> list[Piece]:
     for t in space.tensors.values():
         if not is_feature(t):
             continue
-        per_axis = []
-        for axis in t.axes:
-            opts, start = [], 0
-            for seg in axis.segments:
-                n = math.prod(f.size for f in seg)
-                opts.append(((start, start + n), tuple((f.group, f.size) for f in seg)))
-                start += n
-            per_axis.append(opts)
-        for combo in _product(per_axis):
-            factors = tuple(c[1] for c in combo)
+        for ranges, segs in t.blocks():
+            factors = tuple(tuple((f.group, f.size) for f in seg) for seg in segs)
             flat = [f for fs in factors for f in fs]
             groups = [g for g, _ in flat if g is not None]
             sizes = [n for g, n in flat if g is not None]
@@ -148,7 +140,7 @@ def pieces_of(space: WeightSpace) -> list[Piece]:
             out.append(
                 Piece(
                     t.name,
-                    tuple(c[0] for c in combo),
+                    ranges,
                     factors,
                     tuple(groups),
                     tuple(sizes),

@@ -32,7 +32,6 @@ is the one that removes most of the barrier.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -103,19 +102,10 @@ class _View:
 def _views(space: WeightSpace, names: Iterable[str]) -> dict[str, list[_View]]:
     out: dict[str, list[_View]] = {}
     for name in names:
-        t = space.tensors[name]
-        per_axis = []
-        for axis in t.axes:
-            choices, start = [], 0
-            for seg in axis.segments:
-                n = math.prod(f.size for f in seg)
-                choices.append((slice(start, start + n), seg))
-                start += n
-            per_axis.append(choices)
         views = []
-        for combo in itertools.product(*per_axis):
+        for ranges, segs in space.tensors[name].blocks():
             shape, labels, axis_of, seg_of = [], [], [], []
-            for i, (_, seg) in enumerate(combo):
+            for i, seg in enumerate(segs):
                 for j, f in enumerate(seg):
                     shape.append(f.size)
                     labels.append(f.group)
@@ -125,7 +115,7 @@ def _views(space: WeightSpace, names: Iterable[str]) -> dict[str, list[_View]]:
                 views.append(
                     _View(
                         name,
-                        tuple(s for s, _ in combo),
+                        tuple(slice(a, b) for a, b in ranges),
                         tuple(shape),
                         tuple(labels),
                         tuple(axis_of),
