@@ -190,6 +190,25 @@ def merge_many_checkpoints(
     return merge_checkpoints(config, out, checkpoints={ref.ref: result}, seed=seed)
 
 
+def _check_interpolable(a: Checkpoint, b: Checkpoint) -> None:
+    """Refuse, naming the tensor, a checkpoint whose tensor is integer or bool where the
+    model holds floating point: the path from A to B interpolates floating tensors only
+    (others are taken from A), so the model could not even run on it."""
+    model = a.model if a.model is not None else b.model
+    if model is None:
+        return
+    state = model.state_dict()
+    for ck in (a, b):
+        for name, w in ck.weights.items():
+            want = state.get(name)
+            if want is not None and want.is_floating_point() and not w.is_floating_point():
+                raise CheckpointError(
+                    f"{ck.ref}: tensor {name!r} is {str(w.dtype).removeprefix('torch.')}, the "
+                    f"model's is {str(want.dtype).removeprefix('torch.')}: a barrier "
+                    "interpolates floating-point weights; save the checkpoint in floating point"
+                )
+
+
 def barrier_curves(
     a: Checkpoint,
     b: Checkpoint,
@@ -215,6 +234,7 @@ def barrier_curves(
 
     a, b = _held(a), _held(b)
     check_compatible(a, b)
+    _check_interpolable(a, b)
     curves = {"naive": loss_barrier(evaluate, a.weights, b.weights, alphas=alphas)}
     if align is not None:
         g, summary = match_pair(a, b, align, data=data, seed=seed, max_sweeps=max_sweeps,

@@ -168,6 +168,31 @@ def test_barrier_without_a_model_says_what_to_pass(pair, capsys):
     assert "--model" in capsys.readouterr().err
 
 
+def test_barrier_refuses_inputs_it_cannot_use(pair, tmp_path, capsys):
+    """Integer weights (a barrier interpolates floats: it was a dtype traceback) and a
+    --model factory with no example inputs and no --input-shape (a torch.export traceback
+    naming NoneType): one line each, exit 2, naming the tensor or the flag."""
+    from tests.helpers import refused
+
+    a, b = pair
+    ints = tmp_path / "int.safetensors"
+    sd, space = metanet.load(a)
+    metanet.save(ints, {k: (v * 10).round().long() for k, v in sd.items()}, space)
+    argv = ["barrier", a, ints, "--data", "digits-flat", "--model"]
+    refused([*argv, "tests.cli_models:digits_mlp"], capsys, tmp_path, str(ints), "int64", "float")
+    argv = [
+        "barrier",
+        a,
+        b,
+        "--data",
+        "digits-flat",
+        "--model",
+        "tests.cli_models:digits_mlp_alone",
+    ]
+    refused(argv, capsys, tmp_path, "--input-shape")
+    assert main([*map(str, argv), "--input-shape", "2,64", "--alphas", "3", "-q"]) == 0
+
+
 @pytest.mark.requires("transformers")
 def test_align_hugging_face_folders(tmp_path, capsys):
     """A relabelled copy of the real MiniLM checkpoint aligns back onto it, exactly."""
