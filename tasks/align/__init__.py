@@ -591,9 +591,10 @@ def weight_matching(
     elif todo:
         base, bound = matcher.objective(g, bound=True)
     log.objective.append(base)
-    # no total: a sweep limit is not an estimate of when matching ends (it stops when a
-    # sweep no longer improves), so the bar shows sweeps done and their rate, no false ETA
-    bar = _progress(None, progress, desc="weight matching", unit="sweep") if progress else None
+    # the bar counts group solves; its total is the solves of the sweeps begun so far (a
+    # sweep limit is no estimate of when matching ends: it stops when a sweep no longer
+    # improves), so it shows the current sweep's ETA and the sweep count, no false one
+    bar = _progress(None, progress, desc="weight matching", unit="group") if progress else None
     kept = [base]  # the best objective of any element so far (init's to begin with)
 
     def record(value: float) -> None:
@@ -602,8 +603,7 @@ def weight_matching(
         log.sweeps += 1
         log.objective.append(kept[0])
         if bar is not None:
-            bar.update()
-            bar.set_postfix(objective=f"{kept[0]:.4g}")
+            bar.set_postfix(sweep=log.sweeps, objective=f"{kept[0]:.4g}")
 
     # a group is re-solved only when a permutation its problem reads has changed since
     # its last solve; otherwise the same problem has the same answer (it would gain 0)
@@ -622,12 +622,17 @@ def weight_matching(
         for _ in range(sweeps):
             done_sweeps += 1
             gain = 0.0
+            if bar is not None:
+                bar.total = bar.n + len(stale)
+                bar.refresh()
             for name in visit():
                 name = str(name)
                 if name not in stale:
                     continue
                 stale.discard(name)
                 step_gain = matcher.step(name, g)
+                if bar is not None:
+                    bar.update()
                 if step_gain > 0:
                     stale.update(readers[name])
                 gain += step_gain

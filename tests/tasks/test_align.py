@@ -284,3 +284,24 @@ def test_ste_starts_where_init_says():
     assert log.notes == ["started from activation matching"]
     with pytest.raises(ValueError, match="init"):
         ste_matching(model, space, a, b, data, epochs=0, init="weights")
+
+
+def test_weight_matching_progress_shows_a_total(capsys):
+    """The bar counts group solves against the solves of the sweeps begun (an ETA for the
+    current sweep), with the sweep count and objective (#26: it showed no total)."""
+    import re
+
+    from converters import from_module
+    from tasks.align import weight_matching
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 3),
+    )  # fmt: skip
+    space = from_module(m, torch.randn(2, 8))
+    a = m.state_dict()
+    b = space.apply(a, space.random_element(torch.Generator().manual_seed(1)))
+    weight_matching(space, a, b, progress=True)
+    err = capsys.readouterr().err
+    assert "weight matching" in err and re.search(r"\d+/\d+ \[", err) and "sweep=" in err
