@@ -685,3 +685,38 @@ def test_training_that_diverges_stops_in_one_line(tiny_dataset, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "diverged in epoch 1" in err and "--lr" in err and "\n" not in err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- no code runs
+def test_yaml_python_tags_run_nothing(pair, tmp_path, capsys):
+    """A merge config with a ``!!python`` tag: refused in one line naming the config;
+    the command it asks for never ran."""
+    a, b = pair
+    mark = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight: "
+        f"!!python/object/apply:os.system ['touch {mark}']\n  - model: {b}\n"
+        "    parameters:\n      weight: 1.0\n"
+    )
+    refused(["merge", "--config", config, "-o", tmp_path / "out"], capsys, tmp_path, str(config))
+    assert not mark.exists()
+
+
+@pytest.mark.requires("transformers")
+@pytest.mark.parametrize("command", ["align", "merge"])
+def test_auto_map_remote_code_is_refused(hf_pair, tmp_path, capsys, command):
+    """``auto_map`` in config.json asks transformers to import the folder's own Python;
+    metanet refuses the folder in one line and imports nothing from it."""
+    import json
+
+    a, b, _, work = hf_pair
+    mark = work / "pwned"
+    (b / "modeling_evil.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (b / "config.json").write_text(json.dumps(cfg))
+    argv = {"align": ["align", a, b, "-o", work / "out"],
+            "merge": ["merge", a, b, "--method", "linear", "-o", work / "out"]}[command]  # fmt: skip
+    refused(argv, capsys, work, "auto_map", "remote code")
+    assert not mark.exists()

@@ -133,3 +133,19 @@ def test_docstrings_read_as_markdown():
         "",
         "Done.",
     ]
+
+
+def test_reliability_guide_names_tests_that_exist():
+    """Each guarantee of the reliability guide names the tests that show it: every one
+    of those names is a test function (a renamed or deleted test fails here)."""
+    text = (DOCS / "guides" / "reliability.md").read_text()
+    names = set(re.findall(r"`(test_\w+)`", text))
+    assert len(names) >= 20
+    defined = {
+        m
+        for p in (ROOT / "tests").rglob("test_*.py")
+        for m in re.findall(r"^def (test_\w+)", p.read_text(), re.M)
+    }
+    assert names <= defined, sorted(names - defined)
+    for path in re.findall(r"`(tests/[\w/]+\.py)`", text):
+        assert (ROOT / path).exists(), path
