@@ -212,3 +212,20 @@ def test_mixed_zoo_training_stays_on_its_device(name):
     hps = [type(h)(**{**h.__dict__, "steps": 2 + k}) for k, h in enumerate(hps)]
     w = train_batched(arch, hps, digits.load(0.25, seed=0), device=META)
     assert all(t.device == META and t.shape[0] == 3 for t in w.values())
+
+
+def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
+    """``benchmarks/gpu.py --smoke``: every job of the device script at toy sizes, the CPU
+    standing in for the GPU, so the script a device session runs does not rot."""
+    import importlib.util
+
+    from tests.docs.test_readme import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gpu.md"
+    bench.main(["--smoke", "--inr-steps", "2", "--data", str(tmp_path / "inrs"), "--out", str(out)])
+    text = out.read_text()
+    for job in ("INR fitting", "unf training epoch", "scalegmn training epoch", "GMN forward"):
+        assert job in text, job
