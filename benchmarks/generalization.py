@@ -56,6 +56,7 @@ NAMES = {
     "nfn-np": "NFN-NP (`nfn` package)",
     "nfn-hnp": "NFN-HNP (`nfn` package)",
     "gmn": "GMN (metanet)",
+    "scalegmn": "ScaleGMN-style (metanet: scale-equivariant layers)",
     "unf+stats": "UNF + weight statistics",
     "nfn-hnp+stats": "NFN-HNP + weight statistics",
     "gmn+stats": "GMN + weight statistics",
