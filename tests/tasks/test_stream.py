@@ -155,7 +155,10 @@ def _python(*args):
     return [sys.executable, "-m", "metanet.cli", *args]
 
 
-def test_sigterm_mid_write_keeps_old_output_and_next_run_cleans(tmp_path):
+def _merge_then_signal(tmp_path, signals):
+    """A ``metanet merge`` of two 15M-parameter MLPs over an existing output, and
+    ``signals(proc)`` called once its temporary output appears: ``(a, b, out, proc,
+    stderr)``."""
     a = _mlp_checkpoint(tmp_path / "a.safetensors", [2000, 3000, 3000, 10], 0)
     b = _mlp_checkpoint(tmp_path / "b.safetensors", [2000, 3000, 3000, 10], 1)
     out = tmp_path / "out.safetensors"
@@ -166,10 +169,15 @@ def test_sigterm_mid_write_keeps_old_output_and_next_run_cleans(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if any(TMP_MARK in p.name for p in tmp_path.iterdir()):
-            proc.send_signal(signal.SIGTERM)
+            signals(proc)
             break
         time.sleep(0.002)
     _, err = proc.communicate(timeout=120)
+    return a, b, out, proc, err
+
+
+def test_sigterm_mid_write_keeps_old_output_and_next_run_cleans(tmp_path):
+    a, b, out, proc, err = _merge_then_signal(tmp_path, lambda p: p.send_signal(signal.SIGTERM))
     if proc.returncode == 0:
         pytest.skip("the write finished before SIGTERM could land")
     assert proc.returncode == 130, err.decode()[-2000:]
@@ -189,24 +197,15 @@ def test_sigterm_mid_write_keeps_old_output_and_next_run_cleans(tmp_path):
 def test_repeated_signals_while_unwinding(tmp_path):
     """A SIGTERM, then SIGTERMs and a SIGINT every millisecond while the first one unwinds:
     still one line and exit 130, no traceback, no temporary file, the old output intact."""
-    a = _mlp_checkpoint(tmp_path / "a.safetensors", [2000, 3000, 3000, 10], 0)
-    b = _mlp_checkpoint(tmp_path / "b.safetensors", [2000, 3000, 3000, 10], 1)
-    out = tmp_path / "out.safetensors"
-    out.write_bytes(b"previous output")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    argv = _python("merge", str(a), str(b), "--method", "naive", "-o", str(out), "--force")
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if any(TMP_MARK in p.name for p in tmp_path.iterdir()):
-            for k in range(200):
-                if proc.poll() is not None:
-                    break
-                proc.send_signal(signal.SIGINT if k % 7 == 3 else signal.SIGTERM)
-                time.sleep(0.001)
-            break
-        time.sleep(0.002)
-    _, err = proc.communicate(timeout=120)
+
+    def storm(proc):
+        for k in range(200):
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGINT if k % 7 == 3 else signal.SIGTERM)
+            time.sleep(0.001)
+
+    _, _, out, proc, err = _merge_then_signal(tmp_path, storm)
     if proc.returncode == 0:
         pytest.skip("the write finished before the signals could land")
     text = err.decode()
