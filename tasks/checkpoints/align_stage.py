@@ -228,7 +228,9 @@ def _check_function(ref: Checkpoint, other: Checkpoint, g: Element) -> float | N
     return err
 
 
-def _for_matching(source: Checkpoint, ref: Checkpoint | None = None) -> Checkpoint:
+def _for_matching(
+    source: Checkpoint, ref: Checkpoint | None = None, progress: bool = False
+) -> Checkpoint:
     """``source`` opened for matching: lazy reads upcast to float32, a folder read in the
     reference's space (its model built when it is the reference)."""
     if source.lazy is None:  # in memory: its own space, else the reference's
@@ -241,7 +243,9 @@ def _for_matching(source: Checkpoint, ref: Checkpoint | None = None) -> Checkpoi
             )
         return dataclasses.replace(source, space=ref.space)
     if ref is None:
-        ck = open_checkpoint(source.path, build_model=source.hf, upcast=torch.float32)
+        ck = open_checkpoint(
+            source.path, build_model=source.hf, upcast=torch.float32, progress=progress
+        )
         if ck.space is None:
             raise AlignmentError(
                 f"{source.ref}: aligning needs its WeightSpace: a Hugging Face folder, a "
@@ -288,7 +292,7 @@ def align_sources(
         source = plan.sources[index[path]]
         if reference.hf and source.hf:
             check_same_layout(reference.path, source.path)
-    ref = _for_matching(reference)
+    ref = _for_matching(reference, progress=progress)
     matched = []
     for path, how in wanted:
         source = plan.sources[index[path]]
@@ -362,7 +366,7 @@ def align_checkpoint(
         a = open_checkpoint(a)
     if a.hf and b.hf:
         check_same_layout(b.path, a.path)  # a is read in b's space: it must split its axes alike
-    ref = _for_matching(b)
+    ref = _for_matching(b, progress=progress)
     other = _for_matching(a, ref)
     check_compatible(ref, other)
     stream.check_finite([ref, other], progress=progress)

@@ -217,6 +217,7 @@ def open_checkpoint(
     model: nn.Module | None = None,
     upcast: torch.dtype | None = None,
     load_state: Callable | None = None,
+    progress: bool = False,
 ) -> Checkpoint:
     """Open ``ref`` (a path or a cached hub id) from its headers: nothing read.
 
@@ -226,7 +227,8 @@ def open_checkpoint(
     the names follow this folder's own keys). A metanet ``.safetensors`` file carries its
     space. Other files (``.pt``) are read whole by ``load_state(path) -> (weights,
     space)``. ``upcast``: lazy reads of float16/bfloat16 tensors come in this dtype (for
-    matching); :meth:`Checkpoint.read` always gives the stored dtype.
+    matching); :meth:`Checkpoint.read` always gives the stored dtype. ``progress``: a bar
+    over building a folder's model and tracing its WeightSpace (seconds on a large model).
     """
     ref = str(ref)
     path = resolve_model(ref)
@@ -237,9 +239,15 @@ def open_checkpoint(
         if build_model:
             from converters import from_module
             from converters.pretrained import hf_model
+            from tasks.checkpoints.stream import progress_bar
 
-            model, inputs = hf_model(path)
-            space = from_module(model, inputs)
+            with progress_bar(2, f"load {path.name}", progress, unit="step") as bar:
+                bar.set_postfix_str("building the model from config.json")
+                model, inputs = hf_model(path)
+                bar.update()
+                bar.set_postfix_str("tracing its WeightSpace")
+                space = from_module(model, inputs)
+                bar.update()
             keys = set(_lazy(path).entries)
             names = _names_for(model, keys)
             missing = [n for n in space.tensors if n not in names]

@@ -568,3 +568,13 @@ def test_merge_weights_aligns_in_memory():
     cfg["models"][1]["align"] = "none"
     naive = merge_weights(cfg, {"a": a, "b": b})
     assert not torch.allclose(naive["0.weight"], a["0.weight"])
+
+
+def test_loading_a_folder_shows_progress(llamas, tmp_path, capsys):
+    """Building a folder's model and tracing its WeightSpace (seconds on a large model)
+    shows a bar naming the folder and the step (#26: loading showed nothing)."""
+    from tasks.checkpoints import align_checkpoint
+
+    align_checkpoint(llamas / "a", llamas / "b", tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "load b" in err and "tracing its WeightSpace" in err and "weight matching" in err
