@@ -27,7 +27,7 @@ the edge's block type and tap positions, and ``W_x, W_e, A, B`` linear maps with
 (they commute with a scalar ``q``). ``E_{ji} \odot A h_j`` transforms as ``q_i``, so the
 forward messages do too. A backward message ``E_{ji} \odot B h_i`` transforms as
 ``q_i^2 / q_j``, which is ``q_j`` only when neither end scales positively (``q^2 = 1``):
-it is sent only then (ScaleGMN's bidirectional variant is likewise built for signs).
+it is sent only then.
 The update ``f_a`` depends on the node's action ``a``:
 
 * no action: an MLP;
