@@ -20,7 +20,6 @@ parameter graph. This module makes the non-CNN families and trains that GMN:
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -389,6 +388,7 @@ def fit_mixed(
     from torch_geometric.data import Batch
 
     from metanet.nn import GMN
+    from tasks.learn.metrics import BestEpoch
     from tasks.learn.train import _to
 
     roots = [Path(r) for r in roots]
@@ -408,7 +408,7 @@ def fit_mixed(
     )
     gen = torch.Generator().manual_seed(seed)
     y_val = torch.cat([g.y for g in val])
-    best: tuple[float, int, dict | None] = (-math.inf, 0, None)
+    best = BestEpoch(patience)
     history = []
     start = time.perf_counter()
     for epoch in range(epochs):
@@ -428,15 +428,14 @@ def fit_mixed(
         history.append(
             {"epoch": epoch + 1, "train_loss": total / len(train), "val_kendall_tau": tau}
         )
-        if best[2] is None or tau > best[0]:  # (a NaN τ never counts as better)
-            best = (tau, epoch + 1, copy.deepcopy(model.state_dict()))
-        elif patience is not None and epoch + 1 - best[1] >= patience:
+        if best.update(tau, epoch + 1, model):
             break
-    model.load_state_dict(best[2])
+    best.restore(model)
     p = _predict(model, test, device=device)
     y = torch.cat([g.y for g in test])
     fam = torch.cat([g.family for g in test])
     per = {r.name: _tau(p[fam == k], y[fam == k]) for k, r in enumerate(roots)}
     return MixedResult(
-        _tau(p, y), best[0], per, best[1], len(history), time.perf_counter() - start, history
-    )
+        _tau(p, y), best.value, per, best.epoch, len(history), time.perf_counter() - start,
+        history,
+    )  # fmt: skip

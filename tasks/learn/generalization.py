@@ -26,7 +26,6 @@ activation and architecture come from the zoo's ``dataset.json`` and index rows)
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from metanet.space import WeightSpace
+from tasks.learn.metrics import BestEpoch
 
 __all__ = [
     "weight_statistics",
@@ -366,7 +366,7 @@ def fit(
     )
     gen = torch.Generator().manual_seed(seed)
     eval_batch = 64 if graphs else 512
-    best = (-math.inf, 0, None)
+    best = BestEpoch(patience)
     history: list[dict] = []
     start = time.perf_counter()
     for epoch in range(epochs):
@@ -391,18 +391,16 @@ def fit(
                 "val_mse": mse,
             }
         )
-        if best[2] is None or tau > best[0]:  # (a NaN τ never counts as better)
-            best = (tau, epoch + 1, copy.deepcopy(model.state_dict()))
-        elif patience is not None and epoch + 1 - best[1] >= patience:
+        if best.update(tau, epoch + 1, model):
             break
-    model.load_state_dict(best[2])
+    best.restore(model)
     test_tau, test_mse = _evaluate(model, test, eval_batch, device)
     return FitResult(
         name,
         test_tau,
-        best[0],
+        best.value,
         test_mse,
-        best[1],
+        best.epoch,
         len(history),
         time.perf_counter() - start,
         history,

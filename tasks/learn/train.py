@@ -563,7 +563,9 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     per_rank = batch_size // world
     history: list[dict] = []
-    best: dict = {"metric": -math.inf, "epoch": -1, "state": None}  # early stopping
+    from tasks.learn.metrics import BestEpoch
+
+    best = BestEpoch(patience)  # early stopping (rank 0 tracks it)
     start = time.perf_counter()
     epochs_iter = range(epochs)
     if progress and rank == 0:
@@ -616,14 +618,12 @@ def train(
             epochs_iter.write(_epoch_line(row, epochs))
         if out is not None and rank == 0:
             _log(Path(out), history)
-        if patience is not None and _early_stop(
-            row, history, best, patience, model, regress, world
-        ):
+        if patience is not None and _early_stop(row, history, best, model, regress, world):
             break
     final = history[-1]
-    if patience is not None and rank == 0 and best["state"] is not None:
-        model.load_state_dict(best["state"])  # the epoch with the best validation metric
-        final = history[best["epoch"]]
+    if patience is not None and rank == 0 and best.state is not None:
+        best.restore(model)  # the epoch with the best validation metric
+        final = history[best.epoch - 1]
     test_acc = float("nan")
     extra: dict[str, float] = {}
     if rank == 0 and regress:
@@ -654,24 +654,14 @@ def train(
     return result
 
 
-def _early_stop(
-    row: dict,
-    history: list[dict],
-    best: dict,
-    patience: int,
-    model: nn.Module,
-    regress: bool,
-    world: int,
-) -> bool:
-    """Track the best validation epoch (its weights in ``best``); True once ``patience``
-    epochs have passed without improvement. Rank 0 decides, the others follow."""
+def _early_stop(row: dict, history: list[dict], best, model: nn.Module, regress: bool, world: int):
+    """Track the best validation epoch (``best``: a :class:`~tasks.learn.metrics.BestEpoch`);
+    True once its patience has passed without improvement. Rank 0 decides, the others
+    follow."""
     metric = row.get("val_kendall_tau" if regress else "val_accuracy")
     stop = False
     if metric is not None:  # rank 0 (only it evaluates)
-        if metric > best["metric"]:
-            best.update(metric=metric, epoch=len(history) - 1)
-            best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stop = len(history) - 1 - best["epoch"] >= patience
+        stop = best.update(metric, len(history), model)
     if world > 1:
         import torch.distributed as dist
 

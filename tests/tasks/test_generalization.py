@@ -127,3 +127,24 @@ def test_fit_early_stops_at_best_val_and_reruns_bit_identically(small_zoo):
     assert vals[a.best_epoch - 1] == a.val_kendall_tau
     assert a.epochs <= 6 and (a.epochs == 6 or a.epochs - a.best_epoch >= 2)
     assert -1 <= a.test_kendall_tau <= 1
+
+
+def test_best_epoch_tracks_and_stops():
+    """One early-stopping rule for train, generalization.fit and fit_mixed: the first
+    epoch counts, NaN never beats it, patience counts epochs since the best."""
+    import math
+
+    from tasks.learn.metrics import BestEpoch
+
+    net = torch.nn.Linear(2, 1)
+    best = BestEpoch(patience=2)
+    assert not best.update(math.nan, 1, net) and best.epoch == 1
+    assert not best.update(0.5, 2, net) and best.epoch == 2
+    kept = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert not best.update(math.nan, 3, net) and best.epoch == 2
+    assert best.update(0.4, 4, net) and best.epoch == 2
+    best.restore(net)
+    assert all(torch.equal(net.state_dict()[k], kept[k]) for k in kept)
+    assert not BestEpoch(None).update(0.1, 99, net)
