@@ -117,6 +117,22 @@ class GraphInputs(nn.Module):
         self.edge_type = nn.Embedding(3, hidden)
         self.tap_code = nn.Linear(6, hidden, bias=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the embedding was shared (a GraphTransformer had no tap
+        # code): a zero code is exactly the function they were trained as
+        key = prefix + "tap_code.weight"
+        if key not in state_dict and hasattr(self, "tap_code"):
+            import warnings
+
+            warnings.warn(
+                f"{type(self).__name__}: the state dict has no {key!r} (saved before the "
+                "input embedding was shared); loading it as zeros, the function it was "
+                "saved with",
+                stacklevel=2,
+            )
+            state_dict[key] = torch.zeros_like(self.tap_code.weight)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def embed_nodes(self, graph) -> Tensor:
         """``(N, hidden)``: the nodes' input states."""
         x = self.node_in(self.encode(graph.x))

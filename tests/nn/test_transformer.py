@@ -91,3 +91,21 @@ def test_kernel_chunks_are_told_apart():
         swapped.tap_pos = graph.tap_pos.flip(0)  # each chunk labelled with another's taps
         swapped.block_taps = graph.block_taps.flip(0)
         assert (net(graph) - net(swapped)).abs().max() > 1e-6
+
+
+def test_weights_saved_without_the_tap_code_still_load():
+    """A transformer state dict from before the shared input embedding (no
+    ``tap_code.weight``) loads with a warning, as zeros: the function it was saved as."""
+    model, _, space = converted(_entry("cnn_bn"))
+    graph = to_graph(space, _weights64(model), edge_dim=4)
+    net = _model(graph)
+    with torch.no_grad():
+        net.tap_code.weight.zero_()
+    old = {k: v for k, v in net.state_dict().items() if k != "tap_code.weight"}
+    fresh = _model(graph)
+    with torch.no_grad():
+        fresh.tap_code.weight.normal_()
+    with pytest.warns(UserWarning, match="tap_code"):
+        fresh.load_state_dict(old)
+    with torch.no_grad():
+        assert torch.equal(fresh(graph), net(graph))
