@@ -237,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="INR dataset folder")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--only-seeds",
+        default=None,
+        help="comma list: train only these of the --seeds (other processes run the rest; "
+        "with --runs)",
+    )
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--limit", type=int, default=None, help="training INRs (a fixed subset)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -312,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             if (spec, seed) in done:
                 runs.append(done[spec, seed])
                 continue
+            if args.only_seeds is not None and str(seed) not in args.only_seeds.split(","):
+                continue
             r = train(
                 kind,
                 args.data,
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        if not runs:  # --only-seeds: none of this model's seeds here (yet)
+            continue
         results[spec] = runs
         _write(args, meta, full, n_split, n_train, ceiling, results, time.perf_counter() - wall0)
     _write(args, meta, full, n_split, n_train, ceiling, results, time.perf_counter() - wall0)
