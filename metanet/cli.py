@@ -365,12 +365,6 @@ def _held(args: argparse.Namespace, paths: Sequence[str]) -> dict:
         model = inputs = None
         if spec:
             model, inputs = _factory_model(spec, args.input_shape, "--model")
-            if inputs is None:
-                raise UsageError(
-                    f"--model {spec}: the factory returned only a model, and tracing it needs "
-                    "inputs; pass --input-shape (e.g. 1,3,32,32) or return (model, "
-                    "example_inputs)"
-                )
         held[p] = load_checkpoint(p, family=family, activation=args.activation, model=model,
                                   inputs=inputs, model_name=f"--model {spec}")  # fmt: skip
     return held

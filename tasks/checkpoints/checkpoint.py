@@ -347,6 +347,12 @@ def load_checkpoint(
 
         weights = load_state_dict(path)
         _check_fits(model, weights, path, model_name)
+        if inputs is None:
+            raise CheckpointError(
+                f"{path}: has no embedded WeightSpace, so {model_name} is traced for one, "
+                "which needs example inputs: pass --input-shape (e.g. 1,3,32,32) or have "
+                "the factory return (model, example_inputs)"
+            )
         return Checkpoint(ref, path, weights, None, from_module(model, inputs), model, inputs)
     if family is not None:
         from converters import from_state_dict

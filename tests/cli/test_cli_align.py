@@ -172,6 +172,8 @@ def test_barrier_refuses_inputs_it_cannot_use(pair, tmp_path, capsys):
     """Integer weights (a barrier interpolates floats: it was a dtype traceback) and a
     --model factory with no example inputs and no --input-shape (a torch.export traceback
     naming NoneType): one line each, exit 2, naming the tensor or the flag."""
+    from safetensors.torch import save_file
+
     from tests.helpers import refused
 
     a, b = pair
@@ -180,17 +182,14 @@ def test_barrier_refuses_inputs_it_cannot_use(pair, tmp_path, capsys):
     metanet.save(ints, {k: (v * 10).round().long() for k, v in sd.items()}, space)
     argv = ["barrier", a, ints, "--data", "digits-flat", "--model"]
     refused([*argv, "tests.cli_models:digits_mlp"], capsys, tmp_path, str(ints), "int64", "float")
-    argv = [
-        "barrier",
-        a,
-        b,
-        "--data",
-        "digits-flat",
-        "--model",
-        "tests.cli_models:digits_mlp_alone",
-    ]
-    refused(argv, capsys, tmp_path, "--input-shape")
-    assert main([*map(str, argv), "--input-shape", "2,64", "--alphas", "3", "-q"]) == 0
+    plain = tmp_path / "plain.safetensors"  # no embedded space: the model is traced
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(plain))
+    alone = ["--data", "digits-flat", "--model", "tests.cli_models:digits_mlp_alone"]
+    refused(["barrier", a, plain, *alone], capsys, tmp_path, str(plain), "--input-shape")
+    argv = [str(x) for x in ("barrier", a, plain, *alone)]
+    assert main([*argv, "--input-shape", "2,64", "--alphas", "3", "-q"]) == 0
+    # a metanet checkpoint carries its space: no example inputs needed
+    assert main(["barrier", str(a), str(b), *alone, "--alphas", "3", "-q"]) == 0
 
 
 @pytest.mark.requires("transformers")
