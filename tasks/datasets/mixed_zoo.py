@@ -388,7 +388,7 @@ def fit_mixed(
     from torch_geometric.data import Batch
 
     from metanet.nn import GMN
-    from tasks.learn.metrics import BestEpoch
+    from tasks.learn.metrics import BestEpoch, cosine_schedule
     from tasks.learn.train import _to
 
     roots = [Path(r) for r in roots]
@@ -403,9 +403,7 @@ def fit_mixed(
         model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * (len(train) // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps)))
-    )
+    sched = cosine_schedule(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     y_val = torch.cat([g.y for g in val])
     best = BestEpoch(patience)

@@ -26,7 +26,6 @@ activation and architecture come from the zoo's ``dataset.json`` and index rows)
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from metanet.space import WeightSpace
-from tasks.learn.metrics import BestEpoch
+from tasks.learn.metrics import BestEpoch, cosine_schedule
 
 __all__ = [
     "weight_statistics",
@@ -361,9 +360,7 @@ def fit(
         model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * (len(train) // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps)))
-    )
+    sched = cosine_schedule(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     eval_batch = 64 if graphs else 512
     best = BestEpoch(patience)

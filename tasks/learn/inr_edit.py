@@ -416,9 +416,9 @@ def train_editor(
     if params and epochs > 0:
         opt = torch.optim.Adam(params, lr=lr)
         steps = epochs * max(1, len(train_idx) // batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
-        )
+        from tasks.learn.metrics import cosine_schedule
+
+        sched = cosine_schedule(opt, steps)
         gen = torch.Generator().manual_seed(seed)
         for epoch in range(epochs):
             order = train_idx[torch.randperm(len(train_idx), generator=gen)]

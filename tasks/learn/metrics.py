@@ -1,12 +1,14 @@
-"""What the learning jobs report: one implementation each."""
+"""What the learning loops share, one implementation each: Kendall τ, early stopping on
+validation, the cosine learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["kendall_tau", "BestEpoch"]
+__all__ = ["kendall_tau", "BestEpoch", "cosine_schedule"]
 
 
 class BestEpoch:
@@ -51,3 +53,12 @@ def kendall_tau(pred: Tensor, target: Tensor) -> float:
             pred.detach().double().cpu().numpy(), target.detach().double().cpu().numpy()
         )
     return float(stat.statistic)
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate annealed from its value to 0 over ``steps`` optimizer steps
+    (half a cosine), then held at 0."""
+    steps = max(1, steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
+    )

@@ -555,9 +555,9 @@ def train(
     steps_total = epochs * (n_train // batch_size)
     sched = None
     if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps_total) / max(1, steps_total)))
-        )
+        from tasks.learn.metrics import cosine_schedule
+
+        sched = cosine_schedule(opt, steps_total)
     elif schedule != "constant":
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     gen = torch.Generator().manual_seed(seed)

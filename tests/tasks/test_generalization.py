@@ -148,3 +148,16 @@ def test_best_epoch_tracks_and_stops():
     best.restore(net)
     assert all(torch.equal(net.state_dict()[k], kept[k]) for k in kept)
     assert not BestEpoch(None).update(0.1, 99, net)
+
+
+def test_cosine_schedule_anneals_to_zero_and_holds():
+    from tasks.learn.metrics import cosine_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    sched = cosine_schedule(opt, 10)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.4 and abs(lrs[5] - 0.2) < 1e-12 and lrs[10] == lrs[11] == 0.0
