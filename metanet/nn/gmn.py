@@ -121,7 +121,7 @@ class GraphInputs(nn.Module):
         # weights saved before the embedding was shared (a GraphTransformer had no tap
         # code): a zero code is exactly the function they were trained as
         key = prefix + "tap_code.weight"
-        if key not in state_dict and hasattr(self, "tap_code"):
+        if key not in state_dict:
             import warnings
 
             warnings.warn(
