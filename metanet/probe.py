@@ -201,27 +201,51 @@ def with_probes(
 
 
 class ProbeEncoder(nn.Module):
-    """Learned per-neuron encodings of probe features, for models that fold fixed axes
-    into channels (UNF): ``P`` probe values per neuron are too many channels to mix
-    densely (UNF's cost grows with ``P²``), so an MLP shared by all neurons of a tensor
-    maps them to ``channels`` first, and a DeepSets summary (the same kind of MLP, then
-    mean and max over the tensor's neurons) gives an invariant vector a head can read
-    directly. Both act on the fixed probe axis only, identically for every neuron, so they
-    commute with every permutation of the neurons.
+    """Learned encodings of probe features: per neuron, for models that fold fixed axes
+    into channels (UNF), and an invariant summary any head can read directly.
+
+    * **Per neuron** (``channels``): ``P`` probe values per neuron are too many channels
+      to mix densely (UNF's cost grows with ``P²``), so an MLP shared by all neurons of a
+      tensor maps them to ``channels`` first. ``channels=None``: the summary alone.
+    * **Summary** (``out_features`` wide): a DeepSets per probe tensor, an MLP ``phi`` on
+      each neuron's ``P`` values, then the mean and the max over the tensor's neurons:
+
+      .. math::
+
+          z = \\big[\\operatorname{mean}_i \\phi_S(F_S[i]),\\quad
+              \\operatorname{max}_i \\phi_S(F_S[i])\\big]_S
+
+      Neurons of a set no group permutes (a classifier's logits, an INR's output) are
+      pooled the same way with ``fixed="pool"``; with ``fixed="flatten"`` their raw probe
+      values go to the summary as they are, in order (which logit is which class then
+      stays known).
+
+    Both act on the fixed probe axis only, identically for every neuron of a set, so they
+    commute with every permutation of the neurons and the summary is invariant.
 
     ``space`` is a :func:`probe_space`; :attr:`space` is the same space with each probe
-    tensor reduced to ``(|set|, 1)`` (what the encoder outputs, per channel).
+    tensor reduced to ``(|set|, 1)`` (what the per-neuron encoder outputs, per channel).
     Shapes: ``forward({name: (B, |set|, P)}) -> ({name: (B, channels, |set|, 1)},
-    (B, out_features))``.
+    (B, out_features))`` (an empty dict with ``channels=None``).
     """
 
-    def __init__(self, space: WeightSpace, channels: int, hidden: int = 64):
+    def __init__(
+        self,
+        space: WeightSpace,
+        channels: int | None,
+        hidden: int = 64,
+        fixed: str = "pool",
+    ):
         super().__init__()
+        if fixed not in ("pool", "flatten"):
+            raise ValueError(f"ProbeEncoder: fixed={fixed!r}, expected 'pool' or 'flatten'")
         self.names = [n for n, t in space.tensors.items() if t.role == "probe"]
         if not self.names:
             raise WeightSpaceError("ProbeEncoder: the space has no probe tensors")
         reduced = dict(space.tensors)
         self.encode, self.summary = nn.ModuleList(), nn.ModuleList()
+        self.flat: list[bool] = []
+        width = 0
         for n in self.names:
             t = space.tensors[n]
             num = t.shape[1]
@@ -234,20 +258,31 @@ class ProbeEncoder(nn.Module):
                 out_set=t.out_set,
                 out_axis=0,
             )
-            self.encode.append(
-                nn.Sequential(nn.Linear(num, hidden), nn.ReLU(), nn.Linear(hidden, channels))
-            )
+            if channels is not None:
+                self.encode.append(
+                    nn.Sequential(nn.Linear(num, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+                )
+            flat = fixed == "flatten" and t.axes[0].is_fixed
+            self.flat.append(flat)
             self.summary.append(
-                nn.Sequential(nn.Linear(num, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+                nn.Identity()
+                if flat
+                else nn.Sequential(nn.Linear(num, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
             )
+            width += t.shape[0] * num if flat else 2 * hidden
+        self.channels = channels
         self.space = space.replace(tensors=reduced)
-        self.out_features = 2 * hidden * len(self.names)
+        self.out_features = width
 
     def forward(self, probes: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         feats, summary = {}, []
-        for n, enc, summ in zip(self.names, self.encode, self.summary):
+        for k, (n, summ) in enumerate(zip(self.names, self.summary)):
             v = probes[n]  # (B, |set|, P)
-            feats[n] = enc(v).movedim(-1, 1).unsqueeze(-1)
-            h = summ(v)
-            summary += [h.mean(1), h.amax(1)]
+            if self.channels is not None:
+                feats[n] = self.encode[k](v).movedim(-1, 1).unsqueeze(-1)
+            if self.flat[k]:
+                summary.append(v.flatten(1))
+            else:
+                h = summ(v)
+                summary += [h.mean(1), h.amax(1)]
         return feats, torch.cat(summary, -1)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -388,7 +387,7 @@ def fit_mixed(
     from torch_geometric.data import Batch
 
     from metanet.nn import GMN
-    from tasks.learn.metrics import BestEpoch, cosine_schedule
+    from tasks.learn.metrics import fit_regression
     from tasks.learn.train import _to
 
     roots = [Path(r) for r in roots]
@@ -401,39 +400,23 @@ def fit_mixed(
     device = torch.device(device) if device is not None else None
     if device is not None:
         model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * (len(train) // batch_size)
-    sched = cosine_schedule(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
     y_val = torch.cat([g.y for g in val])
-    best = BestEpoch(patience)
-    history = []
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=gen).tolist()
-        total = torch.zeros((), dtype=torch.float64, device=device)  # read once an epoch
-        for b in range(0, len(train) - batch_size + 1, batch_size):
-            idx = order[b : b + batch_size]
-            pred = model(_to(Batch.from_data_list([train[i] for i in idx]), device)).reshape(-1)
-            loss = F.mse_loss(pred, _to(y_train[idx], device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach().double() * len(idx)
-        total = float(total)
-        tau = _tau(_predict(model, val, device=device), y_val)
-        history.append(
-            {"epoch": epoch + 1, "train_loss": total / len(train), "val_kendall_tau": tau}
-        )
-        if best.update(tau, epoch + 1, model):
-            break
-    best.restore(model)
+
+    def predict(idx: Tensor) -> Tensor:
+        batch = Batch.from_data_list([train[i] for i in idx.tolist()])
+        return model(_to(batch, device)).reshape(-1)
+
+    def validate() -> dict[str, float]:
+        return {"val_kendall_tau": _tau(_predict(model, val, device=device), y_val)}
+
+    best, history, seconds = fit_regression(
+        model, len(train), predict, y_train, validate, epochs=epochs, patience=patience,
+        batch_size=batch_size, lr=lr, seed=seed, device=device,
+    )  # fmt: skip
     p = _predict(model, test, device=device)
     y = torch.cat([g.y for g in test])
     fam = torch.cat([g.family for g in test])
     per = {r.name: _tau(p[fam == k], y[fam == k]) for k, r in enumerate(roots)}
     return MixedResult(
-        _tau(p, y), best.value, per, best.epoch, len(history), time.perf_counter() - start,
-        history,
+        _tau(p, y), best.value, per, best.epoch, len(history), seconds, history,
     )  # fmt: skip

@@ -57,7 +57,6 @@ __all__ = [
     "make_zoo",
     "make_varied_zoo",
     "accuracy",
-    "channel_activations",
 ]
 
 CLASSES = 10
@@ -225,12 +224,10 @@ def _forward(
     x: Tensor,
     family: Family = BASE,
     acts: tuple[str, ...] | None = None,
-    hidden: list[Tensor] | None = None,
 ) -> Tensor:
     """``B`` stacked CNNs on ``x (N, B, 8, 8)`` (model b reads channel b) -> ``(N, B, 10)``.
 
-    ``acts`` names each model's activation (default: the family's first); ``hidden``, if
-    given, receives each conv layer's activations averaged over positions ``(N, B, width)``."""
+    ``acts`` names each model's activation (default: the family's first)."""
     first = family.layers[0]
     b = w[f"{first}.weight"].shape[0]
     acts = acts or (family.activations[0],) * b
@@ -245,8 +242,6 @@ def _forward(
             groups=b,
         )
         h = _activate(h, acts, family.width)
-        if hidden is not None:
-            hidden.append(h.mean((-2, -1)).unflatten(1, (b, family.width)))
     h = h.mean((-2, -1)).unflatten(1, (b, family.width))  # (N, B, width)
     last = family.layers[-1]
     return torch.einsum("nbi,boi->nbo", h, w[f"{last}.weight"]) + w[f"{last}.bias"]
@@ -374,18 +369,6 @@ def accuracy(
 
 
 @torch.no_grad()
-def channel_activations(
-    w: dict[str, Tensor], x: Tensor, family: Family, acts: tuple[str, ...] | None = None
-) -> tuple[list[Tensor], Tensor]:
-    """Run stacked CNNs on probe inputs ``x (n, 1, 8, 8)``: each conv layer's per-channel
-    activation averaged over positions, ``(B, width, n)`` per layer, and the logits
-    ``(B, n, 10)``. Permuting a model's hidden channels permutes its rows of the first."""
-    b = w[family.names[0]].shape[0]
-    hidden: list[Tensor] = []
-    logits = _forward(w, x[:, 0, None].expand(-1, b, -1, -1), family, acts, hidden)
-    return [h.permute(1, 2, 0) for h in hidden], logits.transpose(0, 1)
-
-
 def _split(n: int, seed: int, val: float, test: float) -> list[str]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_test, n_val = round(test * n), round(val * n)

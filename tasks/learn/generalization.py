@@ -14,10 +14,11 @@ A predictor is named ``base[+stats][+probe]``:
   concatenated with per-tensor weight statistics — StatNN's mean, variance and quantiles —
   and one MLP head reads both (:class:`InvariantConcat`);
 * ``+probe``: features of the network *run* on fixed probe inputs (``probes`` training
-  images of digits): each hidden channel's mean activation on every probe, read by a
-  per-layer DeepSets (an MLP per channel, mean over channels: invariant to permuting the
-  channels by construction), and the logits on the probes (fixed output neurons)
-  (:class:`ProbeDeepSets`).
+  images of digits), :func:`metanet.probe.probe_features` of the zoo's CNN: each hidden
+  channel's mean activation on every probe, read by a per-layer DeepSets (an MLP per
+  channel, mean and max over channels: invariant to permuting the channels by
+  construction), and the log-probabilities of the classes on the probes (fixed output
+  neurons, read as they are): :class:`metanet.probe.ProbeEncoder`'s summary.
 
 Every predictor is invariant to the space's permutations, so none is trained with
 permutation augmentation. Probe features are computed once per network (the CNN's own
@@ -27,20 +28,20 @@ activation and architecture come from the zoo's ``dataset.json`` and index rows)
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from metanet.probe import PROBE_PREFIX, ProbeEncoder, probe_space
 from metanet.space import WeightSpace
-from tasks.learn.metrics import BestEpoch, cosine_schedule
+from tasks.learn.metrics import fit_regression
 
 __all__ = [
     "weight_statistics",
     "InvariantConcat",
-    "ProbeDeepSets",
+    "cnn_probe_features",
     "zoo_probe_features",
     "build_predictor",
     "fit",
@@ -69,40 +70,6 @@ def _mlp(i: int, hidden: int, o: int) -> nn.Sequential:
     )
 
 
-class ProbeDeepSets(nn.Module):
-    r"""Invariant features of a network's behaviour on fixed probe inputs.
-
-    For hidden layer :math:`\ell` with channel activations :math:`a_{\ell c} \in
-    \mathbb{R}^P` (mean over positions, one value per probe):
-
-    .. math::
-
-        z = \Big[\ \operatorname{mean}_c\, \phi_\ell(a_{\ell c}),\ \
-              \operatorname{max}_c\, \phi_\ell(a_{\ell c})\ \Big]_\ell \ \oplus\
-              \operatorname{log\,softmax}(\text{logits})
-
-    Permuting the channels of a layer permutes the :math:`a_{\ell c}` and leaves
-    :math:`z` unchanged. Input ``{"hidden{ℓ}": (B, C_ℓ, P), "logits": (B, P, classes)}``
-    -> ``(B, out_features)``.
-    """
-
-    def __init__(self, layers: int, probes: int, classes: int, hidden: int = 32):
-        super().__init__()
-        self.phi = nn.ModuleList(
-            nn.Sequential(nn.Linear(probes, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-            for _ in range(layers)
-        )
-        self.out_features = 2 * hidden * layers + probes * classes
-
-    def forward(self, probe: dict[str, Tensor]) -> Tensor:
-        parts = []
-        for k, phi in enumerate(self.phi):
-            h = phi(probe[f"hidden{k}"])  # (B, C, hidden)
-            parts += [h.mean(1), h.amax(1)]
-        parts.append(torch.log_softmax(probe["logits"], -1).flatten(1))
-        return torch.cat(parts, dim=1)
-
-
 def _body(kind: str, space: WeightSpace, hidden: int, example_graph) -> tuple[nn.Module, int]:
     """A base model without its head: ``(module, width of its invariant features)``."""
     from metanet.nn import GMN, ScaleGMN
@@ -125,7 +92,8 @@ class InvariantConcat(nn.Module):
     """One MLP head on the concatenation of invariant feature blocks.
 
     ``body`` (a base model without its head) reads the weights (or their graph); the
-    per-tensor statistics (``stats``) and a :class:`ProbeDeepSets` (``probe``) add blocks.
+    per-tensor statistics (``stats``) and the summary of a
+    :class:`~metanet.probe.ProbeEncoder` (``probe``) add blocks.
     Each block is layer-normalized so none dominates by scale. Input: a dict with
     ``"weights"`` (and ``"graph"`` for GMN, ``"probe"`` for probes) -> ``(B, out)``."""
 
@@ -135,7 +103,7 @@ class InvariantConcat(nn.Module):
         body: nn.Module | None,
         body_width: int,
         stats: bool,
-        probe: ProbeDeepSets | None,
+        probe: ProbeEncoder | None,
         out: int = 1,
         hidden: int = 128,
     ):
@@ -155,7 +123,7 @@ class InvariantConcat(nn.Module):
         if self.stats:
             parts.append(self.norms[1](weight_statistics(x["weights"], self.names)))
         if self.probe is not None:
-            parts.append(self.norms[2](self.probe(x["probe"])))
+            parts.append(self.norms[2](self.probe(x["probe"])[1]))
         return self.head(torch.cat(parts, dim=1))
 
 
@@ -164,11 +132,12 @@ def build_predictor(
     space: WeightSpace,
     hidden: int = 16,
     example_graph=None,
-    probe_shape: tuple[int, int, int] | None = None,
+    probes: WeightSpace | None = None,
 ) -> nn.Module:
     """The predictor ``base[+stats][+probe]`` (see the module docstring) for ``space``.
 
-    ``probe_shape`` is ``(hidden layers, probes, classes)`` for ``+probe``."""
+    ``probes`` is the :func:`metanet.probe.probe_space` of ``space`` and the probe
+    features (:func:`zoo_probe_features`), for ``+probe``."""
     base, *extras = name.split("+")
     if set(extras) - {"stats", "probe"} or len(set(extras)) != len(extras):
         raise ValueError(f"predictor {name!r}: suffixes are +stats and +probe")
@@ -179,9 +148,9 @@ def build_predictor(
     body, width = (None, 0) if base == "none" else _body(base, space, hidden, example_graph)
     probe = None
     if "probe" in extras:
-        if probe_shape is None:
-            raise ValueError(f"{name!r} needs probe_shape (hidden layers, probes, classes)")
-        probe = ProbeDeepSets(*probe_shape)
+        if probes is None:
+            raise ValueError(f"{name!r} needs probes= (the probe_space of its features)")
+        probe = ProbeEncoder(probes, None, hidden=32, fixed="flatten")
     return InvariantConcat(space, body, width, "stats" in extras, probe)
 
 
@@ -194,19 +163,43 @@ def probe_inputs(probes: int, seed: int = 0) -> Tensor:
     return data.x_train[pick[:probes]]
 
 
+def cnn_probe_features(
+    family, weights: dict[str, Tensor], activations: list[str], inputs: Tensor
+) -> dict[str, Tensor]:
+    """Probe features of a batch of zoo CNNs of ``family`` (``weights``: one leading axis,
+    model ``i`` with activation ``activations[i]``) on ``inputs`` ``(P, 1, 8, 8)``.
+
+    :func:`metanet.probe.probe_features` of the family's module, run once per activation:
+    ``{"probe:<set>": (B, |set|, P)}``, each hidden channel's mean activation over
+    positions and, for the output set, the log-probabilities of the classes (the logits
+    shifted by their log-sum-exp: what the network predicts, whatever their offset)."""
+    from metanet.probe import probe_features
+    from tasks.datasets.zoo import zoo_space
+
+    space = zoo_space(family)
+    out: dict[str, Tensor] = {}
+    n = len(activations)
+    for act in sorted(set(activations)):
+        idx = torch.tensor([i for i, a in enumerate(activations) if a == act])
+        model = family.module(act).to(inputs.dtype).eval()
+        feats = probe_features(model, space, {k: t[idx] for k, t in weights.items()}, inputs)
+        for k, f in feats.items():
+            if k not in out:
+                out[k] = f.new_zeros(n, *f.shape[1:])
+            out[k][idx] = f
+    key = PROBE_PREFIX + space.tensors[f"{family.layers[-1]}.weight"].out_set
+    out[key] = torch.log_softmax(out[key], dim=1)  # over the classes
+    return out
+
+
 def zoo_probe_features(root: str | os.PathLike, probes: int = 16) -> dict[str, Tensor]:
-    """Probe features of every network of the zoo at ``root`` (all splits, in its order).
-
-    (Not :func:`metanet.probe.probe_features`, the per-neuron features of any space that
-    graph and UNF models read as extra tensors: these are per-channel spatial means of a
-    zoo CNN run with each model's own activation, read by :class:`ProbeDeepSets`.)
-
-    Returns ``{"hidden{ℓ}": (n, width, probes), "logits": (n, probes, 10)}`` from
-    :func:`tasks.datasets.zoo.channel_activations` on the raw (unstandardized) weights."""
+    """:func:`cnn_probe_features` of every network of the zoo at ``root`` (all splits, in
+    its order; each with its own activation) on :func:`probe_inputs`, from the raw
+    (unstandardized) weights."""
     import json
 
     from tasks.datasets.inr import WeightDataset
-    from tasks.datasets.zoo import BASE, Family, channel_activations
+    from tasks.datasets.zoo import BASE, Family
 
     meta = json.loads((Path(root) / "dataset.json").read_text())
     fam = meta.get("family")
@@ -216,17 +209,8 @@ def zoo_probe_features(root: str | os.PathLike, probes: int = 16) -> dict[str, T
         else Family(**{k: tuple(v) if isinstance(v, list) else v for k, v in fam.items()})
     )
     raw = WeightDataset(root)
-    x = probe_inputs(probes)
-    out: dict[str, list[Tensor]] = {}
-    for start in range(0, len(raw), 256):
-        idx = torch.arange(start, min(len(raw), start + 256))
-        w = {n: t[idx] for n, t in raw.tensors.items()}
-        acts = tuple(raw.rows[i].get("activation", family.activations[0]) for i in idx.tolist())
-        hidden, logits = channel_activations(w, x, family, acts)
-        for k, h in enumerate(hidden):
-            out.setdefault(f"hidden{k}", []).append(h)
-        out.setdefault("logits", []).append(logits)
-    return {k: torch.cat(v) for k, v in out.items()}
+    acts = [r.get("activation", family.activations[0]) for r in raw.rows]
+    return cnn_probe_features(family, raw.tensors, acts, probe_inputs(probes))
 
 
 @dataclass
@@ -344,53 +328,29 @@ def fit(
     scaling = "scale" if base == "scalegmn" else True
     train, val, test = (_Split(root, s, probe, graphs, scaling) for s in ("train", "val", "test"))
     torch.manual_seed(seed)
-    probe_shape = None
-    if probe is not None:
-        layers = sum(k.startswith("hidden") for k in probe)
-        probe_shape = (layers, probe["logits"].shape[1], probe["logits"].shape[2])
     model = build_predictor(
         name,
         train.space,
         hidden,
         example_graph=train.graphs[0] if graphs else None,
-        probe_shape=probe_shape,
+        probes=probe_space(train.space, {k: v[0] for k, v in probe.items()}) if probe else None,
     )
     device = torch.device(device) if device is not None else None
     if device is not None:
         model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * (len(train) // batch_size)
-    sched = cosine_schedule(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
     eval_batch = 64 if graphs else 512
-    best = BestEpoch(patience)
-    history: list[dict] = []
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=gen)
-        total = torch.zeros((), dtype=torch.float64, device=device)  # read once an epoch
-        for b in range(0, len(train) - batch_size + 1, batch_size):
-            idx = order[b : b + batch_size]
-            x, y = _on(train.batch(idx), device), train.y[idx].to(device or "cpu")
-            loss = nn.functional.mse_loss(_call(model, x).reshape(-1), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach().double() * len(idx)
-        total = float(total)
+
+    def predict(idx: Tensor) -> Tensor:
+        return _call(model, _on(train.batch(idx), device)).reshape(-1)
+
+    def validate() -> dict[str, float]:
         tau, mse = _evaluate(model, val, eval_batch, device)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": total / len(train),
-                "val_kendall_tau": tau,
-                "val_mse": mse,
-            }
-        )
-        if best.update(tau, epoch + 1, model):
-            break
-    best.restore(model)
+        return {"val_kendall_tau": tau, "val_mse": mse}
+
+    best, history, seconds = fit_regression(
+        model, len(train), predict, train.y, validate, epochs=epochs, patience=patience,
+        batch_size=batch_size, lr=lr, seed=seed, device=device,
+    )  # fmt: skip
     test_tau, test_mse = _evaluate(model, test, eval_batch, device)
     return FitResult(
         name,
@@ -399,6 +359,6 @@ def fit(
         test_mse,
         best.epoch,
         len(history),
-        time.perf_counter() - start,
+        seconds,
         history,
     )

@@ -1,14 +1,17 @@
 """What the learning loops share, one implementation each: Kendall τ, early stopping on
-validation, the cosine learning-rate schedule."""
+validation, the cosine learning-rate schedule, and the regression loop of generalization
+prediction (one zoo or several)."""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["kendall_tau", "BestEpoch", "cosine_schedule"]
+__all__ = ["kendall_tau", "BestEpoch", "cosine_schedule", "fit_regression"]
 
 
 class BestEpoch:
@@ -62,3 +65,51 @@ def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
     )
+
+
+def fit_regression(
+    model: nn.Module,
+    n: int,
+    predict: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    validate: Callable[[], dict[str, float]],
+    *,
+    epochs: int,
+    patience: int | None,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device | None = None,
+) -> tuple[BestEpoch, list[dict], float]:
+    """MSE regression of ``targets`` (``(n,)``) with Adam and a cosine schedule, early
+    stopping on the validation Kendall τ: ``(best epoch, history, seconds)``, the model
+    left at its best epoch's weights.
+
+    Each epoch visits the ``n`` training examples in an order drawn from ``seed`` (whole
+    batches of ``batch_size``; the remainder is dropped); ``predict(idx)`` is the model's
+    ``(B,)`` predictions for the examples ``idx`` (on ``device``). ``validate()`` returns
+    the epoch's validation metrics, ``val_kendall_tau`` among them (what is kept). The
+    training loss is read once an epoch (no per-step host sync)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = cosine_schedule(opt, epochs * (n // batch_size))
+    gen = torch.Generator().manual_seed(seed)
+    best = BestEpoch(patience)
+    history: list[dict] = []
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for b in range(0, n - batch_size + 1, batch_size):
+            idx = order[b : b + batch_size]
+            loss = nn.functional.mse_loss(predict(idx), targets[idx].to(device or "cpu"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach().double() * len(idx)
+        metrics = validate()
+        history.append({"epoch": epoch + 1, "train_loss": float(total) / n, **metrics})
+        if best.update(metrics["val_kendall_tau"], epoch + 1, model):
+            break
+    best.restore(model)
+    return best, history, time.perf_counter() - start

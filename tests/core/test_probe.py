@@ -8,7 +8,7 @@ import torch
 
 from converters import from_module
 from metanet.nn import UNFLinear
-from metanet.probe import probe_features, probe_plan, probe_space, with_probes
+from metanet.probe import ProbeEncoder, probe_features, probe_plan, probe_space, with_probes
 from metanet.testing import assert_equivariant
 from tasks.datasets.inr import (
     INRConfig,
@@ -61,6 +61,50 @@ def test_probe_features_permute_with_the_hidden_units(name):
             torch.testing.assert_close(moved[k], expected[k], atol=1e-9, rtol=1e-9)
     # and the features do depend on the weights: a fixed-axis change moves them
     assert any(f.std() > 0 for f in feats.values())
+
+
+@pytest.mark.parametrize("fixed", ["pool", "flatten"])
+@pytest.mark.parametrize("channels", [None, 3])
+def test_probe_encoder_summary_is_invariant_and_keeps_fixed_neurons(fixed, channels):
+    """The summary is invariant to the space's permutations (float64) and the per-neuron
+    encoding equivariant; with ``fixed="flatten"`` the output set's probe values (fixed
+    neurons) reach the summary as they are, in order."""
+    e = entry("mlp")
+    model = e.build(dtype=torch.float64).eval()
+    inputs = e.inputs(dtype=torch.float64)[0]
+    space = from_module(e.build(), e.inputs())
+    weights = {k: v for k, v in _batch(model, 3, 0).items() if k in space.tensors}
+    feats = probe_features(model, space, weights, inputs)
+    pspace = probe_space(space, feats)
+    torch.manual_seed(0)
+    enc = ProbeEncoder(pspace, channels, hidden=8, fixed=fixed).double()
+    per, summary = enc(feats)
+    assert summary.shape == (3, enc.out_features) and summary.std() > 0
+    assert (not per) if channels is None else set(per) == set(feats)
+    g = space.random_element(torch.Generator().manual_seed(1))
+    moved_per, moved = enc(probe_features(model, space, space.apply(weights, g), inputs))
+    torch.testing.assert_close(moved, summary, rtol=0, atol=1e-10)
+    if per:  # (B, channels, |set|, 1): the set's axis moves as the set
+        rows = {k: v[..., 0].transpose(1, 2) for k, v in per.items()}  # (B, |set|, channels)
+        expected = probe_space(space, rows).apply({**weights, **rows}, g)
+        for k, v in moved_per.items():
+            torch.testing.assert_close(v[..., 0].transpose(1, 2), expected[k], rtol=0, atol=1e-10)
+    fixed_sets = [k for k, t in pspace.tensors.items() if t.role == "probe" and t.axes[0].is_fixed]
+    assert fixed_sets  # the logits
+    out = feats[fixed_sets[0]].flatten(1)
+    found = any(
+        torch.equal(summary[:, i : i + out.shape[1]], out)
+        for i in range(summary.shape[1] - out.shape[1] + 1)
+    )
+    assert found == (fixed == "flatten")
+
+
+def test_probe_encoder_names_a_bad_fixed_mode():
+    e = entry("mlp")
+    space = from_module(e.build(), e.inputs())
+    feats = probe_features(e.build().eval(), space, e.build().state_dict(), e.inputs()[0])
+    with pytest.raises(ValueError, match="fixed='drop'"):
+        ProbeEncoder(probe_space(space, feats), None, fixed="drop")
 
 
 def test_siren_output_probe_is_the_image_at_the_probe_points():

@@ -165,16 +165,15 @@ def test_generalization_step_stays_on_its_device(name, tmp_path):
     """``generalization.fit``'s step on the meta device: the batch (weights, probe
     features) copied by ``_on``, the predictor's forward, the MSE and the backward.
     (Its epoch ends read the validation τ on the host, which meta cannot follow.)"""
+    from metanet.probe import probe_space
     from tasks.datasets.zoo import make_zoo
     from tasks.learn.generalization import _call, _on, _Split, build_predictor, zoo_probe_features
 
     make_zoo(tmp_path, 12, max_steps=2, num_shards=1, progress=False)
     probe = zoo_probe_features(tmp_path, 4) if "probe" in name else None
     split = _Split(tmp_path, "train", probe, graphs=False)
-    shape = None
-    if probe is not None:
-        shape = (sum(k.startswith("hidden") for k in probe), 4, probe["logits"].shape[2])
-    model = build_predictor(name, split.space, 8, probe_shape=shape).to(META)
+    probes = probe_space(split.space, {k: v[0] for k, v in probe.items()}) if probe else None
+    model = build_predictor(name, split.space, 8, probes=probes).to(META)
     x = _on(split.batch(torch.arange(4)), META)
     loss = torch.nn.functional.mse_loss(_call(model, x).reshape(-1), split.y[:4].to(META))
     loss.backward()

@@ -7,16 +7,17 @@ import math
 import pytest
 import torch
 
+from metanet.probe import probe_space
 from tasks.datasets import digits
 from tasks.datasets.inr import WeightDataset
-from tasks.datasets.zoo import (
-    Family,
-    channel_activations,
-    make_varied_zoo,
-    sample_hparams,
-    zoo_space,
+from tasks.datasets.zoo import Family, make_varied_zoo, sample_hparams, zoo_space
+from tasks.learn.generalization import (
+    build_predictor,
+    cnn_probe_features,
+    fit,
+    probe_inputs,
+    zoo_probe_features,
 )
-from tasks.learn.generalization import build_predictor, fit, probe_inputs, zoo_probe_features
 
 FAMILY = Family("f", 3, 4, ("relu", "tanh", "gelu"), (5, 12))
 
@@ -26,9 +27,8 @@ def _inputs(weights: dict, acts: tuple[str, ...], graphs: bool) -> dict:
 
     from metanet.graph import to_graph
 
-    hidden, logits = channel_activations(weights, probe_inputs(5).double(), FAMILY, acts)
-    x: dict = {"weights": weights, "probe": {f"hidden{k}": h for k, h in enumerate(hidden)}}
-    x["probe"]["logits"] = logits
+    probes = cnn_probe_features(FAMILY, weights, list(acts), probe_inputs(5).double())
+    x: dict = {"weights": weights, "probe": probes}
     if graphs:
         space = zoo_space(FAMILY)
         b = len(acts)
@@ -64,7 +64,7 @@ def test_predictors_are_invariant(name):
         space,
         hidden=8,
         example_graph=x["graph"][0] if graphs else None,
-        probe_shape=(FAMILY.depth, 5, 10),
+        probes=probe_space(space, {k: v[0] for k, v in x["probe"].items()}),
     ).double()
     # nonzero output weights: a head that starts at zero would make any input pass
     ref = model(x)
@@ -81,7 +81,7 @@ def test_predictor_names_are_checked():
     space = zoo_space(FAMILY)
     with pytest.raises(ValueError, match="suffixes"):
         build_predictor("unf+stats+stats", space)
-    with pytest.raises(ValueError, match="probe_shape"):
+    with pytest.raises(ValueError, match="probes="):
         build_predictor("unf+probe", space)
     with pytest.raises(ValueError, match="no invariant features"):
         build_predictor("statnn+stats", space)
@@ -98,19 +98,26 @@ def test_probe_features_follow_each_models_activation(small_zoo):
     """zoo_probe_features are the activations of each CNN (its own activation) on the probes."""
     ds = WeightDataset(small_zoo)
     pf = zoo_probe_features(small_zoo, probes=4)
-    assert pf["hidden0"].shape == (len(ds), FAMILY.width, 4) and pf["logits"].shape == (
-        len(ds),
-        4,
-        10,
-    )
+    # one tensor per neuron set but the input: the three convs' channels, the 10 logits
+    assert {k: v.shape for k, v in pf.items()} == {
+        "probe:0": (len(ds), FAMILY.width, 4),
+        "probe:2": (len(ds), FAMILY.width, 4),
+        "probe:4": (len(ds), FAMILY.width, 4),
+        "probe:8": (len(ds), 10, 4),
+    }
     x = probe_inputs(4)
-    for i in (0, 7):
+    acts = {ds.rows[i]["activation"] for i in range(len(ds))}
+    assert len(acts) > 1  # the zoo mixes activations: each model runs with its own
+    for i in range(0, len(ds), 5):
         model = FAMILY.module(ds.rows[i]["activation"]).eval()
         model.load_state_dict(ds.weights(i))
         with torch.no_grad():
-            torch.testing.assert_close(pf["logits"][i], model(x), rtol=0, atol=1e-5)
-            h = model[1](model[0](x)).mean((-2, -1))  # first conv + activation
-        torch.testing.assert_close(pf["hidden0"][i], h.T, rtol=0, atol=1e-5)
+            logp = torch.log_softmax(model(x), -1)
+            torch.testing.assert_close(pf["probe:8"][i], logp.T, rtol=0, atol=1e-5)
+            h = model[1](model[0](x))  # first conv + activation
+            torch.testing.assert_close(pf["probe:0"][i], h.mean((-2, -1)).T, rtol=0, atol=1e-5)
+            h = model[5](model[4](model[3](model[2](h))))  # the last conv's, pooled
+            torch.testing.assert_close(pf["probe:4"][i], h.mean((-2, -1)).T, rtol=0, atol=1e-5)
     # the probes are training images, never the test images accuracy is measured on
     data = digits.load(0.25, seed=0)
     assert not (x[:, None] == data.x_test[None]).flatten(2).all(-1).any()

@@ -13,7 +13,6 @@ from tasks.datasets.zoo import (
     VARIED,
     Family,
     accuracy,
-    channel_activations,
     make_varied_zoo,
     make_zoo,
     sample_hparams,
@@ -170,7 +169,9 @@ def test_mixed_activation_space_claims_permutations_only():
 
 def test_batched_mixed_activations_match_each_model_alone():
     """Models of several activations, sorted or not, train in one batch as they would alone;
-    channel_activations permutes with the hidden channels (probe features)."""
+    their probe features (cnn_probe_features) permute with the hidden channels."""
+    from tasks.learn.generalization import cnn_probe_features
+
     fam = VARIED[2]
     data = digits.load(0.25, seed=0)
     hps = [h for h in (sample_hparams(i, fam) for i in range(60)) if h.batch_size == 32][:5]
@@ -183,16 +184,18 @@ def test_batched_mixed_activations_match_each_model_alone():
             torch.testing.assert_close(together[k][j], alone[k][0], rtol=0, atol=1e-5)
     acts = tuple(h.activation for h in hps)
     x = data.x_train[:6]
-    hidden, logits = channel_activations(together, x, fam, acts)
+    feats = cnn_probe_features(fam, together, list(acts), x)
     acc, _ = accuracy(together, data.x_test, data.y_test, fam, acts)
     space = zoo_space(fam)
     element = space.random_element(torch.Generator().manual_seed(0))
     permuted = {k: torch.stack([space.apply(
         {n: t[b] for n, t in together.items()}, element)[k] for b in range(len(hps))])
         for k in together}  # fmt: skip
-    hidden_p, logits_p = channel_activations(permuted, x, fam, acts)
-    torch.testing.assert_close(logits_p, logits, rtol=0, atol=1e-5)
-    for prefix, h, hp in zip(fam.layers, hidden, hidden_p):
+    feats_p = cnn_probe_features(fam, permuted, list(acts), x)
+    out = f"probe:{fam.layers[-1]}"
+    torch.testing.assert_close(feats_p[out], feats[out], rtol=0, atol=1e-5)
+    for prefix in fam.layers[:-1]:
+        h, hp = feats[f"probe:{prefix}"], feats_p[f"probe:{prefix}"]
         # where the permutation sends each channel: apply it to the channel indices
         bias = f"{prefix}.bias"
         where = space.apply(
