@@ -135,69 +135,28 @@ def train_batched(
 ) -> dict[str, Tensor]:
     """Train one ``arch`` network per recipe (all the same batch size), together.
 
-    The stacked parameters go through ``torch.func.vmap(functional_call)``; each model draws
-    its own batches and noisy labels and has its own Adam (β 0.9/0.999, ε 1e-8, decoupled
-    weight decay, learning rate, step count), as :func:`tasks.datasets.zoo.train_cnns` does for the
-    CNN families. ``device``: where they train (weights, Adam's moments, data, labels; the
+    The stacked parameters go through ``torch.func.vmap(functional_call)`` in the zoos'
+    loop, :func:`tasks.datasets.zoo.train_stacked`: each model draws its own batches and
+    noisy labels and has its own Adam (β 0.9/0.999, ε 1e-8, decoupled weight decay,
+    learning rate, step count), as the CNN families' models do. ``device``: where they train (weights, Adam's moments, data, labels; the
     batch draws stay on the host). Returns the stacked final weights ``{name: (B, *shape)}``
     on that device."""
     from torch.func import functional_call, vmap
 
-    from tasks.datasets.zoo import adamw_step_
+    from tasks.datasets.zoo import train_stacked
 
-    if len({h.batch_size for h in hps}) != 1:
-        raise ValueError("train_batched trains models of one batch size at a time")
     device = torch.device(device) if device is not None else torch.device("cpu")
     module = arch.build().to(device)
-    inits = [_init(arch, h.seed, h.init_scale) for h in hps]
-    names = list(inits[0])
-    w = {k: torch.stack([i[k] for i in inits]).to(device) for k in names}
-    m = {k: torch.zeros_like(v) for k, v in w.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in w.items()}
-    x_train, y_train = data.x_train.to(device), data.y_train
-    n, bs = len(y_train), hps[0].batch_size
-    gens, labels = [], []
-    for h in hps:
-        g = torch.Generator().manual_seed(h.seed * 7919 + 2)
-        noisy = torch.rand(n, generator=g) < h.label_noise
-        labels.append(torch.where(noisy, torch.randint(0, CLASSES, (n,), generator=g), y_train))
-        gens.append(g)
-    labels_t = torch.stack(labels).to(device)
-    lr = torch.tensor([h.lr for h in hps], device=device)
-    wd = torch.tensor([h.weight_decay for h in hps], device=device)
-    steps = torch.tensor([h.steps for h in hps])
-    live = torch.arange(len(hps))
-    final = {k: torch.empty_like(v) for k, v in w.items()}
     forward = vmap(lambda p, x: functional_call(module, p, (x,)))
-    it = range(int(steps.max()))
-    if progress:
-        from tqdm.auto import tqdm
+    x_train = data.x_train.to(device)
 
-        it = tqdm(
-            it, desc=f"training {len(hps)} {arch.name} (batch {bs})", unit="step", leave=False
-        )
-    for t in it:
-        done = steps[live] <= t  # host tensors: which models train is known there
-        if done.any():
-            keep = ~done
-            # positions, not boolean masks, on the device: a mask there needs nonzero
-            gone, kept = done.nonzero()[:, 0].to(device), keep.nonzero()[:, 0].to(device)
-            for k in names:
-                final[k][live[done].to(device)] = w[k].index_select(0, gone)
-                w[k], m[k], v2[k] = (t.index_select(0, kept) for t in (w[k], m[k], v2[k]))
-            live = live[keep]
-        idx = torch.stack([torch.randint(0, n, (bs,), generator=gens[int(i)]) for i in live])
-        idx, rows = idx.to(device), live.to(device)
-        params = {k: v.requires_grad_() for k, v in w.items()}
-        logits = forward(params, x_train[idx])  # (B, bs, 10)
-        y = labels_t[rows[:, None], idx]
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / bs
-        grads = torch.autograd.grad(loss, list(params.values()))
-        adamw_step_(w, m, v2, dict(zip(names, grads)), t, lr[rows], wd[rows])
-    for k in names:
-        if len(live):
-            final[k][live.to(device)] = w[k].detach()
-    return final
+    def loss_fn(params, live, idx, y):
+        logits = forward(params, x_train[idx])  # (B, batch, 10)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / len(y[0])
+
+    desc = f"training {len(hps)} {arch.name} (batch {hps[0].batch_size})"
+    inits = [_init(arch, h.seed, h.init_scale) for h in hps]
+    return train_stacked(inits, hps, data.y_train, loss_fn, device, desc if progress else None)
 
 
 @torch.no_grad()

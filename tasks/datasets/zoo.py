@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -54,6 +55,7 @@ __all__ = [
     "zoo_space",
     "sample_hparams",
     "train_cnns",
+    "train_stacked",
     "make_zoo",
     "make_varied_zoo",
     "accuracy",
@@ -276,55 +278,53 @@ def adamw_step_(
         w[k] = p - _bc(lr, p) * (m[k] / c1) / ((v[k] / c2).sqrt() + eps)
 
 
-def train_cnns(
-    hps: list[HParams],
-    data,
-    progress: bool = False,
-    family: Family = BASE,
-    device: str | torch.device | None = None,
+def train_stacked(
+    inits: list[dict[str, Tensor]],
+    hps: list,
+    y_train: Tensor,
+    loss_fn: Callable[[dict[str, Tensor], Tensor, Tensor, Tensor], Tensor],
+    device: torch.device,
+    desc: str | None = None,
 ) -> dict[str, Tensor]:
-    """Train one ``family`` CNN per recipe (all the same batch size), together.
+    """Train stacked models together, each on its own recipe: what the zoos share.
 
-    Returns the stacked weights (on ``device``, default the CPU). Each model draws its
-    mini-batches (with replacement) and its noisy labels from its own generator (on the
-    CPU, so a recipe draws the same batches on every device) and uses its own activation;
-    Adam (β 0.9/0.999, ε 1e-8) with decoupled weight decay, per model. Which models are
-    still training is decided on the host from their step counts: no per-step sync."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    ``inits``: each model's initial weights; ``hps``: their recipes (``seed``, ``lr``,
+    ``weight_decay``, ``steps``, ``label_noise`` and one common ``batch_size``). Each model
+    draws its noisy labels and its mini-batches (with replacement) from its own generator,
+    on the CPU, so a recipe draws the same ones on every device, and has its own Adam
+    (β 0.9/0.999, ε 1e-8) with decoupled weight decay (:func:`adamw_step_`). A model leaves
+    the batch after its ``steps``; which ones train is decided on the host from the step
+    counts: no per-step sync.
+
+    ``loss_fn(params, live, idx, y)``: the summed loss of the live models (``live``: their
+    positions in ``hps``, on the host) on the training examples ``idx`` ``(B, batch)``
+    with labels ``y`` ``(B, batch)`` (both on ``device``), divided by the batch size.
+    ``desc``: a progress bar's label (none without). Returns the stacked final weights
+    ``{name: (len(hps), *shape)}`` on ``device``."""
     if len({h.batch_size for h in hps}) != 1:
-        raise ValueError("train_cnns trains models of one batch size at a time")
-    bad = {h.activation for h in hps} - set(family.activations)
-    if bad:
-        raise ValueError(f"family {family.name!r} has activations {family.activations}, not {bad}")
-    names = family.names
-    n_b, bs = len(hps), hps[0].batch_size
-    inits = [_init(h, family) for h in hps]
+        raise ValueError("models of one batch size train together (one call per batch size)")
+    names = list(inits[0])
     w = {k: torch.stack([i[k] for i in inits]).to(device) for k in names}
     m = {k: torch.zeros_like(v) for k, v in w.items()}
     v2 = {k: torch.zeros_like(v) for k, v in w.items()}
-    x_train, y_train = data.x_train[:, 0].to(device), data.y_train
-    n = len(y_train)
+    n, bs = len(y_train), hps[0].batch_size
     gens, labels = [], []
     for h in hps:
         g = torch.Generator().manual_seed(h.seed * 7919 + 2)
         noisy = torch.rand(n, generator=g) < h.label_noise
-        y = torch.where(noisy, torch.randint(0, CLASSES, (n,), generator=g), y_train)
-        labels.append(y)
+        labels.append(torch.where(noisy, torch.randint(0, CLASSES, (n,), generator=g), y_train))
         gens.append(g)
     labels_t = torch.stack(labels).to(device)  # (B, n)
     lr = torch.tensor([h.lr for h in hps], device=device)
     wd = torch.tensor([h.weight_decay for h in hps], device=device)
     steps = torch.tensor([h.steps for h in hps])  # on the host: it steers the loop
-    acts_all = [h.activation for h in hps]
-    live = torch.arange(n_b)  # positions (in hps) of the models still training
+    live = torch.arange(len(hps))  # positions (in hps) of the models still training
     final = {k: torch.empty_like(v) for k, v in w.items()}
     it = range(int(steps.max()))
-    if progress:
+    if desc is not None:
         from tqdm.auto import tqdm
 
-        desc = f"training {n_b} {family.name} CNNs (batch {bs})"
         it = tqdm(it, desc=desc, unit="step", leave=False)
-    acts = tuple(acts_all)
     for t in it:
         done = steps[live] <= t
         if done.any():  # models that finished leave the batch
@@ -336,20 +336,42 @@ def train_cnns(
                 final[k][gone] = w[k][ended]
                 w[k], m[k], v2[k] = w[k][keep], m[k][keep], v2[k][keep]
             live = live[~done]
-            acts = tuple(acts_all[int(i)] for i in live)
-        idx = torch.stack([torch.randint(0, n, (bs,), generator=gens[int(i)]) for i in live], 1)
-        live_d, idx = live.to(device), idx.to(device)
-        x = x_train[idx]  # (N, B, 8, 8)
-        y = labels_t[live_d[None, :], idx]  # (N, B)
+        idx = torch.stack([torch.randint(0, n, (bs,), generator=gens[int(i)]) for i in live])
+        rows, idx = live.to(device), idx.to(device)
         params = {k: v.requires_grad_() for k, v in w.items()}
-        logits = _forward(params, x, family, acts)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / bs
+        loss = loss_fn(params, live, idx, labels_t[rows[:, None], idx])
         grads = torch.autograd.grad(loss, list(params.values()))
-        adamw_step_(w, m, v2, dict(zip(names, grads)), t, lr[live_d], wd[live_d])
+        adamw_step_(w, m, v2, dict(zip(names, grads)), t, lr[rows], wd[rows])
     for k in names:
         if len(live):
             final[k][live.to(device)] = w[k].detach()
     return final
+
+
+def train_cnns(
+    hps: list[HParams],
+    data,
+    progress: bool = False,
+    family: Family = BASE,
+    device: str | torch.device | None = None,
+) -> dict[str, Tensor]:
+    """Train one ``family`` CNN per recipe (all the same batch size), together, each with
+    its own activation (:func:`train_stacked`). Returns the stacked weights (on ``device``,
+    default the CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    bad = {h.activation for h in hps} - set(family.activations)
+    if bad:
+        raise ValueError(f"family {family.name!r} has activations {family.activations}, not {bad}")
+    x_train = data.x_train[:, 0].to(device)
+
+    def loss_fn(params, live, idx, y):
+        acts = tuple(hps[int(i)].activation for i in live)
+        logits = _forward(params, x_train[idx.T], family, acts)  # (batch, B, 10)
+        return F.cross_entropy(logits.flatten(0, 1), y.T.flatten(), reduction="sum") / len(y[0])
+
+    desc = f"training {len(hps)} {family.name} CNNs (batch {hps[0].batch_size})"
+    inits = [_init(h, family) for h in hps]
+    return train_stacked(inits, hps, data.y_train, loss_fn, device, desc if progress else None)
 
 
 @torch.no_grad()
