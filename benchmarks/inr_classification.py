@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=2)))
             ceiling.append(known[str(seed)])
             print(f"render ceiling seed {seed}: test {ceiling[-1]['test']:.3f}", file=sys.stderr)
-    done = _load_runs(args.runs, args.data)
+    settings = _settings(args, coords)
+    done = _load_runs(args.runs, args.data, settings)
     for spec in models:
         kind, canonical, flip, probe, aug = _split(spec)
         runs = []
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(r)
             done[spec, seed] = r
             if args.runs is not None:
-                row = {"spec": spec, "seed": seed, "data": str(args.data), **asdict(r)}
+                row = {"spec": spec, "seed": seed, "data": str(args.data), "settings": settings,
+                       **asdict(r)}  # fmt: skip
                 with open(args.runs, "a") as f:  # one short line: appends do not interleave
                     f.write(json.dumps(row) + "\n")
             print(
@@ -362,19 +364,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_runs(path: Path | None, data: Path) -> dict[tuple[str, int], TrainResult]:
-    """The runs on ``data`` recorded in ``path`` (``--runs``), by ``(spec, seed)``."""
+def _settings(args, coords) -> dict:
+    """What a run's result depends on besides its model, seed and data (not: threads,
+    whether test accuracy is tracked per epoch)."""
+    keys = ("epochs", "limit", "batch_size", "lr", "hidden", "frequencies", "schedule")
+    return {**{k: getattr(args, k) for k in keys}, "probes": args.probes,
+            "patience": args.patience, "coords": repr(coords)}  # fmt: skip
+
+
+def _load_runs(path: Path | None, data: Path, settings: dict) -> dict[tuple[str, int], TrainResult]:
+    """The runs on ``data`` with these ``settings`` recorded in ``path`` (``--runs``), by
+    ``(spec, seed)``. Runs made with other settings are not this table's: they are passed
+    over (and said once), never mixed in."""
     if path is None or not path.exists():
         return {}
-    out = {}
+    out, other = {}, 0
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
             spec, seed = row.pop("spec"), row.pop("seed")
             if row.pop("data", None) != str(data):
                 continue
+            if row.pop("settings", None) != settings:
+                other += 1
+                continue
             row = {k: (float("nan") if v is None else v) for k, v in row.items()}
             out[spec, seed] = TrainResult(**row)
+    if other:
+        print(f"{path}: {other} run(s) on {data} with other settings passed over", file=sys.stderr)
     return out
 
 

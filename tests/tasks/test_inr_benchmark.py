@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from tasks.datasets.inr import INRConfig, make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,3 +70,15 @@ def test_benchmark_runs_file_resumes(tmp_path, monkeypatch):
     table = [s for s in (tmp_path / "b.md").read_text().splitlines() if s.startswith("| ")]
     assert table == [s for s in (tmp_path / "a.md").read_text().splitlines() if s.startswith("| ")]
     assert "ScaleGMN" in (tmp_path / "b.md").read_text()
+    # runs made with other settings are another table's: never mixed in, trained anew
+    trained = []
+
+    def record(*a, **k):
+        trained.append(k["hidden"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "train", record)
+    wider = [("6" if a == "4" and argv[k - 1] == "--hidden" else a) for k, a in enumerate(argv)]
+    with pytest.raises(SystemExit):
+        bench.main([*wider, "--out", str(tmp_path / "c.md")])
+    assert trained == [6]
