@@ -83,27 +83,32 @@ def join(base: Path, views: Path, index_file: Path, out: Path) -> None:
     train = {r["image"] for r in WeightDataset(base, "train").rows}
     if out.exists():
         raise SystemExit(f"{out} exists")
-    out.mkdir(parents=True)
     nb, nv = meta_b["num_shards"], meta_v["num_shards"]
     n = nb + nv
-    for i in range(nb):
-        shutil.copyfile(_shard_path(base, i, nb), _shard_path(out, i, n))
-    seeds = set()
-    for i in range(nv):
+    shards, seeds = [], set()
+    for i in range(nv):  # every row checked before anything is written
         path = _shard_path(views, i, nv)
         with safe_open(str(path), framework="pt") as f:
             rows = json.loads(f.metadata()[INDEX_KEY])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         for r in rows:
             r["image"] = int(index[r["image"]])
             if r["image"] not in train:
                 raise SystemExit(f"{path}: image {r['image']} is not in {base}'s training split")
             r["split"] = "train"
             seeds.add(r["seed"])
-        _save_shard(_shard_path(out, nb + i, n), tensors, rows)
-    shutil.copyfile(base / "space.json", out / "space.json")
+        shards.append((path, rows))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i in range(nb):
+        shutil.copyfile(_shard_path(base, i, nb), _shard_path(tmp, i, n))
+    for i, (path, rows) in enumerate(shards):
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        _save_shard(_shard_path(tmp, nb + i, n), tensors, rows)
+    shutil.copyfile(base / "space.json", tmp / "space.json")
     if (base / "render_ceiling.json").exists():
-        shutil.copyfile(base / "render_ceiling.json", out / "render_ceiling.json")
+        shutil.copyfile(base / "render_ceiling.json", tmp / "render_ceiling.json")
     per = meta_v["per_image"]
     meta = {
         **meta_b,
@@ -111,7 +116,9 @@ def join(base: Path, views: Path, index_file: Path, out: Path) -> None:
         "per_image": f"{1 + per} (train), 1 (val/test)",
         "views": {"from": str(views), "per_image": per, "seed": meta_v["seed"]},
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
+    WeightDataset(tmp)  # it reads back as one dataset
+    tmp.rename(out)
     full = WeightDataset(out)
     counts = {s: sum(r["split"] == s for r in full.rows) for s in ("train", "val", "test")}
     print(f"wrote {out}: {counts} INRs ({len(seeds)} new fitting seeds)")
