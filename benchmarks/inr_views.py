@@ -16,10 +16,11 @@ Usage (the views are fitted from the base set's training images only)::
 ``images`` writes the base set's training images (``index``: their position in the
 source). ``fit`` fits ``--per-image`` INRs to each of them with the base's recipe and
 other fitting seeds (``--seed``, not the base's), all in the training split; shards run
-in parallel processes as with ``metanet inr make``. ``join`` writes a dataset whose training split is the base's plus every view
-(each row's ``image`` mapped back to the source's index, split ``train``); the views must
-be fitted with the base's INR recipe and space, of training images only. The base's
-render ceiling is kept (it is the images' own: one render per image).
+in parallel processes as with ``metanet inr make``. ``join`` writes a dataset whose
+training split is the base's plus every view (each row's ``image`` mapped back to the
+source's index, split ``train``); the views must be fitted with the base's INR recipe and
+space, of training images only. The base's render ceiling is kept (it is the images' own:
+one render per image).
 """
 
 from __future__ import annotations

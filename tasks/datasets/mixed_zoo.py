@@ -138,9 +138,9 @@ def train_batched(
     The stacked parameters go through ``torch.func.vmap(functional_call)`` in the zoos'
     loop, :func:`tasks.datasets.zoo.train_stacked`: each model draws its own batches and
     noisy labels and has its own Adam (β 0.9/0.999, ε 1e-8, decoupled weight decay,
-    learning rate, step count), as the CNN families' models do. ``device``: where they train (weights, Adam's moments, data, labels; the
-    batch draws stay on the host). Returns the stacked final weights ``{name: (B, *shape)}``
-    on that device."""
+    learning rate, step count), as the CNN families' models do. ``device``: where they
+    train (weights, Adam's moments, data, labels; the batch draws stay on the host).
+    Returns the stacked final weights ``{name: (B, *shape)}`` on that device."""
     from torch.func import functional_call, vmap
 
     from tasks.datasets.zoo import train_stacked
