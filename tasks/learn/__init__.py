@@ -5,5 +5,6 @@
 * :mod:`tasks.learn.generalization` — predicting a network's test accuracy from its
   weights;
 * :mod:`tasks.learn.inr_edit` — editing INRs through their weights (equivariant outputs);
-* :mod:`tasks.learn.metrics` — what they report (Kendall's τ, one implementation).
+* :mod:`tasks.learn.metrics` — what the loops share: Kendall's τ, early stopping, the
+  cosine schedule, the regression loop.
 """

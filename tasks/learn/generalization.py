@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from metanet.probe import PROBE_PREFIX, ProbeEncoder, probe_space
 from metanet.space import WeightSpace
-from tasks.learn.metrics import fit_regression
+from tasks.learn.metrics import fit_regression, kendall_tau
 
 __all__ = [
     "weight_statistics",
@@ -283,8 +283,6 @@ def _call(model: nn.Module, x: dict) -> Tensor:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, split: _Split, batch: int, device=None) -> tuple[float, float]:
-    from tasks.learn.metrics import kendall_tau
-
     model.eval()
     preds = [
         _call(model, _on(split.batch(torch.arange(s, min(len(split), s + batch))), device))

@@ -50,6 +50,7 @@ from tasks.datasets.inr import (
     siren_forward,
     siren_space,
 )
+from tasks.learn.metrics import cosine_schedule
 
 __all__ = [
     "EDITORS",
@@ -416,8 +417,6 @@ def train_editor(
     if params and epochs > 0:
         opt = torch.optim.Adam(params, lr=lr)
         steps = epochs * max(1, len(train_idx) // batch_size)
-        from tasks.learn.metrics import cosine_schedule
-
         sched = cosine_schedule(opt, steps)
         gen = torch.Generator().manual_seed(seed)
         for epoch in range(epochs):

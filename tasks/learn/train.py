@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from metanet.io import CheckpointError, atomic_write
 from metanet.space import WeightSpace
+from tasks.learn.metrics import BestEpoch, cosine_schedule, kendall_tau
 
 if TYPE_CHECKING:
     from tasks.datasets.inr import CoordAugment
@@ -371,8 +372,6 @@ def _accuracy(
 @torch.no_grad()
 def _regression(model, ds, kind: str, batch: int = 512, cache: dict | None = None, device=None):
     """``(kendall_tau, mse)`` of the model's predictions against ``ds.labels``."""
-    from tasks.learn.metrics import kendall_tau
-
     model.eval()
     batch = _eval_batch(kind, batch)
     preds = []
@@ -555,16 +554,12 @@ def train(
     steps_total = epochs * (n_train // batch_size)
     sched = None
     if schedule == "cosine":
-        from tasks.learn.metrics import cosine_schedule
-
         sched = cosine_schedule(opt, steps_total)
     elif schedule != "constant":
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     per_rank = batch_size // world
     history: list[dict] = []
-    from tasks.learn.metrics import BestEpoch
-
     best = BestEpoch(patience)  # early stopping (rank 0 tracks it)
     start = time.perf_counter()
     epochs_iter = range(epochs)
