@@ -119,9 +119,11 @@ class GraphInputs(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # weights saved before the embedding was shared (a GraphTransformer had no tap
-        # code): a zero code is exactly the function they were trained as
+        # code): a zero code is exactly the function they were trained as. Only such a
+        # dict (it has the edge type embedding the tap code sits beside) is filled in; any
+        # other reports its missing keys as usual, without this warning
         key = prefix + "tap_code.weight"
-        if key not in state_dict:
+        if key not in state_dict and prefix + "edge_type.weight" in state_dict:
             import warnings
 
             warnings.warn(

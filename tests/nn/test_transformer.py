@@ -3,6 +3,8 @@ single graphs, and sensitive to what the symmetry does not allow."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch_geometric.data import Batch
@@ -109,3 +111,19 @@ def test_weights_saved_without_the_tap_code_still_load():
         fresh.load_state_dict(old)
     with torch.no_grad():
         assert torch.equal(fresh(graph), net(graph))
+
+
+def test_a_state_dict_of_another_model_fails_without_the_tap_code_warning():
+    """Only a dict in the old layout is filled in: one missing the embeddings altogether
+    fails on its missing keys, with no word about the tap code."""
+    model, _, space = converted(_entry("cnn_bn"))
+    graph = to_graph(space, _weights64(model), edge_dim=4)
+    net = _model(graph)
+    other = {
+        k: v for k, v in net.state_dict().items() if not k.startswith(("tap_code", "edge_type"))
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="edge_type.weight") as err:
+            net.load_state_dict(other)
+    assert "tap_code.weight" in str(err.value)
