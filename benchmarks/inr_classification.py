@@ -395,6 +395,14 @@ def _load_runs(path: Path | None, data: Path, settings: dict) -> dict[tuple[str,
     return out
 
 
+def per_image(meta: dict) -> str:
+    """How many INRs each image has: ``3 (train), 1 (val/test)`` for a set made with
+    ``--train-views``."""
+    if meta.get("train_per_image"):
+        return f"{meta['train_per_image']} (train), {meta['per_image']} (val/test)"
+    return str(meta["per_image"])
+
+
 def _write(args, meta, full, n_split, n_train, ceiling, results, wall=None) -> None:
     """The table so far (rewritten after every model: a cut-short run keeps its rows)."""
     # the runs' own wall times (some may come from --runs, made by other processes)
@@ -410,7 +418,7 @@ def _write(args, meta, full, n_split, n_train, ceiling, results, wall=None) -> N
     )
     caption = (
         f"torch {torch.__version__}, {args.threads} thread(s). Data: {len(full):,} SIREN INRs "
-        f"({meta['per_image']} per image of {images} at {meta['resolution']}×"
+        f"({per_image(meta)} per image of {images} at {meta['resolution']}×"
         f"{meta['resolution']}; {cfg['in_features']}-"
         + "-".join([str(cfg["hidden"])] * cfg["depth"])
         + f"-{cfg['out_features']}, variant {cfg['variant']}, w0 {cfg['w0']:g}, "

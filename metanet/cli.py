@@ -803,6 +803,11 @@ def _cmd_inr(args: argparse.Namespace) -> int:
     cfg = inr.INRConfig(**{k: v for k, v in given.items() if v is not None})
     if cfg.target_psnr == 0:
         cfg = dataclasses.replace(cfg, target_psnr=None)
+    if args.train_views is not None and args.train_views < args.per_image:
+        raise UsageError(
+            f"--train-views {args.train_views}: fewer than --per-image {args.per_image}; "
+            "training images get at least as many INRs as the others"
+        )
     inputs = [args.images] if args.images else []
     for place in filter(None, (args.out, args.dwsnets)):
         for src in inputs:
@@ -814,6 +819,7 @@ def _cmd_inr(args: argparse.Namespace) -> int:
     paths = inr.make_dataset(
         args.out,
         per_image=args.per_image,
+        train_per_image=args.train_views,
         cfg=cfg,
         images=args.images,
         dwsnets=args.dwsnets,
@@ -1158,6 +1164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["make", "info"], help="make a dataset, or summarise one")
     p.add_argument("out", metavar="DIR", help="dataset folder")
     p.add_argument("--per-image", type=_positive, default=10, help="INRs per image (seeds)")
+    p.add_argument(
+        "--train-views",
+        type=_positive,
+        metavar="K",
+        help="K INRs per training image (other seeds, the same image: augmentation); "
+        "validation and test images keep --per-image",
+    )
     p.add_argument(
         "--shard", type=_shard, metavar="I/N", help="make only shard I of N (shards run anywhere)"
     )

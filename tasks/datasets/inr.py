@@ -416,16 +416,19 @@ class INRItem:
 
 
 def digits_items(
-    per_image: int, seed: int = 0, val: float = 0.1, test: float = 0.2
+    per_image: int,
+    seed: int = 0,
+    val: float = 0.1,
+    test: float = 0.2,
+    train_per_image: int | None = None,
 ) -> tuple[Tensor, list[INRItem]]:
-    """scikit-learn's digits as ``(images (1797, 8, 8) in [0, 1], items)``: ``per_image``
-    items per image, each with its own fitting seed, split by image (all INRs of an image
-    share a split; ``val``/``test`` fractions, the order drawn from ``seed``)."""
+    """scikit-learn's digits as ``(images (1797, 8, 8) in [0, 1], items)``: the items of
+    :func:`image_items` for its labels."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = torch.tensor(d.images, dtype=torch.float32) / 16.0
-    return images, image_items(d.target.tolist(), per_image, seed, val, test)
+    return images, image_items(d.target.tolist(), per_image, seed, val, test, train_per_image)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -550,21 +553,38 @@ def load_images(
 
 
 def image_items(
-    labels: Sequence[int], per_image: int, seed: int = 0, val: float = 0.1, test: float = 0.2
+    labels: Sequence[int],
+    per_image: int,
+    seed: int = 0,
+    val: float = 0.1,
+    test: float = 0.2,
+    train_per_image: int | None = None,
 ) -> list[INRItem]:
     """``per_image`` items per image, each with its own fitting seed, split by image (all
     INRs of an image share a split; ``val``/``test`` fractions, the order drawn from
-    ``seed``)."""
+    ``seed``). ``train_per_image``: that many items of each *training* image instead
+    (more INRs of the same images: the augmentation of Shamsian et al. 2024), while
+    validation and test keep ``per_image``. The first ``per_image`` seeds of an image do
+    not depend on it."""
     n = len(labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_test, n_val = round(test * n), round(val * n)
     split = {}
     for k, i in enumerate(order):
         split[i] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    more = max(per_image, train_per_image or per_image)
+    base = seed * 1_000_003
+    extra = base + n * per_image  # the extra seeds come after every image's first ones
+
+    def fitting_seed(i: int, r: int) -> int:
+        if r < per_image:
+            return base + i * per_image + r
+        return extra + i * (more - per_image) + r - per_image
+
     return [
-        INRItem(i, int(labels[i]), seed * 1_000_003 + i * per_image + r, split[i])
+        INRItem(i, int(labels[i]), fitting_seed(i, r), split[i])
         for i in range(n)
-        for r in range(per_image)
+        for r in range(more if split[i] == "train" else per_image)
     ]
 
 
@@ -581,6 +601,7 @@ def make_dataset(
     out: str | os.PathLike,
     *,
     per_image: int = 10,
+    train_per_image: int | None = None,
     cfg: INRConfig = INRConfig(),
     images: str | os.PathLike | None = None,
     resolution: int | None = None,
@@ -594,7 +615,8 @@ def make_dataset(
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> list[Path]:
-    """Fit ``per_image`` SIRENs to every image and store them.
+    """Fit ``per_image`` SIRENs to every image and store them (``train_per_image``: that
+    many to each training image, and ``per_image`` to the validation and test images).
 
     The images are scikit-learn's digits (default), or ``images``: a folder of class
     subfolders of image files, or an ``.npz``/``.npy`` (see :func:`load_images`); any size
@@ -616,9 +638,16 @@ def make_dataset(
     root = Path(out)
     if shard is not None and shard[1] != num_shards:
         raise ValueError(f"--shard {shard[0]}/{shard[1]}: this dataset has {num_shards} shards")
+    if train_per_image is not None and train_per_image < per_image:
+        raise ValueError(
+            f"--train-views {train_per_image}: fewer than --per-image {per_image}; training "
+            "images get at least as many INRs as the others"
+        )
+    if train_per_image == per_image:
+        train_per_image = None  # the same dataset as without it
     if images is None:
         resolution = resolution or 8
-        pixels, items = digits_items(per_image, seed, val, test)
+        pixels, items = digits_items(per_image, seed, val, test, train_per_image)
         if resolution != 8:
             pixels = nn.functional.interpolate(
                 pixels[:, None], size=(resolution, resolution), mode="bilinear", align_corners=True
@@ -631,7 +660,7 @@ def make_dataset(
             if place is not None and _inside(place, src):
                 raise CheckpointError(f"{place}: is inside the input {src}; write it elsewhere")
         pixels, labels, classes = load_images(src, resolution)
-        items = image_items(labels, per_image, seed, val, test)
+        items = image_items(labels, per_image, seed, val, test, train_per_image)
         source = {"path": str(src.resolve()), "kind": "images"}
         extra = {"classes": classes}
     height, width, channels = pixels.shape[1:]
@@ -656,6 +685,7 @@ def make_dataset(
     meta = {
         "config": asdict(cfg),
         "per_image": per_image,
+        **({"train_per_image": train_per_image} if train_per_image else {}),
         "resolution": height if height == width else [height, width],
         "seed": seed,
         "num_shards": num_shards,

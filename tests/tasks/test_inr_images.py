@@ -184,3 +184,37 @@ def test_a_small_release_imports_with_val_size(tmp_path, capsys):
     assert main([*argv, "--val-size", "2", "-q"]) == 0
     back = inr.WeightDataset(tmp_path / "in")
     assert len(back) == 12 and sum(r["split"] == "val" for r in back.rows) == 2
+
+
+def test_train_views_fit_more_inrs_of_the_training_images_only(tmp_path, capsys):
+    """``--train-views K``: K INRs (distinct fitting seeds, the same image) of each training
+    image, ``--per-image`` of the others; the same split and the same first INRs as without
+    it, so validation and test compare directly."""
+    images, labels = _digits(40)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    common = ["inr", "make", "--images", str(tmp_path / "d.npz"), "--per-image", "1",
+              "--steps", "5", "--num-shards", "2", "-q"]  # fmt: skip
+    assert main([*common[:2], str(tmp_path / "one"), *common[2:]]) == 0
+    assert main([*common[:2], str(tmp_path / "three"), *common[2:], "--train-views", "3"]) == 0
+    one, three = inr.WeightDataset(tmp_path / "one"), inr.WeightDataset(tmp_path / "three")
+    assert three.meta["train_per_image"] == 3 and "train_per_image" not in one.meta
+    split = {r["image"]: r["split"] for r in one.rows}
+    assert {r["image"]: r["split"] for r in three.rows} == split
+    for image, s in split.items():
+        n = sum(r["image"] == image for r in three.rows)
+        assert n == (3 if s == "train" else 1), (image, s, n)
+    seeds = [r["seed"] for r in three.rows]
+    assert len(set(seeds)) == len(seeds)
+    # every INR of the one-view set is in the three-view set, bit for bit
+    first = {(r["image"], r["seed"]): k for k, r in enumerate(three.rows)}
+    for k, r in enumerate(one.rows):
+        j = first[(r["image"], r["seed"])]
+        assert all(torch.equal(v, three.weights(j)[n]) for n, v in one.weights(k).items())
+    assert len(three) == 40 + 2 * sum(s == "train" for s in split.values())
+    # fewer views than --per-image: refused in one line, nothing written
+    capsys.readouterr()
+    code = main([*common[:2], str(tmp_path / "bad"), *common[2:4], "--per-image", "2",
+                 *common[6:], "--train-views", "1"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--train-views 1" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()
