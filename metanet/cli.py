@@ -785,9 +785,11 @@ def _cmd_inr(args: argparse.Namespace) -> int:
             if len(psnr)
             else "PSNR not recorded"
         )
+        views = ds.meta.get("train_per_image")
+        per = f"; {views} per training image, {ds.meta['per_image']} per other" if views else ""
         print(
-            f"{args.out}: {len(ds):,} INRs ({', '.join(f'{k} {v:,}' for k, v in splits.items())}), "
-            + quality
+            f"{args.out}: {len(ds):,} INRs ({', '.join(f'{k} {v:,}' for k, v in splits.items())}"
+            f"{per}), " + quality
         )
         return 0
     import dataclasses

@@ -211,6 +211,9 @@ def test_train_views_fit_more_inrs_of_the_training_images_only(tmp_path, capsys)
         j = first[(r["image"], r["seed"])]
         assert all(torch.equal(v, three.weights(j)[n]) for n, v in one.weights(k).items())
     assert len(three) == 40 + 2 * sum(s == "train" for s in split.values())
+    capsys.readouterr()
+    assert main(["inr", "info", str(tmp_path / "three")]) == 0
+    assert "3 per training image, 1 per other" in capsys.readouterr().out
     # fewer views than --per-image: refused in one line, nothing written
     capsys.readouterr()
     code = main([*common[:2], str(tmp_path / "bad"), *common[2:4], "--per-image", "2",
