@@ -22,6 +22,14 @@ and matching time before and now, best of ``--repeats`` interleaved.
 
     python benchmarks/align_recovery.py                 # all: ~25 min on 2 busy cores
     python benchmarks/align_recovery.py --models efficientnet_b0 --no-pairs --no-rebasin
+
+``--optima`` asks a narrower question on the trained pairs: does the objective weight
+matching maximizes order their barriers? Each pair is matched by the previous loop with
+``--before-seeds`` orders of its random schedule and by the default; per pair, these
+local optima are compared by objective and barrier (``results/align_optima.md``, ~6 min
+for 10 networks per model).
+
+    python benchmarks/align_recovery.py --optima --pair-models 10
 """
 
 from __future__ import annotations
@@ -244,6 +252,113 @@ def trained_pairs(repeats: int, n_models: int = 6) -> list[dict]:
     return rows
 
 
+def optima(n_models: int, before_seeds: int) -> list[dict]:
+    """Per trained pair: barrier and objective of the previous loop's ``before_seeds``
+    random orders and of the default (``"now"``)."""
+    from converters import from_module
+    from tasks.align import MatchLog, weight_matching
+    from tasks.datasets import digits
+    from tasks.merge import evaluator, loss_barrier
+
+    torch.set_num_threads(1)
+    data = digits.load()
+    rows = []
+    methods = {f"before, order {k}": {"schedule": "random", "seed": k} for k in range(before_seeds)}
+    methods["now"] = {}
+    for kind in ("mlp", "cnn"):
+        d = data.flat() if kind == "mlp" else data
+        models = digits.main_job_models(kind, d, n_models, epochs=15)
+        space = from_module(models[0], d.x_train[:2])
+        test = evaluator(models[0], digits.batches(d.x_test, d.y_test), accuracy=True)
+        for i, j in itertools.combinations(range(n_models), 2):
+            a, b = models[i].state_dict(), models[j].state_dict()
+            row = {"optima": kind, "pair": (i, j)}
+            for label, kw in methods.items():
+                log = MatchLog()
+                g = weight_matching(space, a, b, log=log, **kw)
+                barrier = loss_barrier(test, a, space.apply(b, g), alphas=11).barrier
+                row[label] = {"barrier": barrier, "objective": log.objective[-1]}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def optima_report(rows: list[dict], plot: Path | None) -> str:
+    """Means over all pairs and over the main job's 15, and how well the objective orders
+    the barriers of one pair's optima (Pearson correlation within each pair)."""
+    import numpy as np
+
+    labels = [k for k in rows[0] if k not in ("optima", "pair")]
+    n = 1 + max(max(r["pair"]) for r in rows)
+    lines = [
+        "# Does the weight-matching objective order barriers? "
+        "(`python benchmarks/align_recovery.py --optima`)",
+        "",
+        f"{n} ReLU MLPs 3x512 and {n} small CNNs trained on digits (the main job's recipe, "
+        f"seeds 0-{n - 1}), {n * (n - 1) // 2} pairs each. Every pair is matched "
+        f'{len(labels)} ways: the previous loop (`schedule="random"`) with '
+        f"{len(labels) - 1} orders of its random schedule (`seed=0..{len(labels) - 2}`; "
+        'order 0 is the "before" of `align_recovery.md`) and the default (**now**). '
+        "Barrier: test-loss barrier over 11 alphas; objective: `sum_t <a_t, (g·b)_t>`.",
+        "",
+        f"| model | method | barrier, {n * (n - 1) // 2} pairs (mean ± std) | "
+        "barrier, the main job's 15 pairs | objective (mean) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    corr = {}
+    for kind in ("mlp", "cnn"):
+        rs = [r for r in rows if r["optima"] == kind]
+        main = [r for r in rs if max(r["pair"]) < 6]
+        for lab in labels:
+            bars = [r[lab]["barrier"] for r in rs]
+            lines.append(
+                f"| {kind} | {lab} | {statistics.fmean(bars):.4f} ± {statistics.stdev(bars):.4f} "
+                f"| {statistics.fmean(r[lab]['barrier'] for r in main):.4f} | "
+                f"{statistics.fmean(r[lab]['objective'] for r in rs):.3f} |"
+            )
+        cs, spans, best = [], [], []
+        for r in rs:
+            obj = np.array([r[lab]["objective"] for lab in labels])
+            bar = np.array([r[lab]["barrier"] for lab in labels])
+            spans.append(bar.max() - bar.min())
+            best.append(bar[obj.argmax()] <= bar.min() + 1e-12)
+            if obj.std() > 0 and bar.std() > 0:
+                cs.append(float(np.corrcoef(obj, bar)[0, 1]))
+        corr[kind] = (statistics.fmean(cs), len(cs), statistics.fmean(spans), sum(best), len(rs))
+    lines += [
+        "",
+        "Within each pair, across its optima:",
+        "",
+        "| model | correlation of objective and barrier (mean over pairs) | barrier range "
+        "(max - min, mean over pairs) | pairs whose highest objective has the lowest barrier |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind, (c, m, span, hit, tot) in corr.items():
+        lines.append(f"| {kind} | {c:+.2f} ({m} pairs) | {span:.4f} | {hit}/{tot} |")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, kind in zip(axes, ("mlp", "cnn")):
+            for r in (r for r in rows if r["optima"] == kind):
+                obj = np.array([r[lab]["objective"] for lab in labels])
+                bar = np.array([r[lab]["barrier"] for lab in labels])
+                ax.scatter(obj[:-1] - obj.mean(), bar[:-1] - bar.mean(), s=8, color="tab:blue")
+                ax.scatter(obj[-1:] - obj.mean(), bar[-1:] - bar.mean(), s=8, color="tab:red")
+            ax.set_title(f"{kind}: one pair's optima (blue: previous loop's orders, red: now)")
+            ax.set_xlabel("objective - pair mean")
+            ax.set_ylabel("barrier - pair mean")
+            ax.title.set_fontsize(8)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+        lines += ["", f"![objective vs barrier]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- report
 FINDINGS = """
 ## What defeated the previous loop
@@ -387,13 +502,30 @@ def main() -> None:
     ap.add_argument(
         "--pair-models", type=int, default=6, help="networks per model (6: the main job's)"
     )
-    ap.add_argument("--out", default=str(RESULTS / "align_recovery.md"))
+    ap.add_argument("--optima", action="store_true", help="only the trained pairs' optima")
+    ap.add_argument("--before-seeds", type=int, default=3, help="previous loop's orders")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="default: results/align_recovery.md (align_optima.md with --optima)",
+    )
     ap.add_argument("--report-from", help="render the report from a run's stderr (its JSON lines)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--rebasin-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rebasin_worker:
         rebasin_worker(*args.rebasin_worker)
+        return
+    if args.out is None:
+        args.out = str(RESULTS / ("align_optima.md" if args.optima else "align_recovery.md"))
+    if args.optima:
+        if args.report_from:
+            rows = [json.loads(ln) for ln in open(args.report_from) if ln.startswith("{")]
+        else:
+            rows = optima(args.pair_models, args.before_seeds)
+        text = optima_report(rows, Path(args.out).with_suffix(".png"))
+        Path(args.out).write_text(text)
+        print(text)
         return
     if args.report_from:
         rows = [json.loads(ln) for ln in open(args.report_from) if ln.startswith("{")]
