@@ -7,7 +7,14 @@ repeated builds in a default process; peak memory is the process's high-water ma
 (VmHWM, reset through /proc/self/clear_refs) above its resident size before the build,
 compared to the bytes of ``edge_index + edge_attr``.
 
+``--samples N``: a dataset's graphs instead, one small network per sample as a weight
+dataset builds them (``WeightDataset(format="graph")``): N graphs of different weights of
+one space (the MNIST INRs' SIREN, the CNN zoo's CNN), each ``to_graph`` call timed, with
+the space's structure kept between calls (the default) and rebuilt every call (the
+previous ``to_graph``: the cache cleared before each call), interleaved in one process.
+
     python benchmarks/graph_build.py [--repeats 5]
+    python benchmarks/graph_build.py --samples 2000
 """
 
 from __future__ import annotations
@@ -105,13 +112,52 @@ def worker(model: str, method: str, repeats: int) -> dict:
     }
 
 
+def samples(n: int) -> None:
+    """Per-sample build time of a dataset's graphs: structure kept vs rebuilt."""
+    from metanet import graph
+    from tasks.datasets.inr import siren_space
+    from tasks.datasets.zoo import zoo_space
+
+    torch.set_num_threads(1)
+    spaces = {"MNIST INR (SIREN 2-32-32-1)": siren_space(), "CNN zoo (`zoo_cnn`)": zoo_space()}
+    print(f"torch {torch.__version__}, 1 thread, {n} graphs per space and method, interleaved")
+    print(
+        "| space | edges | structure rebuilt (µs / graph) | structure kept (µs / graph) | speedup |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for label, space in spaces.items():
+        gen = torch.Generator().manual_seed(0)
+        weights = [
+            {k: torch.randn(t.shape, generator=gen) for k, t in space.tensors.items()}
+            for _ in range(n)
+        ]
+        times = {"rebuilt": [], "kept": []}
+        graph.to_graph(space, weights[0])  # warm up
+        for w in weights:
+            for how in ("rebuilt", "kept"):
+                if how == "rebuilt":
+                    graph._SKELETONS.pop(id(space), None)
+                t0 = time.perf_counter()
+                g = graph.to_graph(space, w)
+                times[how].append(time.perf_counter() - t0)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        print(
+            f"| {label} | {g.edge_index.shape[1]:,} | {med['rebuilt'] * 1e6:.0f} | "
+            f"{med['kept'] * 1e6:.0f} | {med['rebuilt'] / med['kept']:.2f}× |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=0, help="a dataset's graphs (see above)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.repeats)))
+        return
+    if args.samples:
+        samples(args.samples)
         return
     rows = []
     for model in MODELS:

@@ -50,6 +50,7 @@ attribute           shape                 meaning
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -384,6 +385,93 @@ def _fixed_position(space: WeightSpace, axis) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class _Skeleton:
+    """What a space's graph holds besides the weight values: the same for every weights of
+    that space (and ``node_dim``, ``edge_dim``)."""
+
+    layout: GraphLayout
+    node_type: Tensor
+    node_layer: Tensor
+    node_pos: Tensor
+    node_action: Tensor
+    edge_index: Tensor
+    block_type: Tensor
+    block_taps: Tensor
+    block_size: Tensor
+    tap_pos: Tensor
+
+
+# skeletons of small graphs, per live space (by id; dropped when the space is collected):
+# a dataset's to_graph calls rebuild the same structure for every sample otherwise
+_SKELETONS: dict[int, dict[tuple, _Skeleton]] = {}
+_CACHED_EDGES = 1 << 16  # at most ~1.5 MB a skeleton: datasets of small networks gain, and
+# a large graph's build keeps its peak memory (its structure costs little beside its values)
+
+
+def _skeleton(space: WeightSpace, node_dim: int | None, edge_dim: int | None) -> _Skeleton:
+    key = (node_dim, edge_dim, torch.get_default_device())
+    known = _SKELETONS.get(id(space))
+    if known is not None and key in known:
+        return known[key]
+    layout = GraphLayout.of(space, node_dim, edge_dim)
+    sets = space.neuron_sets
+    width = layout.edge_dim
+    node_type = torch.empty(layout.num_nodes, dtype=torch.long)
+    node_layer = torch.empty(layout.num_nodes, dtype=torch.long)
+    node_pos = torch.empty(layout.num_nodes, dtype=torch.long)
+    node_action = torch.zeros(layout.num_nodes, dtype=torch.long)
+    actions = node_actions(space)
+    for s in sets.values():
+        lo, hi = layout.set_offset[s.name], layout.set_offset[s.name] + s.axis.size
+        node_type[lo:hi] = NODE_TYPES.get(s.kind, NODE_TYPES["hidden"])
+        node_layer[lo:hi] = s.layer
+        node_pos[lo:hi] = _fixed_position(space, s.axis)
+        node_action[lo:hi] = actions.get(s.name, ACTION_NONE)
+
+    edge_index = torch.empty(2, layout.num_edges, dtype=torch.long)
+    n_blocks = layout.num_blocks
+    block_type = torch.empty(n_blocks, dtype=torch.long)
+    block_taps = torch.empty(n_blocks, dtype=torch.long)
+    block_size = torch.empty(n_blocks, dtype=torch.long)
+    tap_pos = torch.zeros(n_blocks, width, 3)
+    b = 0
+    for t in space.tensors.values():
+        if t.name not in layout.edge_offset:
+            continue
+        n_out, n_in = sets[t.out_set].axis.size, sets[t.in_set].axis.size
+        taps, chunks = math.prod(t.tap_shape), layout.edge_chunks[t.name]
+        lo = layout.edge_offset[t.name]
+        hi = lo + chunks * n_out * n_in
+        out_ids = torch.arange(n_out) + layout.set_offset[t.out_set]
+        in_ids = torch.arange(n_in) + layout.set_offset[t.in_set]
+        shape = (chunks, n_out, n_in)
+        edge_index[0, lo:hi].view(shape).copy_(in_ids.expand(shape))
+        edge_index[1, lo:hi].view(shape).copy_(out_ids[:, None].expand(shape))
+        rng = slice(b, b + chunks)
+        block_size[rng] = n_out * n_in
+        block_type[rng] = BLOCK_KERNEL if t.tap_shape else BLOCK_DENSE
+        block_taps[rng] = (taps - torch.arange(chunks) * width).clamp(max=width)
+        tap_pos[rng] = _tap_positions(t, chunks, width)
+        b += chunks
+    for (src, dst), lo in zip(space.identities, layout.identity_offset):
+        n = sets[src].axis.size
+        edge_index[0, lo : lo + n] = torch.arange(n) + layout.set_offset[src]
+        edge_index[1, lo : lo + n] = torch.arange(n) + layout.set_offset[dst]
+        block_type[b], block_taps[b], block_size[b] = BLOCK_IDENTITY, 1, n
+        b += 1
+    skeleton = _Skeleton(
+        layout, node_type, node_layer, node_pos, node_action, edge_index, block_type,
+        block_taps, block_size, tap_pos,
+    )  # fmt: skip
+    if layout.num_edges <= _CACHED_EDGES and type(edge_index) is Tensor:  # not a fake tensor
+        if known is None:
+            known = _SKELETONS[id(space)] = {}
+            weakref.finalize(space, _SKELETONS.pop, id(space), None)
+        known[key] = skeleton
+    return skeleton
+
+
 def to_graph(
     space: WeightSpace,
     weights: Mapping[str, Tensor],
@@ -399,37 +487,22 @@ def to_graph(
         edge_dim: taps per edge ``T`` (to batch different architectures): kernels of more
             taps are cut into chunks of ``T``, smaller ones zero-padded. Default: the tap
             count that makes the graph smallest (see the module docstring).
+
+    The structure (everything but ``x``, ``edge_attr``, ``rest`` and ``rest_int``) depends
+    on the space alone; for graphs of up to 2^16 edges it is built once per space and
+    copied into each graph after that.
     """
     space.validate(weights, strict=False)
-    layout = GraphLayout.of(space, node_dim, edge_dim)
+    sk = _skeleton(space, node_dim, edge_dim)
+    layout = sk.layout
     dtype = _common_dtype(space, weights)
     sets = space.neuron_sets
     width = layout.edge_dim
 
     x = torch.zeros(layout.num_nodes, layout.node_dim, dtype=dtype)
-    node_type = torch.empty(layout.num_nodes, dtype=torch.long)
-    node_layer = torch.empty(layout.num_nodes, dtype=torch.long)
-    node_pos = torch.empty(layout.num_nodes, dtype=torch.long)
-    node_action = torch.zeros(layout.num_nodes, dtype=torch.long)
-    actions = node_actions(space)
-    for s in sets.values():
-        lo, hi = layout.set_offset[s.name], layout.set_offset[s.name] + s.axis.size
-        node_type[lo:hi] = NODE_TYPES.get(s.kind, NODE_TYPES["hidden"])
-        node_layer[lo:hi] = s.layer
-        node_pos[lo:hi] = _fixed_position(space, s.axis)
-        node_action[lo:hi] = actions.get(s.name, ACTION_NONE)
-
-    edge_index = torch.empty(2, layout.num_edges, dtype=torch.long)
     edge_attr = torch.empty(layout.num_edges, width, dtype=dtype)
-    n_blocks = layout.num_blocks
-    block_type = torch.empty(n_blocks, dtype=torch.long)
-    block_taps = torch.empty(n_blocks, dtype=torch.long)
-    block_size = torch.empty(n_blocks, dtype=torch.long)
-    tap_pos = torch.zeros(n_blocks, width, 3)
     rest = torch.empty(layout.rest_size, dtype=dtype)
     rest_int = torch.empty(layout.rest_int_size, dtype=torch.long)
-
-    b = 0
     for t in space.tensors.values():
         w = weights[t.name]
         if t.name in layout.rest_int_offset:
@@ -449,17 +522,6 @@ def to_graph(
             if full < chunks:
                 dst[full, :, : taps - full * width].copy_(block[:, full * width :])
                 dst[full, :, taps - full * width :].zero_()
-            out_ids = torch.arange(n_out) + layout.set_offset[t.out_set]
-            in_ids = torch.arange(n_in) + layout.set_offset[t.in_set]
-            shape = (chunks, n_out, n_in)
-            edge_index[0, lo:hi].view(shape).copy_(in_ids.expand(shape))
-            edge_index[1, lo:hi].view(shape).copy_(out_ids[:, None].expand(shape))
-            rng = slice(b, b + chunks)
-            block_size[rng] = n_out * n_in
-            block_type[rng] = BLOCK_KERNEL if t.tap_shape else BLOCK_DENSE
-            block_taps[rng] = (taps - torch.arange(chunks) * width).clamp(max=width)
-            tap_pos[rng] = _tap_positions(t, chunks, width)
-            b += chunks
         elif _on_nodes(t):
             col, k = layout.node_columns[t.name]
             lo = layout.set_offset[t.out_set]
@@ -468,27 +530,24 @@ def to_graph(
         else:
             lo = layout.rest_offset[t.name]
             rest[lo : lo + w.numel()] = w.reshape(-1)
-    for (src, dst), lo in zip(space.identities, layout.identity_offset):
+    for (src, _), lo in zip(space.identities, layout.identity_offset):
         n = sets[src].axis.size
-        edge_index[0, lo : lo + n] = torch.arange(n) + layout.set_offset[src]
-        edge_index[1, lo : lo + n] = torch.arange(n) + layout.set_offset[dst]
         edge_attr[lo : lo + n].zero_()
         edge_attr[lo : lo + n, 0] = 1
-        block_type[b], block_taps[b], block_size[b] = BLOCK_IDENTITY, 1, n
-        b += 1
 
+    # copies: a graph is the caller's to change in place, the skeleton is shared
     return ParamGraph(
         x=x,
-        edge_index=edge_index,
+        edge_index=sk.edge_index.clone(),
         edge_attr=edge_attr,
-        block_type=block_type,
-        block_size=block_size,
-        block_taps=block_taps,
-        tap_pos=tap_pos,
-        node_type=node_type,
-        node_layer=node_layer,
-        node_pos=node_pos,
-        node_action=node_action,
+        block_type=sk.block_type.clone(),
+        block_size=sk.block_size.clone(),
+        block_taps=sk.block_taps.clone(),
+        tap_pos=sk.tap_pos.clone(),
+        node_type=sk.node_type.clone(),
+        node_layer=sk.node_layer.clone(),
+        node_pos=sk.node_pos.clone(),
+        node_action=sk.node_action.clone(),
         rest=rest,
         rest_int=rest_int,
         num_nodes=layout.num_nodes,

@@ -193,3 +193,37 @@ def test_graph_gather_matches_to_graph(name, space, weights):
     for n, t in space.tensors.items():
         expected = feats[n][:, 0] if (t.is_edge or t.is_node) else torch.zeros_like(feats[n][:, 0])
         assert torch.equal(back[n], expected), n
+
+
+@pytest.mark.parametrize("name,space,weights", CASES, ids=IDS)
+def test_cached_structure_is_the_structure_and_not_shared(name, space, weights):
+    """A space's second graph reuses its structure: equal to one built from scratch, and
+    each graph owns its tensors (changing one in place leaves the next one alone)."""
+    import gc
+
+    from metanet import graph as graph_module
+
+    graph_module._SKELETONS.pop(id(space), None)
+    to_graph(space, weights)  # builds and keeps the structure
+    assert id(space) in graph_module._SKELETONS
+    other = {k: (v * 2 if v.is_floating_point() else v) for k, v in weights.items()}
+    again = to_graph(space, other)
+    graph_module._SKELETONS.pop(id(space))
+    fresh = to_graph(space, other)
+    for key in fresh.keys():
+        same = torch.equal if torch.is_tensor(fresh[key]) else (lambda u, v: u == v)
+        assert same(again[key], fresh[key]), key
+    for key in ("edge_index", "node_type", "node_pos", "block_size", "tap_pos"):
+        expected = fresh[key].clone()
+        to_graph(space, other)[key].add_(1)  # the caller's to change, not the cache's
+        assert torch.equal(to_graph(space, other)[key], expected), key
+    assert torch.equal(to_weights(space, again)[next(iter(space.tensors))],
+                       other[next(iter(space.tensors))])  # fmt: skip
+
+    copy = space.replace()  # another live space: its own entry, gone with it
+    to_graph(copy, weights)
+    key = id(copy)
+    assert key in graph_module._SKELETONS
+    del copy
+    gc.collect()
+    assert key not in graph_module._SKELETONS
