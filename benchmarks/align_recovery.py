@@ -212,74 +212,72 @@ def rebasin_worker(name: str, folder: str) -> None:
 
 
 # --------------------------------------------------------------------------- pairs
-def trained_pairs(repeats: int, n_models: int = 6) -> list[dict]:
-    """The main job's pairs: barrier, objective and time, before and now."""
+def _main_job_pairs(n_models: int):
+    """``(kind, space, test evaluator, (i, j), a, b)`` for every pair of the main job's
+    ``n_models`` MLPs, then CNNs (``examples/align_and_merge.py``'s recipe), one thread."""
     from converters import from_module
-    from tasks.align import MatchLog, weight_matching
     from tasks.datasets import digits
-    from tasks.merge import evaluator, loss_barrier
+    from tasks.merge import evaluator
 
     torch.set_num_threads(1)
     data = digits.load()
-    rows = []
     for kind in ("mlp", "cnn"):
         d = data.flat() if kind == "mlp" else data
         models = digits.main_job_models(kind, d, n_models, epochs=15)
         space = from_module(models[0], d.x_train[:2])
         test = evaluator(models[0], digits.batches(d.x_test, d.y_test), accuracy=True)
         for i, j in itertools.combinations(range(n_models), 2):
-            a, b = models[i].state_dict(), models[j].state_dict()
-            best: dict[str, float] = {}
-            res = {}
-            for _ in range(repeats):  # interleaved: the load of the machine hits both
-                for label, kw in (("before", {"schedule": "random"}), ("now", {})):
-                    log = MatchLog()
-                    t0 = time.perf_counter()
-                    g = weight_matching(space, a, b, log=log, **kw)
-                    best[label] = min(best.get(label, float("inf")), time.perf_counter() - t0)
-                    res[label] = (g, log)
-            row = {"kind": kind, "pair": (i, j)}
-            for label, (g, log) in res.items():
-                barrier = loss_barrier(test, a, space.apply(b, g), alphas=11).barrier
-                row[label] = {
-                    "barrier": barrier,
-                    "objective": log.objective[-1],
-                    "s": best[label],
-                    "sweeps": log.sweeps,
-                }
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            yield kind, space, test, (i, j), models[i].state_dict(), models[j].state_dict()
+
+
+def trained_pairs(repeats: int, n_models: int = 6) -> list[dict]:
+    """The main job's pairs: barrier, objective and time, before and now."""
+    from tasks.align import MatchLog, weight_matching
+    from tasks.merge import loss_barrier
+
+    rows = []
+    for kind, space, test, (i, j), a, b in _main_job_pairs(n_models):
+        best: dict[str, float] = {}
+        res = {}
+        for _ in range(repeats):  # interleaved: the load of the machine hits both
+            for label, kw in (("before", {"schedule": "random"}), ("now", {})):
+                log = MatchLog()
+                t0 = time.perf_counter()
+                g = weight_matching(space, a, b, log=log, **kw)
+                best[label] = min(best.get(label, float("inf")), time.perf_counter() - t0)
+                res[label] = (g, log)
+        row = {"kind": kind, "pair": (i, j)}
+        for label, (g, log) in res.items():
+            barrier = loss_barrier(test, a, space.apply(b, g), alphas=11).barrier
+            row[label] = {
+                "barrier": barrier,
+                "objective": log.objective[-1],
+                "s": best[label],
+                "sweeps": log.sweeps,
+            }
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
 
 
 def optima(n_models: int, before_seeds: int) -> list[dict]:
     """Per trained pair: barrier and objective of the previous loop's ``before_seeds``
     random orders and of the default (``"now"``)."""
-    from converters import from_module
     from tasks.align import MatchLog, weight_matching
-    from tasks.datasets import digits
-    from tasks.merge import evaluator, loss_barrier
+    from tasks.merge import loss_barrier
 
-    torch.set_num_threads(1)
-    data = digits.load()
     rows = []
     methods = {f"before, order {k}": {"schedule": "random", "seed": k} for k in range(before_seeds)}
     methods["now"] = {}
-    for kind in ("mlp", "cnn"):
-        d = data.flat() if kind == "mlp" else data
-        models = digits.main_job_models(kind, d, n_models, epochs=15)
-        space = from_module(models[0], d.x_train[:2])
-        test = evaluator(models[0], digits.batches(d.x_test, d.y_test), accuracy=True)
-        for i, j in itertools.combinations(range(n_models), 2):
-            a, b = models[i].state_dict(), models[j].state_dict()
-            row = {"optima": kind, "pair": (i, j)}
-            for label, kw in methods.items():
-                log = MatchLog()
-                g = weight_matching(space, a, b, log=log, **kw)
-                barrier = loss_barrier(test, a, space.apply(b, g), alphas=11).barrier
-                row[label] = {"barrier": barrier, "objective": log.objective[-1]}
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    for kind, space, test, (i, j), a, b in _main_job_pairs(n_models):
+        row = {"optima": kind, "pair": (i, j)}
+        for label, kw in methods.items():
+            log = MatchLog()
+            g = weight_matching(space, a, b, log=log, **kw)
+            barrier = loss_barrier(test, a, space.apply(b, g), alphas=11).barrier
+            row[label] = {"barrier": barrier, "objective": log.objective[-1]}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
 
 
