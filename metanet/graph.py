@@ -409,11 +409,14 @@ _CACHED_EDGES = 1 << 16  # at most ~1.5 MB a skeleton: datasets of small network
 # a large graph's build keeps its peak memory (its structure costs little beside its values)
 
 
-def _skeleton(space: WeightSpace, node_dim: int | None, edge_dim: int | None) -> _Skeleton:
+def _skeleton(
+    space: WeightSpace, node_dim: int | None, edge_dim: int | None
+) -> tuple[_Skeleton, bool]:
+    """The structure of ``space``'s graphs, and whether it is kept (then shared: copy it)."""
     key = (node_dim, edge_dim, torch.get_default_device())
     known = _SKELETONS.get(id(space))
     if known is not None and key in known:
-        return known[key]
+        return known[key], True
     layout = GraphLayout.of(space, node_dim, edge_dim)
     sets = space.neuron_sets
     width = layout.edge_dim
@@ -469,7 +472,8 @@ def _skeleton(space: WeightSpace, node_dim: int | None, edge_dim: int | None) ->
             known = _SKELETONS[id(space)] = {}
             weakref.finalize(space, _SKELETONS.pop, id(space), None)
         known[key] = skeleton
-    return skeleton
+        return skeleton, True
+    return skeleton, False
 
 
 def to_graph(
@@ -493,7 +497,7 @@ def to_graph(
     copied into each graph after that.
     """
     space.validate(weights, strict=False)
-    sk = _skeleton(space, node_dim, edge_dim)
+    sk, shared = _skeleton(space, node_dim, edge_dim)
     layout = sk.layout
     dtype = _common_dtype(space, weights)
     sets = space.neuron_sets
@@ -535,19 +539,20 @@ def to_graph(
         edge_attr[lo : lo + n].zero_()
         edge_attr[lo : lo + n, 0] = 1
 
-    # copies: a graph is the caller's to change in place, the skeleton is shared
+    # a kept structure is copied: a graph is the caller's to change in place
+    own = Tensor.clone if shared else (lambda t: t)
     return ParamGraph(
         x=x,
-        edge_index=sk.edge_index.clone(),
+        edge_index=own(sk.edge_index),
         edge_attr=edge_attr,
-        block_type=sk.block_type.clone(),
-        block_size=sk.block_size.clone(),
-        block_taps=sk.block_taps.clone(),
-        tap_pos=sk.tap_pos.clone(),
-        node_type=sk.node_type.clone(),
-        node_layer=sk.node_layer.clone(),
-        node_pos=sk.node_pos.clone(),
-        node_action=sk.node_action.clone(),
+        block_type=own(sk.block_type),
+        block_size=own(sk.block_size),
+        block_taps=own(sk.block_taps),
+        tap_pos=own(sk.tap_pos),
+        node_type=own(sk.node_type),
+        node_layer=own(sk.node_layer),
+        node_pos=own(sk.node_pos),
+        node_action=own(sk.node_action),
         rest=rest,
         rest_int=rest_int,
         num_nodes=layout.num_nodes,

@@ -195,8 +195,14 @@ def test_graph_gather_matches_to_graph(name, space, weights):
         assert torch.equal(back[n], expected), n
 
 
+def _same_graph(g, h) -> bool:
+    return g.keys() == h.keys() and all(
+        torch.equal(g[k], h[k]) if torch.is_tensor(h[k]) else g[k] == h[k] for k in h.keys()
+    )
+
+
 @pytest.mark.parametrize("name,space,weights", CASES, ids=IDS)
-def test_cached_structure_is_the_structure_and_not_shared(name, space, weights):
+def test_cached_structure_is_the_structure_and_not_shared(name, space, weights, monkeypatch):
     """A space's second graph reuses its structure: equal to one built from scratch, and
     each graph owns its tensors (changing one in place leaves the next one alone)."""
     import gc
@@ -210,15 +216,20 @@ def test_cached_structure_is_the_structure_and_not_shared(name, space, weights):
     again = to_graph(space, other)
     graph_module._SKELETONS.pop(id(space))
     fresh = to_graph(space, other)
-    for key in fresh.keys():
-        same = torch.equal if torch.is_tensor(fresh[key]) else (lambda u, v: u == v)
-        assert same(again[key], fresh[key]), key
+    assert _same_graph(again, fresh)
     for key in ("edge_index", "node_type", "node_pos", "block_size", "tap_pos"):
         expected = fresh[key].clone()
         to_graph(space, other)[key].add_(1)  # the caller's to change, not the cache's
         assert torch.equal(to_graph(space, other)[key], expected), key
     assert torch.equal(to_weights(space, again)[next(iter(space.tensors))],
                        other[next(iter(space.tensors))])  # fmt: skip
+
+    monkeypatch.setattr(graph_module, "_CACHED_EDGES", -1)  # a large graph: nothing kept
+    graph_module._SKELETONS.pop(id(space))
+    large = to_graph(space, other)
+    assert id(space) not in graph_module._SKELETONS
+    assert _same_graph(large, fresh)
+    monkeypatch.undo()
 
     copy = space.replace()  # another live space: its own entry, gone with it
     to_graph(copy, weights)
