@@ -284,18 +284,32 @@ def _destroy_group() -> None:
         dist.destroy_process_group()
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed() -> tuple[int, int, bool]:
+    """``(rank, world size, whether this call made the process group)``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        made = not dist.is_initialized()
+        if made:
             dist.init_process_group("gloo")
-            # torn down before the interpreter exits: left to static destructors, gloo's
-            # threads now and then abort the process ("terminate called without an
-            # active exception", exit code -6) after training finished
+            # if training fails, still torn down before the interpreter exits: left to
+            # static destructors, gloo's threads can abort the process ("terminate called
+            # without an active exception", exit code -6)
             atexit.register(_destroy_group)
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), made
+    return 0, 1, False
+
+
+def _leave_together(made: bool) -> None:
+    """The ranks leave ``train`` together, and the group it made is torn down by all at
+    once. Rank 0 evaluates the test split alone after training: a rank that went on to
+    exit meanwhile tore its half of the group down while rank 0 still held it, and now and
+    then aborted at exit (exit code -6, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if made:
+        dist.destroy_process_group()
 
 
 def _batches(ds, kind: str, indices: list[int], cache: dict | None = None):
@@ -493,7 +507,7 @@ def train(
     if target not in ("label", "accuracy"):
         raise ValueError(f"target must be 'label' or 'accuracy', got {target!r}")
     regress = target == "accuracy"
-    rank, world = _distributed()
+    rank, world, made_group = _distributed()
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
     fmt = "graph" if kind in GRAPH_KINDS else "weights"
@@ -646,6 +660,8 @@ def train(
     )
     if out is not None and rank == 0:
         _finish(Path(out), model, result)
+    if world > 1:
+        _leave_together(made_group)
     return result
 
 

@@ -23,7 +23,8 @@ r = train(sys.argv[1], sys.argv[2], epochs=2, batch_size=32, limit=256, augment=
           progress=False)
 if int(os.environ.get("RANK", "0")) == 0:
     print("RESULT " + json.dumps({"loss": [h["train_loss"] for h in r.history],
-                                  "test": r.test_accuracy, "world": r.world_size}))
+                                  "test": r.test_accuracy, "world": r.world_size,
+                                  "group_left": torch.distributed.is_initialized()}))
 """
 
 
@@ -56,6 +57,7 @@ def test_two_processes_match_one(inrs, tmp_path):
         tmp_path,
     )
     assert (single["world"], double["world"]) == (1, 2)
+    assert not double["group_left"]  # train() tore down the group it made, every rank together
     for a, b in zip(single["loss"], double["loss"]):
         assert abs(a - b) <= 1e-4 * abs(a)
     assert abs(single["test"] - double["test"]) <= 0.01
