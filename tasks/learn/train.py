@@ -302,9 +302,10 @@ def _distributed() -> tuple[int, int, bool]:
 
 def _leave_together(made: bool) -> None:
     """The ranks leave ``train`` together, and the group it made is torn down by all at
-    once. Rank 0 evaluates the test split alone after training: a rank that went on to
-    exit meanwhile tore its half of the group down while rank 0 still held it, and now and
-    then aborted at exit (exit code -6, "terminate called without an active exception")."""
+    once (as PyTorch asks). Rank 0 evaluates the test split alone after training; before
+    this, the other ranks went on to exit and tore their half of the group down meanwhile,
+    the likely cause of a rare abort at exit (exit code -6, "terminate called without an
+    active exception")."""
     import torch.distributed as dist
 
     dist.barrier()

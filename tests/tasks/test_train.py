@@ -57,7 +57,7 @@ def test_two_processes_match_one(inrs, tmp_path):
         tmp_path,
     )
     assert (single["world"], double["world"]) == (1, 2)
-    assert not double["group_left"]  # train() tore down the group it made, every rank together
+    assert not double["group_left"]  # gone after the barrier every rank passes in train()
     for a, b in zip(single["loss"], double["loss"]):
         assert abs(a - b) <= 1e-4 * abs(a)
     assert abs(single["test"] - double["test"]) <= 0.01
