@@ -25,11 +25,13 @@ and matching time before and now, best of ``--repeats`` interleaved.
 
 ``--optima`` asks a narrower question on the trained pairs: does the objective weight
 matching maximizes order their barriers? Each pair is matched by the previous loop with
-``--before-seeds`` orders of its random schedule and by the default; per pair, these
-local optima are compared by objective and barrier (``results/align_optima.md``, ~6 min
-for 10 networks per model).
+``--before-seeds`` orders of its random schedule, by the default and, with
+``--extra-starts K``, by the default with ``restarts=3..K+2``; per pair, these local
+optima are compared by objective and barrier, and the default's barriers are paired
+with the previous loop's (``results/align_optima.md``, ~30 min for 10 networks per model
+with ``--extra-starts 6``, ~6 min without).
 
-    python benchmarks/align_recovery.py --optima --pair-models 10
+    python benchmarks/align_recovery.py --optima --pair-models 10 --extra-starts 6
 """
 
 from __future__ import annotations
@@ -260,15 +262,18 @@ def trained_pairs(repeats: int, n_models: int = 6) -> list[dict]:
     return rows
 
 
-def optima(n_models: int, before_seeds: int) -> list[dict]:
+def optima(n_models: int, before_seeds: int, extra_starts: int = 0) -> list[dict]:
     """Per trained pair: barrier and objective of the previous loop's ``before_seeds``
-    random orders and of the default (``"now"``)."""
+    random orders, of the default (``"now"``) and of ``extra_starts`` runs of the default
+    with more starts (``restarts=k``, random starts from ``seed=k``, k = 3, 4, ...)."""
     from tasks.align import MatchLog, weight_matching
     from tasks.merge import loss_barrier
 
     rows = []
     methods = {f"before, order {k}": {"schedule": "random", "seed": k} for k in range(before_seeds)}
     methods["now"] = {}
+    for k in range(3, 3 + extra_starts):
+        methods[f"now, restarts={k}"] = {"restarts": k, "seed": k}
     for kind, space, test, (i, j), a, b in _main_job_pairs(n_models):
         row = {"optima": kind, "pair": (i, j)}
         for label, kw in methods.items():
@@ -282,29 +287,46 @@ def optima(n_models: int, before_seeds: int) -> list[dict]:
 
 
 def optima_report(rows: list[dict], plot: Path | None) -> str:
-    """Means over all pairs and over the main job's 15, and how well the objective orders
-    the barriers of one pair's optima (Pearson correlation within each pair)."""
+    """Means over all pairs and over the main job's 15, paired differences now - before,
+    and how well the objective orders the barriers of one pair's optima (Pearson
+    correlation within each pair)."""
     import numpy as np
 
     labels = [k for k in rows[0] if k not in ("optima", "pair")]
+    before = [lab for lab in labels if lab.startswith("before")]
+    extra = [lab for lab in labels if lab.startswith("now, ")]
     n = 1 + max(max(r["pair"]) for r in rows)
+    n_pairs = n * (n - 1) // 2
+    ways = (
+        f'the previous loop (`schedule="random"`) with {len(before)} orders of its random '
+        f'schedule (`seed=0..{len(before) - 1}`; order 0 is the "before" of '
+        "`align_recovery.md`) and the default (**now**)"
+    )
+    if extra:
+        ways += (
+            f", and the default with more starts ({', '.join(lab[5:] for lab in extra)}: "
+            "construction from the inputs and from the outputs, then random elements, kept by "
+            "objective)"
+        )
     lines = [
         "# Does the weight-matching objective order barriers? "
         "(`python benchmarks/align_recovery.py --optima`)",
         "",
         f"{n} ReLU MLPs 3x512 and {n} small CNNs trained on digits (the main job's recipe, "
-        f"seeds 0-{n - 1}), {n * (n - 1) // 2} pairs each. Every pair is matched "
-        f'{len(labels)} ways: the previous loop (`schedule="random"`) with '
-        f"{len(labels) - 1} orders of its random schedule (`seed=0..{len(labels) - 2}`; "
-        'order 0 is the "before" of `align_recovery.md`) and the default (**now**). '
-        "Barrier: test-loss barrier over 11 alphas; objective: `sum_t <a_t, (g·b)_t>`.",
+        f"seeds 0-{n - 1}), {n_pairs} pairs each. Every pair is matched "
+        f"{len(labels)} ways: {ways}. Barrier: test-loss barrier over 11 alphas; objective: "
+        "`sum_t <a_t, (g·b)_t>`.",
         "",
-        f"| model | method | barrier, {n * (n - 1) // 2} pairs (mean ± std) | "
+        f"| model | method | barrier, {n_pairs} pairs (mean ± std) | "
         f"barrier, the pairs of networks 0-{min(n, 6) - 1} (the main job's 6) | "
         "objective (mean) |",
         "|---|---|---:|---:|---:|",
     ]
-    corr = {}
+
+    def pick_best(r):  # the barrier of the pair's optimum of highest objective
+        return max((r[lab]["objective"], r[lab]["barrier"]) for lab in labels)[1]
+
+    corr, diffs = {}, []
     for kind in ("mlp", "cnn"):
         rs = [r for r in rows if r["optima"] == kind]
         main = [r for r in rs if max(r["pair"]) < 6]
@@ -315,6 +337,20 @@ def optima_report(rows: list[dict], plot: Path | None) -> str:
                 f"| {statistics.fmean(r[lab]['barrier'] for r in main):.4f} | "
                 f"{statistics.fmean(r[lab]['objective'] for r in rs):.3f} |"
             )
+        if extra:
+            bars = [pick_best(r) for r in rs]
+            lines.append(
+                f"| {kind} | highest objective of the {len(labels)} | {statistics.fmean(bars):.4f}"
+                f" ± {statistics.stdev(bars):.4f} | "
+                f"{statistics.fmean(pick_best(r) for r in main):.4f} | – |"
+            )
+        for lab in before:
+            row = [kind, f"now − {lab[len('before, ') :]}"]
+            for sample in (rs, main):
+                d = [r["now"]["barrier"] - r[lab]["barrier"] for r in sample]
+                se = statistics.stdev(d) / len(d) ** 0.5
+                row.append(f"{statistics.fmean(d):+.4f} ± {se:.4f}")
+            diffs.append(row)
         cs, spans, best = [], [], []
         for r in rs:
             obj = np.array([r[lab]["objective"] for lab in labels])
@@ -326,10 +362,18 @@ def optima_report(rows: list[dict], plot: Path | None) -> str:
         corr[kind] = (statistics.fmean(cs), len(cs), statistics.fmean(spans), sum(best), len(rs))
     lines += [
         "",
+        "Paired differences in barrier, the default minus the previous loop, mean ± standard "
+        "error over the pairs (negative: lower now):",
+        "",
+        f"| model | difference | {n_pairs} pairs | the main job's 15 pairs |",
+        "|---|---|---:|---:|",
+        *(f"| {' | '.join(row)} |" for row in diffs),
+        "",
         "Within each pair, across its optima:",
         "",
         "| model | correlation of objective and barrier (mean over pairs) | barrier range "
-        "(max - min, mean over pairs) | pairs whose highest objective has the lowest barrier |",
+        "(max - min, mean over pairs) | pairs whose highest objective has the lowest barrier "
+        f"(chance: 1 in {len(labels)}) |",
         "|---|---:|---:|---:|",
     ]
     for kind, (c, m, span, hit, tot) in corr.items():
@@ -340,17 +384,28 @@ def optima_report(rows: list[dict], plot: Path | None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        def fmean(r, key):  # a pair's mean over its optima
+            return statistics.fmean(r[lab][key] for lab in labels)
+
+        colour = {lab: "tab:blue" for lab in before} | {lab: "tab:green" for lab in extra}
+        colour["now"] = "tab:red"
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, kind in zip(axes, ("mlp", "cnn")):
-            for r in (r for r in rows if r["optima"] == kind):
-                obj = np.array([r[lab]["objective"] for lab in labels])
-                bar = np.array([r[lab]["barrier"] for lab in labels])
-                ax.scatter(obj[:-1] - obj.mean(), bar[:-1] - bar.mean(), s=8, color="tab:blue")
-                ax.scatter(obj[-1:] - obj.mean(), bar[-1:] - bar.mean(), s=8, color="tab:red")
-            ax.set_title(f"{kind}: one pair's optima (blue: previous loop's orders, red: now)")
+            rs = [r for r in rows if r["optima"] == kind]
+            for group in (before, extra, ["now"]):  # the default drawn last, on top
+                for lab in group:
+                    ax.scatter(
+                        [r[lab]["objective"] - fmean(r, "objective") for r in rs],
+                        [r[lab]["barrier"] - fmean(r, "barrier") for r in rs],
+                        s=8,
+                        c=colour[lab],
+                    )
+            ax.set_title(f"{kind}: one pair's optima")
             ax.set_xlabel("objective - pair mean")
             ax.set_ylabel("barrier - pair mean")
             ax.title.set_fontsize(8)
+        more = ", green: more starts" if extra else ""
+        fig.suptitle(f"blue: previous loop's orders, red: now{more}", fontsize=9)
         fig.tight_layout()
         fig.savefig(plot, dpi=120)
         plt.close(fig)
@@ -504,6 +559,12 @@ def main() -> None:
     ap.add_argument("--optima", action="store_true", help="only the trained pairs' optima")
     ap.add_argument("--before-seeds", type=int, default=3, help="previous loop's orders")
     ap.add_argument(
+        "--extra-starts",
+        type=int,
+        default=0,
+        help="--optima: also the default with restarts=3, 4, ... (this many runs)",
+    )
+    ap.add_argument(
         "--out",
         default=None,
         help="default: results/align_recovery.md (align_optima.md with --optima)",
@@ -521,7 +582,7 @@ def main() -> None:
         if args.report_from:
             rows = [json.loads(ln) for ln in open(args.report_from) if ln.startswith("{")]
         else:
-            rows = optima(args.pair_models, args.before_seeds)
+            rows = optima(args.pair_models, args.before_seeds, args.extra_starts)
         text = optima_report(rows, Path(args.out).with_suffix(".png"))
         Path(args.out).write_text(text)
         print(text)
