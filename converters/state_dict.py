@@ -42,13 +42,22 @@ FAMILIES = ("mlp", "siren", "cnn")
 _POSITIVE_SCALE = {"relu", "leaky_relu", "leakyrelu", "prelu"}
 _SIGN = {"tanh", "sin", "sine", "siren", "softsign", "hardtanh"}
 _GL = {"identity", "linear", "none"}
+# activations without a continuous symmetry of their own (the permutations remain)
+_NO_SYMMETRY = {
+    "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "sigmoid", "silu",
+    "swish", "elu", "selu", "celu", "softplus", "mish", "relu6", "hardswish", "hardsigmoid",
+    "logsigmoid",
+}  # fmt: skip
+# every name activation_action knows; the CLI refuses others (a typo would drop a symmetry)
+KNOWN_ACTIVATIONS = frozenset(_POSITIVE_SCALE | _SIGN | _GL | _NO_SYMMETRY)
 
 
 def activation_action(activation: str | None) -> str | None:
     """The continuous symmetry an activation allows each hidden neuron.
 
     ``relu``/``leaky_relu``: positive scaling; odd functions (``tanh``, ``sin``): sign;
-    ``identity``: GL(n); anything else (``gelu``, ``sigmoid``, ``relu6`` ...): none.
+    ``identity``: GL(n); anything else (``gelu``, ``sigmoid``, ``relu6`` ...): none
+    (:data:`KNOWN_ACTIVATIONS` lists the names known either way).
     """
     if activation is None:
         return "gl"

@@ -110,6 +110,29 @@ def _positive(text: str) -> int:
     return value
 
 
+def _nonneg(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return value
+
+
+def _activation(text: str) -> str:
+    """argparse type: an activation name :func:`converters.activation_action` knows (a
+    misspelt one would silently drop the hidden units' scaling or sign symmetry)."""
+    from converters.state_dict import KNOWN_ACTIVATIONS
+
+    if text.lower().replace("-", "_") not in KNOWN_ACTIVATIONS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown activation (known: {', '.join(sorted(KNOWN_ACTIVATIONS))})"
+        )
+    return text
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a learning rate, a frequency)."""
     value = _finite(text)
@@ -188,12 +211,22 @@ def _imported(spec: str, flag: str) -> Any:
     return getattr(module, attr)
 
 
+def _called(spec: str, flag: str) -> Any:
+    """What the user's ``module:function`` returns; an exception it raises is reported
+    as bad input naming the flag (one line, exit 2), not as metanet's traceback."""
+    fn = _imported(spec, flag)
+    try:
+        return fn()
+    except Exception as e:
+        raise UsageError(f"{flag} {spec}: raised {type(e).__name__}: {e}") from None
+
+
 def _factory_model(spec: str, input_shape: list[int] | None, flag: str):
     """``module:factory`` -> ``(model, example inputs or None)``. The factory returns a
     model or ``(model, example_inputs)``; ``input_shape`` makes randn inputs instead."""
     import torch
 
-    made = _imported(spec, flag)()
+    made = _called(spec, flag)
     model, inputs = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
@@ -246,10 +279,18 @@ def _from_factory(spec: str, input_shape: list[int] | None):
     return {k: v.detach() for k, v in model.state_dict().items()}, space
 
 
-def _check_output(out: Path, inputs: Sequence[str | Path], force: bool, folder: bool) -> None:
+def _check_output(
+    out: Path,
+    inputs: Sequence[str | Path],
+    force: bool,
+    folder: bool,
+    suffixes: Sequence[str] = (".safetensors",),
+    flag: str = "-o",
+) -> None:
     """Refuse, before any work, an output that would overwrite an input, an existing file
-    without ``--force``, a file where a folder is written (or the reverse), or a place
-    that cannot be written."""
+    without ``--force``, a file where a folder is written (or the reverse), a file whose
+    suffix is not one of ``suffixes`` (a ``.pt`` name on safetensors bytes could not be
+    read back), or a place that cannot be written."""
     for p in inputs:
         if out.resolve() == Path(p).resolve():
             raise UsageError(f"{out}: is an input; write the result somewhere else")
@@ -263,8 +304,11 @@ def _check_output(out: Path, inputs: Sequence[str | Path], force: bool, folder: 
             raise UsageError(f"{out}: exists; pass --force to overwrite")
         if out.is_dir() and not folder:
             raise UsageError(
-                f"{out}: is a folder, and the result is one .safetensors file; pass a file path"
+                f"{out}: is a folder, and the result is one {suffixes[0]} file; pass a file path"
             )
+    if not folder and out.suffix.lower() not in suffixes:
+        ends = suffixes[0] if len(suffixes) == 1 else f"one of {', '.join(sorted(suffixes))}"
+        raise UsageError(f"{flag} {out}: the file this writes must end in {ends}")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -412,7 +456,8 @@ def _legacy_config(method: str, args: argparse.Namespace):
     paths = list(args.paths)
     if method in ("align", "naive"):
         n = len(paths)
-        weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
+        alpha = 0.5 if args.alpha is None else args.alpha
+        weights = [1 - alpha, alpha] if n == 2 else [1 / n] * n
         aligned = args.match if method == "align" else "none"
         data = {
             "merge_method": "linear",
@@ -433,7 +478,7 @@ def _legacy_config(method: str, args: argparse.Namespace):
                 {"model": p, "parameters": dict(mp), "align": args.match if args.align else "none"}
                 for p in paths[1:]
             ],
-            "parameters": {"lambda": args.scale},
+            "parameters": {"lambda": 1.0 if args.scale is None else args.scale},
         }
     try:
         return parse_config(data)
@@ -493,6 +538,53 @@ _KIT_METHODS = (
 )  # fmt: skip
 
 
+# metanet's own merge flags, and the methods that read them (mergekit's methods read
+# --param / --weights, --density where they take one, and --align)
+_FLAG_METHODS = {
+    "alpha": ("align", "naive"),
+    "density": ("ties",),
+    "scale": ("ties", "task"),
+    "align": ("align", "ties", "task"),
+}
+
+
+def _refuse_unread(args: argparse.Namespace, method: str | None, reads=()) -> None:
+    """A flag the merge would not read is refused, not dropped: ``--density`` with a
+    method that keeps every entry would otherwise silently merge untrimmed. ``method`` None:
+    ``--config``, which sets every parameter itself."""
+    given = {
+        "alpha": args.alpha is not None,
+        "density": args.density is not None,
+        "scale": args.scale is not None,
+        "align": args.align,
+        "param": bool(args.param),
+        "weights": bool(args.weights),
+    }
+    for flag, on in given.items():
+        if not on:
+            continue
+        if method is None:
+            raise UsageError(
+                f"--{flag}: --config sets the merge's parameters and alignment; put it in "
+                "the YAML (parameters:, align:)"
+            )
+        if flag in reads or method in _FLAG_METHODS.get(flag, ()):
+            continue
+        if flag in ("param", "weights"):
+            raise UsageError(f"--{flag} is for mergekit's methods (e.g. --method linear)")
+        hint = (
+            {
+                "alpha": "; slerp takes --param t=..., the others --weights",
+                "scale": "; task_arithmetic and ties take --param lambda=...",
+            }.get(flag, "")
+            if method in _KIT_METHODS
+            else ""
+        )
+        raise UsageError(f"--{flag}: --method {method} does not read it{hint}")
+    if args.alpha is not None and len(args.paths) != 2:
+        raise UsageError(f"--alpha weighs the second of two checkpoints, got {len(args.paths)}")
+
+
 def _merge_setup(args: argparse.Namespace) -> None:
     """Fill ``args.config_obj`` (a :class:`~tasks.checkpoints.config.MergeConfig`) from
     ``--config`` or from the flags of a mergekit method (``--param``, ``--weights``), and
@@ -508,6 +600,7 @@ def _merge_setup(args: argparse.Namespace) -> None:
             raise UsageError("--config names the checkpoints: give no CHECKPOINT arguments")
         if args.method:
             raise UsageError("--config names the merge method: drop --method")
+        _refuse_unread(args, None)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -521,12 +614,14 @@ def _merge_setup(args: argparse.Namespace) -> None:
             raise UsageError("give the checkpoints to merge (or --config merge.yml)")
         method = args.method
         if method in _LEGACY_METHODS or method is None:
-            if args.param or args.weights:
-                raise UsageError(
-                    "--param / --weights are for mergekit's methods (e.g. --method linear)"
-                )
+            default = "align" if len(args.paths) == 2 else "mergemany"
+            _refuse_unread(args, method or default)
             return
         m = merge_methods.METHODS[method]
+        reads = ("param", "weights", "align") + (
+            ("density",) if "density" in m.model_params else ()
+        )
+        _refuse_unread(args, method, reads)
         n = len(args.paths) - (1 if m.needs_base else 0)
         if n < 1 or (m.n_models is not None and n != m.n_models):
             what = f"{m.n_models} checkpoint(s)" if m.n_models else "at least one checkpoint"
@@ -685,12 +780,54 @@ def _data(spec: str, model, split: str = "test", flag: str = "--data") -> list:
         else:
             data = digits.batches(d.x_test, d.y_test)
     else:
-        data = list(_imported(spec, flag)())
+        made = _called(spec, flag)
+        try:
+            data = list(made)
+        except TypeError:
+            data = []
         if not data or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in data):
             raise UsageError(f"{flag} {spec}: expected a non-empty list of (inputs, targets)")
+        _check_batches(data, f"{flag} {spec}")
     if model is not None:  # else the model is built later (a folder's), and runs then
         _check_runs(model, (data[0][0],), f"the model does not run on {flag} {spec}")
+        _check_targets(model, data, f"{flag} {spec}")
     return data
+
+
+def _check_batches(data: list, where: str) -> None:
+    """Every batch's inputs and targets are tensors, the inputs finite (a NaN input makes
+    every loss NaN and matching's cost matrices unsolvable)."""
+    import torch
+
+    for i, (x, y) in enumerate(data):
+        for what, t in (("inputs", x), ("targets", y)):
+            if not isinstance(t, torch.Tensor):
+                raise UsageError(
+                    f"{where}: batch {i}'s {what} are a {type(t).__name__}, not a tensor"
+                )
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise UsageError(f"{where}: batch {i}'s inputs have NaN or inf values")
+
+
+def _check_targets(model, data: list, where: str) -> None:
+    """Class targets (integers) must index the model's outputs: checked on every batch
+    before any work, not found by the loss at the last one."""
+    import torch
+
+    with torch.no_grad():
+        out = model(data[0][0])
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return
+    classes = out.shape[-1]
+    for i, (_, y) in enumerate(data):
+        if y.is_floating_point() or y.numel() == 0:
+            continue
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= classes:
+            raise UsageError(
+                f"{where}: batch {i}'s targets span [{lo}, {hi}], but the model has "
+                f"{classes} outputs (class indices 0-{classes - 1})"
+            )
 
 
 def _cmd_barrier(args: argparse.Namespace) -> int:
@@ -704,7 +841,12 @@ def _cmd_barrier(args: argparse.Namespace) -> int:
     if args.alphas < 2:
         raise UsageError(f"--alphas {args.alphas}: need at least 2 points (the endpoints)")
     if args.plot:
-        _check_output(Path(args.plot), [args.a, args.b], force=True, folder=False)
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = sorted(FigureCanvasBase.get_supported_filetypes(), key=lambda k: k != "png")
+        formats = tuple(f".{k}" for k in kinds)  # .png first: named when a folder is given
+        _check_output(Path(args.plot), [args.a, args.b], args.force, folder=False,
+                      suffixes=formats, flag="--plot")  # fmt: skip
     _check_match_flags(args, [args.a, args.b])
     from tasks.checkpoints import barrier_curves, load_checkpoint
     from tasks.merge import evaluator, plot_barriers
@@ -985,7 +1127,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="describe a plain state dict (.safetensors/.pt without a WeightSpace)",
         )
         p.add_argument(
-            "--activation", help="hidden activation of --family (default: relu; sin for siren)"
+            "--activation",
+            type=_activation,
+            help="hidden activation of --family (default: relu; sin for siren)",
         )
         p.add_argument("--input-shape", type=_int_list, metavar="N,...", help=input_shape_help)
 
@@ -1019,7 +1163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer widths: mlp/siren in,hidden...,out (default 64,128,128,10); "
         "cnn in,conv...,classes (default 3,16,32,32,10)",
     )
-    p.add_argument("--seed", type=int, default=0, help="torch seed of the initialisation")
+    p.add_argument("--seed", type=_nonneg, default=0, help="torch seed of the initialisation")
 
     def pair(p: argparse.ArgumentParser, many: bool = False) -> None:
         if many:
@@ -1033,7 +1177,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("a", help="reference checkpoint (metanet .safetensors or HF folder)")
             p.add_argument("b", help="checkpoint to align to a")
         p.add_argument("--family", choices=FAMILIES, help="describe plain state dicts")
-        p.add_argument("--activation", help="hidden activation of --family")
+        p.add_argument("--activation", type=_activation, help="hidden activation of --family")
         p.add_argument(
             "--model",
             metavar="MODULE:FACTORY",
@@ -1047,9 +1191,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N,...",
             help="example input shape for --model (randn inputs), e.g. 8,64",
         )
-        p.add_argument("--seed", type=int, default=0, help="random group order of the matching")
+        p.add_argument("--seed", type=_nonneg, default=0, help="random group order of the matching")
         p.add_argument(
-            "--max-sweeps", type=int, default=100, help="weight matching: most coordinate sweeps"
+            "--max-sweeps",
+            type=_positive,
+            default=100,
+            help="weight matching: most coordinate sweeps",
         )
         p.add_argument(
             "--match",
@@ -1065,8 +1212,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="--match activation/ste: digits, digits-flat (training split) or "
             "module:function returning a list of (inputs, targets) batches",
         )
-        p.add_argument("--ste-epochs", type=int, default=10, help="--match ste: epochs")
-        p.add_argument("--ste-lr", type=float, default=1e-2, help="--match ste: Adam lr")
+        p.add_argument("--ste-epochs", type=_positive, default=10, help="--match ste: epochs")
+        p.add_argument("--ste-lr", type=_positive_float, default=1e-2, help="--match ste: Adam lr")
 
     def device_flag(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument(
@@ -1132,13 +1279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", metavar="W,...", help="mergekit methods: per-model weights (non-base)"
     )
-    p.add_argument("--alpha", type=_finite, default=0.5, help="weight of the second checkpoint")
+    p.add_argument(
+        "--alpha", type=_finite, help="align / naive: weight of the second checkpoint (0.5)"
+    )
     p.add_argument(
         "--density",
         type=_fraction,
         help="ties / dare / breadcrumbs: fraction of each task vector kept (ties default 0.2)",
     )
-    p.add_argument("--scale", type=_finite, default=1.0, help="ties / task: task-vector scale")
+    p.add_argument("--scale", type=_finite, help="ties / task: task-vector scale (1)")
     p.add_argument("--align", action="store_true", help="ties / task: align to the base first")
     stream_flags(p)
 
@@ -1156,7 +1305,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="interpolation points from A to B, ends included",
     )
     p.add_argument("--no-align", action="store_true", help="only the naive interpolation")
-    p.add_argument("--plot", metavar="PNG", help="save the curves to this image")
+    p.add_argument("--plot", metavar="PNG", help="save the curves to this image (.png, .pdf, .svg)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot")
 
     p = command(
         "inr",
@@ -1204,7 +1354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target-psnr", type=_finite, help="stop each INR at this PSNR; 0: never (default 40.0)"
     )
-    p.add_argument("--seed", type=int, default=0, help="base seed of the INRs")
+    p.add_argument("--seed", type=_nonneg, default=0, help="base seed of the INRs")
     device_flag(p, "the SIRENs are fitted")
 
     p = command("zoo", "CNN zoo: train small CNNs on sklearn's digits", _cmd_zoo)
@@ -1216,7 +1366,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-shards", type=_positive, default=4, help="shards of the whole zoo")
     p.add_argument("--max-steps", type=_positive, help="cap every CNN's training steps")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the recipes")
+    p.add_argument("--seed", type=_nonneg, default=0, help="base seed of the recipes")
     device_flag(p, "the CNNs train")
 
     p = command(
@@ -1263,7 +1413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hidden", type=_positive, default=16, help="channels / hidden width of the model"
     )
-    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    p.add_argument("--seed", type=_nonneg, default=0, help="initialisation and batch order")
     p.add_argument("--limit", type=_positive, help="at most this many training networks")
     p.add_argument(
         "--no-augment",

@@ -230,11 +230,15 @@ def barrier_curves(
     import sys
 
     from tasks.checkpoints.align_stage import _check_function, moved_groups, symmetry
+    from tasks.checkpoints.stream import require_finite
     from tasks.merge import loss_barrier
 
     a, b = _held(a), _held(b)
     check_compatible(a, b)
     _check_interpolable(a, b)
+    for ck in (a, b):  # a NaN would give a NaN curve, and matching an unsolvable cost
+        for name, w in ck.weights.items():
+            require_finite(ck.ref, name, w, then="no barrier can be measured")
     curves = {"naive": loss_barrier(evaluate, a.weights, b.weights, alphas=alphas)}
     if align is not None:
         g, summary = match_pair(a, b, align, data=data, seed=seed, max_sweeps=max_sweeps,

@@ -199,13 +199,22 @@ def _folder_config(path: Path) -> dict | None:
 
 def _lazy(path: Path, names=None, upcast=None) -> LazyWeights:
     try:
-        return LazyWeights(path, names, upcast)
+        lazy = LazyWeights(path, names, upcast)
+        _require_tensors(path, lazy.entries)
+        return lazy
     except CheckpointError:
         raise
     except KeyError as e:
         raise AlignmentError(f"{path}: {e.args[0]} (different architectures?)") from None
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _require_tensors(path: Path, weights) -> None:
+    """An input without a single tensor is refused by name (merging onto it would plan
+    nothing, and a WeightSpace of nothing describes no network)."""
+    if not weights:
+        raise CheckpointError(f"{path}: has no tensors")
 
 
 def open_checkpoint(
@@ -277,6 +286,7 @@ def open_checkpoint(
     if load_state is None:
         raise CheckpointError(f"{path}: merges read safetensors files or folders of them")
     weights, own = load_state(path)
+    _require_tensors(path, weights)
     return Checkpoint(ref, path, weights, None, own)
 
 
@@ -346,6 +356,7 @@ def load_checkpoint(
         from converters import from_module
 
         weights = load_state_dict(path)
+        _require_tensors(path, weights)
         _check_fits(model, weights, path, model_name)
         if inputs is None:
             raise CheckpointError(
@@ -358,6 +369,7 @@ def load_checkpoint(
         from converters import from_state_dict
 
         weights = load_state_dict(path)
+        _require_tensors(path, weights)
         # a .safetensors file stores its tensors sorted: the modules' order comes from names
         order = "natural" if path.suffix == ".safetensors" else "given"
         space = from_state_dict(weights, family, activation=activation, order=order)

@@ -127,6 +127,12 @@ def merged_tensors(
                 refs = [plan.sources[i].ref for i, _ in t.inputs]
                 values = plan.vocab.reindex(t.name, refs, values)
             if t.compute_dtype is None:  # integer / bool: carried through, never averaged
+                if t.name.rsplit(".", 1)[-1] == "num_batches_tracked":
+                    # BatchNorm's step counter differs between any two trainings: the
+                    # reference model's (the base, else the first) is kept, as PyTorch
+                    # reads it only for momentum=None
+                    yield t, values[t.base or 0].to(t.dtype)
+                    continue
                 if any(not torch.equal(v, values[0]) for v in values):
                     raise CheckpointError(
                         f"tensor {t.name!r} ({values[0].dtype}) differs between the inputs; "

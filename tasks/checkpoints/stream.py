@@ -125,15 +125,16 @@ def _all_finite(w: Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def require_finite(path, name: str, w: Tensor) -> None:
-    """:class:`NonFiniteError` naming ``path``'s tensor ``name`` if ``w`` has NaN/inf."""
+def require_finite(path, name: str, w: Tensor, then: str = "nothing written") -> None:
+    """:class:`NonFiniteError` naming ``path``'s tensor ``name`` if ``w`` has NaN/inf
+    (``then``: what the message ends with)."""
     if w.is_floating_point() and w.numel() and not _all_finite(w):
         bad = ~torch.isfinite(w)
         if bad.any():
             nan = int(torch.isnan(w).sum())
             raise NonFiniteError(
                 f"{path}: tensor {name!r} has {nan} NaN and "
-                f"{int(bad.sum()) - nan} inf values; nothing written"
+                f"{int(bad.sum()) - nan} inf values; {then}"
             )
 
 

@@ -190,7 +190,7 @@ _RANGES = {
     "epsilon": ("[0, 1)", lambda v: 0 <= v < 1),
     "eps": ("[0, inf)", lambda v: v >= 0),
     "tol": ("[0, inf)", lambda v: v >= 0),
-    "select_topk": None,
+    "select_topk": ("[0, 1]", lambda v: 0 <= v <= 1),
     "r": None,
     "alpha": None,
     "max_iter": ("whole numbers >= 1", lambda v: v >= 1 and float(v).is_integer()),
@@ -217,7 +217,12 @@ def check_parameter(key: str, value):
         )
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"parameter {key!r} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a YAML integer of hundreds of digits
+        raise ValueError(
+            f"parameter {key!r} must be finite, got a {len(str(value))}-digit number"
+        ) from None
     if not math.isfinite(value):
         raise ValueError(f"parameter {key!r} must be finite, got {value}")
     if _RANGES.get(key) is not None:
@@ -680,6 +685,8 @@ def merge_tensor(
     glob, per_model = resolve_parameters(m, len(tensors), params, model_params)
     if not ref.is_floating_point():
         return ref
+    if ref.numel() == 0:  # nothing to merge (slerp's norms and top-k would fail on it)
+        return ref if compute_dtype is None else ref.to(compute_dtype)
     everything = tensors + ([base] if base is not None else [])
     work = torch.float64 if any(x.dtype == torch.float64 for x in everything) else torch.float32
     if compute_dtype is not None and m.name not in ("linear", "slerp"):

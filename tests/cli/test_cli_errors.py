@@ -362,3 +362,159 @@ def test_train_scalegmn_on_a_relu_zoo(datasets, tmp_path, capsys):
     argv = ["train", "scalegmn", str(zoo), "--out", str(out), "--target", "accuracy"]
     assert main([*argv, "--epochs", "1", "--batch-size", "4", "-q"]) == 0
     assert json.loads((out / "result.json").read_text())["kind"] == "scalegmn"
+
+
+# --------------------------------------------------------------------------- audit
+def test_numbers_out_of_range_are_refused_by_flag(ckpts, tmp_path, capsys):
+    """Seeds, sweep and epoch counts, learning rates and activations are checked when
+    parsed: a negative seed is not numpy's traceback, ``--max-sweeps 0`` no silent no-op, a
+    misspelt activation no silently dropped symmetry."""
+    out = tmp_path / "x.safetensors"
+    pair = ["align", ckpts["a"], ckpts["b"], "-o", out]
+    refused([*pair, "--seed", "-1"], capsys, tmp_path, "--seed", "'-1'", ">= 0")
+    refused([*pair, "--max-sweeps", "0"], capsys, tmp_path, "--max-sweeps", "positive")
+    refused([*pair, "--ste-epochs", "-3"], capsys, tmp_path, "--ste-epochs", "positive")
+    refused([*pair, "--ste-lr", "nan"], capsys, tmp_path, "--ste-lr", "finite")
+    refused([*pair, "--ste-lr", "-1"], capsys, tmp_path, "--ste-lr", "positive")
+    refused([*pair, "--family", "mlp", "--activation", "rleu"], capsys, tmp_path,
+            "--activation", "'rleu'", "unknown", "relu")  # fmt: skip
+    m = ["merge", ckpts["a"], ckpts["b"], "-o", out, "--method", "dare_ties", "--seed", "-2"]
+    refused(m, capsys, tmp_path, "--seed", ">= 0")
+
+
+def test_merge_flags_the_method_does_not_read_are_refused(ckpts, tmp_path, capsys):
+    """A flag the chosen method (or --config) would drop is refused, never ignored:
+    ``--density`` on linear would otherwise merge untrimmed without a word."""
+    out = tmp_path / "x.safetensors"
+    two = ["merge", ckpts["a"], ckpts["b"], "-o", out]
+    cases = [
+        (["--method", "linear", "--density", "0.5"], ["--density", "linear"]),
+        (["--method", "slerp", "--param", "t=0.5", "--alpha", "0.9"], ["--alpha", "t="]),
+        (["--method", "slerp", "--param", "t=0.5", "--scale", "3"], ["--scale", "lambda="]),
+        (["--method", "naive", "--align"], ["--align", "naive"]),
+        (["--method", "task", "--density", "0.3"], ["--density", "task"]),
+        (["--method", "ties", "--alpha", "0.3"], ["--alpha", "ties"]),
+        (["--method", "naive", "--param", "t=1"], ["--param", "mergekit"]),
+        (["--alpha", "0.3", "--scale", "2"], ["--scale", "align"]),  # the default method
+    ]
+    for flags, needles in cases:
+        refused([*two, *flags], capsys, tmp_path, *needles)
+    three = ["merge", ckpts["a"], ckpts["b"], ckpts["a"], "-o", out]
+    refused([*three, "--method", "naive", "--alpha", "0.2"], capsys, tmp_path, "--alpha", "got 3")
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {ckpts['a']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {ckpts['b']}\n    parameters: {{weight: 1}}\n"
+    )
+    for flag in (["--weights", "1,9"], ["--param", "normalize=false"], ["--density", "0.5"],
+                 ["--alpha", "0.1"], ["--scale", "2"], ["--align"]):  # fmt: skip
+        refused(["merge", "--config", cfg, "-o", out, *flag], capsys, tmp_path, flag[0], "YAML")
+    # what each method does read still runs
+    assert main([str(a) for a in [*two, "--method", "naive", "--alpha", "0.3", "-q"]]) == 0
+    out.unlink()
+    argv = [*two, "--method", "dare_ties", "--density", "0.5", "--weights", "1", "-q"]
+    assert main([str(a) for a in argv]) == 0
+
+
+def test_outputs_are_named_for_what_is_written(ckpts, tmp_path, capsys):
+    """``-o x.pt`` would hold safetensors bytes metanet cannot read back as a .pt, and a
+    ``--plot`` in a format matplotlib lacks would fail after the whole barrier: both
+    refused first. An existing plot is replaced only with --force."""
+    refused(["create", "mlp", "-o", tmp_path / "cr.pt", "--sizes", "8,4,2"], capsys, tmp_path,
+            "cr.pt", "must end in .safetensors")  # fmt: skip
+    m = ["merge", ckpts["a"], ckpts["b"], "--method", "naive", "-o", tmp_path / "m.pt"]
+    refused(m, capsys, tmp_path, "m.pt", ".safetensors")
+    bar = ["barrier", ckpts["a"], ckpts["b"], "--model", MODEL, "--data", "digits-flat", "-q"]
+    refused([*bar, "--plot", tmp_path / "out.txt"], capsys, tmp_path, "--plot", "out.txt", ".png")
+    (tmp_path / "p.png").write_bytes(b"mine")
+    refused([*bar, "--plot", tmp_path / "p.png"], capsys, tmp_path, "p.png", "--force")
+
+
+def test_user_functions_and_data_that_fail_are_named(ckpts, tmp_path, capsys):
+    """A factory or data function that raises, NaN inputs and class indices past the
+    model's outputs: one line naming the flag and batch, before any work."""
+    out = tmp_path / "x.safetensors"
+    bar = ["barrier", ckpts["a"], ckpts["b"], "--model", MODEL, "-q"]
+    refused([*bar, "--data", "tests.cli_models:raises"], capsys, tmp_path,
+            "--data tests.cli_models:raises", "RuntimeError", "the user's own bug")  # fmt: skip
+    refused([*bar, "--data", "tests.cli_models:bad_targets"], capsys, tmp_path,
+            "--data tests.cli_models:bad_targets", "batch 1", "[0, 50]", "10 outputs")  # fmt: skip
+    refused([*bar, "--data", "tests.cli_models:nan_data"], capsys, tmp_path,
+            "--data tests.cli_models:nan_data", "batch 0", "NaN")  # fmt: skip
+    raising = ["barrier", ckpts["a"], ckpts["b"], "--model", "tests.cli_models:raises"]
+    refused([*raising, "--data", "digits-flat"], capsys, tmp_path, "--model", "RuntimeError")
+    act = ["align", ckpts["a"], ckpts["b"], "-o", out, "--model", MODEL, "--match", "activation"]
+    refused([*act, "--match-data", "tests.cli_models:nan_data"], capsys, tmp_path,
+            "--match-data", "NaN")  # fmt: skip
+
+
+def test_nan_weights_are_refused_by_barrier(ckpts, tmp_path, capsys):
+    """barrier names a NaN/inf tensor, as align and merge do, with or without alignment
+    (it printed a NaN barrier, or scipy's traceback)."""
+    w, space = metanet.load(ckpts["b"])
+    for bad, what in ((float("nan"), "1 NaN"), (float("inf"), "1 inf")):
+        w = {k: v.clone() for k, v in w.items()}
+        w["2.weight"][0, 0] = bad
+        path = tmp_path / f"bad_{what[2:]}.safetensors"
+        metanet.save(path, w, space)
+        bar = ["barrier", ckpts["a"], path, "--model", MODEL, "--data", "digits-flat", "-q"]
+        for extra in ([], ["--no-align"]):
+            refused([*bar, *extra], capsys, tmp_path, path.name, "'2.weight'", what)
+
+
+def test_empty_and_zero_element_checkpoints(ckpts, tmp_path, capsys):
+    """An input with no tensor is refused by name in either position (as the base it
+    planned nothing and failed inside the writer); a zero-element tensor is carried
+    through by every method (slerp's norms failed on it)."""
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty)
+    out = tmp_path / "x.safetensors"
+    for order in ((empty, ckpts["a"]), (ckpts["a"], empty)):
+        argv = ["merge", *order, "--method", "linear", "-o", out]
+        refused(argv, capsys, tmp_path, "empty.safetensors", "has no tensors")
+    refused(["align", empty, empty, "--family", "mlp", "-o", out], capsys, tmp_path,
+            "empty.safetensors", "has no tensors")  # fmt: skip
+    torch.manual_seed(0)
+    a = {"w": torch.randn(4, 3), "e": torch.zeros(0, 3)}
+    b = {"w": torch.randn(4, 3), "e": torch.zeros(0, 3)}
+    save_file(a, tmp_path / "za.safetensors")
+    save_file(b, tmp_path / "zb.safetensors")
+    for method in ("slerp", "linear", "nuslerp", "karcher", "multislerp"):
+        flags = ["--param", "t=0.4"] if method == "slerp" else []
+        dest = tmp_path / f"z_{method}.safetensors"
+        argv = ["merge", tmp_path / "za.safetensors", tmp_path / "zb.safetensors", "--method",
+                method, *flags, "-o", dest, "-q"]  # fmt: skip
+        assert main([str(x) for x in argv]) == 0, method
+        with safe_open(dest, "pt") as f:
+            assert f.get_tensor("e").shape == (0, 3)
+            assert f.get_tensor("w").shape == (4, 3)
+
+
+def test_batchnorm_counters_differ_between_trainings(tmp_path, capsys):
+    """Two BatchNorm networks trained for different step counts merge: the step counter
+    (num_batches_tracked) is the reference model's; other integer tensors that differ are
+    still refused."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    sds = []
+    for steps in (100, 250):
+        sd = {k: v.clone() + (torch.randn_like(v) if v.is_floating_point() else 0)
+              for k, v in net.state_dict().items()}  # fmt: skip
+        sd["1.num_batches_tracked"] = torch.tensor(steps)
+        sds.append(sd)
+    paths = [tmp_path / "bn0.safetensors", tmp_path / "bn1.safetensors"]
+    for p, sd in zip(paths, sds):
+        save_file(sd, p)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", *map(str, paths), "--method", "linear", "-o", str(out), "-q"]) == 0
+    with safe_open(out, "pt") as f:
+        assert int(f.get_tensor("1.num_batches_tracked")) == 100
+        torch.testing.assert_close(
+            f.get_tensor("1.running_mean"),
+            (sds[0]["1.running_mean"] + sds[1]["1.running_mean"]) / 2,
+        )
+    sds[1]["step"], sds[0]["step"] = torch.tensor(3), torch.tensor(4)
+    for p, sd in zip(paths, sds):
+        save_file(sd, p)
+    argv = ["merge", *paths, "--method", "linear", "-o", tmp_path / "n.safetensors", "-q"]
+    refused(argv, capsys, tmp_path, "'step'", "differs")

@@ -500,6 +500,25 @@ def test_config_filter_without_default_leaves_parameter_unset():
             },
             "densty",
         ),
+        (  # a YAML integer of hundreds of digits overflowed float()
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": "a", "parameters": {"weight": 10**350}},
+                    {"model": "b", "parameters": {"weight": 1}},
+                ],
+            },
+            "'weight' must be finite, got a 351-digit number",
+        ),
+        (  # mergekit's range: a fraction of entries kept (0 keeps none)
+            {
+                "merge_method": "sce",
+                "base_model": "b",
+                "models": ["a"],
+                "parameters": {"select_topk": -5},
+            },
+            r"'select_topk' must lie in \[0, 1\]",
+        ),
     ],
 )
 def test_config_errors(data, key):
@@ -622,3 +641,15 @@ def test_arcee_fusion_keeps_only_outlying_changes():
     changed = (out != base).nonzero().tolist()
     assert [3, 5] in changed and len(changed) < 0.3 * base.numel()
     torch.testing.assert_close(out[3, 5], other[3, 5])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_zero_element_tensors_pass_through_every_method(method):
+    """A tensor with no elements has nothing to merge: every method returns it (slerp's
+    norms and the top-k of the trimming methods failed on it)."""
+    m = METHODS[method]
+    empty = torch.zeros(0, 3, dtype=torch.float16)
+    base = empty if m.needs_base else None
+    params = {"t": 0.5} if method in ("slerp", "nearswap") else {}
+    out = merge_tensor(method, "e", [empty] * (m.n_models or 2), base, params=params)
+    assert out.shape == (0, 3) and out.dtype == torch.float16
