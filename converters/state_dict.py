@@ -192,7 +192,9 @@ def _add_linear_stack(
         prev, prev_size = name, w.shape[0]
 
 
-def _mlp(sd: Mapping[str, Tensor], action: str | None, natural: bool = False) -> WeightSpace:
+def _mlp(
+    sd: Mapping[str, Tensor], action: str | None, natural: bool = False, family: str = "mlp"
+) -> WeightSpace:
     mods = _modules(sd, natural)
     if not mods:
         raise WeightSpaceError("empty state dict")
@@ -200,8 +202,8 @@ def _mlp(sd: Mapping[str, Tensor], action: str | None, natural: bool = False) ->
         if _kind(leaves) != "linear":
             key = next(iter(leaves.values()))[0]
             raise WeightSpaceError(
-                f"family='mlp' expects Linear layers only; tensor {key!r} of module {prefix!r} "
-                "is not one (a 2-D weight with an optional bias)"
+                f"family={family!r} expects Linear layers only; tensor {key!r} of module "
+                f"{prefix!r} is not one (a 2-D weight with an optional bias)"
             )
     b = _Builder()
     in_size = mods[0][1]["weight"][1].shape[1]
@@ -308,7 +310,7 @@ def from_state_dict(
         raise WeightSpaceError(f"order must be 'given' or 'natural', got {order!r}")
     natural = order == "natural"
     if family == "siren":
-        return _mlp(sd, activation_action(activation or "sin"), natural)
+        return _mlp(sd, activation_action(activation or "sin"), natural, family="siren")
     if family == "mlp":
         return _mlp(sd, activation_action(activation or "relu"), natural)
     if family == "cnn":

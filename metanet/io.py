@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -110,10 +111,30 @@ def _torch_load(path: Path):
     import re
 
     _check_nonempty(path)
+    protocol = None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(record=True) as notes:
+            # torch's note on a pickle protocol other than its own (2 lines to stderr): kept
+            # for the error below, which says it in one
+            warnings.simplefilter("always")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            finally:
+                for note in notes:
+                    found = re.search(r"pickle protocol (\d+)", str(note.message))
+                    if found:
+                        protocol = found.group(1)
+                    else:
+                        warnings.warn_explicit(
+                            note.message, note.category, note.filename, note.lineno
+                        )
     except pickle.UnpicklingError as e:
         text = str(e)
+        if protocol is not None and "GLOBAL" not in text:
+            raise CheckpointError(
+                f"{path}: pickled with protocol {protocol}, which torch.load(weights_only=True) "
+                "cannot read; re-save it with torch.save's default protocol (or as safetensors)"
+            ) from None
         found = re.search(r"GLOBAL (\S+)", text)
         if found:
             raise CheckpointError(

@@ -103,6 +103,8 @@ def test_errors_name_the_tensor():
         WeightSpaceError, match="family='mlp' expects Linear layers only; tensor 'c.weight'"
     ):
         from_state_dict(conv, "mlp")
+    with pytest.raises(WeightSpaceError, match="family='siren' expects Linear layers only"):
+        from_state_dict(conv, "siren")
     grouped = {
         "a.weight": torch.zeros(4, 1, 3, 3),
         "b.weight": torch.zeros(4, 2, 3, 3),

@@ -124,6 +124,16 @@ def test_pt_files_load_weights_only(tmp_path):
         metanet.load_state_dict(tmp_path / "evil.pt")
 
 
+def test_pt_of_another_pickle_protocol_is_named_in_one_line(tmp_path, recwarn):
+    """torch's weights-only unpickler cannot read a protocol-4 pickle: one error saying so
+    and what to do, without torch's two-line note on stderr."""
+    sd = family_models()[0][2].state_dict()
+    torch.save(sd, tmp_path / "p4.pt", pickle_protocol=4)
+    with pytest.raises(CheckpointError, match="p4.pt: pickled with protocol 4.*re-save"):
+        metanet.load_state_dict(tmp_path / "p4.pt")
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def test_saved_files_honour_the_umask(tmp_path):
     import os
 
