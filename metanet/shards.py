@@ -232,6 +232,7 @@ class LazyWeights(Mapping):
         upcast: torch.dtype | None = None,
     ):
         self.path = Path(path)
+        weight_map = read_index(self.path) if self.path.is_dir() else None
         files = weight_files(self.path) if self.path.is_dir() else [self.path]
         if not files:
             raise FileNotFoundError(f"{self.path}: no *.safetensors files")
@@ -246,6 +247,13 @@ class LazyWeights(Mapping):
             for key in keys:
                 self.entries[key] = (file, start, header[key])
             self.order.append((file, keys))
+        for tensor, fname in (weight_map or {}).items():
+            # a stale or hand-edited index: loaders would miss the tensor, a merge drop it
+            if tensor not in self.entries or self.entries[tensor][0].name != fname:
+                raise CheckpointError(
+                    f"{self.path / INDEX}: puts tensor {tensor!r} in {fname}, which does not "
+                    "hold it"
+                )
         self.names = dict(names) if names is not None else {k: k for k in self.entries}
         missing = [k for k, v in self.names.items() if v not in self.entries]
         if missing:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import yaml
 
+from metanet.io import CheckpointError
 from tasks.checkpoints.vocab import TokenizerSpec, TokenSource
 from tasks.merge.methods import METHODS, check_parameter
 
@@ -425,6 +426,13 @@ def parse_config(data, folder: str | os.PathLike | None = None) -> MergeConfig:
     chat = data.get("chat_template")
     if chat is not None and not isinstance(chat, str):
         raise ValueError(f"chat_template: expected a template name or Jinja text, got {chat!r}")
+    if chat is not None:  # checked now, not when the merge is written
+        from tasks.checkpoints.executor import chat_template_text
+
+        try:
+            chat_template_text(chat)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
     for where in ignored:
         if where.startswith("base_model:"):
             warnings.warn(where, stacklevel=2)

@@ -80,10 +80,23 @@ def _old_weights(name: str) -> bool:
     )
 
 
-def _chat_template(value: str) -> str:
+def chat_template_text(value: str) -> str:
+    """The template ``chat_template:`` names (its text), or a CheckpointError: neither a
+    known name nor Jinja text, or Jinja that does not parse (when jinja2 is installed, as
+    with transformers; the tokenizer would fail on it at its first chat)."""
     if value in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[value]
     if "{{" in value or "{%" in value:
+        try:
+            import jinja2
+        except ImportError:
+            return value
+        try:
+            jinja2.Environment().parse(value)
+        except jinja2.TemplateSyntaxError as e:
+            raise CheckpointError(
+                f"chat_template: not valid Jinja ({e.message}, line {e.lineno})"
+            ) from None
         return value
     raise CheckpointError(
         f"chat_template: {value!r} is neither a known template ({', '.join(CHAT_TEMPLATES)}) "
@@ -262,7 +275,7 @@ def _tokenizer(config: MergeConfig, folder: Path, vocab=None) -> None:
                 )
             shutil.copyfile(real, folder / name)
     if config.chat_template is not None:
-        template = _chat_template(config.chat_template)
+        template = chat_template_text(config.chat_template)
         tc = folder / "tokenizer_config.json"
         data = json.loads(tc.read_text()) if tc.is_file() else {}
         data["chat_template"] = template

@@ -296,6 +296,23 @@ def test_escaping_index_entry_refused(hf_pair, tmp_path, capsys, entry):
     refused(["align", a, b, "-o", out, "-q"], capsys, tmp_path, INDEX, repr(entry))
 
 
+def test_index_naming_a_tensor_its_shard_lacks_is_refused(hf_pair, tmp_path, capsys):
+    """A stale index (a shard replaced, an entry edited) names a tensor the shard does not
+    hold: refused by name, not silently dropped from the merge."""
+    a, b, _, work = hf_pair
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(a / "model.safetensors", "pt") as f:
+        weight_map = {k: "model.safetensors" for k in f.keys()}
+    weight_map["ghost.weight"] = "model.safetensors"
+    (a / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = work / "out"
+    refused(["merge", a, b, "--method", "linear", "-o", out, "-q"], capsys, tmp_path,
+            INDEX, "'ghost.weight'", "does not hold it")  # fmt: skip
+
+
 @pytest.mark.requires("transformers")
 def test_heads_layout_mismatch_is_refused_not_falsely_verified(tmp_path, capsys):
     """A 4×16-head and an 8×8-head Llama have tensors of equal shapes: aligning B in A's

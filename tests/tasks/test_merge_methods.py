@@ -510,6 +510,14 @@ def test_config_filter_without_default_leaves_parameter_unset():
             },
             "'weight' must be finite, got a 351-digit number",
         ),
+        (  # checked when read, not after the merge when the tokenizer is written
+            {"merge_method": "linear", "models": ["a", "b"], "chat_template": "{% for m in x %}"},
+            r"chat_template: not valid Jinja \(Unexpected end of template",
+        ),
+        (
+            {"merge_method": "linear", "models": ["a", "b"], "chat_template": "chatmlx"},
+            "neither a known template",
+        ),  # fmt: skip
         (  # mergekit's range: a fraction of entries kept (0 keeps none)
             {
                 "merge_method": "sce",
