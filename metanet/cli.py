@@ -414,6 +414,13 @@ def _held(args: argparse.Namespace, paths: Sequence[str]) -> dict:
     return held
 
 
+def _resolve_match(args: argparse.Namespace) -> None:
+    """``--match`` defaults to weight matching; ``args.match_given`` keeps whether it was
+    given, so that a command that aligns nothing can refuse it rather than drop it."""
+    args.match_given = args.match is not None
+    args.match = args.match or "weight"
+
+
 def _check_match_flags(args: argparse.Namespace, paths: Sequence[str]) -> None:
     """``--match activation/ste`` runs a model on data: both must be given up front."""
     method = getattr(args, "match", "weight")
@@ -497,6 +504,7 @@ def _report_stages(args, stages) -> None:
 def _cmd_align(args: argparse.Namespace) -> int:
     import torch
 
+    _resolve_match(args)
     from tasks.checkpoints import align_checkpoint, stream
 
     args.device = _device(args)
@@ -559,17 +567,28 @@ def _refuse_unread(args: argparse.Namespace, method: str | None, reads=()) -> No
         "align": args.align,
         "param": bool(args.param),
         "weights": bool(args.weights),
+        "match": args.match_given,
+        "match-data": args.match_data is not None,
     }
     for flag, on in given.items():
         if not on:
             continue
         if method is None:
+            if flag == "match-data":  # the data of the YAML's align: activation|ste
+                continue
             raise UsageError(
                 f"--{flag}: --config sets the merge's parameters and alignment; put it in "
                 "the YAML (parameters:, align:)"
             )
         if flag in reads or method in _FLAG_METHODS.get(flag, ()):
             continue
+        if flag in ("match", "match-data"):
+            if method == "align" or args.align:
+                continue
+            can = method in _FLAG_METHODS["align"] or method in _KIT_METHODS
+            raise UsageError(
+                f"--{flag}: --method {method} aligns nothing" + (" (add --align?)" if can else "")
+            )
         if flag in ("param", "weights"):
             raise UsageError(f"--{flag} is for mergekit's methods (e.g. --method linear)")
         hint = (
@@ -723,6 +742,7 @@ def _param_value(text: str):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    _resolve_match(args)
     args.device = _device(args)
     _merge_setup(args)
     out = Path(args.output)
@@ -831,6 +851,10 @@ def _check_targets(model, data: list, where: str) -> None:
 
 
 def _cmd_barrier(args: argparse.Namespace) -> int:
+    _resolve_match(args)
+    if args.no_align and (args.match_given or args.match_data is not None):
+        flag = "--match" if args.match_given else "--match-data"
+        raise UsageError(f"{flag}: --no-align matches nothing; drop one of them")
     if args.data is None:
         raise UsageError(
             "barrier evaluates the model: pass --data (digits, digits-flat, or "
@@ -1201,8 +1225,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--match",
             choices=["weight", "activation", "ste"],
-            default="weight",
-            help="how B is permuted: weight matching (data-free, fast, best on MLPs/CNNs), "
+            help="how B is permuted (default: weight): weight matching (data-free, fast, best "
+            "on MLPs/CNNs), "
             "activation matching, or the straight-through estimator started from activation "
             "matching (runs --model on --match-data; far lower barriers on transformers)",
         )

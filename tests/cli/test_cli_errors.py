@@ -396,6 +396,8 @@ def test_merge_flags_the_method_does_not_read_are_refused(ckpts, tmp_path, capsy
         (["--method", "ties", "--alpha", "0.3"], ["--alpha", "ties"]),
         (["--method", "naive", "--param", "t=1"], ["--param", "mergekit"]),
         (["--alpha", "0.3", "--scale", "2"], ["--scale", "align"]),  # the default method
+        (["--method", "naive", "--match", "ste"], ["--match", "aligns nothing"]),
+        (["--method", "linear", "--match-data", "digits-flat"], ["--match-data", "--align?"]),
     ]
     for flags, needles in cases:
         refused([*two, *flags], capsys, tmp_path, *needles)
@@ -407,7 +409,7 @@ def test_merge_flags_the_method_does_not_read_are_refused(ckpts, tmp_path, capsy
         f"  - model: {ckpts['b']}\n    parameters: {{weight: 1}}\n"
     )
     for flag in (["--weights", "1,9"], ["--param", "normalize=false"], ["--density", "0.5"],
-                 ["--alpha", "0.1"], ["--scale", "2"], ["--align"]):  # fmt: skip
+                 ["--alpha", "0.1"], ["--scale", "2"], ["--align"], ["--match", "weight"]):  # fmt: skip
         refused(["merge", "--config", cfg, "-o", out, *flag], capsys, tmp_path, flag[0], "YAML")
     # what each method does read still runs
     assert main([str(a) for a in [*two, "--method", "naive", "--alpha", "0.3", "-q"]]) == 0
@@ -425,6 +427,7 @@ def test_outputs_are_named_for_what_is_written(ckpts, tmp_path, capsys):
     m = ["merge", ckpts["a"], ckpts["b"], "--method", "naive", "-o", tmp_path / "m.pt"]
     refused(m, capsys, tmp_path, "m.pt", ".safetensors")
     bar = ["barrier", ckpts["a"], ckpts["b"], "--model", MODEL, "--data", "digits-flat", "-q"]
+    refused([*bar, "--no-align", "--match", "ste"], capsys, tmp_path, "--match", "--no-align")
     refused([*bar, "--plot", tmp_path / "out.txt"], capsys, tmp_path, "--plot", "out.txt", ".png")
     (tmp_path / "p.png").write_bytes(b"mine")
     refused([*bar, "--plot", tmp_path / "p.png"], capsys, tmp_path, "p.png", "--force")
