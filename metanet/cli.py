@@ -243,13 +243,14 @@ def _factory_model(spec: str, input_shape: list[int] | None, flag: str):
     return model.eval(), inputs
 
 
-def _check_runs(model, inputs: tuple, what: str) -> None:
-    """Run ``model`` once on ``inputs``; a failure becomes a UsageError saying ``what``."""
+def _check_runs(model, inputs: tuple, what: str):
+    """Run ``model`` once on ``inputs`` (its output returned); a failure becomes a
+    UsageError saying ``what``."""
     import torch
 
     try:
         with torch.no_grad():
-            model(*inputs)
+            return model(*inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if hasattr(x, "shape"))
         raise UsageError(f"{what} (input shape {shapes}): {e}") from None
@@ -504,9 +505,9 @@ def _report_stages(args, stages) -> None:
 def _cmd_align(args: argparse.Namespace) -> int:
     import torch
 
-    _resolve_match(args)
     from tasks.checkpoints import align_checkpoint, stream
 
+    _resolve_match(args)
     args.device = _device(args)
     out = Path(args.output)
     folder = Path(args.b).is_dir() and out.suffix != ".safetensors"
@@ -554,6 +555,11 @@ _FLAG_METHODS = {
     "scale": ("ties", "task"),
     "align": ("align", "ties", "task"),
 }
+# what a mergekit method takes in place of metanet's flag
+_KIT_HINTS = {
+    "alpha": "; slerp takes --param t=..., the others --weights",
+    "scale": "; task_arithmetic and ties take --param lambda=...",
+}
 
 
 def _refuse_unread(args: argparse.Namespace, method: str | None, reads=()) -> None:
@@ -591,14 +597,7 @@ def _refuse_unread(args: argparse.Namespace, method: str | None, reads=()) -> No
             )
         if flag in ("param", "weights"):
             raise UsageError(f"--{flag} is for mergekit's methods (e.g. --method linear)")
-        hint = (
-            {
-                "alpha": "; slerp takes --param t=..., the others --weights",
-                "scale": "; task_arithmetic and ties take --param lambda=...",
-            }.get(flag, "")
-            if method in _KIT_METHODS
-            else ""
-        )
+        hint = _KIT_HINTS.get(flag, "") if method in _KIT_METHODS else ""
         raise UsageError(f"--{flag}: --method {method} does not read it{hint}")
     if args.alpha is not None and len(args.paths) != 2:
         raise UsageError(f"--alpha weighs the second of two checkpoints, got {len(args.paths)}")
@@ -809,8 +808,8 @@ def _data(spec: str, model, split: str = "test", flag: str = "--data") -> list:
             raise UsageError(f"{flag} {spec}: expected a non-empty list of (inputs, targets)")
         _check_batches(data, f"{flag} {spec}")
     if model is not None:  # else the model is built later (a folder's), and runs then
-        _check_runs(model, (data[0][0],), f"the model does not run on {flag} {spec}")
-        _check_targets(model, data, f"{flag} {spec}")
+        out = _check_runs(model, (data[0][0],), f"the model does not run on {flag} {spec}")
+        _check_targets(out, data, f"{flag} {spec}")
     return data
 
 
@@ -829,13 +828,12 @@ def _check_batches(data: list, where: str) -> None:
             raise UsageError(f"{where}: batch {i}'s inputs have NaN or inf values")
 
 
-def _check_targets(model, data: list, where: str) -> None:
-    """Class targets (integers) must index the model's outputs: checked on every batch
-    before any work, not found by the loss at the last one."""
+def _check_targets(out, data: list, where: str) -> None:
+    """Class targets (integers) must index the model's outputs (``out``: its output on
+    the first batch): checked on every batch before any work, not found by the loss at
+    the last one."""
     import torch
 
-    with torch.no_grad():
-        out = model(data[0][0])
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         return
     classes = out.shape[-1]
@@ -1226,9 +1224,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--match",
             choices=["weight", "activation", "ste"],
             help="how B is permuted (default: weight): weight matching (data-free, fast, best "
-            "on MLPs/CNNs), "
-            "activation matching, or the straight-through estimator started from activation "
-            "matching (runs --model on --match-data; far lower barriers on transformers)",
+            "on MLPs/CNNs), activation matching, or the straight-through estimator started from "
+            "activation matching (runs --model on --match-data; far lower barriers on "
+            "transformers)",
         )
         p.add_argument(
             "--match-data",
