@@ -1561,6 +1561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(e, _user_errors()):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
+        output = getattr(args, "output", None) or getattr(args, "plot", None)
+        name = getattr(e, "filename", None)
+        staged = isinstance(e, OSError) and output and isinstance(name, str)
+        if staged and Path(name).name.startswith(".") and Path(output).name in Path(name).name:
+            # the temporary name an output is staged under means nothing to the user
+            message = f"{output}: cannot be written ({e.strerror or type(e).__name__})"
         print(f"metanet {args.command}: error: {message}", file=sys.stderr)
         return 2
 

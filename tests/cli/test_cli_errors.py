@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,6 +432,13 @@ def test_outputs_are_named_for_what_is_written(ckpts, tmp_path, capsys):
     refused([*bar, "--plot", tmp_path / "out.txt"], capsys, tmp_path, "--plot", "out.txt", ".png")
     (tmp_path / "p.png").write_bytes(b"mine")
     refused([*bar, "--plot", tmp_path / "p.png"], capsys, tmp_path, "p.png", "--force")
+    if Path("/proc").is_dir():  # a place no one can write, even root: the output is
+        # named, not the temporary name it is staged under (either check may catch it)
+        m = ["merge", ckpts["a"], ckpts["b"], "--method", "naive", "-q"]
+        refused([*m, "-o", "/proc/out.safetensors"], capsys, tmp_path,
+                "error: /proc/out.safetensors: cannot be written")  # fmt: skip
+        refused([*bar, "--plot", "/proc/x.png"], capsys, tmp_path,
+                "error: /proc/x.png: cannot be written")  # fmt: skip
 
 
 def test_user_functions_and_data_that_fail_are_named(ckpts, tmp_path, capsys):
