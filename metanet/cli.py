@@ -928,6 +928,17 @@ def _row_fields(folder: Path) -> set[str]:
     return set(rows[0]) if rows else set()
 
 
+def _num_shards(args: argparse.Namespace, default: int) -> int:
+    """``--shard I/N`` names the shard count too: a different ``--num-shards`` beside it is
+    refused, not dropped."""
+    if args.shard and args.num_shards is not None and args.num_shards != args.shard[1]:
+        raise UsageError(
+            f"--num-shards {args.num_shards}: --shard {args.shard[0]}/{args.shard[1]} makes a "
+            f"shard of {args.shard[1]}; give one count"
+        )
+    return args.shard[1] if args.shard else (args.num_shards or default)
+
+
 def _cmd_inr(args: argparse.Namespace) -> int:
     if args.action == "info":
         fields = _row_fields(Path(args.out))
@@ -967,8 +978,15 @@ def _cmd_inr(args: argparse.Namespace) -> int:
         "w0": args.w0, "variant": args.variant, "target_psnr": args.target_psnr,
     }  # fmt: skip
     cfg = inr.INRConfig(**{k: v for k, v in given.items() if v is not None})
+    if cfg.target_psnr is not None and cfg.target_psnr < 0:
+        raise UsageError(f"--target-psnr {cfg.target_psnr:g}: a PSNR in dB, >= 0 (0: never stop)")
     if cfg.target_psnr == 0:
         cfg = dataclasses.replace(cfg, target_psnr=None)
+    for flag, place in (("DIR", args.out), ("--dwsnets", args.dwsnets)):
+        if place is not None and Path(place).exists() and not Path(place).is_dir():
+            raise UsageError(f"{flag} {place}: is a file; inr make writes a folder there")
+    if args.dwsnets is not None and Path(args.dwsnets).resolve() == Path(args.out).resolve():
+        raise UsageError(f"--dwsnets {args.dwsnets}: is the dataset's folder; give it its own")
     if args.train_views is not None and args.train_views < args.per_image:
         raise UsageError(
             f"--train-views {args.train_views}: fewer than --per-image {args.per_image}; "
@@ -991,7 +1009,7 @@ def _cmd_inr(args: argparse.Namespace) -> int:
         dwsnets=args.dwsnets,
         resolution=args.resolution,
         shard=args.shard,
-        num_shards=args.shard[1] if args.shard else args.num_shards,
+        num_shards=_num_shards(args, 10),
         seed=args.seed,
         progress=not args.quiet,
         device=device,
@@ -1009,7 +1027,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         args.n,
         seed=args.seed,
         shard=args.shard,
-        num_shards=args.shard[1] if args.shard else args.num_shards,
+        num_shards=_num_shards(args, 4),
         max_steps=args.max_steps,
         progress=not args.quiet,
         device=device,
@@ -1348,7 +1366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard", type=_shard, metavar="I/N", help="make only shard I of N (shards run anywhere)"
     )
-    p.add_argument("--num-shards", type=_positive, default=10, help="shards of the whole dataset")
+    p.add_argument("--num-shards", type=_positive, help="shards of the whole dataset (default 10)")
     p.add_argument(
         "--images",
         metavar="PATH",
@@ -1386,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard", type=_shard, metavar="I/N", help="make only shard I of N (shards run anywhere)"
     )
-    p.add_argument("--num-shards", type=_positive, default=4, help="shards of the whole zoo")
+    p.add_argument("--num-shards", type=_positive, help="shards of the whole zoo (default 4)")
     p.add_argument("--max-steps", type=_positive, help="cap every CNN's training steps")
     p.add_argument("--seed", type=_nonneg, default=0, help="base seed of the recipes")
     device_flag(p, "the CNNs train")
@@ -1443,7 +1461,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="no random group elements per draw (only the flat model and --flip-signs use them)",
     )
     p.add_argument(
-        "--frequencies", type=int, default=0, help="Fourier-encode the weights (0: raw values)"
+        "--frequencies", type=_nonneg, default=0, help="Fourier-encode the weights (0: raw values)"
     )
     p.add_argument(
         "--schedule", choices=["constant", "cosine"], default="constant", help="learning rate"
@@ -1460,7 +1478,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--probes",
-        type=int,
+        type=_nonneg,
         default=0,
         metavar="P",
         help="add probe features: every neuron's activation at P fixed inputs (INR datasets)",

@@ -42,7 +42,14 @@ from torch import Tensor, nn
 
 from metanet.io import CheckpointError, atomic_write
 from metanet.space import WeightSpace
-from tasks.datasets.inr import XY, INRConfig, _save_shard, _shard_path, _write_json
+from tasks.datasets.inr import (
+    XY,
+    INRConfig,
+    _save_shard,
+    _shard_path,
+    _write_json,
+    removed_if_refused,
+)
 
 __all__ = [
     "import_dwsnets_mnist",
@@ -92,6 +99,11 @@ def _write(
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     if not items:
         raise CheckpointError(f"{meta['source']['path']}: no {what} found to import")
+    with removed_if_refused(dst):
+        return _write_import_shards(dst, meta, space, items, load, shard_size, progress, what)
+
+
+def _write_import_shards(dst, meta, space, items, load, shard_size, progress, what):
     num_shards = math.ceil(len(items) / shard_size)
     meta = {**meta, "num_shards": num_shards, "shard_size": shard_size, "count": len(items)}
     dst.mkdir(parents=True, exist_ok=True)

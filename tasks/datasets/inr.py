@@ -15,9 +15,11 @@ where it stopped. :class:`WeightDataset` reads it back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -694,6 +696,41 @@ def make_dataset(
     }
     if order == "xy":
         meta["coordinates"] = XY
+    old = Path(dwsnets) / "mnist_splits.json" if dwsnets is not None else None
+    if old is not None and old.exists():  # checked before anything is written
+        try:
+            same = json.loads(old.read_text()) == _dwsnets_splits(items)
+        except (OSError, UnicodeDecodeError, ValueError):
+            same = False
+        if not same:
+            raise CheckpointError(
+                f"--dwsnets {dwsnets}: holds another dataset's mnist_splits.json; its .pth "
+                "files would be mixed with these: use a new folder"
+            )
+    with removed_if_refused(root, Path(dwsnets) if dwsnets else None):
+        return _make_shards(root, meta, cfg, items, pixels, coords, channels, dwsnets, shard,
+                            num_shards, batch, progress, device)  # fmt: skip
+
+
+@contextlib.contextmanager
+def removed_if_refused(*folders: Path | None):
+    """The folders among ``folders`` that do not exist yet are removed if the body raises
+    a :class:`CheckpointError` (bad input found on the way: a fit that diverged, a source
+    holding NaN). A rerun would meet the same input again, or with other settings be
+    refused as another dataset: nothing written there could be resumed. An interrupted
+    run keeps its finished shards."""
+    made = [q for q in folders if q is not None and not q.exists()]
+    try:
+        yield
+    except CheckpointError:
+        for q in made:
+            shutil.rmtree(q, ignore_errors=True)
+        raise
+
+
+def _make_shards(root, meta, cfg, items, pixels, coords, channels, dwsnets, shard, num_shards,
+                 batch, progress, device) -> list[Path]:  # fmt: skip
+    """``make_dataset``'s writing: the folder's JSON files, then each wanted shard."""
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "dataset.json", meta, check_same=True)
     space_path = root / "space.json"
@@ -721,6 +758,7 @@ def make_dataset(
                 parts.setdefault(n, []).append(t.cpu())
         tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
         rows = [asdict(it) for it in chunk]
+        _check_finite(path, tensors, rows)  # before the DWSNets copies are written
         if dwsnets is not None:
             _write_dwsnets(Path(dwsnets), i * per_shard, chunk, tensors, cfg)
         _save_shard(path, tensors, rows)
@@ -735,14 +773,20 @@ def _dwsnets_path(index: int, item: INRItem) -> str:
     return f"mnist_png_{kind}_{item.label}_{index}/checkpoints/model_final.pth"
 
 
-def _write_dwsnets_splits(folder: Path, items: Sequence[INRItem]) -> None:
+def _dwsnets_splits(items: Sequence[INRItem]) -> dict:
     """``mnist_splits.json`` as DWSNets' ``generate_data_splits.py`` writes it."""
     splits = {s: {"path": [], "label": []} for s in ("train", "val", "test")}
     for k, it in enumerate(items):
         splits[it.split]["path"].append(_dwsnets_path(k, it))
         splits[it.split]["label"].append(it.label)
+    return splits
+
+
+def _write_dwsnets_splits(folder: Path, items: Sequence[INRItem]) -> None:
+    """The splits file, into a folder that holds none or this dataset's (a resumed run):
+    another's would be mixed with ours, its ``.pth`` files kept under our names."""
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "mnist_splits.json", splits)
+    _write_json(folder / "mnist_splits.json", _dwsnets_splits(items), check_same=True)
 
 
 def _write_dwsnets(
@@ -760,9 +804,26 @@ def _write_dwsnets(
         atomic_write(target, lambda tmp, sd=sd: torch.save(sd, tmp))
 
 
+def _check_finite(path: Path, tensors: dict[str, Tensor], rows: list[dict]) -> None:
+    """A shard's networks must be finite: a fit that diverged (too high an lr or w0) or a
+    source holding NaN would give a dataset nothing can learn from. Refused naming the
+    networks, before the shard is written."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or not t.numel() or bool(torch.isfinite(t).all()):
+            continue
+        bad = (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero().flatten().tolist()
+        first = {k: v for k, v in list(rows[bad[0]].items())[:4]} if rows else {}
+        raise CheckpointError(
+            f"{path.parent}: {len(bad)} of the {len(t)} networks of {path.name} have NaN or "
+            f"inf in {name!r} (the first: {first}); a fit that diverged (lower --lr or --w0) "
+            "or a source holding NaN? This shard is not written"
+        )
+
+
 def _save_shard(path: Path, tensors: dict[str, Tensor], rows: list[dict]) -> None:
     from safetensors.torch import save_file
 
+    _check_finite(path, tensors, rows)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={INDEX_KEY: json.dumps(rows)}))
 
 
@@ -881,7 +942,9 @@ class WeightDataset(torch.utils.data.Dataset):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     these = json.loads(f.metadata()[INDEX_KEY])
-                    got = {name: f.get_tensor(name) for name in self.space.tensors}
+                    # a shard past the last network (more shards than networks) is empty
+                    names = self.space.tensors if these != [] else ()
+                    got = {name: f.get_tensor(name) for name in names}
             except Exception as e:  # noqa: BLE001 - name the file at fault
                 raise CheckpointError(f"{path}: unreadable shard ({e})") from None
             if not isinstance(these, list) or not all(
@@ -905,7 +968,7 @@ class WeightDataset(torch.utils.data.Dataset):
         self._probe: tuple[nn.Module, Tensor] | None = None
         if coords is not None:
             if "config" not in self.meta:
-                raise ValueError(f"{self.root}: coords= augments INRs; not an INR dataset")
+                raise CheckpointError(f"{self.root}: coords= augments INRs; not an INR dataset")
             self._raw = {n: t[idx].to(dtype) for n, t in full.items()}
             inr_cfg = INRConfig(**self.meta["config"])
             self._input_layer = inr_cfg.names()[0].removesuffix(".weight")
@@ -930,7 +993,8 @@ class WeightDataset(torch.utils.data.Dataset):
                 if standardize == "scale":
                     self.stats[n] = (0.0, float(ref.pow(2).mean().sqrt()) or 1.0)
                 else:
-                    self.stats[n] = (float(ref.mean()), float(ref.std()) or 1.0)
+                    spread = float(ref.std()) if len(ref) > 1 else 0.0  # one network: none
+                    self.stats[n] = (float(ref.mean()), spread or 1.0)
                 full[n] = (t - self.stats[n][0]) / self.stats[n][1]
         self.tensors = {n: t[idx].to(dtype) for n, t in full.items()}
         self.rows = [rows[k] for k in keep]
@@ -952,7 +1016,7 @@ class WeightDataset(torch.utils.data.Dataset):
         if model is None or inputs is None:
             cfg = self.meta.get("config")
             if cfg is None:
-                raise ValueError(
+                raise CheckpointError(
                     f"{self.root}: not an INR dataset; probe features need probe_model= and "
                     "probe_inputs="
                 )

@@ -418,6 +418,8 @@ def _use_target(ds, target: str) -> None:
 def _check_trainable(root, n_train: int, batch_size: int) -> None:
     """Refuse a run in which no optimizer step would happen (it would report an untrained
     model's scores as results)."""
+    if n_train < 2:
+        raise CheckpointError(f"{root}: {n_train} training network(s); training needs at least two")
     if n_train < batch_size:
         raise CheckpointError(
             f"{root}: {n_train} training networks, fewer than batch_size={batch_size} "
@@ -544,6 +546,21 @@ def train(
     )
     for ds in (train_ds, val_ds, test_ds):
         _use_target(ds, target)
+    for name, ds in (("validation", val_ds), ("test", test_ds)):
+        if len(ds) == 0:  # a score of nothing would be reported as 0 (or fail)
+            raise CheckpointError(
+                f"{root}: its {name} split is empty ({len(train_ds)} training networks); "
+                "make a dataset of more images or networks"
+            )
+    classes = 10
+    if not regress:
+        labels = torch.cat([ds.labels for ds in (train_ds, val_ds, test_ds)])
+        if int(labels.min()) < 0:
+            raise CheckpointError(
+                f"{root}: {int((labels < 0).sum())} networks have label {int(labels.min())} "
+                "(-1: fitted to an .npy of images without labels); a classifier needs classes"
+            )
+        classes = max(classes, int(labels.max()) + 1)  # 10 outputs, or one per class
     pool = list(range(len(train_ds)))
     if limit and limit < len(train_ds):
         subset = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))
@@ -554,7 +571,7 @@ def train(
     model = build_model(
         kind,
         train_ds.space,
-        1 if regress else 10,
+        1 if regress else classes,
         hidden,
         example_graph=train_ds[0] if kind in GRAPH_KINDS else None,
         frequencies=frequencies,

@@ -529,3 +529,84 @@ def test_batchnorm_counters_differ_between_trainings(tmp_path, capsys):
         save_file(sd, p)
     argv = ["merge", *paths, "--method", "linear", "-o", tmp_path / "n.safetensors", "-q"]
     refused(argv, capsys, tmp_path, "'step'", "differs")
+
+
+# --------------------------------------------------------------------------- audit: datasets
+def _npz(path, n: int, labels=None):
+    """The first ``n`` digits as uint8 images, with ``labels`` (default their digits)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images[:n] * 255 / 16).astype(np.uint8)
+    np.savez(path, images=images, labels=d.target[:n] if labels is None else np.asarray(labels))
+    return path
+
+
+def _make(tmp_path, name: str, src, *flags) -> list:
+    return ["inr", "make", tmp_path / name, "--images", src, "--per-image", "1", "--steps",
+            "2", "--width", "4", "--depth", "1", "-q", *flags]  # fmt: skip
+
+
+def test_inr_make_refuses_what_it_would_write_wrong(tmp_path, capsys):
+    """A fit that diverges is named, not written as NaN; an output or --dwsnets that is a
+    file, a --dwsnets folder of another dataset (its .pth files would be mixed with ours),
+    --num-shards beside a different --shard and a negative --target-psnr are refused
+    before anything is written."""
+    src = _npz(tmp_path / "four.npz", 4)
+    argv = _make(tmp_path, "nan", src, "--num-shards", "1", "--lr", "1e30", "--steps", "20")
+    refused(argv, capsys, tmp_path, "have NaN or inf", "lower --lr")
+    (tmp_path / "afile").write_text("mine")
+    refused(_make(tmp_path, "afile", src), capsys, tmp_path, "afile", "is a file")
+    refused(_make(tmp_path, "d", src, "--dwsnets", tmp_path / "afile"), capsys, tmp_path,
+            "--dwsnets", "is a file")  # fmt: skip
+    refused(_make(tmp_path, "d", src, "--shard", "0/2", "--num-shards", "5"), capsys, tmp_path,
+            "--num-shards 5", "--shard 0/2")  # fmt: skip
+    refused(_make(tmp_path, "d", src, "--target-psnr", "-5"), capsys, tmp_path, "--target-psnr")
+    mnist = _npz(tmp_path / "m.npz", 40)
+    dws = ["--resolution", "28", "--dwsnets", tmp_path / "dw", "--num-shards", "1"]
+    assert main([str(a) for a in _make(tmp_path, "d4", mnist, *dws)]) == 0
+    refused(_make(tmp_path, "d5", mnist, *dws, "--seed", "1"), capsys, tmp_path,
+            "--dwsnets", "another dataset's mnist_splits.json")  # fmt: skip
+    refused(_make(tmp_path, "d6", mnist, "--resolution", "28", "--dwsnets", tmp_path / "d6"),
+            capsys, tmp_path, "--dwsnets", "its own")  # fmt: skip
+
+
+def test_more_shards_than_networks_reads_back(tmp_path, capsys):
+    """Shards past the last INR are empty and read back (they failed as 'unreadable')."""
+    src = _npz(tmp_path / "ten.npz", 10)
+    assert main([str(a) for a in _make(tmp_path, "ds", src, "--num-shards", "14")]) == 0
+    assert main(["inr", "info", str(tmp_path / "ds")]) == 0
+    assert "10 INRs" in capsys.readouterr().out
+
+
+def test_train_refuses_datasets_it_cannot_score(tmp_path, capsys):
+    """Labels a classifier cannot hold (-1 of an .npy without labels), an empty
+    validation split (it reported accuracy 0) and a single training network are refused
+    in one line; more than 10 classes get as many outputs."""
+    sets = {
+        "unlabelled": _npz(tmp_path / "neg.npz", 20, [-1] * 20),
+        "tiny": _npz(tmp_path / "three.npz", 3),
+        "many": _npz(tmp_path / "many.npz", 30, list(range(15)) * 2),
+    }
+    for name, src in sets.items():
+        assert main([str(a) for a in _make(tmp_path, name, src, "--num-shards", "1")]) == 0
+    run = ["train", "statnn", "--epochs", "1", "--batch-size", "2", "-q", "--out"]
+    refused([*run, tmp_path / "r1", tmp_path / "unlabelled"], capsys, tmp_path,
+            "20 networks have label -1")  # fmt: skip
+    refused([*run, tmp_path / "r2", tmp_path / "tiny"], capsys, tmp_path,
+            "validation split is empty")  # fmt: skip
+    assert main([str(a) for a in [*run, tmp_path / "r3", tmp_path / "many"]]) == 0
+    assert (tmp_path / "r3" / "result.json").exists()
+
+
+def test_train_flags_out_of_range_and_dataset_kinds(datasets, tmp_path, capsys):
+    """Negative --probes / --frequencies, and probes or coordinate augmentation on a zoo,
+    are one line (they were tracebacks)."""
+    zoo, inrs = datasets
+    run = ["train", "statnn", "--epochs", "1", "-q", "--out", tmp_path / "r"]
+    refused([*run, inrs, "--probes", "-3"], capsys, tmp_path, "--probes", ">= 0")
+    refused([*run, inrs, "--frequencies", "-2"], capsys, tmp_path, "--frequencies", ">= 0")
+    z = [*run, zoo, "--target", "accuracy"]
+    refused([*z, "--probes", "4"], capsys, tmp_path, "not an INR dataset")
+    refused([*z, "--augment-coords", "rotate=10"], capsys, tmp_path, "not an INR dataset")

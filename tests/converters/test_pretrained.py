@@ -51,7 +51,10 @@ def test_inspect_module_factory(capsys):
     assert "448 free permutation dims" in capsys.readouterr().out
     assert main(["inspect", "tests.converters.test_pretrained:model_only"]) == 2
     assert "--input-shape" in capsys.readouterr().err
-    assert main(["inspect", "tests.converters.test_pretrained:model_only", "--input-shape", "1,3,9,9"]) == 0
+    assert (
+        main(["inspect", "tests.converters.test_pretrained:model_only", "--input-shape", "1,3,9,9"])
+        == 0
+    )
     assert "8 free permutation dims" in capsys.readouterr().out
 
 

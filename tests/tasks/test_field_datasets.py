@@ -210,6 +210,23 @@ def test_a_file_that_does_not_fit_is_named(mnist_inrs, tmp_path):
         import_dwsnets_mnist(bad, tmp_path / "ds", val_size=0, progress=False)
 
 
+def test_a_source_holding_nan_is_named_and_leaves_no_folder(mnist_inrs, tmp_path):
+    """A release file holding NaN is refused naming the networks, and the dataset folder
+    this run made is removed (it held only the first shard: rerunning meets the same file)."""
+    src, made = mnist_inrs
+    bad = tmp_path / "bad"
+    for rel in sorted(made):
+        (bad / rel).parent.mkdir(parents=True)
+        (bad / rel).write_bytes((src / rel).read_bytes())
+    odd = sorted(made)[-1]
+    sd = torch.load(bad / odd, weights_only=True)
+    sd["seq.0.bias"][3] = float("nan")
+    torch.save(sd, bad / odd)
+    with pytest.raises(CheckpointError, match="1 of the .* networks .* have NaN or inf"):
+        import_dwsnets_mnist(bad, tmp_path / "ds", val_size=0, shard_size=8, progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
 # --------------------------------------------------------------------------- DWSNets FMNIST
 def test_dwsnets_fmnist_labels_from_the_files(tmp_path):
     src = tmp_path / "fmnist_inrs"
