@@ -197,10 +197,9 @@ def _imported(spec: str, flag: str) -> Any:
         raise UsageError(
             f"{flag} {spec!r}: expected module:function, e.g. tasks.datasets.digits:mlp"
         )
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
     try:
-        module = importlib.import_module(mod_name)
+        with _cwd_importable():
+            module = importlib.import_module(mod_name)
     except ImportError as e:
         raise UsageError(
             f"{flag} {spec}: cannot import {mod_name} ({e}); it must be installed or a "
@@ -211,14 +210,34 @@ def _imported(spec: str, flag: str) -> Any:
     return getattr(module, attr)
 
 
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current folder importable (appended to ``sys.path``) for the body only: a
+    folder here named like a module torch probes later (``z3``) must not shadow it."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _called(spec: str, flag: str) -> Any:
     """What the user's ``module:function`` returns; an exception it raises is reported
     as bad input naming the flag (one line, exit 2), not as metanet's traceback."""
-    fn = _imported(spec, flag)
-    try:
-        return fn()
-    except Exception as e:
-        raise UsageError(f"{flag} {spec}: raised {type(e).__name__}: {e}") from None
+    with _cwd_importable():  # the function may import its neighbours when called
+        fn = _imported(spec, flag)
+        try:
+            return fn()
+        except Exception as e:
+            raise UsageError(f"{flag} {spec}: raised {type(e).__name__}: {e}") from None
+
+
+_MAX_INPUT_VALUES = 100_000_000  # an example input traces the model; it needs no more
+_MAX_RESOLUTION = 4096  # inr make's side: 16.8M pixels per image
 
 
 def _factory_model(spec: str, input_shape: list[int] | None, flag: str):
@@ -227,6 +246,11 @@ def _factory_model(spec: str, input_shape: list[int] | None, flag: str):
     import torch
 
     made = _called(spec, flag)
+    if isinstance(made, tuple) and len(made) != 2:
+        raise UsageError(
+            f"{flag} {spec}: returned a tuple of {len(made)}; expected a model or a "
+            "(model, example_inputs) pair"
+        )
     model, inputs = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
@@ -234,6 +258,11 @@ def _factory_model(spec: str, input_shape: list[int] | None, flag: str):
             "(or a (module, example_inputs) pair)"
         )
     if input_shape:
+        if math.prod(input_shape) > _MAX_INPUT_VALUES:
+            raise UsageError(
+                f"--input-shape {','.join(map(str, input_shape))}: {math.prod(input_shape):,} "
+                f"values, over the {_MAX_INPUT_VALUES:,} an example input may hold"
+            )
         inputs = (torch.randn(*input_shape),)
     elif inputs is not None and not isinstance(inputs, tuple):
         inputs = (inputs,)
@@ -939,8 +968,17 @@ def _num_shards(args: argparse.Namespace, default: int) -> int:
     return args.shard[1] if args.shard else (args.num_shards or default)
 
 
+# inr make's flags without a default: given to inr info, they are refused, not dropped
+_INR_MAKE_FLAGS = ("train_views", "shard", "num_shards", "images", "resolution", "dwsnets",
+                   "width", "depth", "steps", "lr", "w0", "variant", "target_psnr")  # fmt: skip
+
+
 def _cmd_inr(args: argparse.Namespace) -> int:
     if args.action == "info":
+        given = next((f for f in _INR_MAKE_FLAGS if getattr(args, f) is not None), None)
+        if given:
+            raise UsageError(f"--{given.replace('_', '-')}: inr info reads a dataset; it "
+                             "makes nothing")  # fmt: skip
         fields = _row_fields(Path(args.out))
         if "psnr" not in fields:
             from metanet.io import CheckpointError
@@ -978,6 +1016,11 @@ def _cmd_inr(args: argparse.Namespace) -> int:
         "w0": args.w0, "variant": args.variant, "target_psnr": args.target_psnr,
     }  # fmt: skip
     cfg = inr.INRConfig(**{k: v for k, v in given.items() if v is not None})
+    if args.resolution is not None and args.resolution > _MAX_RESOLUTION:
+        raise UsageError(
+            f"--resolution {args.resolution}: over {_MAX_RESOLUTION} (one SIREN per image is "
+            "fitted to every pixel)"
+        )
     if cfg.target_psnr is not None and cfg.target_psnr < 0:
         raise UsageError(f"--target-psnr {cfg.target_psnr:g}: a PSNR in dB, >= 0 (0: never stop)")
     if cfg.target_psnr == 0:
@@ -1069,6 +1112,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "(classify its label, a CNN zoo's accuracy decile)"
             )
         target = "label"
+    if args.frequencies and args.kind not in ("unf", "nfn", "nfn-np", "nfn-hnp"):
+        raise UsageError(
+            f"--frequencies: {args.kind} does not read it (unf, nfn and nfn-np/hnp encode "
+            "the weights)"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; training writes a folder")

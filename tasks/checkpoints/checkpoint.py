@@ -342,6 +342,11 @@ def load_checkpoint(
 
     ref = str(ref)
     path = resolve_model(ref)
+    if path.is_file() and path.suffix.lower() not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise CheckpointError(
+            f"{path}: not a checkpoint; metanet reads .safetensors and .pt/.pth/.bin state "
+            "dicts and Hugging Face folders"
+        )
     if path.is_dir():
         from converters import from_module
         from converters.pretrained import hf_model

@@ -48,6 +48,7 @@ from tasks.datasets.inr import (
     _save_shard,
     _shard_path,
     _write_json,
+    check_dataset_folder,
     removed_if_refused,
 )
 
@@ -106,6 +107,7 @@ def _write(
 def _write_import_shards(dst, meta, space, items, load, shard_size, progress, what):
     num_shards = math.ceil(len(items) / shard_size)
     meta = {**meta, "num_shards": num_shards, "shard_size": shard_size, "count": len(items)}
+    check_dataset_folder(dst)
     dst.mkdir(parents=True, exist_ok=True)
     _write_json(dst / "dataset.json", meta, check_same=True)
     space_path = dst / "space.json"

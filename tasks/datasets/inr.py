@@ -489,6 +489,12 @@ def load_images(
             for f in sorted((path / c).iterdir())
             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
         ]
+        empty = [c for k, c in enumerate(classes) if not any(j == k for j, _ in files)]
+        if files and empty:  # a class of no images: an output no INR ever trains
+            raise CheckpointError(
+                f"{path / empty[0]}: a class folder with no images ({', '.join(IMAGE_SUFFIXES)})"
+                "; remove it or fill it"
+            )
         if not files:
             raise CheckpointError(
                 f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in class subfolders "
@@ -731,6 +737,7 @@ def removed_if_refused(*folders: Path | None):
 def _make_shards(root, meta, cfg, items, pixels, coords, channels, dwsnets, shard, num_shards,
                  batch, progress, device) -> list[Path]:  # fmt: skip
     """``make_dataset``'s writing: the folder's JSON files, then each wanted shard."""
+    check_dataset_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "dataset.json", meta, check_same=True)
     space_path = root / "space.json"
@@ -802,6 +809,21 @@ def _write_dwsnets(
         sd = {f"seq.{int(n.split('.')[1]) // 2}.{n.split('.')[2]}": tensors[n][j].clone()
               for n in names}  # fmt: skip
         atomic_write(target, lambda tmp, sd=sd: torch.save(sd, tmp))
+
+
+def check_dataset_folder(root: Path) -> None:
+    """A dataset is written into a new or empty folder, or one that holds a dataset
+    (resumed, or refused as another): never among a user's own files."""
+    from metanet.shards import TMP_MARK
+
+    if not root.is_dir() or (root / "dataset.json").exists():
+        return
+    theirs = sorted(p.name for p in root.iterdir() if TMP_MARK not in p.name)
+    if theirs:
+        raise CheckpointError(
+            f"{root}: holds {theirs[0]!r} and no dataset.json; write the dataset into a new "
+            "or empty folder"
+        )
 
 
 def _check_finite(path: Path, tensors: dict[str, Tensor], rows: list[dict]) -> None:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from metanet.io import atomic_write
-from tasks.datasets.inr import _save_shard, _shard_path, _write_json
+from tasks.datasets.inr import _save_shard, _shard_path, _write_json, check_dataset_folder
 
 __all__ = [
     "Family",
@@ -494,6 +494,7 @@ def _make_zoo(
 ) -> list[Path]:  # fmt: skip
     from tasks.datasets import digits
 
+    check_dataset_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     meta = {
         "kind": "cnn_zoo",

@@ -610,3 +610,52 @@ def test_train_flags_out_of_range_and_dataset_kinds(datasets, tmp_path, capsys):
     z = [*run, zoo, "--target", "accuracy"]
     refused([*z, "--probes", "4"], capsys, tmp_path, "not an INR dataset")
     refused([*z, "--augment-coords", "rotate=10"], capsys, tmp_path, "not an INR dataset")
+
+
+def test_inputs_and_flags_the_dataset_commands_would_misread(datasets, tmp_path, capsys):
+    """Make-only flags given to inr info, --frequencies to a model without an encoding, a
+    resolution past the cap, an empty class folder (an output no INR trains), and a
+    folder of someone's files as the dataset folder: refused, not dropped or mixed in."""
+    zoo, inrs = datasets
+    refused(["inr", "info", inrs, "--steps", "3"], capsys, tmp_path, "--steps", "inr info")
+    run = ["train", "statnn", inrs, "--epochs", "1", "-q", "--out", tmp_path / "r"]
+    refused([*run, "--frequencies", "3"], capsys, tmp_path, "--frequencies", "statnn")
+    src = _npz(tmp_path / "four.npz", 4)
+    refused(_make(tmp_path, "d", src, "--resolution", "100000"), capsys, tmp_path,
+            "--resolution 100000")  # fmt: skip
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "imgs" / "a" / "0.png")
+    refused(_make(tmp_path, "d", tmp_path / "imgs"), capsys, tmp_path,
+            "imgs/b: a class folder with no images")  # fmt: skip
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused(_make(tmp_path, "mine", src), capsys, tmp_path, "'notes.txt'", "no dataset.json")
+    refused(["zoo", "make", mine, "--n", "2", "-q"], capsys, tmp_path, "'notes.txt'")
+
+
+def test_factories_and_files_that_are_not_what_they_seem(tmp_path, capsys, monkeypatch):
+    """A factory returning three things, an example input too large to allocate, a file
+    that is no checkpoint, and a folder in the current directory named like a module
+    torch looks for (it shadowed it while tracing)."""
+    (tmp_path / "fac.py").write_text(
+        "import torch\n"
+        "def tup3():\n    return torch.nn.Linear(8, 2), torch.randn(2, 8), 5\n"
+        "def pair():\n    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(),"
+        " torch.nn.Linear(4, 2)), torch.randn(2, 8)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    refused(["inspect", "fac:tup3"], capsys, tmp_path, "fac:tup3", "a tuple of 3")
+    refused(["inspect", "fac:pair", "--input-shape", "100000000000,8"], capsys, tmp_path,
+            "--input-shape", "800,000,000,000 values")  # fmt: skip
+    (tmp_path / "notes.txt").write_text("mine")
+    refused(["inspect", "notes.txt"], capsys, tmp_path, "notes.txt: not a checkpoint")
+    (tmp_path / "z3").mkdir()  # torch's export probes `import z3`
+    import sys
+
+    before = list(sys.path)
+    assert main(["inspect", "fac:pair"]) == 0
+    assert sys.path == before  # the current folder was importable only for the factory
