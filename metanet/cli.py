@@ -1097,6 +1097,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     for key in options:
         if key not in accepted:
             raise UsageError(f"--{key.replace('_', '-')} does not apply to {args.kind} datasets")
+    if "splits" in options and "val_size" in options:  # the splits file holds the validation set
+        raise UsageError("--val-size: --splits names the validation INRs; give one of them")
     paths = import_dataset(args.kind, args.src, args.dst, progress=not args.quiet, **options)
     print(f"{args.dst}: {len(paths)} shard(s) present")
     return 0
@@ -1466,8 +1468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DIR", help="dataset folder to write")
     p.add_argument("--splits", help="dwsnets-*: the release's splits json")
     p.add_argument("--order", help="small-cnn-zoo: NFN's *_split.csv order")
-    p.add_argument("--augmentations", type=int, help="nfn-siren: add NFN's _aug0..K-1 sets")
-    p.add_argument("--step", type=int, help="small-cnn-zoo: the training step to read")
+    p.add_argument("--augmentations", type=_nonneg, help="nfn-siren: add NFN's _aug0..K-1 sets")
+    p.add_argument("--step", type=_nonneg, help="small-cnn-zoo: the training step to read")
     p.add_argument("--prefix", help="nfn-siren: file prefix (default randinit_smaller)")
     p.add_argument(
         "--val-size",

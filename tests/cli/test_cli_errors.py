@@ -635,6 +635,11 @@ def test_inputs_and_flags_the_dataset_commands_would_misread(datasets, tmp_path,
     (mine / "notes.txt").write_text("mine")
     refused(_make(tmp_path, "mine", src), capsys, tmp_path, "'notes.txt'", "no dataset.json")
     refused(["zoo", "make", mine, "--n", "2", "-q"], capsys, tmp_path, "'notes.txt'")
+    imp = ["datasets", "import", "dwsnets-mnist", mine, tmp_path / "o"]
+    refused([*imp, "--splits", "s.json", "--val-size", "5"], capsys, tmp_path, "--val-size",
+            "--splits")  # fmt: skip
+    imp = ["datasets", "import", "nfn-siren", mine, tmp_path / "o"]
+    refused([*imp, "--augmentations", "-2"], capsys, tmp_path, "--augmentations", ">= 0")
 
 
 def test_factories_and_files_that_are_not_what_they_seem(tmp_path, capsys, monkeypatch):
