@@ -1114,10 +1114,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "(classify its label, a CNN zoo's accuracy decile)"
             )
         target = "label"
-    if args.frequencies and args.kind not in ("unf", "nfn", "nfn-np", "nfn-hnp"):
+    from tasks.learn.train import ENCODING_KINDS
+
+    if args.frequencies and args.kind not in ENCODING_KINDS:
         raise UsageError(
-            f"--frequencies: {args.kind} does not read it (unf, nfn and nfn-np/hnp encode "
-            "the weights)"
+            f"--frequencies: {args.kind} does not read it (only {', '.join(ENCODING_KINDS)} "
+            "encode the weights)"
         )
     out = Path(args.out)
     if out.exists() and not out.is_dir():

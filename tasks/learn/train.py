@@ -51,6 +51,8 @@ SCALE_KINDS = ("scalegmn",)
 # the ``nfn`` package's own invariant networks (Zhou et al. 2023), for comparison; they
 # need ``pip install nfn`` and an MLP-shaped space (``net.K.weight``/``net.K.bias`` pairs)
 EXTERNAL_KINDS = ("nfn-np", "nfn-hnp")
+# the models that Fourier-encode each weight value (``frequencies``)
+ENCODING_KINDS = ("unf", "nfn", *EXTERNAL_KINDS)
 # models whose output no permutation changes: permutation augmentation is a no-op for them
 # (sign flips of odd-activation neurons do change their output)
 PERMUTATION_INVARIANT_KINDS = (
