@@ -101,37 +101,33 @@ def _write(
     if not items:
         raise CheckpointError(f"{meta['source']['path']}: no {what} found to import")
     with removed_if_refused(dst):
-        return _write_import_shards(dst, meta, space, items, load, shard_size, progress, what)
+        num_shards = math.ceil(len(items) / shard_size)
+        meta = {**meta, "num_shards": num_shards, "shard_size": shard_size, "count": len(items)}
+        check_dataset_folder(dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        _write_json(dst / "dataset.json", meta, check_same=True)
+        space_path = dst / "space.json"
+        if not space_path.exists():
+            atomic_write(space_path, lambda tmp: Path(tmp).write_text(space.to_json(2)))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-
-def _write_import_shards(dst, meta, space, items, load, shard_size, progress, what):
-    num_shards = math.ceil(len(items) / shard_size)
-    meta = {**meta, "num_shards": num_shards, "shard_size": shard_size, "count": len(items)}
-    check_dataset_folder(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    _write_json(dst / "dataset.json", meta, check_same=True)
-    space_path = dst / "space.json"
-    if not space_path.exists():
-        atomic_write(space_path, lambda tmp: Path(tmp).write_text(space.to_json(2)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), desc=f"importing {what}", unit=what)
-    advance = bar.update if bar is not None else lambda k: None
-    paths = []
-    for i in range(num_shards):
-        path = _shard_path(dst, i, num_shards)
-        paths.append(path)
-        chunk = items[i * shard_size : (i + 1) * shard_size]
-        if path.exists():  # finished by an earlier run
-            advance(len(chunk))
-            continue
-        tensors = {n: t.contiguous() for n, t in load(chunk, advance).items()}
-        _save_shard(path, tensors, [it.row for it in chunk])
-    if bar is not None:
-        bar.close()
-    return paths
+            bar = tqdm(total=len(items), desc=f"importing {what}", unit=what)
+        advance = bar.update if bar is not None else lambda k: None
+        paths = []
+        for i in range(num_shards):
+            path = _shard_path(dst, i, num_shards)
+            paths.append(path)
+            chunk = items[i * shard_size : (i + 1) * shard_size]
+            if path.exists():  # finished by an earlier run
+                advance(len(chunk))
+                continue
+            tensors = {n: t.contiguous() for n, t in load(chunk, advance).items()}
+            _save_shard(path, tensors, [it.row for it in chunk])
+        if bar is not None:
+            bar.close()
+        return paths
 
 
 def _split_counts(items: Sequence[_Item]) -> dict[str, int]:

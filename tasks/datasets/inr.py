@@ -714,8 +714,44 @@ def make_dataset(
                 "files would be mixed with these: use a new folder"
             )
     with removed_if_refused(root, Path(dwsnets) if dwsnets else None):
-        return _make_shards(root, meta, cfg, items, pixels, coords, channels, dwsnets, shard,
-                            num_shards, batch, progress, device)  # fmt: skip
+        check_dataset_folder(root)
+        root.mkdir(parents=True, exist_ok=True)
+        _write_json(root / "dataset.json", meta, check_same=True)
+        space_path = root / "space.json"
+        if not space_path.exists():
+            atomic_write(space_path, lambda tmp: Path(tmp).write_text(siren_space(cfg).to_json(2)))
+        if dwsnets is not None:
+            _write_dwsnets_splits(Path(dwsnets), items)
+        wanted = [shard[0]] if shard is not None else range(num_shards)
+        per_shard = math.ceil(len(items) / num_shards)
+        paths = []
+        for i in wanted:
+            path = _shard_path(root, i, num_shards)
+            paths.append(path)
+            if path.exists():
+                continue  # finished earlier: resume
+            chunk = items[i * per_shard : (i + 1) * per_shard]
+            parts: dict[str, list[Tensor]] = {}
+            for start in range(0, len(chunk), batch):
+                sub = chunk[start : start + batch]
+                targets = pixels[[it.image for it in sub]].reshape(len(sub), -1, channels)
+                w, psnr = fit_sirens(
+                    targets, coords, [it.seed for it in sub], cfg, progress, device
+                )
+                for it, p in zip(sub, psnr.tolist()):
+                    it.psnr = round(p, 4)
+                for n, t in w.items():
+                    parts.setdefault(n, []).append(t.cpu())
+            tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
+            rows = [asdict(it) for it in chunk]
+            _check_finite(path, tensors, rows)  # before the DWSNets copies are written
+            if dwsnets is not None:
+                _write_dwsnets(Path(dwsnets), i * per_shard, chunk, tensors, cfg)
+            _save_shard(path, tensors, rows)
+            if progress:
+                mean = sum(r["psnr"] for r in rows) / max(1, len(rows))
+                print(f"wrote {path.name}: {len(rows)} INRs, mean PSNR {mean:.2f} dB")
+        return paths
 
 
 @contextlib.contextmanager
@@ -732,47 +768,6 @@ def removed_if_refused(*folders: Path | None):
         for q in made:
             shutil.rmtree(q, ignore_errors=True)
         raise
-
-
-def _make_shards(root, meta, cfg, items, pixels, coords, channels, dwsnets, shard, num_shards,
-                 batch, progress, device) -> list[Path]:  # fmt: skip
-    """``make_dataset``'s writing: the folder's JSON files, then each wanted shard."""
-    check_dataset_folder(root)
-    root.mkdir(parents=True, exist_ok=True)
-    _write_json(root / "dataset.json", meta, check_same=True)
-    space_path = root / "space.json"
-    if not space_path.exists():
-        atomic_write(space_path, lambda tmp: Path(tmp).write_text(siren_space(cfg).to_json(2)))
-    if dwsnets is not None:
-        _write_dwsnets_splits(Path(dwsnets), items)
-    wanted = [shard[0]] if shard is not None else range(num_shards)
-    per_shard = math.ceil(len(items) / num_shards)
-    paths = []
-    for i in wanted:
-        path = _shard_path(root, i, num_shards)
-        paths.append(path)
-        if path.exists():
-            continue  # finished earlier: resume
-        chunk = items[i * per_shard : (i + 1) * per_shard]
-        parts: dict[str, list[Tensor]] = {}
-        for start in range(0, len(chunk), batch):
-            sub = chunk[start : start + batch]
-            targets = pixels[[it.image for it in sub]].reshape(len(sub), -1, channels)
-            w, psnr = fit_sirens(targets, coords, [it.seed for it in sub], cfg, progress, device)
-            for it, p in zip(sub, psnr.tolist()):
-                it.psnr = round(p, 4)
-            for n, t in w.items():
-                parts.setdefault(n, []).append(t.cpu())
-        tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
-        rows = [asdict(it) for it in chunk]
-        _check_finite(path, tensors, rows)  # before the DWSNets copies are written
-        if dwsnets is not None:
-            _write_dwsnets(Path(dwsnets), i * per_shard, chunk, tensors, cfg)
-        _save_shard(path, tensors, rows)
-        if progress:
-            mean = sum(r["psnr"] for r in rows) / max(1, len(rows))
-            print(f"wrote {path.name}: {len(rows)} INRs, mean PSNR {mean:.2f} dB")
-    return paths
 
 
 def _dwsnets_path(index: int, item: INRItem) -> str:
