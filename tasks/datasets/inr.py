@@ -489,7 +489,8 @@ def load_images(
             for f in sorted((path / c).iterdir())
             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
         ]
-        empty = [c for k, c in enumerate(classes) if not any(j == k for j, _ in files)]
+        have = {k for k, _ in files}
+        empty = [c for k, c in enumerate(classes) if k not in have]
         if files and empty:  # a class of no images: an output no INR ever trains
             raise CheckpointError(
                 f"{path / empty[0]}: a class folder with no images ({', '.join(IMAGE_SUFFIXES)})"
@@ -785,10 +786,9 @@ def _dwsnets_splits(items: Sequence[INRItem]) -> dict:
 
 
 def _write_dwsnets_splits(folder: Path, items: Sequence[INRItem]) -> None:
-    """The splits file, into a folder that holds none or this dataset's (a resumed run):
-    another's would be mixed with ours, its ``.pth`` files kept under our names."""
+    """The splits file (``make_dataset`` has refused a folder holding another's)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "mnist_splits.json", _dwsnets_splits(items), check_same=True)
+    _write_json(folder / "mnist_splits.json", _dwsnets_splits(items))
 
 
 def _write_dwsnets(
